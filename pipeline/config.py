@@ -1,0 +1,221 @@
+"""params.yaml loading and validation.
+
+Each stage declares its section as a dataclass in its own module (so changing one stage's schema only
+invalidates that stage in DVC). `from_dict` checks a raw YAML mapping against such a dataclass: unknown keys,
+wrong types and out-of-range values raise `UserError` naming the key, the bad value and what is allowed.
+
+Constraints are attached with `param(default, min=..., max=..., choices=...)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from pipeline.errors import UserError
+
+T = TypeVar("T")
+PARAMS_FILE = "params.yaml"
+_MISSING = dataclasses.MISSING
+
+
+def param(default: Any = _MISSING, *, min: float | None = None, max: float | None = None,
+          choices: tuple | None = None, default_factory: Any = _MISSING) -> Any:
+    """A dataclass field with validation metadata. Without default the key is required."""
+    meta = {"min": min, "max": max, "choices": choices}
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """Read params.yaml as plain data (no validation)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: params file not found (run from the project root or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def section(params: dict[str, Any], name: str, cls: type[T], source: str = PARAMS_FILE) -> T:
+    """Validate params[name] against the dataclass `cls`."""
+    if name not in params:
+        raise UserError(f"{source}: missing section '{name}'")
+    return from_dict(cls, params[name], name, source)
+
+
+def from_dict(cls: type[T], raw: Any, where: str, source: str = PARAMS_FILE) -> T:
+    """Build dataclass `cls` from `raw`, validating every key; `where` is the dotted key path for messages."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: {where} = {raw!r} has the wrong type (allowed: a mapping)")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise UserError(f"{source}: unknown key '{where}.{unknown[0]}' (allowed: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}"
+        if name not in raw:
+            if f.default is _MISSING and f.default_factory is _MISSING:
+                raise UserError(f"{source}: missing key '{key}'")
+            continue
+        value = _coerce(hints[name], raw[name], key, source)
+        _check_range(f.metadata, value, key, source)
+        values[name] = value
+    return cls(**values)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(typing.get_args(tp)[1])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _wrong(tp: Any, value: Any, key: str, source: str) -> UserError:
+    return UserError(f"{source}: {key} = {value!r} has the wrong type (allowed: {_type_name(tp)})")
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: report X's own, more precise error
+            return _coerce(options[0], value, key, source)
+        for arg in options:
+            try:
+                return _coerce(arg, value, key, source)
+            except UserError:
+                continue
+        raise _wrong(tp, value, key, source)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{source}: {key} = {value!r} is not allowed (allowed: {_type_name(tp)})")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise _wrong(tp, value, key, source)
+        items = [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _wrong(tp, value, key, source)
+        return {str(k): _coerce(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key, source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _wrong(tp, value, key, source)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _wrong(tp, value, key, source)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _wrong(tp, value, key, source)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _wrong(tp, value, key, source)
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _check_range(meta: Any, value: Any, key: str, source: str) -> None:
+    if value is None or isinstance(value, (list, dict, tuple)) or dataclasses.is_dataclass(value):
+        return
+    lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
+    if choices is not None and value not in choices:
+        raise UserError(f"{source}: {key} = {value!r} is not allowed (allowed: {', '.join(map(repr, choices))})")
+    if lo is not None and value < lo:
+        raise UserError(f"{source}: {key} = {value!r} is out of range (allowed: >= {lo}"
+                        + (f" and <= {hi})" if hi is not None else ")"))
+    if hi is not None and value > hi:
+        raise UserError(f"{source}: {key} = {value!r} is out of range (allowed: <= {hi}"
+                        + (f" and >= {lo})" if lo is not None else ")"))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b.c=value` -> ('a.b.c', parsed YAML value); the same syntax as `dvc exp run -S`."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of params with dotted-key overrides applied (new keys are created)."""
+    import copy
+    out = copy.deepcopy(params)
+    for text in overrides:
+        key, value = parse_override(text)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+def asdict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict view of a config dataclass (for manifests and metrics)."""
+    return dataclasses.asdict(cfg)
+
+
+def set_params_file(path: str | Path, overrides: list[str]) -> None:
+    """Apply `key.path=value` overrides to params.yaml in place, keeping its comments and order."""
+    from ruamel.yaml import YAML
+
+    from pipeline.atomic import atomic_path
+
+    yaml_rt = YAML()  # round-trip mode: comments survive
+    path = Path(path)
+    doc = yaml_rt.load(path.read_text())
+    for text in overrides:
+        key, value = parse_override(text)
+        node = doc
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if part not in node or not isinstance(node[part], dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as fh:
+            yaml_rt.dump(doc, fh)

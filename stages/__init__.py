@@ -1,0 +1,1 @@
+"""One module per DVC stage; `python -m stages.<name>` is the stage's DVC cmd and calls its `run(cfg)`."""

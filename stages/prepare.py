@@ -1,0 +1,371 @@
+"""Stage `prepare`: images from a source -> WebDataset shards at one resolution + manifest + skip report.
+
+Sources: Fashion-MNIST style IDX files, an image folder (class sub-folders become labels), or an existing
+WebDataset of images. Output `<out_dir>/<dataset>/`:
+  <split>-%06d.tar   samples {key}.png (uint8 HxWxC), {key}.cls (label as text), {key}.json (origin)
+  manifest.json      counts per split and class, resolution, channels, class names, source, fingerprint
+  report.json        every skipped input with its reason, and counts of conversions
+The folder appears under its final name only when complete; re-running gives byte-identical output.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import logging
+import shutil
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.atomic import replace_dir, write_json
+from pipeline.config import asdict, from_dict, load_params, param, section
+from pipeline.errors import UserError, main_guard, setup_logging
+from pipeline.images import SkipImage, conform, decode_image, encode_png
+from pipeline.shards import ShardWriter, iter_tar_samples
+
+log = logging.getLogger("tokenmill.prepare")
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+SPLITS = ("train", "val")
+FORMAT = "tokenmill.prepared/1"
+
+
+@dataclass
+class DatasetSpec:
+    """One entry of params.yaml `datasets:`."""
+    source: Literal["idx", "folder", "webdataset"]
+    path: str
+    resolution: int = param(32, min=4, max=4096)
+    channels: int = param(1, choices=(1, 3))
+    resize: Literal["pad", "resize", "center_crop"] = "pad"
+    background: int = param(0, min=0, max=255)  # alpha compositing and padding colour
+    split: Literal["keep", "random"] = "keep"  # keep the source's train/val(test) split, or draw one
+    val_fraction: float = param(0.1, min=0.0, max=0.9)  # for split: random
+    class_names: list[str] | None = None
+    max_per_split: int | None = param(None, min=1)  # cap for smoke runs; None = everything
+
+
+@dataclass
+class PrepareParams:
+    """params.yaml `prepare:` (shared by every dataset)."""
+    out_dir: str = "data/prepared"
+    shard_size: int = param(10000, min=1)
+    min_side: int = param(8, min=1)  # smaller inputs are skipped (a 1x1 image carries nothing)
+    max_pixels: int = param(50_000_000, min=1)  # decompression-bomb guard
+    seed: int = param(0, min=0)  # for split: random
+
+
+@dataclass
+class PrepareConfig:
+    name: str
+    dataset: DatasetSpec
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.prepare.out_dir) / self.name
+
+
+@dataclass
+class RawSample:
+    key: str
+    origin: str  # file path or shard/member, for the report
+    split: str | None  # from the source when it has one
+    label: int
+    data: bytes | np.ndarray
+
+
+# ---------------------------------------------------------------- sources
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (optionally gzip'd): magic 0x0000 <dtype 0x08=uint8> <ndim>, big-endian dims, data."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as exc:
+        raise UserError(f"{path}: cannot read IDX file ({exc})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"{path}: not a uint8 IDX file (bad magic {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    n = int(np.prod(dims))
+    body = raw[4 + 4 * ndim:]
+    if len(body) != n:
+        raise UserError(f"{path}: IDX body has {len(body)} bytes, header says {n} (truncated or corrupt)")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _idx_file(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise UserError(f"{root}: missing IDX file {stem}(.gz)")
+
+
+def iter_idx(root: Path) -> Iterator[RawSample]:
+    for split, stem in (("train", "train"), ("val", "t10k")):
+        images = read_idx(_idx_file(root, f"{stem}-images-idx3-ubyte"))
+        labels = read_idx(_idx_file(root, f"{stem}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise UserError(f"{root}: {stem} images {images.shape} and labels {labels.shape} do not match")
+        for i in range(len(images)):
+            yield RawSample(f"{stem}_{i:06d}", f"{stem}[{i}]", split, int(labels[i]), images[i])
+
+
+def _hash_key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def folder_classes(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def iter_folder(root: Path, spec: DatasetSpec, skipped: list[dict]) -> Iterator[RawSample]:
+    split_dirs: dict[str, Path] = {"": root}
+    if spec.split == "keep":
+        val = next((root / n for n in ("val", "valid", "validation", "test") if (root / n).is_dir()), None)
+        if not (root / "train").is_dir() or val is None:
+            raise UserError(f"{root}: split 'keep' needs train/ and val/ (or test/) sub-folders; "
+                            f"use split: random")
+        split_dirs = {"train": root / "train", "val": val}
+    classes = spec.class_names or sorted({c for d in split_dirs.values() for c in folder_classes(d)})
+    for split, base in split_dirs.items():
+        files = sorted(p for p in base.rglob("*") if p.is_file() or p.is_symlink())
+        present = folder_classes(base)
+        for p in files:
+            rel = p.relative_to(base)
+            if p.is_symlink() and not p.resolve().is_relative_to(root.resolve()):
+                skipped.append({"origin": str(p), "reason": "symlink pointing outside the dataset folder"})
+                continue
+            if p.suffix.lower() not in IMAGE_EXTS:
+                skipped.append({"origin": str(p), "reason": f"not an image extension ({p.suffix or 'none'})"})
+                continue
+            if present:
+                if len(rel.parts) < 2:
+                    skipped.append({"origin": str(p), "reason": "outside a class folder"})
+                    continue
+                if rel.parts[0] not in classes:
+                    skipped.append({"origin": str(p), "reason": f"class folder {rel.parts[0]!r} not in class_names"})
+                    continue
+                label = classes.index(rel.parts[0])
+            else:
+                label = 0
+            try:
+                data = p.read_bytes()
+            except OSError as exc:
+                skipped.append({"origin": str(p), "reason": f"unreadable ({exc.strerror})"})
+                continue
+            yield RawSample(_hash_key(f"{split}/{rel.as_posix()}"), str(p), split or None, label, data)
+
+
+def _shard_split(name: str) -> str | None:
+    lower = name.lower()
+    if lower.startswith("train"):
+        return "train"
+    if lower.startswith(("val", "valid", "test")):
+        return "val"
+    return None
+
+
+def iter_webdataset(path: Path, spec: DatasetSpec, skipped: list[dict]) -> Iterator[RawSample]:
+    shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+    if not shards:
+        raise UserError(f"{path}: no .tar shards found")
+    for shard in shards:
+        split = None
+        if spec.split == "keep":
+            split = _shard_split(shard.name)
+            if split is None:
+                raise UserError(f"{shard}: split 'keep' needs shard names starting with train/val/test; "
+                                f"use split: random")
+        try:
+            for key, files, problems in iter_tar_samples(shard):
+                skipped.extend({"origin": f"{shard.name}:{p.split(':')[0]}", "reason": p.split(": ", 1)[-1]}
+                               for p in problems)
+                if not files:
+                    continue
+                origin = f"{shard.name}:{key}"
+                ext = next((e for e in files if "." + e.split(".")[-1] in IMAGE_EXTS), None)
+                if ext is None:
+                    skipped.append({"origin": origin, "reason": "sample has no image member"})
+                    continue
+                label = _label_of(files)
+                if label is None:  # unlabelled data is one class
+                    label = 0
+                yield RawSample(_hash_key(f"{shard.name}/{key}"), origin, split, label, files[ext])
+        except Exception as exc:  # tarfile.ReadError, truncated archive, ...
+            skipped.append({"origin": str(shard), "reason": f"unreadable tar after some samples ({exc})"})
+
+
+def _label_of(files: dict[str, bytes]) -> int | None:
+    for ext in ("cls", "label"):
+        if ext in files:
+            try:
+                return int(files[ext].decode().strip())
+            except ValueError:
+                return None
+    if "json" in files:
+        try:
+            value = json.loads(files["json"]).get("label")
+            return int(value) if value is not None else None
+        except (ValueError, AttributeError, TypeError):
+            return None
+    return None
+
+
+# ---------------------------------------------------------------- the stage
+
+def assign_split(sample: RawSample, spec: DatasetSpec, seed: int) -> str:
+    if spec.split == "keep":
+        return sample.split or "train"
+    # Hash of (seed, key): stable when files are added or removed, independent of order.
+    h = int(hashlib.sha256(f"{seed}:{sample.key}".encode()).hexdigest()[:8], 16)
+    return "val" if h / 2**32 < spec.val_fraction else "train"
+
+
+def run(cfg: PrepareConfig) -> None:
+    spec, pp = cfg.dataset, cfg.prepare
+    src = Path(spec.path)
+    if not src.exists():
+        raise UserError(f"datasets.{cfg.name}.path: {src} does not exist")
+    skipped: list[dict] = []
+    if spec.source == "idx":
+        samples = iter_idx(src)
+        class_names = spec.class_names
+    elif spec.source == "folder":
+        if not src.is_dir():
+            raise UserError(f"datasets.{cfg.name}.path: {src} is not a folder")
+        samples = iter_folder(src, spec, skipped)
+        class_names = spec.class_names or None
+    else:
+        samples = iter_webdataset(src, spec, skipped)
+        class_names = spec.class_names
+
+    final = cfg.out
+    tmp = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    writers = {s: ShardWriter(tmp, s, pp.shard_size) for s in SPLITS}
+    counts = {s: Counter() for s in SPLITS}
+    conversions: Counter = Counter()
+    digest = hashlib.sha256()
+    seen_keys: set[str] = set()
+    try:
+        for sample in tqdm(samples, desc=f"prepare {cfg.name}", unit="img", mininterval=2.0):
+            split = assign_split(sample, spec, pp.seed)
+            if spec.max_per_split is not None and sum(counts[split].values()) >= spec.max_per_split:
+                continue
+            if sample.key in seen_keys:
+                skipped.append({"origin": sample.origin, "reason": f"duplicate sample key {sample.key}"})
+                continue
+            try:
+                if isinstance(sample.data, np.ndarray):
+                    im = Image.fromarray(sample.data, "L" if sample.data.ndim == 2 else "RGB")
+                else:
+                    im = decode_image(sample.data, max_pixels=pp.max_pixels)
+                arr, note = conform(im, resolution=spec.resolution, channels=spec.channels, resize=spec.resize,
+                                    background=spec.background, min_side=pp.min_side)
+            except SkipImage as exc:
+                skipped.append({"origin": sample.origin, "reason": str(exc)})
+                continue
+            if note:
+                conversions[note.split(" (")[0]] += 1
+            seen_keys.add(sample.key)
+            counts[split][sample.label] += 1
+            digest.update(f"{split}/{sample.key}/{sample.label}/".encode())
+            digest.update(arr.tobytes())
+            files = {"png": encode_png(arr), "cls": str(sample.label).encode()}
+            if spec.source != "idx":  # IDX keys already say where a sample came from
+                files["json"] = json.dumps({"origin": sample.origin}, sort_keys=True).encode()
+            writers[split].write(sample.key, files)
+        for w in writers.values():
+            w.close()
+        n_total = sum(sum(c.values()) for c in counts.values())
+        if n_total == 0:
+            reasons = Counter(s["reason"].split(" (")[0] for s in skipped).most_common(3)
+            raise UserError(f"datasets.{cfg.name}: no usable images in {src}"
+                            + (f" (skipped: {', '.join(f'{r} x{n}' for r, n in reasons)})" if reasons else ""))
+        n_classes = max(max(c, default=-1) for c in counts.values()) + 1
+        if class_names is None:
+            class_names = folder_classes(src / "train" if spec.split == "keep" else src) \
+                if spec.source == "folder" else [str(i) for i in range(n_classes)]
+            class_names = class_names or ["all"]
+        if n_classes > len(class_names):
+            raise UserError(f"datasets.{cfg.name}.class_names has {len(class_names)} names "
+                            f"but labels go up to {n_classes - 1}")
+        manifest = {
+            "format": FORMAT,
+            "dataset": cfg.name,
+            "source": {"kind": spec.source, "path": str(src)},
+            "resolution": spec.resolution,
+            "channels": spec.channels,
+            "resize": spec.resize,
+            "class_names": list(class_names),
+            "splits": {
+                s: {"count": sum(counts[s].values()),
+                    "per_class": [counts[s][i] for i in range(len(class_names))],
+                    "shards": writers[s].shards, "shard_sizes": writers[s].sizes}
+                for s in SPLITS
+            },
+            "skipped": len(skipped),
+            "params": {"dataset": asdict(spec), "prepare": {k: v for k, v in asdict(pp).items() if k != "out_dir"}},
+            "fingerprint": digest.hexdigest(),
+        }
+        write_json(tmp / "report.json", {
+            "skipped": skipped,
+            "skipped_by_reason": dict(Counter(s["reason"].split(" (")[0] for s in skipped)),
+            "converted": dict(conversions),
+        })
+        write_json(tmp / "manifest.json", manifest)
+        replace_dir(tmp, final)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("prepared %s: %s, %d skipped -> %s", cfg.name,
+             ", ".join(f"{s} {manifest['splits'][s]['count']}" for s in SPLITS), len(skipped), final)
+
+
+SECTIONS = ("datasets", "prepare")
+
+
+def check(params: dict, source: str) -> None:
+    """Validate this stage's sections (every dataset entry and `prepare`)."""
+    datasets = params.get("datasets")
+    if not isinstance(datasets, dict) or not datasets:
+        raise UserError(f"{source}: section 'datasets' must map names to dataset entries")
+    for name, raw in datasets.items():
+        if not str(name).replace("_", "").isalnum():
+            raise UserError(f"{source}: dataset name {name!r} must be letters, digits and _")
+        from_dict(DatasetSpec, raw, f"datasets.{name}", source)
+    section(params, "prepare", PrepareParams, source)
+
+
+def load_config(params_path: str, name: str) -> PrepareConfig:
+    params = load_params(params_path)
+    datasets = params.get("datasets") or {}
+    if name not in datasets:
+        raise UserError(f"{params_path}: no dataset '{name}' under datasets (have: {', '.join(datasets) or 'none'})")
+    spec = from_dict(DatasetSpec, datasets[name], f"datasets.{name}", params_path)
+    pp = section(params, "prepare", PrepareParams, params_path)
+    return PrepareConfig(name, spec, pp)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", required=True, help="name of an entry under `datasets:` in params.yaml")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    setup_logging()
+    run(load_config(args.params, args.dataset))
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import check_params
+from pipeline.config import apply_overrides, load_params, set_params_file
+from pipeline.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = """
+datasets:
+  d1:
+    source: folder
+    path: /tmp/x
+    resolution: 32
+prepare:
+  shard_size: 100
+"""
+
+
+def test_repo_params_are_valid():
+    assert check_params(ROOT / "params.yaml") == ["fashion_mnist"]
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ("datasets.d1.resolution=-3", "datasets.d1.resolution = -3 is out of range (allowed: >= 4"),
+    ("datasets.d1.resolution=abc", "datasets.d1.resolution = 'abc' has the wrong type (allowed: int)"),
+    ("datasets.d1.resolution=true", "datasets.d1.resolution = True has the wrong type"),
+    ("datasets.d1.channels=2", "datasets.d1.channels = 2 is not allowed (allowed: 1, 3)"),
+    ("datasets.d1.resize=stretch", "datasets.d1.resize = 'stretch' is not allowed (allowed: 'pad' | 'resize'"),
+    ("datasets.d1.colour=1", "unknown key 'datasets.d1.colour' (allowed: background, channels"),
+    ("prepare.shard_size=0", "prepare.shard_size = 0 is out of range"),
+    ("prepare.shardsize=10", "unknown key 'prepare.shardsize'"),
+    ("datasets.d1.val_fraction=1.5", "datasets.d1.val_fraction = 1.5 is out of range (allowed: <= 0.9"),
+    ("datasets.d1.class_names=[1, 2]", "datasets.d1.class_names[0] = 1 has the wrong type (allowed: str)"),
+    ("extra.key=1", "unknown section 'extra'"),
+])
+def test_validation_errors_name_key_value_and_allowed(tmp_path, edit, expected):
+    p = write(tmp_path, BASE)
+    set_params_file(p, [edit])
+    with pytest.raises(UserError) as err:
+        check_params(p)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_required_key(tmp_path):
+    p = write(tmp_path, "datasets:\n  d1:\n    source: folder\nprepare: {}\n")
+    with pytest.raises(UserError, match="missing key 'datasets.d1.path'"):
+        check_params(p)
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    p = write(tmp_path, "datasets:\n  d1: [unclosed\n")
+    with pytest.raises(UserError, match=r"params.yaml: line \d+ is not valid YAML"):
+        load_params(p)
+
+
+def test_overrides_keep_comments_and_parse_types(tmp_path):
+    p = write(tmp_path, "# top comment\n" + BASE)
+    set_params_file(p, ["prepare.shard_size=7", "datasets.d1.class_names=[a, b]"])
+    text = p.read_text()
+    assert "# top comment" in text
+    params = load_params(p)
+    assert params["prepare"]["shard_size"] == 7
+    assert params["datasets"]["d1"]["class_names"] == ["a", "b"]
+    assert apply_overrides(params, ["new.deep.key=1.5"])["new"]["deep"]["key"] == 1.5
