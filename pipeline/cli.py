@@ -51,9 +51,27 @@ def check_params(path: Path) -> list[str]:
     return list(params.get("datasets") or {})
 
 
+def preset_overrides(path: str) -> list[str]:
+    """A preset file (configs/*.yaml) is a partial params.yaml; flatten it to `key.path=value` overrides."""
+    import json
+
+    p = Path(path)
+    preset = load_params(p)
+
+    def flat(node: dict, prefix: str) -> list[str]:
+        out = []
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            out += flat(v, key + ".") if isinstance(v, dict) and v else [f"{key}={json.dumps(v)}"]
+        return out
+
+    return flat(preset, "")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
-    if args.set:
-        set_params_file(ROOT / "params.yaml", args.set)
+    overrides = (preset_overrides(args.preset) if args.preset else []) + (args.set or [])
+    if overrides:
+        set_params_file(ROOT / "params.yaml", overrides)
     check_params(ROOT / "params.yaml")
     if args.no_prefect:
         cmd = ["dvc", "repro", *(args.stage or [])] + (["--force"] if args.force else [])
@@ -122,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", action="append", help="stage to run (repeatable; base name selects all items)")
     p.add_argument("--force", action="store_true", help="re-run even when up to date")
     p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="edit params.yaml first")
+    p.add_argument("--preset", help="a configs/*.yaml file merged into params.yaml first")
     p.add_argument("--no-prefect", action="store_true", help="plain `dvc repro`, no flow")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.set_defaults(fn=cmd_run)
