@@ -1,0 +1,126 @@
+"""Benchmark of the evaluation core, one run:
+
+(a) bare FID-network throughput on ready 299x299 inputs,
+(b) full extraction throughput: PNG decode of small uint8 images, resize to 299, scaling, network — through
+    `extract_features`, at the same batch size — and the ratio b / a (target >= 0.90),
+(c) `frechet_distance` on 2048-d covariances against the plain eigvals reference.
+
+(a) and (b) alternate batch by batch and their times are summed, so load from other processes that drifts
+during the run hits both alike.
+
+Usage: OMP_NUM_THREADS=2 python bench/bench_fid.py [--n-images 64] [--batch-size 16]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
+
+from models.inception import FIDInception  # noqa: E402
+from pipeline.fid import (extract_features, frechet_distance, frechet_distance_reference,  # noqa: E402
+                          to_inception_input)
+
+
+def encode_pngs(n: int, size: int, seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def decode_batches(pngs: list[bytes], batch_size: int):
+    """What an evaluation reads from shards: PNG bytes -> uint8 N x H x W x C batches."""
+    for start in range(0, len(pngs), batch_size):
+        yield np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in pngs[start:start + batch_size]])
+
+
+@torch.inference_mode()
+def time_bare(net: torch.nn.Module, inputs: torch.Tensor) -> float:
+    start = time.perf_counter()
+    net(inputs)
+    return time.perf_counter() - start
+
+
+def time_full(net: torch.nn.Module, pngs: list[bytes], batch_size: int, mode: str) -> float:
+    start = time.perf_counter()
+    feats = extract_features(decode_batches(pngs, batch_size), net, batch_size, mode, progress=False)
+    elapsed = time.perf_counter() - start
+    assert feats.shape == (len(pngs), 2048)
+    return elapsed
+
+
+def bench_frechet(dim: int, seed: int, repeats: int) -> None:
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((dim, dim))
+    b = rng.standard_normal((dim, dim // 2))  # rank-deficient, like a covariance from fewer samples than dims
+    sigma1, sigma2 = a @ a.T / dim, b @ b.T / dim
+    mu1, mu2 = rng.standard_normal(dim), rng.standard_normal(dim)
+    # Interleaved, best of `repeats`: the minimum is the time least disturbed by other processes.
+    t_fast, t_ref = float("inf"), float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fast = frechet_distance(mu1, sigma1, mu2, sigma2)
+        t_fast = min(t_fast, time.perf_counter() - start)
+        start = time.perf_counter()
+        ref = frechet_distance_reference(mu1, sigma1, mu2, sigma2)
+        t_ref = min(t_ref, time.perf_counter() - start)
+    print(f"(c) frechet_distance {dim}-d (one full-rank, one rank-{dim // 2} covariance), best of {repeats}:")
+    print(f"    frechet_distance       {t_fast:7.2f} s   FD = {fast:.10g}")
+    print(f"    eigvals(S1 @ S2) ref   {t_ref:7.2f} s   FD = {ref:.10g}")
+    print(f"    relative difference    {abs(fast - ref) / abs(ref):.2e}   speed-up x{t_ref / t_fast:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="passes over the images for (a) and (b); runs of each method in (c)")
+    parser.add_argument("--image-size", type=int, default=32, help="side of the uint8 images in (b)")
+    parser.add_argument("--mode", default="tf_bilinear", choices=["tf_bilinear", "clean_bicubic"])
+    parser.add_argument("--dim", type=int, default=2048, help="feature dimension for (c)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    net = FIDInception(device=args.device)
+    pngs = encode_pngs(args.n_images, args.image_size, args.seed)
+    inputs = to_inception_input(next(decode_batches(pngs, args.n_images)), args.mode).to(args.device)
+    time_bare(net, inputs[:args.batch_size])  # warm-up: oneDNN builds its kernels on first use
+
+    # Batch by batch, alternating which path goes first: load from other processes on a shared machine
+    # changes over seconds, so neighbouring measurements see the same conditions.
+    bare, full = 0.0, 0.0
+    for rep in range(args.repeats):
+        for i, start in enumerate(range(0, args.n_images, args.batch_size)):
+            stop = start + args.batch_size
+            if (rep + i) % 2 == 0:
+                bare += time_bare(net, inputs[start:stop])
+                full += time_full(net, pngs[start:stop], args.batch_size, args.mode)
+            else:
+                full += time_full(net, pngs[start:stop], args.batch_size, args.mode)
+                bare += time_bare(net, inputs[start:stop])
+    n = args.repeats * args.n_images
+    rate_bare, rate_full = n / bare, n / full
+    print(f"(a) bare network       {rate_bare:7.2f} images/s  ({n} images of 299x299, batch {args.batch_size})")
+    print(f"(b) full extraction    {rate_full:7.2f} images/s  ({n} PNGs of {args.image_size}x{args.image_size}, "
+          f"decode + {args.mode} resize + scale + network)")
+    verdict = "ok" if rate_full / rate_bare >= 0.90 else "BELOW TARGET"
+    print(f"    ratio b/a          {rate_full / rate_bare:7.3f}  (target >= 0.90: {verdict})")
+    bench_frechet(args.dim, args.seed, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
