@@ -1,0 +1,274 @@
+"""The autoregressive GPT (models/gpt.py): causality, KV cache, sampling, CFG, label dropout, overfitting."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from models.gpt import GPT, GPTConfig, Rope2D, filter_logits, sample_logits
+
+GRID = (3, 4)  # not square, so rows and columns cannot be confused
+VOCAB = 16
+N_CLASSES = 5
+
+
+def tiny(**kw) -> GPT:
+    """A 2-layer model small enough that every test runs in well under a second on one thread."""
+    torch.manual_seed(kw.pop("seed", 0))
+    cfg = dict(vocab_size=VOCAB, grid=GRID, n_layer=2, n_head=2, n_embd=16, dropout=0.0, n_classes=N_CLASSES,
+               class_dropout=0.0)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def labels_for(model: GPT, n: int) -> torch.Tensor | None:
+    return torch.arange(n) % model.config.n_classes if model.config.n_classes else None
+
+
+ALL_OPTIONS = list(itertools.product(("rmsnorm", "layernorm"), ("swiglu", "gelu"), ("learned", "rope2d"), (0, 5)))
+
+
+@pytest.mark.parametrize("norm,mlp,pos,n_classes", ALL_OPTIONS)
+def test_changing_token_t_never_changes_earlier_logits(norm, mlp, pos, n_classes):
+    model = tiny(norm=norm, mlp=mlp, pos=pos, n_classes=n_classes, bias=norm == "layernorm")
+    T = model.config.block_size - 1  # the longest input: prefix + h*w - 1 tokens
+    idx = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(1))
+    labels = labels_for(model, 2)
+    with torch.no_grad():
+        base, _ = model(idx, labels)
+        assert base.shape == (2, T + 1, VOCAB)
+        for t in range(T):
+            changed = idx.clone()
+            changed[:, t] = (changed[:, t] + 1) % VOCAB
+            logits, _ = model(changed, labels)
+            # logits[:, s] predicts token s from the prefix and tokens < s: positions 0..t must not see token t
+            torch.testing.assert_close(logits[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-6)
+            assert not torch.allclose(logits[:, t + 1], base[:, t + 1]), "token t must reach the next position"
+        if n_classes:  # the class prefix conditions everything, position 0 included
+            other, _ = model(idx, (labels + 1) % n_classes)
+            assert not torch.allclose(other[:, 0], base[:, 0])
+
+
+@pytest.mark.parametrize("pos,n_classes", list(itertools.product(("learned", "rope2d"), (0, 5))))
+def test_kv_cache_logits_equal_full_recompute_step_by_step(pos, n_classes):
+    model = tiny(pos=pos, n_classes=n_classes)
+    T = model.config.block_size - 1
+    idx = torch.randint(0, VOCAB, (3, T), generator=torch.Generator().manual_seed(2))
+    labels = labels_for(model, 3)
+    with torch.no_grad():
+        full, _ = model(idx, labels)
+        caches = model.new_kv_caches(3)
+        # a multi-token prefill (prefix + 2 tokens), one chunk of 3 (queries that are not the last position), then one
+        # token per step as generate does
+        chunks = [(0, 2), (2, 5)] + [(t, t + 1) for t in range(5, T)]
+        got = []
+        for i, (a, b) in enumerate(chunks):
+            logits, _ = model(idx[:, a:b], labels if i == 0 else None, kv_caches=caches)
+            got.append(logits)
+            assert caches[0].pos == b + 1
+        torch.testing.assert_close(torch.cat(got, dim=1), full, rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="block size"):
+            model(idx[:, :2], kv_caches=caches)  # the cache is full: prefix + h*w - 1 tokens
+
+
+@pytest.mark.parametrize("pos", ("learned", "rope2d"))
+@pytest.mark.parametrize("cfg_scale", (1.0, 2.5))
+def test_generate_with_cache_equals_recompute(pos, cfg_scale):
+    model = tiny(pos=pos)
+    labels = torch.tensor([0, 3, 4, 1])
+    for greedy in ({"temperature": 0.0}, {"top_k": 1}):
+        a = model.generate(4, labels, cfg_scale=cfg_scale, use_cache=True, **greedy)
+        b = model.generate(4, labels, cfg_scale=cfg_scale, use_cache=False, **greedy)
+        assert a.shape == (4, model.config.block_size) and a.dtype == torch.long
+        assert torch.equal(a, b)
+    # seeded sampling draws the same tokens both ways as well
+    kw = dict(cfg_scale=cfg_scale, temperature=1.3, top_k=8, top_p=0.9)
+    a = model.generate(4, labels, use_cache=True, generator=torch.Generator().manual_seed(5), **kw)
+    b = model.generate(4, labels, use_cache=False, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(a, b)
+
+
+def reference_sample(model: GPT, labels: torch.Tensor, cfg_scale: float, seed: int, **kw) -> torch.Tensor:
+    """The plainest sampler: a full forward per step; for CFG separate conditional and null-class forwards."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.empty(len(labels), 0, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(model.config.block_size):
+            logits = model(tokens, labels)[0][:, -1]
+            if cfg_scale != 1.0:
+                uncond = model(tokens, torch.full_like(labels, model.config.n_classes))[0][:, -1]
+                logits = uncond + cfg_scale * (logits - uncond)
+            tokens = torch.cat([tokens, sample_logits(logits, generator=g, **kw)[:, None]], dim=1)
+    return tokens
+
+
+def test_cfg_scale_one_is_plain_conditional_sampling():
+    model = tiny()
+    with torch.no_grad():  # at init (std 0.02) logits are near uniform and classes barely differ: make both visible
+        model.prefix.weight.normal_(generator=torch.Generator().manual_seed(0))
+        model.head.weight.normal_(generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([2, 0, 4])
+    batch_sizes = []
+    hook = model.wte.register_forward_hook(lambda mod, args, out: batch_sizes.append(args[0].shape[0]))
+    try:
+        got = model.generate(3, labels, cfg_scale=1.0, top_p=0.95, generator=torch.Generator().manual_seed(7))
+    finally:
+        hook.remove()
+    assert torch.equal(got, reference_sample(model, labels, 1.0, seed=7, top_p=0.95))
+    assert set(batch_sizes) == {3}, "at scale 1 the null-class half must not run at all"
+    # a guidance scale != 1 runs both halves in one batch and mixes as uncond + s * (cond - uncond)
+    guided = model.generate(3, labels, cfg_scale=3.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(guided, reference_sample(model, labels, 3.0, seed=7))
+    assert not torch.equal(guided, model.generate(3, labels, generator=torch.Generator().manual_seed(7)))
+
+
+def test_label_dropout_maps_to_null_class_only_in_training():
+    model = tiny(class_dropout=0.5)
+    labels = torch.randint(0, N_CLASSES, (4000,), generator=torch.Generator().manual_seed(0))
+    model.train()
+    torch.manual_seed(0)
+    dropped = model.drop_labels(labels)
+    changed = dropped != labels
+    assert (dropped[changed] == model.null_class).all()
+    assert 0.45 < changed.float().mean().item() < 0.55
+    model.eval()
+    assert torch.equal(model.drop_labels(labels), labels)
+
+    # through forward: with class_dropout 1 every training-mode label is the null class; eval keeps the labels
+    model = tiny(class_dropout=1.0)
+    idx = torch.randint(0, VOCAB, (3, 5))
+    labels = torch.tensor([0, 1, 2])
+    null = torch.full_like(labels, model.null_class)
+    with torch.no_grad():
+        eval_null, eval_labels = model(idx, null)[0], model(idx, labels)[0]
+        model.train()
+        train_labels = model(idx, labels)[0]
+        model.eval()
+    torch.testing.assert_close(train_labels, eval_null, rtol=0, atol=0)
+    assert not torch.allclose(eval_labels, eval_null)
+    # generate leaves the mode as it found it and never drops labels while sampling
+    model.train()
+    a = model.generate(3, labels, temperature=0)
+    assert model.training
+    assert torch.equal(a, model.eval().generate(3, labels, temperature=0))
+
+
+def test_tiny_model_overfits_a_small_token_set():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=32, grid=(4, 4), n_layer=2, n_head=4, n_embd=64, n_classes=8, class_dropout=0.0)
+    model = GPT(cfg)
+    data = torch.randint(0, 32, (8, 16), generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(8)  # one class per sequence: the whole sequence is then determined, loss can reach 0
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(250):
+        _, loss = model(data[:, :-1], labels, targets=data)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.02, loss.item()
+    assert torch.equal(model.generate(8, labels, temperature=0), data)
+
+
+def test_top_k_one_is_argmax():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    for temperature in (0.5, 1.0, 3.0):
+        got = sample_logits(logits, temperature=temperature, top_k=1, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(got, logits.argmax(dim=-1))
+    kept = filter_logits(logits, top_k=5).isfinite()
+    assert (kept.sum(dim=-1) == 5).all()
+    assert torch.equal(kept, logits >= logits.topk(5, dim=-1).values[:, -1:])
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.1, 0.5, 0.15, 0.25]])
+    logits = probs.log()
+    for p, expect in ((0.3, [1]), (0.7, [1, 3]), (0.8, [1, 2, 3]), (0.95, [0, 1, 2, 3])):
+        kept = filter_logits(logits, top_p=p).isfinite()[0].nonzero().flatten().tolist()
+        assert kept == expect, (p, kept)
+    # against brute force on random distributions: the k most likely tokens with the least k whose mass >= p
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 30, generator=gen) * 2
+    p = torch.rand(200, generator=gen).tolist()
+    for row, p_row in zip(logits, p):
+        sorted_probs = row.softmax(-1).sort(descending=True).values.double()
+        k = int((sorted_probs.cumsum(0) < p_row).sum()) + 1
+        kept = filter_logits(row[None], top_p=p_row).isfinite()[0]
+        assert torch.equal(kept, row >= row.sort(descending=True).values[k - 1])
+    # filtered tokens are never sampled
+    draws = sample_logits(logits, top_p=0.5, generator=gen)
+    assert filter_logits(logits, top_p=0.5).gather(1, draws[:, None]).isfinite().all()
+
+
+def test_sampling_is_reproducible_from_the_generator():
+    model = tiny()
+    labels = torch.tensor([1, 2])
+    run = lambda seed: model.generate(2, labels, top_k=10, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(run(11), run(11))
+    assert not torch.equal(run(11), run(12))
+
+
+def test_rope2d_scores_depend_on_the_2d_offset():
+    cfg = GPTConfig(vocab_size=VOCAB, grid=GRID, n_layer=1, n_head=1, n_embd=16)
+    rope = Rope2D(cfg)
+    q = torch.randn(1, 1, 1, 16, generator=torch.Generator().manual_seed(0))
+    k = torch.randn(1, 1, 1, 16, generator=torch.Generator().manual_seed(1))
+    w = GRID[1]
+
+    def score(token_q: int, token_k: int) -> float:  # token i is sequence position i + 1; -1 is the prefix
+        rq, _ = rope(q, q, torch.tensor([token_q + 1]))
+        _, rk = rope(k, k, torch.tensor([token_k + 1]))
+        return (rq * rk).sum().item()
+
+    def token(row: int, col: int) -> int:
+        return row * w + col
+
+    # same (drow, dcol) offset, across a line break or not: same score
+    assert math.isclose(score(token(1, 2), token(0, 1)), score(token(2, 1), token(1, 0)), rel_tol=1e-5)
+    # same raster distance (5) but a different 2D offset: a different score
+    assert not math.isclose(score(token(1, 2), token(0, 1)), score(token(2, 0), token(0, 3)), rel_tol=1e-3)
+    # the prefix sits at (-1, w - 1): one row above the last column of row 0
+    assert math.isclose(score(token(0, w - 1), -1), score(token(1, 0), token(0, 0)), rel_tol=1e-5)
+
+
+def test_bf16_autocast_sampling_uses_matching_cache_dtype():
+    model = tiny()
+    labels = torch.tensor([0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.new_kv_caches(2)[0].k.dtype == torch.bfloat16
+        tokens = model.generate(2, labels, temperature=0, cfg_scale=2.0)
+    assert tokens.shape == (2, model.config.block_size)
+
+
+def test_params_flops_and_tied_head():
+    untied, tied = tiny(pos="learned"), tiny(pos="learned", tie_head=True)
+    assert tied.head.weight is tied.wte.weight
+    assert untied.num_params() - tied.num_params() == VOCAB * 16
+    cfg = untied.config
+    matmul = sum(p.numel() for p in untied.blocks.parameters()) + sum(
+        p.numel() for p in untied.norm_f.parameters()) + untied.head.weight.numel()
+    assert untied.num_params(exclude_embeddings=True) == matmul
+    assert tied.num_params(exclude_embeddings=True) == matmul  # the tied table is the head, a matmul
+    assert untied.flops_per_token() == 6 * matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    # nanoGPT init: std 0.02, residual projections 0.02 / sqrt(2 * n_layer) = 0.01 here
+    assert abs(untied.blocks[0].mlp.fc.weight.std().item() - 0.02) < 0.002
+    for block in untied.blocks:
+        for proj in (block.attn.proj, block.mlp.proj):
+            assert abs(proj.weight.std().item() - 0.01) < 0.002
+
+
+def test_config_and_label_validation():
+    with pytest.raises(ValueError, match="norm"):
+        GPTConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        GPTConfig(n_embd=12, n_head=2, pos="rope2d")
+    assert GPTConfig(grid=[2, 3]).block_size == 6
+    idx = torch.randint(0, VOCAB, (2, 3))
+    with pytest.raises(ValueError, match="unconditional"):
+        tiny(n_classes=0)(idx, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="class-conditional"):
+        tiny()(idx)
+    with pytest.raises(ValueError, match="class-conditional"):
+        tiny(n_classes=0).generate(2, cfg_scale=2.0)
