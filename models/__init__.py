@@ -1,0 +1,1 @@
+"""tokenmill models: nn.Modules only (tokenizer, quantizer, discriminators, LPIPS, transformers, GANs)."""

@@ -1,0 +1,402 @@
+"""Pieces shared by the transformer GANs (LadaGAN, TransGAN, STransGAN) that work in the VQGAN latent space.
+
+Frame: a real sample is the codebook embedding of a stored token grid, a (B, d, h, w) tensor (d = code_dim, h = w =
+`grid`). A generator maps noise z (and a class label when conditional) to a (B, d, h, w) grid; a discriminator maps a
+(B, d, h, w) grid (and the label) to logits (B,). Snapping generator outputs to the nearest codes happens in the
+sample stage, not here.
+
+Read top to bottom:
+  1. configs        one dataclass per family with plain fields (GANConfig holds the shared ones), `gan_config`
+  2. build          `build_generator(cfg)` / `build_discriminator(cfg)`: a plain if/elif on cfg.family
+  3. layers         token <-> grid reshapes, pixel shuffle on tokens, the attention factory (`attention_kind`),
+                    a pre-norm transformer block, the noise+class input, the projection-discriminator term
+  4. EMA            exponential moving average of the generator weights
+  5. DiffAugment    translation (zero padding) and cutout of latent grids, deterministic given a torch.Generator
+  6. losses         non-saturating logistic and hinge (the VQGAN's own implementations), R1
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.attention import MultiHeadAttention, YLGAttention
+# One implementation of each GAN loss in the project: the VQGAN's discriminator module already has them.
+# Their D losses average the real and fake terms (0.5 * (real + fake)); r1_gamma below is added to that average.
+from models.discriminator import hinge_d_loss, hinge_g_loss, nonsaturating_d_loss, nonsaturating_g_loss
+
+FAMILIES = ("lada", "transgan", "stransgan")
+ATTENTION_KINDS = ("native", "ylg", "full")
+LOSSES = ("nonsat", "hinge")
+AUGMENTS = ("translation", "cutout")
+
+# -----------------------------------------------------------------------------------------------------------------
+# 1. Configs
+#
+# Plain fields only, so a config round-trips through params.yaml / JSON. The optimisation fields (lr, betas, loss,
+# r1_gamma, ema_decay, diffaug) are read by the training stage; each family's defaults are its paper's recipe where
+# one exists (noted per field), scaled down to run on a CPU.
+
+
+@dataclass
+class GANConfig:
+    family: str = ""
+    code_dim: int = 16           # d: channels of a latent grid (the VQGAN codebook dimension)
+    grid: int = 8                # h = w of the latent grid (a power of two: 4, 8, 16, 32)
+    z_dim: int = 64              # noise dimension
+    n_classes: int = 0           # 0 = unconditional; else labels 0 .. n_classes - 1 condition G and D
+    class_dim: int = 32          # size of the generator's class embedding
+    attention_kind: str = "native"  # "native" = the family's own attention; "ylg" / "full" replace it everywhere
+    n_heads: int = 4             # a multiple of 4 when attention_kind == "ylg" (YLG's 4 patterns x steps)
+    mlp_ratio: float = 2.0
+    backend: str | None = None   # attention backend (models.attention.BACKENDS); None = the device's default
+    # training recipe
+    loss: str = "nonsat"         # "nonsat" (logistic) | "hinge"
+    r1_gamma: float = 0.0        # R1 weight: gamma / 2 * E ||grad D(x_real)||^2; 0 = off
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    betas: tuple[float, float] = (0.0, 0.99)
+    ema_decay: float = 0.999
+    diffaug: str = ""            # comma-separated subset of AUGMENTS, applied to real and fake grids before D
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # YAML / JSON give lists; tuples keep configs comparable and hashable
+            if isinstance(getattr(self, f.name), list):
+                setattr(self, f.name, tuple(getattr(self, f.name)))
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.grid < 2 or self.grid & (self.grid - 1):
+            raise ValueError(f"grid must be a power of two >= 2, got {self.grid}")
+        if self.attention_kind not in ATTENTION_KINDS:
+            raise ValueError(f"attention_kind must be one of {ATTENTION_KINDS}, got {self.attention_kind!r}")
+        if self.attention_kind == "ylg" and self.n_heads % 4:
+            raise ValueError(f"YLG attention needs n_heads to be a multiple of 4, got {self.n_heads}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        for name in filter(None, self.diffaug.split(",")):
+            if name.strip() not in AUGMENTS:
+                raise ValueError(f"diffaug entries must be in {AUGMENTS}, got {name!r}")
+
+    def start_grid(self, n_stages: int) -> int:
+        """Side of the generator's first token grid when `n_stages` stages each double it up to `grid`."""
+        start = self.grid >> (n_stages - 1)
+        if start < 1 or start << (n_stages - 1) != self.grid:
+            raise ValueError(f"{n_stages} generator stages cannot grow a grid to {self.grid}x{self.grid}")
+        return start
+
+
+@dataclass
+class LadaConfig(GANConfig):
+    """LadaGAN (Morales-Juarez & Fuentes-Pineda, 2024). Recipe from the paper's code: logistic loss + R1, Adam
+    lr 2e-4, betas (0.5, 0.99), EMA 0.999, DiffAugment translation (its colour augmentation means nothing for
+    latent channels)."""
+    family: str = "lada"
+    g_dims: tuple[int, ...] = (128, 64, 32)  # embedding per generator stage; stage i runs at grid / 2^(S-1-i)
+    g_depth: int = 1                          # Ladaformer blocks per stage (the paper uses one)
+    d_base: int = 32                          # channels of the discriminator's first conv; doubles per down block
+    d_grid: int = 4                           # side of the grid the discriminator's Ladaformer runs on
+    d_depth: int = 1
+    loss: str = "nonsat"
+    r1_gamma: float = 0.01
+    betas: tuple[float, float] = (0.5, 0.99)
+    diffaug: str = "translation"
+
+
+@dataclass
+class TransGANConfig(GANConfig):
+    """TransGAN (Jiang et al., 2021). Recipe: Adam lr 1e-4 for G and D, betas (0, 0.99), DiffAugment translation +
+    cutout (the paper's loss is WGAN-GP; hinge is used here, as the project has no WGAN critic)."""
+    family: str = "transgan"
+    g_dim: int = 256                       # embedding of the first stage; each pixel shuffle divides it by 4
+    g_depths: tuple[int, ...] = (2, 2, 2)  # blocks per stage; the number of stages sets the start grid
+    grid_attention_min: int = 8            # stages whose grid side is >= this (and > a cell) use grid attention ...
+    grid_cell: int = 4                     # ... inside cell x cell squares; smaller grids use full attention
+    locality_radius: int = 1               # locality-aware init: start radius of the neighbourhood (Chebyshev)
+    locality_until: float = 0.5            # training progress at which the mask has widened to full attention
+    sr_weight: float = 0.0                 # > 0 enables the super-resolution co-training loss (see gan_transgan)
+    d_dim: int = 64
+    d_depth: int = 3
+    d_patch: int = 1                       # patch side (in latent cells) of the discriminator's tokens
+    loss: str = "hinge"
+    lr_g: float = 1e-4
+    lr_d: float = 1e-4
+    betas: tuple[float, float] = (0.0, 0.99)
+    diffaug: str = "translation,cutout"
+
+
+@dataclass
+class STransGANConfig(GANConfig):
+    """STransGAN (Xu et al., 2021). Recipe (ours where the paper gives none for this setting): hinge loss,
+    Adam lr 2e-4, betas (0, 0.99) as usual with equalized learning rate."""
+    family: str = "stransgan"
+    g_dims: tuple[int, ...] = (128, 64, 32)
+    g_depth: int = 2        # Swin blocks per stage; odd blocks use shifted windows
+    window: int = 4         # window side (clamped to the stage's grid; no shift when one window covers the grid)
+    d_dim: int = 32         # discriminator tokens after the conv tokenizer; doubles at each patch merge
+    d_depth: int = 2        # blocks per discriminator stage
+    d_grid: int = 4         # the discriminator merges patches down to this grid side
+    loss: str = "hinge"
+    betas: tuple[float, float] = (0.0, 0.99)
+    diffaug: str = "translation"
+
+
+def gan_config(family: str, **fields) -> GANConfig:
+    """The config dataclass for `family` with `fields` overriding its defaults (e.g. from params.yaml)."""
+    if family == "lada":
+        return LadaConfig(**fields)
+    elif family == "transgan":
+        return TransGANConfig(**fields)
+    elif family == "stransgan":
+        return STransGANConfig(**fields)
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# 2. Build: the class a config builds is named right here.
+
+def build_generator(cfg: GANConfig) -> nn.Module:
+    # imported here, not at the top: the family modules import this one for the pieces below
+    from models import gan_lada, gan_stransgan, gan_transgan
+    if cfg.family == "lada":
+        return gan_lada.LadaGenerator(cfg)
+    elif cfg.family == "transgan":
+        return gan_transgan.TransGANGenerator(cfg)
+    elif cfg.family == "stransgan":
+        return gan_stransgan.STransGenerator(cfg)
+    raise ValueError(f"family must be one of {FAMILIES}, got {cfg.family!r}")
+
+
+def build_discriminator(cfg: GANConfig) -> nn.Module:
+    from models import gan_lada, gan_stransgan, gan_transgan
+    if cfg.family == "lada":
+        return gan_lada.LadaDiscriminator(cfg)
+    elif cfg.family == "transgan":
+        return gan_transgan.TransGANDiscriminator(cfg)
+    elif cfg.family == "stransgan":
+        return gan_stransgan.STransDiscriminator(cfg)
+    raise ValueError(f"family must be one of {FAMILIES}, got {cfg.family!r}")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# 3. Layers shared by the families. Token grids are (B, N, C) in raster order (token = row * w + col), as in
+# models.attention; latent grids are (B, C, h, w).
+
+def grid_to_tokens(x: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, h * w, C)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def tokens_to_grid(x: Tensor, h: int, w: int) -> Tensor:
+    """(B, h * w, C) -> (B, C, h, w)."""
+    B, N, C = x.shape
+    assert N == h * w, f"{N} tokens do not form a {h}x{w} grid"
+    return x.transpose(1, 2).reshape(B, C, h, w)
+
+
+def pixel_shuffle_tokens(x: Tensor, h: int, w: int) -> Tensor:
+    """Upsample a token grid 2x by pixel shuffle: (B, h w, C) -> (B, 4 h w, C / 4). Each token's channels become a
+    2x2 block of tokens, so resolution grows without new parameters while the embedding shrinks (TransGAN, LadaGAN)."""
+    return grid_to_tokens(F.pixel_shuffle(tokens_to_grid(x, h, w), 2))
+
+
+def make_attention(kind: str, dim: int, n_heads: int, grid: int, native: Callable[[], nn.Module], *,
+                   backend: str | None = None) -> nn.Module:
+    """The attention a family's block gets: its own (`native()`), or YLG sparse / full attention in its place."""
+    if kind == "native":
+        return native()
+    elif kind == "ylg":
+        return YLGAttention(dim, n_heads, (grid, grid), backend=backend)
+    elif kind == "full":
+        return MultiHeadAttention(dim, n_heads, bias=True, backend=backend)
+    raise ValueError(f"attention_kind must be one of {ATTENTION_KINDS}, got {kind!r}")
+
+
+def mlp(dim: int, ratio: float, act: Callable[[], nn.Module] = nn.GELU) -> nn.Sequential:
+    hidden = max(1, int(dim * ratio))
+    return nn.Sequential(nn.Linear(dim, hidden), act(), nn.Linear(hidden, dim))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block with both residuals: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+    `attn_bias` (a bool mask, True = may attend) is handed to the attention only when given; only
+    MultiHeadAttention takes one (TransGAN's locality mask)."""
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, act: Callable[[], nn.Module] = nn.GELU):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attn
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = mlp(dim, mlp_ratio, act)
+
+    def forward(self, x: Tensor, attn_bias: Tensor | None = None) -> Tensor:
+        h = self.norm1(x)
+        x = x + (self.attn(h) if attn_bias is None else self.attn(h, attn_bias=attn_bias))
+        return x + self.mlp(self.norm2(x))
+
+
+class NoiseAndClass(nn.Module):
+    """The generator's conditioning vector: z, or [z, embedding(y)] when conditional (BigGAN-style concatenation, so
+    every layer that reads it sees both the sample's noise and its class)."""
+
+    def __init__(self, z_dim: int, n_classes: int, class_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(n_classes, class_dim) if n_classes > 0 else None
+        self.out_dim = z_dim + (class_dim if n_classes > 0 else 0)
+
+    def forward(self, z: Tensor, y: Tensor | None) -> Tensor:
+        if self.embed is None:
+            if y is not None:
+                raise ValueError("this generator is unconditional (n_classes = 0) but got labels")
+            return z
+        if y is None:
+            raise ValueError("this generator is conditional: pass class labels y")
+        return torch.cat([z, self.embed(y)], dim=1)
+
+
+class ClassProjection(nn.Module):
+    """Projection discriminator term (Miyato & Koyama, 2018): <embedding(y), features>, added to the logit, so D
+    judges "is this a real sample of class y" rather than "is this real"."""
+
+    def __init__(self, n_classes: int, dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(n_classes, dim) if n_classes > 0 else None
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(dim))
+
+    def forward(self, features: Tensor, y: Tensor | None) -> Tensor:
+        """features: (B, dim) -> (B,) (zeros when unconditional)."""
+        if self.embed is None:
+            if y is not None:
+                raise ValueError("this discriminator is unconditional (n_classes = 0) but got labels")
+            return features.new_zeros(features.shape[0])
+        if y is None:
+            raise ValueError("this discriminator is conditional: pass class labels y")
+        return (self.embed(y) * features).sum(dim=1)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# 4. EMA of the generator weights (sampling uses the averaged generator: smoother than the last iterate)
+
+class EMA:
+    """shadow <- decay * shadow + (1 - decay) * param after each optimiser step; buffers are copied as they are.
+
+    The shadow is a plain {name: tensor} dict (the model's state_dict layout), so checkpoints stay tensors-only."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.model, self.decay = model, decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self._params = {name for name, _ in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, value in self.model.state_dict().items():
+            if name in self._params and value.is_floating_point():
+                self.shadow[name].lerp_(value.detach(), 1.0 - self.decay)  # s + (1 - decay) (p - s)
+            else:
+                self.shadow[name].copy_(value)
+
+    @torch.no_grad()
+    def copy_to(self, target: nn.Module) -> None:
+        """Load the averaged weights into `target` (a generator of the same architecture)."""
+        target.load_state_dict(self.shadow)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": {k: v.clone() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = float(state["decay"])
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# 5. DiffAugment (Zhao et al., 2020) for latent grids. The same random transform family is applied to real and fake
+# grids right before D (and differentiably, so G gets gradients through it). Colour jitter is left out: latent
+# channels are not colours. Ratios are DiffAugment's: shifts up to 1/8 of the side, a cutout square of half the side.
+
+def diff_augment(x: Tensor, policy: str, generator: torch.Generator | None = None, *,
+                 translation_ratio: float = 0.125, cutout_ratio: float = 0.5) -> Tensor:
+    """Augment (B, C, h, w) latent grids with the comma-separated `policy` (subset of AUGMENTS, in that order).
+    Randomness comes from `generator` (a CPU torch.Generator; None = the global RNG), one draw per sample."""
+    for name in filter(None, (p.strip() for p in policy.split(","))):
+        if name == "translation":
+            x = _translate(x, translation_ratio, generator)
+        elif name == "cutout":
+            x = _cutout(x, cutout_ratio, generator)
+        else:
+            raise ValueError(f"unknown augmentation {name!r}; choose from {AUGMENTS}")
+    return x
+
+
+def _randint(low: int, high: int, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """n integers in [low, high), drawn on the generator's (CPU) device and moved to the data."""
+    return torch.randint(low, high, (n,), generator=generator).to(device)
+
+
+def _translate(x: Tensor, ratio: float, generator: torch.Generator | None) -> Tensor:
+    """Shift each sample by (dy, dx) in [-s, s]^2 cells, s = round(side * ratio); cells shifted in are zeros."""
+    B, C, h, w = x.shape
+    sy, sx = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    dy = _randint(-sy, sy + 1, B, generator, x.device)
+    dx = _randint(-sx, sx + 1, B, generator, x.device)
+    padded = F.pad(x, [sx, sx, sy, sy])  # zero border: out[i, j] = x[i - dy, j - dx] or 0 outside the grid
+    rows = torch.arange(h, device=x.device)[None, :, None] + sy - dy[:, None, None]  # (B, h, 1)
+    cols = torch.arange(w, device=x.device)[None, None, :] + sx - dx[:, None, None]  # (B, 1, w)
+    batch = torch.arange(B, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, h, w, C) -> (B, C, h, w)
+
+
+def _cutout(x: Tensor, ratio: float, generator: torch.Generator | None) -> Tensor:
+    """Zero one square of side round(side * ratio) per sample, its centre anywhere on the grid (clipped at borders)."""
+    B, C, h, w = x.shape
+    ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    cy = _randint(0, h, B, generator, x.device)
+    cx = _randint(0, w, B, generator, x.device)
+    rows = torch.arange(h, device=x.device)[None, :, None] - (cy - ch // 2)[:, None, None]  # offset into the square
+    cols = torch.arange(w, device=x.device)[None, None, :] - (cx - cw // 2)[:, None, None]
+    inside = (rows >= 0) & (rows < ch) & (cols >= 0) & (cols < cw)  # (B, h, w)
+    return x * (~inside)[:, None].to(x.dtype)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# 6. Losses. d_loss / g_loss pick the pair by name (cfg.loss); r1_penalty regularises D on real data.
+
+def d_loss(kind: str, logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    if kind == "nonsat":
+        return nonsaturating_d_loss(logits_real, logits_fake)
+    elif kind == "hinge":
+        return hinge_d_loss(logits_real, logits_fake)
+    raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+
+
+def g_loss(kind: str, logits_fake: Tensor) -> Tensor:
+    if kind == "nonsat":
+        return nonsaturating_g_loss(logits_fake)
+    elif kind == "hinge":
+        return hinge_g_loss(logits_fake)
+    raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+
+
+def r1_penalty(logits_real: Tensor, x_real: Tensor, gamma: float) -> Tensor:
+    """R1 (Mescheder et al., 2018): gamma / 2 * E_x ||grad_x D(x)||^2 on real samples.
+
+    `x_real` must have requires_grad set before `logits_real = D(x_real)` was computed; the graph is kept
+    (create_graph) so the penalty trains D."""
+    (grad,) = torch.autograd.grad(logits_real.sum(), x_real, create_graph=True)
+    return 0.5 * gamma * grad.pow(2).flatten(1).sum(dim=1).mean()
+
+
+__all__ = [
+    "FAMILIES", "ATTENTION_KINDS", "LOSSES", "AUGMENTS", "GANConfig", "LadaConfig", "TransGANConfig",
+    "STransGANConfig", "gan_config", "build_generator", "build_discriminator", "grid_to_tokens", "tokens_to_grid",
+    "pixel_shuffle_tokens", "make_attention", "mlp", "TransformerBlock", "NoiseAndClass", "ClassProjection", "EMA",
+    "diff_augment", "d_loss", "g_loss", "r1_penalty", "hinge_d_loss", "hinge_g_loss", "nonsaturating_d_loss",
+    "nonsaturating_g_loss",
+]
