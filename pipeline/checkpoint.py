@@ -1,0 +1,94 @@
+"""Training checkpoints: atomic, pickle-free, with fallback to the previous good one.
+
+A checkpoint is a dict of tensors and plain types (state dicts, step, RNG state as a uint8 tensor), so
+`torch.load(weights_only=True)` reads it. `save` writes `step-%08d.pt` under a temp name, renames it, then points
+`last.pt` at it (hard link swapped in atomically). `load_latest` tries `last.pt` and then older step files,
+warning with the name of any file it cannot read, so a truncated or corrupt checkpoint costs one interval, not
+the run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.atomic import tmp_name
+
+log = logging.getLogger("tokenmill.checkpoint")
+_STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def step_files(ckpt_dir: Path) -> list[Path]:
+    """Periodic checkpoints, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    files = [p for p in ckpt_dir.iterdir() if _STEP_RE.match(p.name)]
+    return sorted(files, key=lambda p: int(_STEP_RE.match(p.name).group(1)), reverse=True)
+
+
+def save(ckpt_dir: str | Path, state: dict[str, Any], step: int, keep: int = 2) -> Path:
+    """Write checkpoint for `step` atomically, update last.pt, keep the `keep` newest step files."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"step-{step:08d}.pt"
+    tmp = tmp_name(path)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    last, last_tmp = ckpt_dir / "last.pt", tmp_name(ckpt_dir / "last.pt")
+    last_tmp.unlink(missing_ok=True)
+    os.link(path, last_tmp)
+    os.replace(last_tmp, last)
+    for old in step_files(ckpt_dir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load one checkpoint without pickle (weights_only=True)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_latest(ckpt_dir: str | Path, map_location: str | torch.device = "cpu",
+                expect: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Newest readable checkpoint, or None. `expect`: keys whose values must match (e.g. the config hash).
+
+    A checkpoint written for other settings is not resumed from (it would continue a different run); it is
+    reported and ignored, and the run starts fresh.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    candidates = ([ckpt_dir / "last.pt"] if (ckpt_dir / "last.pt").exists() else []) + step_files(ckpt_dir)
+    for path in candidates:
+        try:
+            state = read(path, map_location)
+        except Exception as exc:  # truncated file, bad zip, foreign pickle: never fatal, never executed
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, str(exc).splitlines()[0])
+            continue
+        mismatch = {k: (state.get(k), v) for k, v in (expect or {}).items() if state.get(k) != v}
+        if mismatch:
+            log.warning("checkpoint %s was written with other settings (%s); starting fresh", path,
+                        ", ".join(f"{k}: {a!r} != {b!r}" for k, (a, b) in mismatch.items()))
+            return None
+        return state
+    return None
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))

@@ -1,0 +1,153 @@
+"""Plumbing shared by every training stage: seeding, step-indexed batches, DDP, EMA, NaN guard, autocast.
+
+Exact resume rests on one rule: everything random is a function of (seed, step). The batch for step s is a
+slice of a permutation seeded by (seed, epoch), so resuming at step s needs no saved data-loader state, and an
+interrupted-and-resumed CPU run ends with the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+log = logging.getLogger("tokenmill.training")
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN/Inf. The run stops; the last good checkpoint is kept."""
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable hash of a JSON-able config (dataclasses via their dict), to refuse resuming another run."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    import random
+    random.seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    return torch.device(requested)
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (no loss scaling needed); full precision on CPU, where bf16 is slow."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+            t /= self.world
+        return t
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+    return Dist(dist.get_rank(), world, local)
+
+
+class StepBatches:
+    """The global batch for any step, as a function of (seed, step): a seeded permutation per epoch.
+
+    Each rank takes a disjoint slice of the global batch, so 1 rank x B and N ranks x B/N see the same samples.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if batch_size > n:
+            raise ValueError(f"batch_size {batch_size} is larger than the dataset ({n} samples)")
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the number of ranks {world}")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.per_epoch = n // batch_size  # drop the ragged tail: every step sees a full batch
+        self._epoch, self._perm = -1, None
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.per_epoch
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, b = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+        batch = self._perm[b * self.batch_size:(b + 1) * self.batch_size]
+        return batch[self.rank::self.world]
+
+
+class EMA:
+    """Exponential moving average of a model's weights (buffers are copied): the weights we export."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for s, p in zip(self.shadow.parameters(), model.parameters()):
+            s.lerp_(p.detach(), 1.0 - self.decay)
+        for s, b in zip(self.shadow.buffers(), model.buffers()):
+            s.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow.state_dict()
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.shadow.load_state_dict(sd)
+
+
+def check_finite(step: int, **losses: torch.Tensor | float) -> None:
+    bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v.detach() if torch.is_tensor(v) else v))}
+    if bad:
+        raise NonFiniteLoss(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v}" for k, v in bad.items()))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+

@@ -1,0 +1,68 @@
+"""Final VQGAN weights on disk: `model.safetensors` + `config.json` (model config, codebook fingerprint, provenance).
+
+Every token consumer loads the VQGAN through `load_vqgan`, which recomputes the codebook fingerprint from the
+weights and refuses a folder whose weights and config disagree. `check_fingerprint` is the one place that
+compares a token store's fingerprint with the VQGAN in use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.vqgan import VQGAN, VQGANConfig
+from pipeline.atomic import atomic_path, write_json
+from pipeline.errors import UserError
+
+
+def model_config_dict(cfg: VQGANConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["ch_mult"] = list(d["ch_mult"])
+    return d
+
+
+def fingerprint(model: VQGAN) -> str:
+    return model.quantizer.codebook_fingerprint(model_config_dict(model.cfg))
+
+
+def save_vqgan(out_dir: str | Path, model: VQGAN, meta: dict[str, Any]) -> str:
+    """Write weights and config atomically; returns the codebook fingerprint."""
+    out_dir = Path(out_dir)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(sd, str(tmp))
+    fp = fingerprint(model)
+    write_json(out_dir / "config.json", {"model": model_config_dict(model.cfg), "fingerprint": fp, **meta})
+    return fp
+
+
+def load_vqgan(folder: str | Path, device: str | torch.device = "cpu") -> tuple[VQGAN, dict[str, Any]]:
+    folder = Path(folder)
+    cfg_path, weights = folder / "config.json", folder / "model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise UserError(f"{p}: not found (train the VQGAN first: dvc repro train_vqgan)")
+    meta = json.loads(cfg_path.read_text())
+    raw = dict(meta["model"])
+    raw["ch_mult"] = tuple(raw["ch_mult"])
+    model = VQGAN(VQGANConfig(**raw))
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as exc:
+        raise UserError(f"{weights}: cannot load VQGAN weights ({str(exc).splitlines()[0]})") from None
+    fp = fingerprint(model)
+    if fp != meta["fingerprint"]:
+        raise UserError(f"{weights}: codebook fingerprint {fp[:16]} does not match {cfg_path} "
+                        f"({meta['fingerprint'][:16]}); the folder is corrupt or mixed")
+    return model.to(device).eval(), meta
+
+
+def check_fingerprint(tokens_fp: str, vqgan_fp: str, tokens_where: str, vqgan_where: str) -> None:
+    """Stop when tokens were made by another codebook than the VQGAN that will decode them."""
+    if tokens_fp != vqgan_fp:
+        raise UserError(f"codebook mismatch: tokens in {tokens_where} have fingerprint {tokens_fp[:16]}, "
+                        f"the VQGAN in {vqgan_where} has {vqgan_fp[:16]}; re-tokenize with this VQGAN")

@@ -1,0 +1,163 @@
+"""train_vqgan: exact resume, NaN guard, and a tiny end-to-end run through dvc repro."""
+import dataclasses
+import json
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_idx_dataset, make_project
+from models.vqgan import VQGANConfig
+from pipeline import checkpoint as ckpt
+from pipeline.training import NonFiniteLoss
+from stages import train_vqgan
+from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
+from stages.prepare import run as prepare_run
+from stages.train_vqgan import LossParams, TrainVQGANParams
+
+TINY_MODEL = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, n_codes=16, code_dim=4,
+                  dead_code_steps=2, buffer_size=64)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    base = tmp_path_factory.mktemp("vq")
+    src = make_idx_dataset(base / "idx", n_train=24, n_val=8)
+    prepare_run(PrepareConfig("tiny", DatasetSpec(source="idx", path=str(src), resolution=16),
+                              PrepareParams(out_dir=str(base / "prepared"))))
+    return base / "prepared"
+
+
+def tiny_cfg(prepared, out, **kw) -> TrainVQGANParams:
+    cfg = TrainVQGANParams(
+        dataset="tiny", prepared_dir=str(prepared), out_dir=str(out / "vqgan"), ckpt_dir=str(out / "ckpt"),
+        metrics=str(out / "metrics.json"), plots=str(out / "log.tsv"), steps=6, batch_size=8, ckpt_every=3,
+        log_every=2, kmeans_images=16, device="cpu",
+        model=VQGANConfig(**{**TINY_MODEL, "ch_mult": (1, 2)}),
+        loss=LossParams(lpips_weight=0.0, disc_start=2, disc_channels=8, disc_layers=1, disc_weight=0.5))
+    return dataclasses.replace(cfg, **kw)
+
+
+def weights(out):
+    return load_file(str(out / "vqgan" / "model.safetensors"))
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(prepared, tmp_path, monkeypatch):
+    train_vqgan.run(tiny_cfg(prepared, tmp_path / "a"))
+    reference = weights(tmp_path / "a")
+
+    real_save = ckpt.save
+
+    def save_then_die(ckpt_dir, state, step, keep=2):
+        real_save(ckpt_dir, state, step, keep)
+        raise KeyboardInterrupt(f"killed after step {step}")
+
+    monkeypatch.setattr(ckpt, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_vqgan.run(tiny_cfg(prepared, tmp_path / "b"))
+    assert [p.name for p in ckpt.step_files(tmp_path / "b" / "ckpt")] == ["step-00000003.pt"]
+    assert not (tmp_path / "b" / "vqgan").exists()  # no final output from a broken run
+    monkeypatch.setattr(ckpt, "save", real_save)
+    train_vqgan.run(tiny_cfg(prepared, tmp_path / "b"))  # resumes at step 3 (GAN on since step 2)
+    resumed = weights(tmp_path / "b")
+    assert reference.keys() == resumed.keys()
+    for k in reference:
+        assert torch.equal(reference[k], resumed[k]), k
+    history = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert history["steps"] == 6
+
+
+def test_checkpoint_for_other_settings_is_not_resumed(prepared, tmp_path, caplog):
+    train_vqgan.run(tiny_cfg(prepared, tmp_path, steps=3))
+    first = weights(tmp_path)
+    train_vqgan.run(tiny_cfg(prepared, tmp_path, steps=3, seed=1))
+    assert "written with other settings" in caplog.text
+    assert any(not torch.equal(first[k], v) for k, v in weights(tmp_path).items())
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(prepared, tmp_path, monkeypatch):
+    from models.vqgan import VQGAN
+    real_forward = VQGAN.forward
+    calls = {"n": 0}
+
+    def poisoned(self, x):
+        recon, aux = real_forward(self, x)
+        calls["n"] += 1
+        if self.training and calls["n"] == 5:  # the 5th training forward is step index 4
+            recon = recon * float("nan")
+        return recon, aux
+
+    monkeypatch.setattr(VQGAN, "forward", poisoned)
+    with pytest.raises(NonFiniteLoss, match="non-finite loss at step 4"):
+        train_vqgan.run(tiny_cfg(prepared, tmp_path))
+    assert [p.name for p in ckpt.step_files(tmp_path / "ckpt")] == ["step-00000003.pt"]
+    state = ckpt.read(tmp_path / "ckpt" / "last.pt")
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_corrupt_last_checkpoint_falls_back_with_warning(prepared, tmp_path, caplog):
+    train_vqgan.run(tiny_cfg(prepared, tmp_path, ckpt_keep=2))
+    files = ckpt.step_files(tmp_path / "ckpt")
+    assert [p.name for p in files] == ["step-00000006.pt", "step-00000003.pt"]
+    (tmp_path / "ckpt" / "last.pt").unlink()
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated
+    state = ckpt.load_latest(tmp_path / "ckpt")
+    assert state["step"] == 3
+    assert f"checkpoint {files[0]} is unreadable" in caplog.text
+
+
+def test_outputs_metrics_and_plots(prepared, tmp_path):
+    train_vqgan.run(tiny_cfg(prepared, tmp_path))
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("val_l1", "val_psnr", "code_usage_pct", "perplexity", "dead_codes", "fingerprint"):
+        assert key in m
+    assert 0 <= m["code_usage_pct"] <= 100 and m["grid"] == [8, 8]
+    cfgjson = json.loads((tmp_path / "vqgan" / "config.json").read_text())
+    assert cfgjson["fingerprint"] == m["fingerprint"] and cfgjson["model"]["in_channels"] == 1
+    lines = (tmp_path / "log.tsv").read_text().splitlines()
+    assert lines[0].startswith("step\trec") and len(lines) == 1 + 3
+    for png in ("recon_grid.png", "curves.png"):
+        assert (tmp_path / "vqgan" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dvc_repro_trains_then_is_a_no_op(tmp_path):
+    src = make_idx_dataset(tmp_path / "idx", n_train=24, n_val=8)
+    model = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in TINY_MODEL.items())
+    params = f"""datasets:
+  tiny: {{source: idx, path: {src}, resolution: 16, channels: 1}}
+prepare: {{out_dir: data/prepared, shard_size: 10}}
+train_vqgan:
+  dataset: tiny
+  prepared_dir: data/prepared
+  out_dir: data/vqgan
+  ckpt_dir: data/checkpoints/train_vqgan
+  metrics: data/metrics/train_vqgan.json
+  plots: data/plots/train_vqgan.tsv
+  steps: 4
+  batch_size: 8
+  ckpt_every: 2
+  log_every: 2
+  kmeans_images: 16
+  device: cpu
+  model:
+{model}
+  loss: {{lpips_weight: 0.0, disc_start: 2, disc_channels: 8, disc_layers: 1}}
+"""
+    project = make_project(tmp_path / "p", params)
+    run = lambda *a: subprocess.run(["dvc", *a], cwd=project, capture_output=True, text=True)  # noqa: E731
+    out = run("repro")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Running stage 'train_vqgan'" in out.stdout
+    assert (project / "data/vqgan/model.safetensors").exists()
+    out = run("repro")
+    assert "Running stage" not in out.stdout and out.returncode == 0
+    shown = run("metrics", "show", "--json")
+    assert "val_psnr" in shown.stdout
+
+
+def test_params_errors_are_one_line(prepared):
+    with pytest.raises(Exception, match=r"train_vqgan.model.ch_mult = \[1\] is not allowed"):
+        train_vqgan.check({"train_vqgan": {"model": {"ch_mult": [1]}}}, "params.yaml")
+    with pytest.raises(Exception, match=r"train_vqgan.batch_size = 10 is not divisible by grad_accum = 4"):
+        train_vqgan.check({"train_vqgan": {"batch_size": 10, "grad_accum": 4}}, "params.yaml")
