@@ -40,8 +40,64 @@ def publish_prepare(item: str, root: Path) -> None:
         key=artifact_key("prepare", item, "manifest"), description=f"prepare {item}: manifest")
 
 
+def publish_evaluation(stage: str, root: Path) -> None:
+    """eval_vqgan / evaluate: the metrics with their protocols as a table, and the report with its PNGs inlined
+    (a markdown artifact cannot reference files)."""
+    import importlib
+
+    from pipeline.report import embed_images, metric_rows
+
+    cfg = importlib.import_module(f"stages.{stage}").check(load_params(root / "params.yaml"), "params.yaml")
+    metrics = read_json(root / cfg.metrics)
+    create_table_artifact(metric_rows(metrics), key=artifact_key(stage, "metrics"),
+                          description=f"{stage}: metrics and the protocol each was made with")
+    report = root / cfg.report_dir
+    create_markdown_artifact(embed_images((report / "report.md").read_text(), report),
+                             key=artifact_key(stage, "report"), description=f"{stage}: report")
+
+
+def publish_tokenize(item: str, root: Path) -> None:
+    """tokenize@<dataset>: the store's metrics as a table, and the code-usage histogram."""
+    from pipeline.report import embed_images
+    from stages.tokenize import load_config
+
+    cfg = load_config(str(root / "params.yaml"), item)
+    m = read_json(root / cfg.metrics)
+    rows = [{"metric": "records", "value": m["records"]}, {"metric": "images/s (this run)", "value": m["images_per_s"]},
+            {"metric": "grid", "value": f"{m['grid'][0]}x{m['grid'][1]} {m['dtype']}"},
+            *({"metric": f"bytes per image ({k})", "value": v} for k, v in m["bytes_per_image"].items()),
+            {"metric": "round trip exact", "value": m["roundtrip"]["exact"]},
+            *({"metric": f"code usage: {k}", "value": v} for k, v in m["code_usage"].items()),
+            {"metric": "codebook fingerprint", "value": m["fingerprint"][:16]}]
+    create_table_artifact(rows, key=artifact_key("tokenize", item, "metrics"),
+                          description=f"tokenize {item}: token store metrics")
+    create_markdown_artifact(embed_images(f"### tokenize {item}: code usage\n\n![code usage]({cfg.plot.name})\n",
+                                          root / cfg.plot.parent),
+                             key=artifact_key("tokenize", item, "code-usage"), description=f"tokenize {item}: code usage")
+
+
+def publish_train_vqgan(item: str, root: Path) -> None:
+    """train_vqgan: its metrics as a table; reconstructions and curves inlined in a markdown artifact."""
+    from pipeline.report import embed_images
+
+    p = load_params(root / "params.yaml")["train_vqgan"]
+    m = read_json(root / p["metrics"])
+    create_table_artifact([{"metric": k, "value": v} for k, v in sorted(m.items()) if isinstance(v, (int, float, str))],
+                          key="train-vqgan-metrics", description="train_vqgan: validation metrics of the exported VQGAN")
+    create_markdown_artifact(embed_images(
+        f"### train_vqgan\n\nval PSNR {m['val_psnr']:.2f} dB, L1 {m['val_l1']:.4f}, code usage "
+        f"{m['code_usage_pct']:.1f}% (perplexity {m['perplexity']:.0f}), fingerprint `{m['fingerprint'][:16]}`\n\n"
+        "val images (top) and their reconstructions (bottom):\n\n![reconstructions](recon_grid.png)\n\n"
+        "![training curves](curves.png)\n", root / p["out_dir"]),
+        key="train-vqgan-report", description="train_vqgan: reconstructions and curves")
+
+
 PUBLISHERS: dict[str, Callable[[str, Path], None]] = {
     "prepare": publish_prepare,
+    "train_vqgan": publish_train_vqgan,
+    "tokenize": publish_tokenize,
+    "eval_vqgan": lambda item, root: publish_evaluation("eval_vqgan", root),
+    "evaluate": lambda item, root: publish_evaluation("evaluate", root),
 }
 
 

@@ -6,6 +6,7 @@
   ui           start the Prefect server + UI on 127.0.0.1
   serve        serve the flow as a deployment, so runs with parameters start from the UI
   add-dataset  add an image folder / WebDataset / IDX dataset to params.yaml and prepare it
+  tokenize     tokenize any image folder or prepared dataset with a chosen VQGAN checkpoint
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pipeline.config import from_dict, load_params, set_params_file
 from pipeline.errors import UserError, main_guard
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_MODULES = ("prepare",)  # stages/<name>.py, in pipeline order
+STAGE_MODULES = ("prepare", "train_vqgan", "tokenize", "fid_ref", "eval_vqgan", "train_transformer", "sample")  # stages/<name>.py, in pipeline order
 DEFAULT_PORT = 4200
 
 
@@ -131,6 +132,22 @@ def cmd_add_dataset(args: argparse.Namespace) -> None:
         sys.exit(subprocess.call(["dvc", "repro", f"prepare@{args.name}"], cwd=ROOT))
 
 
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from stages.tokenize import TokenizeParams, tokenize_source
+
+    source = Path(args.source)
+    name = args.name or source.name
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise UserError(f"store name {name!r} must be letters, digits, - and _ (give --name)")
+    p = from_dict(TokenizeParams, {"batch_size": args.batch_size, "shard_size": args.shard_size, "hflip": args.hflip,
+                                   "search": args.search, "device": args.device, "num_workers": args.num_workers,
+                                   "convert_channels": args.convert_channels}, "tokenize", "command line")
+    out = Path(args.out) if args.out else ROOT / "data" / "tokens" / name
+    tokenize_source(source, args.vqgan, out, p, resolution=args.resolution, resize=args.resize,
+                    background=args.background, split=args.split, metrics=args.metrics)
+    print(f"token store: {out}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tokenmill", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,6 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="random", choices=("keep", "random"))
     p.add_argument("--no-run", action="store_true", help="only add the params entry")
     p.set_defaults(fn=cmd_add_dataset)
+
+    p = sub.add_parser("tokenize", help="tokenize any image folder or prepared dataset with a chosen VQGAN checkpoint")
+    p.add_argument("source", help="prepared dataset folder (with manifest.json), image folder or WebDataset tar(s)")
+    p.add_argument("--vqgan", default=str(ROOT / "data" / "vqgan"), help="VQGAN folder (model.safetensors + "
+                   "config.json)")
+    p.add_argument("--out", help="token store folder (default data/tokens/<name>)")
+    p.add_argument("--name", help="store name (default: the source folder's name)")
+    p.add_argument("--metrics", help="also write the metrics JSON here")
+    p.add_argument("--hflip", action="store_true", help="also store horizontally flipped copies")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=10000)
+    p.add_argument("--search", default="auto", choices=("auto", "faiss", "torch"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--convert-channels", action="store_true", help="grey <-> RGB to match the VQGAN")
+    p.add_argument("--resolution", type=int, help="for raw images: default the VQGAN's training resolution")
+    p.add_argument("--resize", default="pad", choices=("pad", "resize", "center_crop"))
+    p.add_argument("--background", type=int, default=0)
+    p.add_argument("--split", default="random", choices=("keep", "random"))
+    p.set_defaults(fn=cmd_tokenize)
     return ap
 
 

@@ -44,6 +44,8 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(requested: str) -> torch.device:
+    # Denormal floats make CPU kernels crawl late in training, when some activations and grads get tiny.
+    torch.set_flush_denormal(True)
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
@@ -118,6 +120,14 @@ class StepBatches:
             self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
         batch = self._perm[b * self.batch_size:(b + 1) * self.batch_size]
         return batch[self.rank::self.world]
+
+
+def cosine_lr(step: int, lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to lr * min_ratio at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 class EMA:

@@ -35,7 +35,7 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.config import from_dict, load_params, param
 from pipeline.errors import UserError, main_guard, setup_logging
 from pipeline.prepared import PreparedImages
-from pipeline.training import (EMA, NonFiniteLoss, StepBatches, autocast, check_finite, config_hash,
+from pipeline.training import (EMA, NonFiniteLoss, StepBatches, autocast, check_finite, config_hash, cosine_lr,
                                init_distributed, pick_device, seed_everything, unwrap)
 from pipeline.vqgan_io import save_vqgan
 
@@ -118,14 +118,6 @@ def check(params: dict, source: str) -> TrainVQGANParams:
         raise UserError(f"{source}: train_vqgan.batch_size = {cfg.batch_size} is not divisible by "
                         f"grad_accum = {cfg.grad_accum}")
     return cfg
-
-
-def lr_at(step: int, o: OptimParams, total: int) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio."""
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    t = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -316,7 +308,7 @@ def run(cfg: TrainVQGANParams) -> None:
     core.quantizer.reset_usage()
     t0, img_count = time.monotonic(), 0
     for step, batch in zip(range(start, cfg.steps), batches.iterate(start, cfg.steps)):
-        lr = lr_at(step, o, cfg.steps)
+        lr = cosine_lr(step, o.lr, o.warmup_steps, cfg.steps, o.min_lr_ratio)
         for group in opt_g.param_groups:
             group["lr"] = lr
         for group in opt_d.param_groups:

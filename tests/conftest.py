@@ -95,10 +95,15 @@ os.environ["PATH"] = f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ.g
 PROJECT_FILES = ("dvc.yaml", "pipeline", "stages", "models", "pyproject.toml")
 
 
-def make_project(dest: Path, params_text: str) -> Path:
-    """A throwaway copy of the project (code + dvc.yaml) in its own git + DVC repo, with the given params."""
+def make_project(dest: Path, params_text: str, stages: tuple[str, ...] | None = None) -> Path:
+    """A throwaway copy of the project (code + dvc.yaml) in its own git + DVC repo, with the given params.
+
+    `stages`: keep only these dvc.yaml stages (so the params need only their sections); None keeps all.
+    """
     import shutil
     import subprocess
+
+    import yaml
 
     dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
@@ -108,6 +113,9 @@ def make_project(dest: Path, params_text: str) -> Path:
         elif src.exists():
             shutil.copy2(src, dest / name)
     (dest / "params.yaml").write_text(params_text)
+    if stages is not None:
+        full = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+        (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: full[k] for k in stages}}, sort_keys=False))
     (dest / ".gitignore").write_text("/data/\n")
     run = lambda *cmd: subprocess.run(cmd, cwd=dest, check=True, capture_output=True, text=True)  # noqa: E731
     run("git", "init", "-q")

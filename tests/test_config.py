@@ -44,7 +44,10 @@ def test_repo_params_are_valid():
     ("extra.key=1", "unknown section 'extra'"),
 ])
 def test_validation_errors_name_key_value_and_allowed(tmp_path, edit, expected):
-    p = write(tmp_path, BASE)
+    # the repo's params (every stage section) with the small dataset d1 in place of the real ones
+    p = write(tmp_path, (ROOT / "params.yaml").read_text())
+    set_params_file(p, ["datasets.d1.source=folder", "datasets.d1.path=/tmp/x", "datasets.d1.resolution=32"])
+    check_params(p)  # valid before the edit
     set_params_file(p, [edit])
     with pytest.raises(UserError) as err:
         check_params(p)

@@ -19,7 +19,7 @@ def project(tmp_path_factory):
     base = tmp_path_factory.mktemp("proj")
     a = make_idx_dataset(base / "src_a", n_train=30, n_val=5, seed=1)
     b = make_idx_dataset(base / "src_b", n_train=20, n_val=5, seed=2)
-    return make_project(base / "project", tiny_params({"a": a, "b": b}))
+    return make_project(base / "project", tiny_params({"a": a, "b": b}), stages=("prepare",))
 
 
 def test_repro_twice_then_param_change_reruns_only_that_stage(project):
@@ -50,54 +50,42 @@ def test_bad_params_stop_stage_with_one_line(project):
         set_params_file(project / "params.yaml", ["prepare.shard_size=25"])
 
 
-def test_prefect_flow_runs_stages_through_dvc_and_publishes_artifacts(project, tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_session(scenario: str, project, tmp_path) -> dict:
+    """Run a scenario of tests/prefect_session.py (a temporary Prefect server) in a child process."""
+    import json
+    import os
+    from pathlib import Path
 
-    from pipeline.flow import tokenmill_pipeline
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("prefect_session.py")), scenario,
+                           str(project)], capture_output=True, text=True, env=env, timeout=400)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(line[len("RESULT "):])
 
+
+def test_prefect_flow_runs_stages_through_dvc_and_publishes_artifacts(project, tmp_path):
     dvc(project, "repro")
-    with prefect_test_harness(server_startup_timeout=120):
-        # Everything is up to date: the flow must skip exactly what DVC skips.
-        results = tokenmill_pipeline(root=str(project))
-        assert [r["stage"] for r in results] == ["prepare@a", "prepare@b"]
-        assert all(r["status"] == "skipped (unchanged)" for r in results)
-        # A param change re-runs only the affected stage, through the flow.
-        results = tokenmill_pipeline(root=str(project), overrides=["datasets.b.resolution=24"], stages=["prepare"])
-        assert {r["stage"]: r["status"] for r in results} == {"prepare@a": "skipped (unchanged)",
-                                                             "prepare@b": "ran"}
-        import httpx
-        from prefect.settings import PREFECT_API_URL
-
-        # Query the REST API directly: it is what the UI reads.
-        resp = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter",
-                          json={"artifacts": {"key": {"like_": "prepare-"}}, "limit": 50})
-        resp.raise_for_status()
-        keys = {a["key"] for a in resp.json()}
-        assert {"prepare-a-counts", "prepare-a-manifest", "prepare-b-counts"} <= keys
+    r = prefect_session("flow_runs", project, tmp_path)
+    # Everything was up to date: the flow skips exactly what DVC skips.
+    assert [x["stage"] for x in r["skipped"]] == ["prepare@a", "prepare@b"]
+    assert all(x["status"] == "skipped (unchanged)" for x in r["skipped"])
+    # A param change re-runs only the affected stage, through the flow.
+    assert {x["stage"]: x["status"] for x in r["changed"]} == {"prepare@a": "skipped (unchanged)",
+                                                               "prepare@b": "ran"}
+    assert {"prepare-a-counts", "prepare-a-manifest", "prepare-b-counts"} <= set(r["artifact_keys"])
 
 
-def test_flow_does_not_retry_user_errors(project, tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    from pipeline.flow import StageFailed, run_stage
-
+def test_flow_does_not_retry_user_errors(project, tmp_path):
     set_params_file(project / "params.yaml", ["datasets.a.resolution=2"])
     try:
-        with prefect_test_harness(server_startup_timeout=120):
-            state = run_stage("prepare@a", root=str(project), return_state=True)
-            assert state.is_failed()
-            with pytest.raises(StageFailed) as err:
-                state.result()
-            assert err.value.returncode == 2
-            assert "datasets.a.resolution = 2 is out of range" in str(err.value)
-            import httpx
-            from prefect.settings import PREFECT_API_URL
-            task_run = httpx.get(f"{PREFECT_API_URL.value()}/task_runs/{state.state_details.task_run_id}").json()
-            assert task_run["run_count"] == 1  # a user error is not retried
+        r = prefect_session("user_error", project, tmp_path)
     finally:
         set_params_file(project / "params.yaml", ["datasets.a.resolution=20"])
+    assert r["failed"] and r["error"]["returncode"] == 2
+    assert "datasets.a.resolution = 2 is out of range" in r["error"]["message"]
+    assert r["run_count"] == 1  # a user error is not retried
 
 
 def test_cli_help():

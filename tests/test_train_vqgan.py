@@ -144,7 +144,7 @@ train_vqgan:
 {model}
   loss: {{lpips_weight: 0.0, disc_start: 2, disc_channels: 8, disc_layers: 1}}
 """
-    project = make_project(tmp_path / "p", params)
+    project = make_project(tmp_path / "p", params, stages=("prepare", "train_vqgan"))
     run = lambda *a: subprocess.run(["dvc", *a], cwd=project, capture_output=True, text=True)  # noqa: E731
     out = run("repro")
     assert out.returncode == 0, out.stdout + out.stderr

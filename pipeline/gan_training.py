@@ -1,0 +1,479 @@
+"""Transformer-GAN training in the VQGAN latent space: the body of `train_transformer` with `kind: gan`.
+
+Frame. A real sample is the codebook embedding of a stored token grid: codes()[tokens], a (B, d, h, w) grid in the
+quantizer's lookup space (unit vectors when the codebook is l2-normalised). The generator (models/gan_*.py, picked by
+`gan.family`) maps noise, and a class when conditional, to a (B, d, h, w) grid; the discriminator scores such grids.
+Sampling snaps every generated vector to its nearest code (`snap_to_codes`), which gives a token grid that the
+VQGAN decodes exactly like an AR sample, so `sample` and `evaluate` treat both kinds the same.
+
+Where the discriminator looks. Every discriminator call goes through `d_logits` on latent grids. A discriminator on
+decoded images would be added there: decode the grids with the VQGAN's decoder (differentiable from the latent
+grid on), build an image discriminator next to the latent one, and add its loss terms in `train_gan`'s D and G
+steps. Nothing else (data, checkpoints, sampling) depends on what D looks at.
+
+Recipe. Each family config carries its paper's recipe (loss, R1 gamma, Adam learning rates and betas, EMA decay,
+DiffAugment policy); `gan:` params may override the optimisation fields and any architecture field. One step:
+  D: loss_D(D(aug(real)), D(aug(G(z).detach()))) + R1 on the reals             -> Adam step on D
+  G: loss_G(D(aug(G(z)))) [+ TransGAN's super-resolution loss]                 -> Adam step on G, EMA update
+R1 differentiates D(aug(x)) with respect to the un-augmented x, as StyleGAN2-ADA does with its augmentation inside
+D. TransGAN's locality masks widen with `G.set_progress(step / steps)`. With an l2-normalised codebook the generator's
+vectors are normalised before D (real codes all have norm 1; otherwise D could tell real from fake by the norm
+alone and G would spend its first steps learning the norm). The EMA decay ramps up as min(decay, (1 + s) / (10 + s))
+(TensorFlow's num_updates rule): with a fixed 0.999 a run of a few hundred steps would export mostly the initial
+weights.
+
+Exact resume. Batches come from StepBatches and the noise and augmentation draws from CPU generators seeded by
+(seed, step), so nothing depends on a data loader or the global RNG stream; the checkpoint holds G, D, both
+optimisers, the EMA and the RNG state. An interrupted-and-resumed CPU run ends with bitwise the same weights.
+
+DDP (torchrun). G and D are not wrapped in DistributedDataParallel: R1 needs a double backward through D and the G
+step backpropagates through D without updating it, neither of which DDP's reducer handles. Gradients are averaged
+across ranks by hand after each backward (as StyleGAN2-ADA does); each rank takes its slice of the global batch and
+of the step's noise, so 1 rank x B and N ranks x B/N see the same real grids and noise (augmentation draws and D's
+batch-norm statistics are per rank). Logged values are rank 0's.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from models.gan_common import (EMA, GANConfig, build_discriminator, build_generator, d_loss, diff_augment, g_loss,
+                               gan_config, r1_penalty)
+from models.gan_transgan import sr_loss
+from models.quantizer import nearest_codes
+from pipeline import checkpoint as ckpt
+from pipeline.atomic import atomic_path, write_json
+from pipeline.config import from_dict, param
+from pipeline.errors import UserError
+from pipeline.fid import Protocol, extract_features, frechet_distance, stats
+from pipeline.prepared import read_manifest
+from pipeline.training import Dist, StepBatches, autocast, check_finite, config_hash, seed_everything
+from pipeline.vqgan_io import load_vqgan
+from stages.fid_ref import NetworkParams, check_reference, load_network, load_reference
+
+if TYPE_CHECKING:
+    from models.vqgan import VQGAN
+    from stages.train_transformer import TrainTransformerParams
+
+log = logging.getLogger("tokenmill.train_gan")
+
+# Keys of the family config that `gan.model` may not set, and where they come from instead.
+RESERVED = {
+    "family": "train_transformer.gan.family",
+    "attention_kind": "train_transformer.gan.attention_kind",
+    "code_dim": "the VQGAN codebook",
+    "grid": "the token store",
+    "n_classes": "train_transformer.gan.conditional (classes from the prepared manifest)",
+    "lr_g": "train_transformer.gan.lr_g",
+    "lr_d": "train_transformer.gan.lr_d",
+    "r1_gamma": "train_transformer.gan.r1_gamma",
+    "diffaug": "train_transformer.gan.diffaug",
+    "ema_decay": "train_transformer.gan.ema_decay",
+}
+LOG_KEYS = ["step", "g_loss", "d_loss", "r1", "d_acc_real", "d_acc_fake", "fid"]
+
+
+@dataclass
+class GANParams:
+    """params.yaml `train_transformer.gan:` (read when kind is 'gan')."""
+    family: Literal["lada", "transgan", "stransgan"] = "lada"
+    attention_kind: Literal["native", "ylg", "full"] = "native"  # native: the family's own attention
+    conditional: bool = True  # class-conditional G and D (classes from the prepared dataset's manifest)
+    model: dict[str, Any] = field(default_factory=dict)  # family config overrides (models/gan_common.py)
+    lr_g: float | None = param(None, min=0.0)  # null: the family's recipe
+    lr_d: float | None = param(None, min=0.0)
+    r1_gamma: float | None = param(None, min=0.0)
+    diffaug: str | None = None  # comma-separated subset of translation, cutout; "" = off
+    ema_decay: float | None = param(None, min=0.0, max=1.0)
+    fid_every: int = param(0, min=0)  # FID of the EMA generator every this many steps; 0 = off
+    fid_images: int = param(256, min=2)  # generated images per FID point (the reference's count is its own)
+    fid_reference: str = "data/fid_ref/fashion_mnist-val-tf_bilinear"  # a fid_ref output folder
+    fid_network: NetworkParams = field(default_factory=NetworkParams)
+
+
+def check_gan(g: GANParams, source: str) -> None:
+    """Validate `gan.model` against the family's config class: reserved keys, unknown keys, types, values."""
+    where = "train_transformer.gan.model"
+    for key in g.model:
+        if key in RESERVED:
+            raise UserError(f"{source}: {where}.{key} cannot be set here (it comes from {RESERVED[key]})")
+    family_cls = type(gan_config(g.family))
+    try:
+        from_dict(family_cls, g.model, where, source)
+        family_config(g, code_dim=16, grid=8, n_classes=0)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{source}: {where}: {exc}") from None
+
+
+def family_config(g: GANParams, code_dim: int, grid: int, n_classes: int) -> GANConfig:
+    """The family config for a latent grid of (code_dim, grid, grid): the family's recipe, then `gan.model`, then
+    the explicit overrides."""
+    fields: dict[str, Any] = {**g.model, "code_dim": code_dim, "grid": grid, "n_classes": n_classes,
+                              "attention_kind": g.attention_kind}
+    for name in ("lr_g", "lr_d", "r1_gamma", "diffaug", "ema_decay"):
+        if getattr(g, name) is not None:
+            fields[name] = getattr(g, name)
+    cfg = gan_config(g.family, **fields)
+    if len(cfg.betas) != 2:
+        raise ValueError(f"betas must be two numbers, got {list(cfg.betas)}")
+    return cfg
+
+
+def d_config(cfg: GANConfig) -> GANConfig:
+    """The config D is built from. R1 differentiates D's input gradient once more (a double backward), which the
+    fused attention kernels (SDPA's flash / memory-efficient kernels, xformers) do not implement, so with R1 on and
+    no backend chosen D's softmax attention runs on the written-out "math" backend; G keeps the fast kernels."""
+    if cfg.r1_gamma > 0 and cfg.backend is None:
+        return dataclasses.replace(cfg, backend="math")
+    return cfg
+
+
+def config_dict(cfg: GANConfig) -> dict[str, Any]:
+    """JSON form of a family config (tuples as lists); `generator_from_config` reads it back."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def generator_from_config(model: dict[str, Any]) -> nn.Module:
+    """Rebuild a generator from `config.json`'s "model" entry (the sample stage)."""
+    fields = dict(model)
+    return build_generator(gan_config(fields.pop("family"), **fields))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Latent grids <-> tokens
+
+def embed_tokens(tokens: Tensor, codebook: Tensor, h: int, w: int) -> Tensor:
+    """Token grids (B, h * w) -> code vectors (B, d, h, w) in the lookup space (the real samples)."""
+    return codebook[tokens].view(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def project_to_codes_space(x: Tensor, l2_norm: bool) -> Tensor:
+    """Generator output as D sees it: unit vectors per cell when the codebook is l2-normalised (like every real
+    code), unchanged otherwise."""
+    return F.normalize(x, dim=1) if l2_norm else x
+
+
+@torch.no_grad()
+def snap_to_codes(latent: Tensor, codebook: Tensor, l2_norm: bool, chunk: int = 65536) -> Tensor:
+    """Latent grids (B, d, h, w) -> token grids (B, h, w): the nearest code of every vector (squared L2; after
+    l2-normalising the vector when the codebook is l2-normalised, i.e. the code with the largest cosine).
+    Chunked so the distance matrix stays at most chunk x n_codes."""
+    B, d, h, w = latent.shape
+    flat = latent.float().permute(0, 2, 3, 1).reshape(-1, d)
+    if l2_norm:
+        flat = F.normalize(flat, dim=1)
+    codebook = codebook.float()
+    idx = torch.cat([nearest_codes(part, codebook) for part in flat.split(chunk)])
+    return idx.view(B, h, w)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Decoded images in [-1, 1] -> uint8, as the sample stage stores them."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Per-step randomness and the pieces of one step
+
+def step_generator(seed: int, step: int, stream: int, rank: int = 0) -> torch.Generator:
+    """A CPU generator for one purpose (stream) of one step: draws are a function of (seed, step, stream, rank)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 8 + stream) * 4096 + rank)
+
+
+NOISE, AUGMENT, FID_NOISE = 0, 1, 2
+
+
+def d_logits(D: nn.Module, grids: Tensor, y: Tensor | None, policy: str, aug: torch.Generator) -> Tensor:
+    """D's logits for latent grids after DiffAugment (the single place where D sees its input)."""
+    return D(diff_augment(grids, policy, aug), y)
+
+
+def average_gradients(module: nn.Module, dist: Dist) -> None:
+    """Mean of the gradients over ranks, in one all-reduce (no-op on one process)."""
+    if dist.world == 1:
+        return
+    params = [p for p in module.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    flat = dist.all_reduce_mean(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# FID over training
+
+class FIDTracker:
+    """FID of a fixed set of samples of the EMA generator against a fid_ref reference.
+
+    The noise and labels are fixed for the run (seeded), so points along the curve differ only by the weights.
+    Samples go the way `sample` sends them: G -> nearest codes -> VQGAN decode -> uint8."""
+
+    def __init__(self, g: GANParams, seed: int, z_dim: int, n_classes: int, dataset_fingerprint: str,
+                 channels: int):
+        self.ref = load_reference(g.fid_reference)
+        check_reference(self.ref, dataset_fingerprint=dataset_fingerprint, channels=channels)
+        self.net, self.device = load_network(g.fid_network)
+        check_reference(self.ref, feature_network_hash=self.net.feature_network_hash)
+        self.resize = self.ref.meta["resize_mode"]
+        self.batch_size = g.fid_network.batch_size
+        self.z = torch.randn(g.fid_images, z_dim, generator=step_generator(seed, 0, FID_NOISE))
+        self.y = torch.arange(g.fid_images) % n_classes if n_classes else None
+        self.protocol = Protocol(n_gen=g.fid_images, n_ref=len(self.ref.features), ref_split=self.ref.meta["split"],
+                                 resize_mode=self.resize, feature_network_hash=self.net.feature_network_hash,
+                                 seed=seed).as_dict() | {"generator": "ema", "snap": "nearest code"}
+
+    @torch.no_grad()
+    def __call__(self, G: nn.Module, vqgan: "VQGAN", l2_norm: bool, device: torch.device, bf16: bool) -> float:
+        codebook = vqgan.quantizer.codes()
+
+        def images():
+            for start in range(0, len(self.z), self.batch_size):
+                z = self.z[start:start + self.batch_size].to(device)
+                y = self.y[start:start + self.batch_size].to(device) if self.y is not None else None
+                with autocast(device, bf16):
+                    tokens = snap_to_codes(G(z, y), codebook, l2_norm)
+                    yield to_uint8(vqgan.decode_indices(tokens)).cpu()
+
+        try:
+            feats = extract_features(images(), self.net, self.batch_size, self.resize, self.device,
+                                     total=len(self.z), progress=False)
+        except ValueError as exc:
+            raise UserError(f"FID over training: {exc}") from None
+        return frechet_distance(self.ref.mu, self.ref.sigma, *stats(feats))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The training run
+
+def train_gan(cfg: "TrainTransformerParams", device: torch.device, dist: Dist) -> None:
+    """Train cfg.gan's family on the token store, checkpointing for exact resume; the main rank writes the outputs."""
+    # imported here: stages.train_transformer imports this module for GANParams
+    from stages.train_transformer import TokenData
+
+    g = cfg.gan
+    vq_dir = Path(cfg.vqgan_dir)
+    vqgan, vmeta = load_vqgan(vq_dir, device)
+    fingerprint = vmeta["fingerprint"]
+    store = Path(cfg.tokens_dir) / cfg.dataset
+    train = TokenData.load(store, "train", cfg.hflip, fingerprint, str(vq_dir / "config.json"))
+    meta = train.meta
+    h, w = meta["grid"]
+    if h != w:
+        raise UserError(f"{store}: the GAN generators make square latent grids, the token grid is {h}x{w}")
+    manifest = read_manifest(Path(cfg.prepared_dir) / cfg.dataset)
+    class_names = manifest["class_names"] if g.conditional else []
+    l2_norm = bool(vqgan.cfg.l2_norm)
+    codebook = vqgan.quantizer.codes().detach()
+    try:
+        gcfg = family_config(g, code_dim=codebook.shape[1], grid=h, n_classes=len(class_names))
+        seed_everything(cfg.seed)
+        G, D = build_generator(gcfg).to(device), build_discriminator(d_config(gcfg)).to(device)
+    except ValueError as exc:
+        raise UserError(f"train_transformer.gan ({g.family}, {h}x{h}x{codebook.shape[1]} latent grid): {exc}") \
+            from None
+    G_ema = build_generator(gcfg).to(device).eval().requires_grad_(False)  # the averaged weights, for FID and export
+    opt_g = torch.optim.Adam(G.parameters(), lr=gcfg.lr_g, betas=gcfg.betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=gcfg.lr_d, betas=gcfg.betas)
+    ema = EMA(G, gcfg.ema_decay)
+    run_id = config_hash({"cfg": dataclasses.asdict(cfg) | {"device": None}, "tokens": fingerprint,
+                          "count": meta["count"], "world": dist.world})
+
+    state = ckpt.load_latest(cfg.ckpt_dir, device, expect={"run_id": run_id})
+    history: list[dict] = []
+    # per-step values since the last log row (checkpointed, so a resumed run logs the same rows)
+    window: dict[str, list[float]] = {k: [] for k in LOG_KEYS[1:-1]}
+    start, train_seconds = 0, 0.0
+    if state is not None:
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        ema.load_state_dict(state["ema"])
+        ckpt.set_rng_state(state["rng"])
+        history, start = list(state["history"]), int(state["step"])
+        window = {k: list(v) for k, v in state["window"].items()}
+        train_seconds = float(state["train_seconds"])
+        log.info("resuming from %s at step %d", cfg.ckpt_dir, start)
+
+    conditional = gcfg.n_classes > 0
+    fid = None
+    if g.fid_every and dist.main:
+        fid = FIDTracker(g, cfg.seed, gcfg.z_dim, gcfg.n_classes, manifest["fingerprint"], vqgan.cfg.in_channels)
+    batches = StepBatches(len(train.tokens), cfg.batch_size, cfg.seed, dist.rank, dist.world)
+    g_params, d_params = num_params(G), num_params(D)
+    log.info("GAN %s (attention %s): G %.2fM, D %.2fM parameters; %s loss, R1 %g, lr G %g D %g, betas %s, "
+             "diffaug %r; %d train grids of %dx%dx%d%s", g.family, g.attention_kind, g_params / 1e6, d_params / 1e6,
+             gcfg.loss, gcfg.r1_gamma, gcfg.lr_g, gcfg.lr_d, gcfg.betas, gcfg.diffaug, len(train.tokens), h, w,
+             codebook.shape[1], f", {gcfg.n_classes} classes" if conditional else "")
+
+    def save_checkpoint(step: int) -> None:
+        if dist.main:
+            ckpt.save(cfg.ckpt_dir, {"step": step, "run_id": run_id, "G": G.state_dict(), "D": D.state_dict(),
+                                     "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                                     "ema": ema.state_dict(), "rng": ckpt.rng_state(), "history": history,
+                                     "window": window, "train_seconds": train_seconds}, step, keep=cfg.ckpt_keep)
+        dist.barrier()
+
+    G.train(), D.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train_gan ({g.family})", unit="step", disable=not dist.main,
+               mininterval=2.0, file=sys.stderr)
+    for step in range(start, cfg.steps):
+        t_step = time.monotonic()
+        if gcfg.family == "transgan":
+            G.set_progress(step / cfg.steps)
+        idx = batches.indices(step)
+        real = embed_tokens(train.tokens[idx].to(device, non_blocking=True), codebook, h, w)
+        y = train.labels[idx].to(device) if conditional else None
+        # the step's global noise batch, this rank's slice of it (same rule as StepBatches)
+        z = torch.randn(cfg.batch_size, gcfg.z_dim, generator=step_generator(cfg.seed, step, NOISE))
+        z = z[dist.rank::dist.world].to(device)
+        aug = step_generator(cfg.seed, step, AUGMENT, dist.rank)
+
+        # D step: the fake batch is made once; D learns on it detached, then G learns through it
+        with autocast(device, cfg.bf16):
+            fake = project_to_codes_space(G(z, y), l2_norm)
+            real_in = real.requires_grad_(gcfg.r1_gamma > 0)
+            logits_real = d_logits(D, real_in, y, gcfg.diffaug, aug)
+            logits_fake = d_logits(D, fake.detach(), y, gcfg.diffaug, aug)
+            loss_d = d_loss(gcfg.loss, logits_real.float(), logits_fake.float())
+            r1 = r1_penalty(logits_real.float(), real_in, gcfg.r1_gamma) if gcfg.r1_gamma > 0 else loss_d.new_zeros(())
+        check_finite(step, d_loss=loss_d.detach(), r1=r1.detach())
+        opt_d.zero_grad(set_to_none=True)
+        (loss_d + r1).backward()
+        average_gradients(D, dist)
+        opt_d.step()
+
+        # G step: D frozen (its gradients are not needed)
+        D.requires_grad_(False)
+        with autocast(device, cfg.bf16):
+            loss_g = g_loss(gcfg.loss, d_logits(D, fake, y, gcfg.diffaug, aug).float())
+            if gcfg.family == "transgan" and gcfg.sr_weight > 0:
+                loss_g = loss_g + gcfg.sr_weight * sr_loss(G, real.detach())
+        check_finite(step, g_loss=loss_g.detach())
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        average_gradients(G, dist)
+        opt_g.step()
+        D.requires_grad_(True)
+        ema.decay = ema_decay_at(step, gcfg.ema_decay)
+        ema.update()
+        train_seconds += time.monotonic() - t_step
+
+        for key, value in (("g_loss", loss_g), ("d_loss", loss_d), ("r1", r1),
+                           ("d_acc_real", (logits_real > 0).float().mean()),
+                           ("d_acc_fake", (logits_fake < 0).float().mean())):
+            window[key].append(float(value.detach()))
+        done = step + 1
+        row = None
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            row = {"step": done, **{k: sum(v) / len(v) for k, v in window.items() if v}}
+            window = {k: [] for k in window}
+        if fid is not None and (done % g.fid_every == 0 or done == cfg.steps):
+            ema.copy_to(G_ema)
+            row = row or {"step": done}
+            row["fid"] = fid(G_ema, vqgan, l2_norm, device, cfg.bf16)
+            log.info("step %d: FID %.2f (%d EMA samples)", done, row["fid"], g.fid_images)
+        if row is not None:
+            history.append(row)
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("d_loss", "g_loss") if k in row}
+                            | ({"fid": f"{row['fid']:.1f}"} if "fid" in row else {}), refresh=False)
+        bar.update(1)
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            save_checkpoint(done)
+    bar.close()
+    if dist.main:
+        ema.copy_to(G_ema)
+        finish_gan(cfg, G_ema, gcfg, history, fingerprint, class_names, l2_norm, g_params, d_params,
+                   train_seconds / cfg.steps, device, fid.protocol if fid is not None else None)
+
+
+def finish_gan(cfg: "TrainTransformerParams", G_ema: nn.Module, gcfg: GANConfig, history: list[dict],
+               fingerprint: str, class_names: list[str], l2_norm: bool, g_params: int, d_params: int,
+               step_seconds: float, device: torch.device, fid_protocol: dict | None) -> None:
+    """Write the EMA generator + config.json, the metrics JSON, the TSV log and curves.png."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in G_ema.state_dict().items()}
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(sd, str(tmp))
+    write_json(out / "config.json", {
+        "kind": "gan", "family": gcfg.family, "model": config_dict(gcfg), "fingerprint": fingerprint,
+        "dataset": cfg.dataset, "class_names": class_names, "steps": cfg.steps,
+        "latent": {"code_dim": gcfg.code_dim, "grid": gcfg.grid, "l2_norm": l2_norm}})
+    last = {k: next((h[k] for h in reversed(history) if h.get(k) is not None), None) for k in LOG_KEYS[1:]}
+    curve = [{"step": h["step"], "value": h["fid"]} for h in history if h.get("fid") is not None]
+    metrics = {
+        "kind": "gan", "family": gcfg.family, "attention_kind": gcfg.attention_kind, "steps": cfg.steps,
+        "batch_size": cfg.batch_size, "g_params_m": round(g_params / 1e6, 3), "d_params_m": round(d_params / 1e6, 3),
+        "g_loss": last["g_loss"], "d_loss": last["d_loss"], "r1": last["r1"],
+        "d_acc_real": last["d_acc_real"], "d_acc_fake": last["d_acc_fake"],
+        "step_time_s": round(step_seconds, 5), "device": torch.cuda.get_device_name() if device.type == "cuda"
+        else "cpu", "fingerprint": fingerprint,
+        "recipe": {"loss": gcfg.loss, "r1_gamma": gcfg.r1_gamma, "lr_g": gcfg.lr_g, "lr_d": gcfg.lr_d,
+                   "betas": list(gcfg.betas), "ema_decay": gcfg.ema_decay, "diffaug": gcfg.diffaug},
+        # every FID carries its protocol (sample counts, reference split, resize, network hash, seed)
+        "fid": {"value": curve[-1]["value"], "protocol": fid_protocol} if curve else None,
+        "fid_curve": curve,
+    }
+    write_json(cfg.metrics, metrics)
+    write_gan_log(Path(cfg.plots), history)
+    plot_gan_curves(out / "curves.png", history, gcfg.family)
+    log.info("GAN %s: D loss %.3f, G loss %.3f, D acc real %.2f fake %.2f, %.3f s/step%s", gcfg.family,
+             last["d_loss"] or float("nan"), last["g_loss"] or float("nan"), last["d_acc_real"] or float("nan"),
+             last["d_acc_fake"] or float("nan"), step_seconds,
+             f", FID {curve[-1]['value']:.2f}" if curve else "")
+
+
+def write_gan_log(path: Path, history: list[dict]) -> None:
+    """TSV for DVC plots: one row per logged step; empty cells where a value was not measured."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh, delimiter="\t")
+            writer.writerow(LOG_KEYS)
+            for h in history:
+                writer.writerow([h["step"]] + ["" if h.get(k) is None else f"{h[k]:.6g}" for k in LOG_KEYS[1:]])
+
+
+def plot_gan_curves(path: Path, history: list[dict], family: str) -> None:
+    """Losses, D accuracies and (when measured) FID against the step, rendered offline."""
+    from pipeline.report import new_figure, save_figure
+    fid_points = [(h["step"], h["fid"]) for h in history if h.get("fid") is not None]
+    fig, axes = new_figure(1, 3 if fid_points else 2, figsize=(12 if fid_points else 8, 3.5))
+
+    def series(key: str) -> tuple[list, list]:
+        pts = [(h["step"], h[key]) for h in history if h.get(key) is not None]
+        return ([p[0] for p in pts], [p[1] for p in pts])
+
+    for key in ("d_loss", "g_loss", "r1"):
+        axes[0].plot(*series(key), label=key)
+    axes[0].set_title(f"train_transformer (gan: {family})"), axes[0].set_xlabel("step"), axes[0].legend()
+    for key in ("d_acc_real", "d_acc_fake"):
+        axes[1].plot(*series(key), label=key)
+    axes[1].set_ylim(-0.05, 1.05), axes[1].set_title("D accuracy"), axes[1].set_xlabel("step"), axes[1].legend()
+    if fid_points:
+        axes[2].plot(*zip(*fid_points), "o-")
+        axes[2].set_title("FID (EMA generator)"), axes[2].set_xlabel("step")
+    save_figure(fig, path)

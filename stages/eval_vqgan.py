@@ -1,0 +1,180 @@
+"""Stage `eval_vqgan`: rFID of the VQGAN — how far its reconstructions are from the real images, as the FID
+network sees them — plus KID and precision/recall, against the `fid_ref` reference.
+
+The reconstructed images are exactly the reference's images (its first `n_images`, a random subset in the
+reference's order; all of them by default), so rFID compares each image set with its own reconstruction and
+per-image feature distances are paired: the report shows the reconstructions that moved furthest.
+
+Outputs: metrics JSON (every number with its protocol; keys rfid, rkid_mean, rkid_std, rprecision, rrecall)
+and `<report_dir>/`: report.md, grid.png (one original per class above its reconstruction), worst.png (the
+reconstructions furthest from their original in feature space), feature_distance.png (their histogram).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.atomic import write_json
+from pipeline.config import from_dict, load_params, param
+from pipeline.errors import UserError, main_guard, setup_logging
+from pipeline.fid import Protocol, compute_metrics
+from pipeline.prepared import PreparedImages, read_manifest
+from pipeline.report import (markdown_table, metric_rows, new_figure, protocol_lines, save_figure,
+                             write_text)
+from pipeline.vqgan_io import load_vqgan
+from stages.fid_ref import (NetworkParams, Reference, ResizeMode, check_reference, features_of, image_batches,
+                            load_network, load_reference)
+from stages.train_vqgan import save_grid, to_float
+
+log = logging.getLogger("tokenmill.eval_vqgan")
+SECTIONS = ("eval_vqgan",)
+N_WORST = 8
+
+
+@dataclass
+class EvalVQGANParams:
+    dataset: str = "fashion_mnist"
+    prepared_dir: str = "data/prepared"
+    vqgan_dir: str = "data/vqgan"
+    reference: str = "data/fid_ref/fashion_mnist-val-tf_bilinear"  # a fid_ref output folder
+    resize: ResizeMode = "tf_bilinear"  # must be the reference's
+    n_images: int | None = param(None, min=4)  # first n reference images; null = all of them
+    vqgan_batch_size: int = param(256, min=1)
+    seed: int = param(0, min=0)  # KID subsets
+    kid_subsets: int = param(100, min=1)
+    kid_subset_size: int = param(1000, min=2)
+    pr_k: int = param(3, min=1)
+    metrics: str = "data/metrics/eval_vqgan.json"
+    report_dir: str = "data/reports/eval_vqgan"
+    network: NetworkParams = field(default_factory=NetworkParams)
+
+
+def check(params: dict, source: str) -> EvalVQGANParams:
+    if "eval_vqgan" not in params:
+        raise UserError(f"{source}: missing section 'eval_vqgan'")
+    return from_dict(EvalVQGANParams, params["eval_vqgan"], "eval_vqgan", source)
+
+
+@torch.no_grad()
+def reconstruct(model: torch.nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> the VQGAN's reconstruction, uint8 on the CPU."""
+    recon, _ = model(to_float(images).to(device))
+    return ((recon.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def run(cfg: EvalVQGANParams) -> None:
+    t_start = time.monotonic()
+    prepared = Path(cfg.prepared_dir) / cfg.dataset
+    manifest = read_manifest(prepared)
+    # Cheap checks first: the reference must describe this dataset's current content with our resize mode.
+    ref = load_reference(cfg.reference)
+    check_reference(ref, dataset_fingerprint=manifest["fingerprint"], resize_mode=cfg.resize)
+    n_ref = len(ref.keys)
+    n = cfg.n_images if cfg.n_images is not None else n_ref
+    if n > n_ref:
+        raise UserError(f"eval_vqgan.n_images = {n} but the reference {ref.folder} holds {n_ref} images; "
+                        f"rFID reconstructs reference images (raise fid_ref.n_ref or lower n_images)")
+    net, device = load_network(cfg.network)
+    check_reference(ref, feature_network_hash=net.feature_network_hash)
+    model, vqgan_meta = load_vqgan(cfg.vqgan_dir, device)
+    if model.cfg.in_channels != manifest["channels"] or manifest["resolution"] % model.cfg.downsample:
+        raise UserError(f"the VQGAN in {cfg.vqgan_dir} takes {model.cfg.in_channels}-channel images with sizes "
+                        f"divisible by {model.cfg.downsample}; {cfg.dataset} is {manifest['channels']}-channel "
+                        f"{manifest['resolution']}x{manifest['resolution']}")
+    data = PreparedImages(prepared, ref.meta["split"])
+    index = {k: i for i, k in enumerate(data.keys())}
+    order = [index[k] for k in ref.keys[:n]]  # every key exists: the dataset fingerprint matched
+
+    def reconstructions() -> Iterator[torch.Tensor]:
+        for images in image_batches(data, order, cfg.vqgan_batch_size):
+            yield reconstruct(model, images, device)
+
+    t0 = time.monotonic()
+    fake = features_of(reconstructions(), net, cfg.network, cfg.resize, device, total=n)
+    feature_seconds = time.monotonic() - t0
+    protocol = Protocol(n_gen=n, n_ref=n_ref, ref_split=ref.meta["split"], resize_mode=cfg.resize,
+                        feature_network_hash=net.feature_network_hash, seed=cfg.seed,
+                        kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets, pr_k=cfg.pr_k)
+    try:
+        metrics = compute_metrics(ref.features, fake, protocol, real_stats=(ref.mu, ref.sigma), prefix="r")
+    except ValueError as exc:
+        raise UserError(f"rFID: {exc}") from None
+    # Paired: reconstruction i against original i, in the same feature space.
+    distance = np.linalg.norm(fake - ref.features[:n].astype(np.float64), axis=1)
+    write_json(cfg.metrics, metrics)
+    seconds = time.monotonic() - t_start
+    write_report(cfg, ref, vqgan_meta, metrics, model, data, order, distance, device,
+                 timing={"images": n, "feature_seconds": feature_seconds, "total_seconds": seconds})
+    log.info("rFID %.3f  KID %.5f  precision %.3f  recall %.3f  (%d reconstructions vs %d reference images, "
+             "%.0f s)", metrics["rfid"]["value"], metrics["rkid_mean"]["value"], metrics["rprecision"]["value"],
+             metrics["rrecall"]["value"], n, n_ref, seconds)
+
+
+def write_report(cfg: EvalVQGANParams, ref: Reference, vqgan_meta: dict, metrics: dict, model: torch.nn.Module,
+                 data: PreparedImages, order: list[int], distance: np.ndarray, device: torch.device,
+                 timing: dict) -> None:
+    out = Path(cfg.report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = [data.entries[i].label for i in order]
+    class_names = ref.meta["class_names"]
+    per_class = sorted({c: pos for pos, c in reversed(list(enumerate(labels)))}.items())[:10]
+    pick = [pos for _, pos in per_class]
+    if len(pick) >= 4:
+        shown = "one per class (" + ", ".join(
+            class_names[c] if c < len(class_names) else str(c) for c, _ in per_class) + ")"
+    else:  # too few classes for a useful grid
+        pick = list(range(min(10, len(order))))
+        shown = f"the first {len(pick)} images"
+    worst = np.argsort(-distance)[:N_WORST].tolist()
+    for name, positions in (("grid.png", pick), ("worst.png", worst)):
+        originals = torch.stack([data[order[p]][0] for p in positions])
+        save_grid(out / name, originals, reconstruct(model, originals, device))
+
+    fig, ax = new_figure(figsize=(6, 3.2))
+    ax.hist(distance, bins=min(50, max(5, len(distance) // 10)), color="tab:blue")
+    ax.axvline(float(np.median(distance)), color="k", linestyle="--", label=f"median {np.median(distance):.2f}")
+    ax.set_xlabel("||f(x) - f(recon(x))||  (pool3 features)"), ax.set_ylabel("images"), ax.legend()
+    ax.set_title("reconstruction distance in FID feature space")
+    save_figure(fig, out / "feature_distance.png")
+
+    protocol = metrics["rfid"]["protocol"]
+    text = (
+        f"# eval_vqgan: reconstruction FID\n\n"
+        f"VQGAN `{cfg.vqgan_dir}` (codebook fingerprint `{vqgan_meta['fingerprint'][:16]}`, trained "
+        f"{vqgan_meta.get('steps', '?')} steps on `{vqgan_meta.get('dataset', '?')}`), reconstructing "
+        f"{protocol['n_gen']} images of `{cfg.dataset}` split `{protocol['ref_split']}`, compared with the "
+        f"reference `{ref.folder}` ({protocol['n_ref']} images).\n\n"
+        f"## Metrics\n\n{markdown_table(metric_rows(metrics))}\n"
+        f"FID and KID from fewer than 50k samples are biased (FID upward): compare numbers only when their "
+        f"protocols agree.\n\n"
+        f"## Protocol\n\n{protocol_lines(protocol)}\n"
+        f"## Reconstructions\n\nOriginals (top) and reconstructions (bottom), {shown}:\n\n"
+        f"![grid](grid.png)\n\n"
+        f"The {len(worst)} reconstructions furthest from their original in feature space:\n\n"
+        f"![worst](worst.png)\n\n![feature distance](feature_distance.png)\n\n"
+        f"Median paired feature distance {np.median(distance):.3f}, 90th percentile "
+        f"{np.quantile(distance, 0.9):.3f}.\n\n"
+        f"## Timing\n\n{timing['images']} images; reconstruction + feature extraction "
+        f"{timing['feature_seconds']:.1f} s ({timing['images'] / max(timing['feature_seconds'], 1e-9):.1f} "
+        f"images/s, {device}); whole stage {timing['total_seconds']:.1f} s.\n")
+    write_text(out / "report.md", text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    setup_logging()
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines only list CPU-feature probes
+    run(check(load_params(args.params), args.params))
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,498 @@
+"""Stage `tokenize`: prepared image shards -> code-index grids with the trained VQGAN (the token store).
+
+One DVC stage per dataset (`tokenize@<name>`, a foreach over `datasets:`), so adding a dataset tokenizes only
+that dataset with the existing VQGAN. Output `<out_dir>/<name>/` (format: pipeline/tokens.py): tokens.lmdb,
+shards/<split>-%06d.tar + sizes.json, meta.json. Metrics `<metrics_dir>/tokenize_<name>.json` (images/s, bytes
+per image, round-trip check, code usage) and `<plots_dir>/tokenize_<name>_code_usage.png`.
+
+Resume. Work happens in `<out_dir>/.<name>.partial/`, which is not a DVC out, so DVC leaves it alone:
+  run.json               what the parts are made from (VQGAN and dataset fingerprints, hflip, channels)
+  parts/part-%05d.lmdb   each rank's records, one LMDB transaction per batch: a kill keeps whole batches only
+  out/                   the final folder, assembled by rank 0 from the parts, renamed to <name>/ when complete
+A re-run whose run.json matches skips every sample already in a part (so each input gets exactly one record);
+one that does not match starts over. The final folder only ever appears complete.
+
+Scale-out: `torchrun --nproc_per_node N -m stages.tokenize --dataset <name>` (add --nnodes/--node_rank/
+--rdzv_endpoint for several machines sharing the data folder). Rank r encodes the r-th contiguous block of the
+samples into its own part; rank 0 merges the parts into one LMDB in key order and writes the shards in dataset
+order, so the store has the same bytes whatever the number of ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from models.quantizer import nearest_codes
+from models.vqgan import VQGAN
+from pipeline.atomic import atomic_path, read_json, replace_dir, write_json
+from pipeline.config import from_dict, load_params, param
+from pipeline.errors import UserError, main_guard, setup_logging
+from pipeline.prepared import PreparedImages, read_manifest
+from pipeline.tokens import (DTYPE_CODES, DTYPE_NAMES, FLAG_HFLIP, FORMAT, HEADER_SIZE, HFLIP_SUFFIX, KEYS_PREFIX,
+                             LMDB_NAME, META_KEY, RECORD_VERSION, SHARDS_DIR, LMDBWriter, TokenLMDBDataset,
+                             decode_batch, dtype_code, encode_records, iter_merged, read_keys, write_token_shards)
+from pipeline.training import init_distributed, pick_device
+from pipeline.vqgan_io import load_vqgan
+
+log = logging.getLogger("tokenmill.tokenize")
+SECTIONS = ("tokenize",)
+# faiss and torch may round a distance differently in the last bit; where the two best codes are closer than
+# this, the torch lookup decides, so faiss tokens equal model.encode's exactly (ties -> lowest index, as argmin)
+TIE_TOL = 1e-5
+
+
+@dataclass
+class TokenizeParams:
+    """params.yaml `tokenize:` (shared by every dataset)."""
+    prepared_dir: str = "data/prepared"  # input: <prepared_dir>/<dataset>
+    vqgan_dir: str = "data/vqgan"  # model.safetensors + config.json from train_vqgan
+    out_dir: str = "data/tokens"  # output: <out_dir>/<dataset>
+    metrics_dir: str = "data/metrics"  # tokenize_<dataset>.json
+    plots_dir: str = "data/plots"  # tokenize_<dataset>_code_usage.png
+    batch_size: int = param(256, min=1)
+    shard_size: int = param(10000, min=1)  # samples per token shard
+    hflip: bool = False  # also store a horizontally flipped copy of every image (key suffix _hflip)
+    search: Literal["auto", "faiss", "torch"] = "auto"  # nearest-code lookup; auto: the faster on this device
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = param(1, min=0)  # image-decoding loader workers
+    map_size_mb: int = param(64, min=1)  # initial LMDB map; it grows on demand
+    convert_channels: bool = False  # grey <-> RGB when the dataset's channels differ from the VQGAN's
+    roundtrip_images: int = param(256, min=0)  # images whose decoded tokens must equal the VQGAN's reconstructions
+
+
+@dataclass
+class TokenizeConfig:
+    name: str  # dataset name: the output folder's name
+    prepared: Path  # prepared dataset folder (manifest.json + shards)
+    vqgan: Path
+    out: Path
+    metrics: Path | None = None
+    plot: Path | None = None
+    params: TokenizeParams = field(default_factory=TokenizeParams)
+
+
+def check(params: dict, source: str) -> TokenizeParams:
+    if "tokenize" not in params:
+        raise UserError(f"{source}: missing section 'tokenize'")
+    return from_dict(TokenizeParams, params["tokenize"], "tokenize", source)
+
+
+def load_config(params_path: str, name: str) -> TokenizeConfig:
+    params = load_params(params_path)
+    p = check(params, params_path)
+    datasets = params.get("datasets") or {}
+    if name not in datasets:
+        raise UserError(f"{params_path}: no dataset '{name}' under datasets (have: {', '.join(datasets) or 'none'})")
+    return TokenizeConfig(name, Path(p.prepared_dir) / name, Path(p.vqgan_dir), Path(p.out_dir) / name,
+                          Path(p.metrics_dir) / f"tokenize_{name}.json",
+                          Path(p.plots_dir) / f"tokenize_{name}_code_usage.png", p)
+
+
+# ---------------------------------------------------------------- encoding
+
+def to_model_input(images: torch.Tensor, channels: int, device: torch.device) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> float in [-1, 1] as the VQGAN was trained on, with `channels` channels."""
+    x = images.to(device, non_blocking=True)
+    if x.shape[1] != channels:
+        if channels == 3:  # grey -> RGB: the same value in every channel
+            x = x.expand(-1, 3, -1, -1)
+        else:  # RGB -> grey with PIL's integer luma, i.e. what `prepare` makes with channels: 1
+            r, g, b = x.to(torch.int32).unbind(1)
+            x = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)[:, None]
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def resolve_search(method: str, device: torch.device) -> str:
+    """auto -> faiss on CPU: bench/bench_tokenize.py measured faiss IndexFlatIP (k=2) ~7x faster than the torch
+    matmul-argmin on this project's 2-core CPU (17 vs 123 ms for 16k vectors x 512 codes; the lookup is ~10% of
+    the encode). On CUDA the torch lookup stays on the GPU with no copy and faiss-gpu is not measured (no GPU
+    here), so auto -> torch there."""
+    if method != "auto":
+        return method
+    return "faiss" if device.type == "cpu" else "torch"
+
+
+class CodeSearch:
+    """Images -> code-index grids [B, h, w], equal to `model.encode(x)[1]`.
+
+    'torch' runs the quantizer's own forward. 'faiss' runs the encoder, then a flat index over the lookup
+    codebook (inner product for l2-normalised codes: on unit vectors the largest dot product is the smallest
+    L2 distance), asking for the best two codes so near-ties can be re-decided by the torch lookup.
+    """
+
+    def __init__(self, model: VQGAN, method: str, device: torch.device):
+        self.model, self.method = model, method
+        if method == "faiss":
+            self._build_index(device)
+
+    def _build_index(self, device: torch.device) -> None:
+        import faiss
+
+        q = self.model.quantizer
+        self.codes = q.codes().detach().float()
+        self.ip = q.l2_norm
+        index = (faiss.IndexFlatIP if self.ip else faiss.IndexFlatL2)(self.codes.shape[1])
+        index.add(np.ascontiguousarray(self.codes.cpu().numpy()))
+        self.gpu = device.type == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        if self.gpu:  # faiss-gpu build: search GPU tensors in place
+            import faiss.contrib.torch_utils  # noqa: F401  (lets faiss indexes take torch tensors)
+            self._res = faiss.StandardGpuResources()
+            gpu_id = device.index if device.index is not None else torch.cuda.current_device()
+            index = faiss.index_cpu_to_gpu(self._res, gpu_id, index)
+        elif device.type == "cuda":
+            log.warning("faiss has no GPU support here (faiss-cpu): code search runs on the CPU")
+        self.index = index
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.method == "torch":
+            return self.model.encode(x)[1]
+        q = self.model.quantizer
+        z = q.in_proj(self.model.encode_latent(x))
+        B, D, h, w = z.shape
+        z_flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # the same ops as VectorQuantizer.forward: same bits
+        if q.l2_norm:
+            z_flat = F.normalize(z_flat, dim=1)
+        k = min(2, q.n_codes)
+        if self.gpu:
+            scores, idx = self.index.search(z_flat.float().contiguous(), k)
+        else:
+            s_np, i_np = self.index.search(np.ascontiguousarray(z_flat.float().cpu().numpy()), k)
+            scores, idx = torch.from_numpy(s_np).to(z.device), torch.from_numpy(i_np).to(z.device)
+        best = idx[:, 0].long()
+        if k == 2:
+            gap = scores[:, 0] - scores[:, 1] if self.ip else scores[:, 1] - scores[:, 0]
+            tie = gap <= TIE_TOL * (1 + scores[:, 0].abs())
+            if bool(tie.any()):
+                best[tie] = nearest_codes(z_flat[tie], self.codes.to(z.device))
+        return best.view(B, h, w)
+
+
+class _ImageItems(Dataset):
+    """Images of (split code, index) pairs, decoded in loader workers; yields (uint8 image, position)."""
+
+    def __init__(self, splits: list[PreparedImages], items: list[tuple[int, int]]):
+        self.splits, self.items = splits, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+        s, i = self.items[j]
+        return self.splits[s][i][0], j
+
+
+def check_compat(manifest: dict, model: VQGAN, vqgan_meta: dict, convert_channels: bool, prepared: Path,
+                 vqgan_dir: Path) -> None:
+    """Refuse datasets the VQGAN cannot tokenize into the grid it was trained for."""
+    res, ch = manifest["resolution"], manifest["channels"]
+    want, f, in_ch = vqgan_meta.get("resolution"), model.cfg.downsample, model.cfg.in_channels
+    if want is not None and res != want:
+        raise UserError(f"{prepared}: resolution {res} differs from the VQGAN's training resolution {want} "
+                        f"({vqgan_dir}); prepare this dataset at resolution {want} or train a VQGAN for it")
+    if res % f:
+        raise UserError(f"{prepared}: resolution {res} is not divisible by the VQGAN's downsampling {f}")
+    if ch != in_ch and not convert_channels:
+        raise UserError(f"{prepared}: images have {ch} channel(s), the VQGAN in {vqgan_dir} takes {in_ch}; set "
+                        f"tokenize.convert_channels: true (grey <-> RGB) or prepare the dataset with channels: {in_ch}")
+
+
+def encode_pending(model: VQGAN, search: CodeSearch, splits: list[PreparedImages], keys: list[list[bytes]],
+                   items: list[tuple[int, int]], part: Path, p: TokenizeParams, device: torch.device,
+                   show: bool) -> tuple[int, float]:
+    """Encode `items` into the LMDB file `part`, one transaction per batch. Returns (images, seconds)."""
+    if not items:
+        return 0, 0.0
+    in_ch, code = model.cfg.in_channels, dtype_code(model.cfg.n_codes)
+    labels = [[e.label for e in d.entries] for d in splits]
+    loader = DataLoader(_ImageItems(splits, items), batch_size=p.batch_size, num_workers=p.num_workers,
+                        pin_memory=device.type == "cuda")
+    batches = iter(loader)  # workers fork here, before this process opens its LMDB writer
+    bar = tqdm(total=len(items), desc="tokenize", unit="img", disable=not show, mininterval=2.0, file=sys.stderr)
+    t0 = time.monotonic()
+    with LMDBWriter(part, p.map_size_mb << 20) as writer:
+        for images, pos in batches:
+            x = to_model_input(images, in_ch, device)
+            if p.hflip:
+                x = torch.cat([x, x.flip(-1)])
+            grids = search(x).cpu().numpy()
+            batch = [items[j] for j in pos.tolist()]
+            n = len(batch)
+            split_codes = [s for s, _ in batch]
+            batch_labels = [labels[s][i] for s, i in batch]
+            batch_keys = [keys[s][i] for s, i in batch]
+            records = list(zip(batch_keys, encode_records(grids[:n], batch_labels, split_codes, [0] * n, code)))
+            if p.hflip:
+                flipped = encode_records(grids[n:], batch_labels, split_codes, [FLAG_HFLIP] * n, code)
+                records += zip((k + HFLIP_SUFFIX.encode() for k in batch_keys), flipped)
+            writer.put_batch(records)
+            bar.update(n)
+    bar.close()
+    return len(items), time.monotonic() - t0
+
+
+# ---------------------------------------------------------------- assembling the store (rank 0)
+
+def start_work(work: Path, identity: dict) -> None:
+    """Keep the parts of an interrupted run made from the same inputs; otherwise start an empty work folder."""
+    run_file = work / "run.json"
+    if work.exists():
+        try:
+            same = read_json(run_file) == identity
+        except (OSError, ValueError):
+            same = False
+        if same:
+            log.info("resuming from %s", work)
+            shutil.rmtree(work / "out", ignore_errors=True)  # rebuilt from the parts at the end
+            return
+        log.info("discarding %s: made from other inputs", work)
+        shutil.rmtree(work)
+    (work / "parts").mkdir(parents=True)
+    write_json(run_file, identity)
+
+
+def assemble(work: Path, meta: dict, order: dict[str, list[bytes]], shard_size: int) -> np.ndarray:
+    """Merge the parts into out/tokens.lmdb (key order), add the key lists and meta, write the shards.
+    Returns per-code counts over the original (unflipped) records."""
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    h, w = meta["grid"]
+    code, hflip = meta["dtype_code"], meta["hflip"]
+    expected = meta["count"]
+    record_len = HEADER_SIZE + h * w * DTYPE_CODES[code].itemsize
+    counts = np.zeros(meta["n_codes"], np.int64)
+    n = 0
+    parts = sorted((work / "parts").glob("part-*.lmdb"))
+    # a map large enough for the usual case; LMDBWriter grows it if not. No fsync until the end.
+    with LMDBWriter(out / LMDB_NAME, map_size=(2 * expected * (record_len + 48)) + (1 << 20), sync=False) as writer:
+        for batch in iter_merged(parts):
+            writer.put_batch(batch, append=True)
+            grids, _, header = decode_batch([v for _, v in batch], h, w, code)
+            originals = grids[(header["flags"] & FLAG_HFLIP) == 0]
+            counts += np.bincount(originals.ravel(), minlength=meta["n_codes"])
+            n += len(batch)
+        if n != expected:
+            raise RuntimeError(f"{work}: the parts hold {n} records, expected {expected}; delete the folder and re-run")
+        writer.put_batch([(KEYS_PREFIX + s.encode(), b"\n".join(k)) for s, k in order.items()]
+                     + [(META_KEY, json.dumps(meta, sort_keys=True).encode())])
+    # every expected key is read back here, so count + keys prove exactly one record per input
+    write_token_shards(out / LMDB_NAME, out / SHARDS_DIR, order, shard_size, hflip)
+    write_json(out / "meta.json", meta)
+    return counts
+
+
+@torch.no_grad()
+def roundtrip_check(model: VQGAN, lmdb_path: Path, splits: list[PreparedImages], items: list[tuple[int, int]],
+                    n: int, batch: int, device: torch.device, hflip: bool) -> dict:
+    """Decode stored tokens of n images spread over the dataset and compare with the VQGAN's reconstructions
+    (and the stored tokens with model.encode's): both must be exact."""
+    if n == 0 or not items:
+        return {"images": 0, "exact": None}
+    store = TokenLMDBDataset(lmdb_path, hflip=hflip)  # split=None: index j is items[j], flips at j + len(items)
+    pick = np.unique(np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(np.int64))
+    mismatches, max_diff, exact = 0, 0.0, True
+    for chunk in np.array_split(pick, math.ceil(len(pick) / batch)):
+        images = torch.stack([splits[s][i][0] for s, i in (items[j] for j in chunk)])
+        x = to_model_input(images, model.cfg.in_channels, device)
+        variants = [(x, chunk)] + ([(x.flip(-1), chunk + len(items))] if hflip else [])
+        for xv, positions in variants:
+            recon, aux = model(xv)
+            stored = store.get_batch(positions.tolist())[0].to(device)
+            mismatches += int((stored != aux["indices"]).sum())
+            decoded = model.decode_indices(stored)
+            exact = exact and torch.equal(decoded, recon)
+            max_diff = max(max_diff, float((decoded - recon).abs().max()))
+    return {"images": len(pick), "hflip_checked": hflip, "token_mismatches": mismatches,
+            "max_abs_diff": max_diff, "exact": exact and mismatches == 0}
+
+
+def usage_summary(counts: np.ndarray) -> dict:
+    total = counts.sum()
+    probs = counts[counts > 0] / max(1, total)
+    used = int((counts > 0).sum())
+    return {"used_codes": used, "usage_fraction": used / len(counts), "dead_codes": len(counts) - used,
+            "perplexity": float(np.exp(-(probs * np.log(probs)).sum())) if total else 0.0}
+
+
+def plot_usage(path: Path, counts: np.ndarray, title: str) -> None:
+    """Tokens per code, by code index and sorted (rank-frequency): dead and dominant codes stand out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
+    a.bar(np.arange(len(counts)), counts, width=1.0, color="#3b6ea5")
+    a.set_xlabel("code index"), a.set_ylabel("tokens"), a.set_title(f"{title}: tokens per code")
+    b.plot(np.sort(counts)[::-1] + 1, color="#3b6ea5")  # +1: dead codes stay visible on the log axis
+    b.set_yscale("log"), b.set_xlabel("codes, most used first"), b.set_ylabel("tokens + 1")
+    b.set_title(f"{usage_summary(counts)['dead_codes']} dead of {len(counts)}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def _sum_over_ranks(values: list[float], world: int, op: str = "sum") -> list[float]:
+    if world == 1:
+        return values
+    import torch.distributed as tdist
+    t = torch.tensor(values, dtype=torch.float64)
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------- the stage
+
+def run(cfg: TokenizeConfig) -> None:
+    p = cfg.params
+    t_start = time.monotonic()
+    device = pick_device(p.device)
+    dist = init_distributed(device)
+    model, vmeta = load_vqgan(cfg.vqgan, device)
+    manifest = read_manifest(cfg.prepared)
+    check_compat(manifest, model, vmeta, p.convert_channels, cfg.prepared, cfg.vqgan)
+    split_names = sorted(manifest["splits"])
+    splits = [PreparedImages(cfg.prepared, s) for s in split_names]
+    keys = [[e.key.encode() for e in d.entries] for d in splits]
+    items = [(s, i) for s, d in enumerate(splits) for i in range(len(d))]
+    all_keys = [k for ks in keys for k in ks]
+    bad = next((k for k in all_keys if k.startswith(b"__") or k.endswith(HFLIP_SUFFIX.encode())), None)
+    if bad is not None or len(set(all_keys)) != len(all_keys):
+        raise UserError(f"{cfg.prepared}: sample key {bad!r} is reserved or keys repeat across splits")
+
+    fp = vmeta["fingerprint"]
+    f = model.cfg.downsample
+    grid = [manifest["resolution"] // f, manifest["resolution"] // f]
+    code = dtype_code(model.cfg.n_codes)
+    identity = {"format": FORMAT, "fingerprint": fp, "dataset_fingerprint": manifest["fingerprint"],
+                "hflip": p.hflip, "channels": [manifest["channels"], model.cfg.in_channels]}
+    work = cfg.out.parent / f".{cfg.out.name}.partial"
+    if dist.main:
+        start_work(work, identity)
+    dist.barrier()
+    done: set[bytes] = set()
+    for part in sorted((work / "parts").glob("part-*.lmdb")):
+        done |= read_keys(part)
+    dist.barrier()  # every rank has read the parts before any rank writes to its own
+    lo, hi = len(items) * dist.rank // dist.world, len(items) * (dist.rank + 1) // dist.world
+    pending = [items[j] for j in range(lo, hi) if keys[items[j][0]][items[j][1]] not in done]
+    method = resolve_search(p.search, device)
+    if dist.main:
+        log.info("%s: %d images, %d to encode (%s search on %s, %d rank(s))", cfg.name, len(items),
+                 len(pending), method, device.type, dist.world)
+    encoded, seconds = encode_pending(model, CodeSearch(model, method, device), splits, keys, pending,
+                                      work / "parts" / f"part-{dist.rank:05d}.lmdb", p, device, dist.main)
+    encoded, = _sum_over_ranks([encoded], dist.world)
+    seconds, = _sum_over_ranks([seconds], dist.world, op="max")
+    dist.barrier()
+    if dist.world > 1:
+        import torch.distributed as tdist
+        tdist.destroy_process_group()
+    if not dist.main:
+        return
+
+    meta = {"format": FORMAT, "record_version": RECORD_VERSION, "fingerprint": fp, "dataset": cfg.name,
+            "dataset_fingerprint": manifest["fingerprint"], "vqgan": str(cfg.vqgan),
+            "vqgan_dataset": vmeta.get("dataset"), "n_codes": model.cfg.n_codes, "grid": grid,
+            "dtype": DTYPE_NAMES[code], "dtype_code": code, "resolution": manifest["resolution"],
+            "channels": model.cfg.in_channels, "source_channels": manifest["channels"], "splits": split_names,
+            "counts": {s: len(d) for s, d in zip(split_names, splits)}, "hflip": p.hflip,
+            "hflip_suffix": HFLIP_SUFFIX, "count": len(items) * (2 if p.hflip else 1), "shard_size": p.shard_size}
+    order = dict(zip(split_names, keys))
+    t_merge = time.monotonic()
+    counts = assemble(work, meta, order, p.shard_size)
+    t_check = time.monotonic()
+    out = work / "out"
+    roundtrip = roundtrip_check(model, out / LMDB_NAME, splits, items, p.roundtrip_images, p.batch_size, device,
+                                p.hflip)
+    if roundtrip["exact"] is False:
+        raise RuntimeError(f"round-trip check failed for {cfg.name}: {roundtrip}; the store was not published")
+    records = meta["count"]
+    shard_bytes = sum(t.stat().st_size for t in (out / SHARDS_DIR).glob("*.tar"))
+    metrics = {
+        "dataset": cfg.name, "images": len(items), "records": records, "per_split": meta["counts"],
+        "grid": grid, "dtype": meta["dtype"], "n_codes": model.cfg.n_codes, "hflip": p.hflip,
+        "fingerprint": fp, "search": method, "device": device.type, "ranks": dist.world,
+        "encoded_this_run": int(encoded), "resumed_records": len(items) - int(encoded),
+        "images_per_s": round(encoded / seconds, 1) if encoded and seconds > 0 else None,
+        "bytes_per_image": {"lmdb": round((out / LMDB_NAME).stat().st_size / records, 1),
+                            "shards": round(shard_bytes / records, 1),
+                            "grid": grid[0] * grid[1] * DTYPE_CODES[code].itemsize},
+        "roundtrip": roundtrip, "code_usage": usage_summary(counts),
+        # where this run's time went: setup (model, shard index), encode loop, merge + shards, round-trip check
+        "seconds": {"setup": round(t_merge - t_start - seconds, 2), "encode": round(seconds, 2),
+                    "merge_and_shards": round(t_check - t_merge, 2),
+                    "roundtrip_check": round(time.monotonic() - t_check, 2)},
+    }
+    if cfg.plot is not None:
+        plot_usage(cfg.plot, counts, cfg.name)
+    if cfg.metrics is not None:
+        write_json(cfg.metrics, metrics)
+    replace_dir(out, cfg.out)
+    shutil.rmtree(work)
+    log.info("tokenized %s: %d records, grid %dx%d %s, %s images/s, code usage %.1f%%, round-trip %s -> %s",
+             cfg.name, records, grid[0], grid[1], meta["dtype"], metrics["images_per_s"],
+             100 * metrics["code_usage"]["usage_fraction"], "exact" if roundtrip["exact"] else "skipped", cfg.out)
+
+
+def tokenize_source(source: str | Path, vqgan: str | Path, out: str | Path, p: TokenizeParams, *,
+                    resolution: int | None = None, resize: str = "pad", background: int = 0,
+                    split: str = "random", metrics: str | Path | None = None) -> Path:
+    """Tokenize a prepared dataset folder (with manifest.json), an image folder or WebDataset tar(s) of images
+    with the VQGAN in `vqgan`, into the store folder `out`. Raw images are first prepared (stages.prepare) at
+    the VQGAN's resolution and channels into a work folder beside `out`, removed when done."""
+    from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
+    from stages.prepare import run as prepare_run
+
+    source, out, vqgan = Path(source), Path(out), Path(vqgan)
+    if not source.exists():
+        raise UserError(f"{source} does not exist")
+    name = out.name
+    staging = None
+    if (source / "manifest.json").is_file():
+        prepared = source
+    else:
+        vmeta = read_json(vqgan / "config.json") if (vqgan / "config.json").is_file() else None
+        if vmeta is None:
+            raise UserError(f"{vqgan / 'config.json'}: not found (give a VQGAN folder from train_vqgan)")
+        resolution = resolution or vmeta.get("resolution")
+        if resolution is None:
+            raise UserError(f"{vqgan}: config.json has no training resolution; pass --resolution")
+        kind = "webdataset" if source.suffix == ".tar" or any(source.glob("*.tar")) else "folder"
+        staging = out.parent / f".{name}.prepared"
+        spec = from_dict(DatasetSpec, {"source": kind, "path": str(source), "resolution": resolution,
+                                       "channels": vmeta["model"]["in_channels"], "resize": resize,
+                                       "background": background, "split": split}, f"tokenize {source}", "command line")
+        prepare_run(PrepareConfig(name, spec, PrepareParams(out_dir=str(staging))))
+        prepared = staging / name
+    run(TokenizeConfig(name, prepared, vqgan, out, Path(metrics) if metrics else None, None, p))
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", required=True, help="name of an entry under `datasets:` in params.yaml")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    setup_logging()
+    run(load_config(args.params, args.dataset))
+
+
+if __name__ == "__main__":
+    main_guard(main)

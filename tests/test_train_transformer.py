@@ -1,0 +1,136 @@
+"""train_transformer (kind ar) and the sample stage on a tiny token store."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_idx_dataset
+from models.vqgan import VQGAN, VQGANConfig
+from pipeline import checkpoint as ckpt
+from pipeline.errors import UserError
+from pipeline.shards import iter_tar_samples
+from pipeline.images import decode_png
+from pipeline.vqgan_io import save_vqgan
+from stages import sample as sample_stage
+from stages import train_transformer as tt
+from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
+from stages.prepare import run as prepare
+from stages.tokenize import TokenizeConfig, TokenizeParams
+from stages.tokenize import run as tokenize
+
+
+def tiny_vqgan(seed: int) -> VQGAN:
+    torch.manual_seed(seed)
+    return VQGAN(VQGANConfig(in_channels=1, ch=8, ch_mult=(1, 2, 2), z_channels=8, n_codes=16, code_dim=4,
+                             dead_code_steps=0)).eval()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ar")
+    src = make_idx_dataset(base / "idx", n_train=40, n_val=12, seed=5)
+    prepare(PrepareConfig("a", DatasetSpec(source="idx", path=str(src), resolution=16, channels=1,
+                                           class_names=[str(i) for i in range(10)]),
+                          PrepareParams(out_dir=str(base / "prepared"), shard_size=25)))
+    save_vqgan(base / "vqgan", tiny_vqgan(0), {"resolution": 16, "dataset": "a"})
+    tokenize(TokenizeConfig("a", base / "prepared" / "a", base / "vqgan", base / "tokens" / "a",
+                            base / "tok_metrics.json", None,
+                            TokenizeParams(batch_size=8, shard_size=10, num_workers=0, roundtrip_images=8)))
+    save_vqgan(base / "other_vqgan", tiny_vqgan(1), {"resolution": 16, "dataset": "a"})
+    return base
+
+
+def ar_cfg(base, out, **kw) -> tt.TrainTransformerParams:
+    cfg = tt.TrainTransformerParams(
+        dataset="a", tokens_dir=str(base / "tokens"), prepared_dir=str(base / "prepared"),
+        vqgan_dir=str(base / "vqgan"), out_dir=str(out / "gpt"), ckpt_dir=str(out / "ckpt"),
+        metrics=str(out / "metrics.json"), plots=str(out / "log.tsv"), steps=6, batch_size=8, ckpt_every=3,
+        log_every=2, eval_every=3, val_batches=2, device="cpu",
+        ar=tt.ARParams(n_layer=1, n_head=2, n_embd=16, class_dropout=0.2),
+        optim=tt.OptimParams(lr=3e-3, warmup_steps=2))
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(world, tmp_path, monkeypatch):
+    tt.run(ar_cfg(world, tmp_path / "a"))
+    reference = load_file(str(tmp_path / "a" / "gpt" / "model.safetensors"))
+    real_save = ckpt.save
+
+    def save_then_die(ckpt_dir, state, step, keep=2):
+        real_save(ckpt_dir, state, step, keep)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        tt.run(ar_cfg(world, tmp_path / "b"))
+    monkeypatch.setattr(ckpt, "save", real_save)
+    tt.run(ar_cfg(world, tmp_path / "b"))
+    resumed = load_file(str(tmp_path / "b" / "gpt" / "model.safetensors"))
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)  # label dropout used the restored RNG
+
+
+def test_metrics_and_outputs(world, tmp_path):
+    tt.run(ar_cfg(world, tmp_path))
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["kind"] == "ar" and m["attention_backend"] == "sdpa"
+    assert m["val_bits_per_token"] > 0 and 0 < m["unigram_bits_per_token"] <= 4.0  # 16 codes: <= 4 bits
+    assert m["mfu"] is None  # no peak figure for a CPU
+    cfg = json.loads((tmp_path / "gpt" / "config.json").read_text())
+    assert cfg["model"]["n_classes"] == 10 and cfg["model"]["vocab_size"] == 16
+
+
+def test_foreign_codebook_is_refused_by_training(world, tmp_path):
+    with pytest.raises(UserError, match="codebook mismatch"):
+        tt.run(ar_cfg(world, tmp_path, vqgan_dir=str(world / "other_vqgan")))
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    tt.run(ar_cfg(world, out))
+    return out / "gpt"
+
+
+def sample_cfg(world, model_dir, out, **kw):
+    return sample_stage.SampleParams(model_dir=str(model_dir), vqgan_dir=str(world / "vqgan"),
+                                     out_dir=str(out / "samples"), metrics=str(out / "sample.json"), n=13,
+                                     batch_size=5, shard_size=6, cfg_scale=2.0, device="cpu", **kw)
+
+
+def test_sample_writes_the_samples_contract(world, trained, tmp_path):
+    sample_stage.run(sample_cfg(world, trained, tmp_path))
+    out = tmp_path / "samples"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["count"] == 13 and m["grid"] == [4, 4] and m["token_dtype"] == "uint16" and m["conditional"]
+    assert m["shards"] == ["samples-000000.tar", "samples-000001.tar", "samples-000002.tar"]
+    seen = []
+    for shard in m["shards"]:
+        for key, files, problems in iter_tar_samples(out / shard):
+            assert not problems
+            tok = np.frombuffer(files["tok"], "<u2")
+            assert tok.shape == (16,) and tok.max() < 16
+            assert decode_png(files["png"]).shape == (16, 16, 1)
+            seen.append((key, int(files["cls"])))
+    assert [k for k, _ in seen] == [f"s{i:07d}" for i in range(13)]
+    assert [c for _, c in seen] == [i % 10 for i in range(13)]  # classes in equal shares
+    assert (out / "grid.png").exists()
+    assert json.loads((tmp_path / "sample.json").read_text())["images"] == 13
+
+
+def test_sampling_is_reproducible_and_seeded(world, trained, tmp_path):
+    sample_stage.run(sample_cfg(world, trained, tmp_path / "a"))
+    sample_stage.run(sample_cfg(world, trained, tmp_path / "b"))
+    sample_stage.run(sample_cfg(world, trained, tmp_path / "c", seed=1))
+    read = lambda d: (d / "samples" / "samples-000000.tar").read_bytes()  # noqa: E731
+    assert read(tmp_path / "a") == read(tmp_path / "b")
+    assert read(tmp_path / "a") != read(tmp_path / "c")
+
+
+def test_sample_refuses_a_foreign_codebook(world, trained, tmp_path):
+    cfg = dataclasses.replace(sample_cfg(world, trained, tmp_path), vqgan_dir=str(world / "other_vqgan"))
+    with pytest.raises(UserError, match=r"codebook mismatch: tokens in .* have fingerprint [0-9a-f]{16}, the VQGAN"):
+        sample_stage.run(cfg)
+    assert not (tmp_path / "samples").exists()
