@@ -22,7 +22,7 @@ from pipeline.config import from_dict, load_params, set_params_file
 from pipeline.errors import UserError, main_guard
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_MODULES = ("prepare", "train_vqgan", "tokenize", "fid_ref", "eval_vqgan", "train_transformer", "sample")  # stages/<name>.py, in pipeline order
+STAGE_MODULES = ("prepare", "train_vqgan", "tokenize", "fid_ref", "eval_vqgan", "train_transformer", "sample", "evaluate")  # stages/<name>.py, in pipeline order
 DEFAULT_PORT = 4200
 
 
