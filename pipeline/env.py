@@ -9,6 +9,10 @@ DEFAULTS = {
     # Offline machines: telemetry calls only time out, and nobody asked for them.
     "DVC_NO_ANALYTICS": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # OpenMP threads that spin while waiting collapse throughput (seen: 50x slower steps) whenever another
+    # process shares the cores; passive waiting costs little on an idle machine. Read when torch loads, so
+    # this module must be imported before torch (stages/__init__.py and pipeline/__init__.py do).
+    "OMP_WAIT_POLICY": "PASSIVE",
     # Keep Prefect's own logs readable and quiet on stdout.
     "PREFECT_LOGGING_LEVEL": "INFO",
 }
