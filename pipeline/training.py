@@ -14,17 +14,15 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from pipeline.errors import NonFiniteLoss  # noqa: F401  (raised here; stages import it from this module)
+
 log = logging.getLogger("tokenmill.training")
-
-
-class NonFiniteLoss(RuntimeError):
-    """A loss became NaN/Inf. The run stops; the last good checkpoint is kept."""
 
 
 def config_hash(cfg: Any) -> str:
@@ -151,10 +149,17 @@ class EMA:
         self.shadow.load_state_dict(sd)
 
 
-def check_finite(step: int, **losses: torch.Tensor | float) -> None:
-    bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v.detach() if torch.is_tensor(v) else v))}
+def check_finite(step: int, ckpt_dir: str | os.PathLike | None = None, **losses: torch.Tensor | float) -> None:
+    """Raise NonFiniteLoss naming the step, the bad losses and the last good checkpoint in `ckpt_dir`."""
+    values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
-        raise NonFiniteLoss(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v}" for k, v in bad.items()))
+        from pathlib import Path
+
+        from pipeline.checkpoint import step_files
+        last = step_files(Path(ckpt_dir)) if ckpt_dir is not None else []
+        raise NonFiniteLoss(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v}" for k, v in bad.items())
+                            + f"; last good checkpoint: {last[0] if last else 'none'}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -19,6 +19,16 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import UserError
 
 
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [B, C, H, W] -> float in [-1, 1], the VQGAN's input convention."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """VQGAN output in [-1, 1] -> uint8 pixels (clamped, rounded)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def model_config_dict(cfg: VQGANConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d["ch_mult"] = list(d["ch_mult"])

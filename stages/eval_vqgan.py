@@ -11,7 +11,6 @@ reconstructions furthest from their original in feature space), feature_distance
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,16 +21,14 @@ import numpy as np
 import torch
 
 from pipeline.atomic import write_json
-from pipeline.config import from_dict, load_params, param
-from pipeline.errors import UserError, main_guard, setup_logging
+from pipeline.config import from_dict, param
+from pipeline.errors import UserError, run_stage_cli
 from pipeline.fid import Protocol, compute_metrics
 from pipeline.prepared import PreparedImages, read_manifest
-from pipeline.report import (markdown_table, metric_rows, new_figure, protocol_lines, save_figure,
-                             write_text)
-from pipeline.vqgan_io import load_vqgan
+from pipeline.report import (markdown_table, metric_rows, new_figure, protocol_lines, save_figure, save_rows_grid, write_text)
+from pipeline.vqgan_io import load_vqgan, to_model_range, to_uint8
 from stages.fid_ref import (NetworkParams, Reference, ResizeMode, check_reference, features_of, image_batches,
                             load_network, load_reference)
-from stages.train_vqgan import save_grid, to_float
 
 log = logging.getLogger("tokenmill.eval_vqgan")
 SECTIONS = ("eval_vqgan",)
@@ -65,8 +62,8 @@ def check(params: dict, source: str) -> EvalVQGANParams:
 @torch.no_grad()
 def reconstruct(model: torch.nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 [B, C, H, W] -> the VQGAN's reconstruction, uint8 on the CPU."""
-    recon, _ = model(to_float(images).to(device))
-    return ((recon.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    recon, _ = model(to_model_range(images).to(device))
+    return to_uint8(recon).cpu()
 
 
 def run(cfg: EvalVQGANParams) -> None:
@@ -135,7 +132,7 @@ def write_report(cfg: EvalVQGANParams, ref: Reference, vqgan_meta: dict, metrics
     worst = np.argsort(-distance)[:N_WORST].tolist()
     for name, positions in (("grid.png", pick), ("worst.png", worst)):
         originals = torch.stack([data[order[p]][0] for p in positions])
-        save_grid(out / name, originals, reconstruct(model, originals, device))
+        save_rows_grid(out / name, [originals, reconstruct(model, originals, device)], scale=3)
 
     fig, ax = new_figure(figsize=(6, 3.2))
     ax.hist(distance, bins=min(50, max(5, len(distance) // 10)), color="tab:blue")
@@ -167,14 +164,5 @@ def write_report(cfg: EvalVQGANParams, ref: Reference, vqgan_meta: dict, metrics
     write_text(out / "report.md", text)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    setup_logging()
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines only list CPU-feature probes
-    run(check(load_params(args.params), args.params))
-
-
 if __name__ == "__main__":
-    main_guard(main)
+    run_stage_cli(__doc__, run, check=check)

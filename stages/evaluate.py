@@ -17,7 +17,6 @@ grid.png (a row per class when conditional), code_frequency.png and per_class_fi
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -33,8 +32,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.atomic import write_json
-from pipeline.config import from_dict, load_params, param
-from pipeline.errors import UserError, main_guard, setup_logging
+from pipeline.config import from_dict, param
+from pipeline.errors import UserError, run_stage_cli
 from pipeline.fid import Protocol, compute_metrics, frechet_distance, stats, with_protocol
 from pipeline.prepared import read_manifest
 from pipeline.report import (code_usage, markdown_table, metric_rows, new_figure, protocol_lines, save_figure,
@@ -332,14 +331,5 @@ def write_report(cfg: EvaluateParams, sm: dict, ref: Reference, metrics: dict, s
     write_text(out / "report.md", text)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    setup_logging()
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines only list CPU-feature probes
-    run(check(load_params(args.params), args.params))
-
-
 if __name__ == "__main__":
-    main_guard(main)
+    run_stage_cli(__doc__, run, check=check)

@@ -19,7 +19,6 @@ reference" is itself a random subset.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -34,8 +33,8 @@ import torch
 
 from models.inception import NETWORK_NAME, FIDInception
 from pipeline.atomic import replace_dir, write_json
-from pipeline.config import from_dict, load_params, param
-from pipeline.errors import UserError, main_guard, setup_logging
+from pipeline.config import from_dict, param
+from pipeline.errors import UserError, run_stage_cli
 from pipeline.fid import extract_features, stats
 from pipeline.prepared import PreparedImages
 from pipeline.training import pick_device
@@ -220,13 +219,5 @@ def run(cfg: FidRefParams) -> None:
              len(order) / max(seconds, 1e-9), device)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    setup_logging()
-    run(check(load_params(args.params), args.params))
-
-
 if __name__ == "__main__":
-    main_guard(main)
+    run_stage_cli(__doc__, run, check=check)

@@ -9,7 +9,6 @@ The folder appears under its final name only when complete; re-running gives byt
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import json
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import replace_dir, write_json
 from pipeline.config import asdict, from_dict, load_params, param, section
-from pipeline.errors import UserError, main_guard, setup_logging
+from pipeline.errors import UserError, run_stage_cli
 from pipeline.images import SkipImage, conform, decode_image, encode_png
 from pipeline.shards import ShardWriter, iter_tar_samples
 
@@ -358,14 +357,5 @@ def load_config(params_path: str, name: str) -> PrepareConfig:
     return PrepareConfig(name, spec, pp)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", required=True, help="name of an entry under `datasets:` in params.yaml")
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    setup_logging()
-    run(load_config(args.params, args.dataset))
-
-
 if __name__ == "__main__":
-    main_guard(main)
+    run_stage_cli(__doc__, run, load_config=load_config)

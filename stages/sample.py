@@ -10,7 +10,6 @@ little-endian token grid), `manifest.json` (count, grid, token dtype, codebook f
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -27,13 +26,13 @@ from tqdm import tqdm
 
 from models.gpt import GPT, GPTConfig
 from pipeline.atomic import replace_dir, write_json
-from pipeline.config import from_dict, load_params, param
-from pipeline.errors import UserError, main_guard, setup_logging
+from pipeline.config import from_dict, param
+from pipeline.errors import UserError, run_stage_cli
 from pipeline.gan_training import generator_from_config, snap_to_codes
 from pipeline.images import encode_png
 from pipeline.shards import ShardWriter
 from pipeline.training import autocast, pick_device
-from pipeline.vqgan_io import check_fingerprint, load_vqgan
+from pipeline.vqgan_io import check_fingerprint, load_vqgan, to_uint8
 
 log = logging.getLogger("tokenmill.sample")
 SECTIONS = ("sample",)
@@ -126,7 +125,7 @@ def run(cfg: SampleParams) -> None:
                     tokens = model.generate(n, y, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                             cfg_scale=cfg.cfg_scale if y is not None else 1.0, generator=g)
                 images = vqgan.decode_indices(tokens.view(n, h, w)).float()
-            images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+            images = to_uint8(images).cpu()
             tokens = tokens.cpu().numpy().astype(tok_dtype)
             for i in range(n):
                 label = int(y[i]) if y is not None else -1
@@ -167,13 +166,5 @@ def save_class_grid(path: Path, rows: dict[int, list[torch.Tensor]], scale: int 
     save_rows_grid(path, [torch.stack(rows[k]) for k in sorted(rows)], scale=scale)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    setup_logging()
-    run(check(load_params(args.params), args.params))
-
-
 if __name__ == "__main__":
-    main_guard(main)
+    run_stage_cli(__doc__, run, check=check)

@@ -19,7 +19,6 @@ order, so the store has the same bytes whatever the number of ranks.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -40,13 +39,13 @@ from models.quantizer import nearest_codes
 from models.vqgan import VQGAN
 from pipeline.atomic import atomic_path, read_json, replace_dir, write_json
 from pipeline.config import from_dict, load_params, param
-from pipeline.errors import UserError, main_guard, setup_logging
+from pipeline.errors import UserError, run_stage_cli
 from pipeline.prepared import PreparedImages, read_manifest
 from pipeline.tokens import (DTYPE_CODES, DTYPE_NAMES, FLAG_HFLIP, FORMAT, HEADER_SIZE, HFLIP_SUFFIX, KEYS_PREFIX,
                              LMDB_NAME, META_KEY, RECORD_VERSION, SHARDS_DIR, LMDBWriter, TokenLMDBDataset,
                              decode_batch, dtype_code, encode_records, iter_merged, read_keys, write_token_shards)
 from pipeline.training import init_distributed, pick_device
-from pipeline.vqgan_io import load_vqgan
+from pipeline.vqgan_io import load_vqgan, to_model_range
 
 log = logging.getLogger("tokenmill.tokenize")
 SECTIONS = ("tokenize",)
@@ -113,7 +112,7 @@ def to_model_input(images: torch.Tensor, channels: int, device: torch.device) ->
         else:  # RGB -> grey with PIL's integer luma, i.e. what `prepare` makes with channels: 1
             r, g, b = x.to(torch.int32).unbind(1)
             x = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)[:, None]
-    return x.float().div_(127.5).sub_(1.0)
+    return to_model_range(x)
 
 
 def resolve_search(method: str, device: torch.device) -> str:
@@ -485,14 +484,5 @@ def tokenize_source(source: str | Path, vqgan: str | Path, out: str | Path, p: T
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", required=True, help="name of an entry under `datasets:` in params.yaml")
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    setup_logging()
-    run(load_config(args.params, args.dataset))
-
-
 if __name__ == "__main__":
-    main_guard(main)
+    run_stage_cli(__doc__, run, load_config=load_config)

@@ -11,7 +11,6 @@ TSV log for DVC plots; checkpoints in `<ckpt_dir>` (persist: re-running resumes)
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -31,12 +30,11 @@ from models.attention import active_backend
 from models.gpt import GPT, GPTConfig
 from pipeline import checkpoint as ckpt
 from pipeline.atomic import atomic_path, read_json, write_json
-from pipeline.config import from_dict, load_params, param
-from pipeline.errors import UserError, main_guard, setup_logging
+from pipeline.config import from_dict, param
+from pipeline.errors import UserError, run_stage_cli
 from pipeline.gan_training import GANParams, check_gan, train_gan
-from pipeline.tokens import TokenLMDBDataset, read_meta
-from pipeline.training import (EMA, NonFiniteLoss, StepBatches, autocast, check_finite, config_hash, cosine_lr,
-                               init_distributed, pick_device, seed_everything, unwrap)
+from pipeline.tokens import TokenLMDBDataset
+from pipeline.training import EMA, StepBatches, autocast, check_finite, config_hash, cosine_lr, init_distributed, pick_device, seed_everything, unwrap
 
 log = logging.getLogger("tokenmill.train_transformer")
 SECTIONS = ("train_transformer",)
@@ -269,7 +267,7 @@ def run(cfg: TrainTransformerParams) -> None:
             y = train.labels[chunk].to(device) if conditional else None
             with autocast(device, cfg.bf16):
                 _, loss = model(x[:, :-1], y, targets=x)
-            check_finite(step, loss=loss)
+            check_finite(step, cfg.ckpt_dir, loss=loss)
             (loss / cfg.grad_accum).backward()
             step_loss += float(loss.detach()) / cfg.grad_accum
         if o.grad_clip:
@@ -335,19 +333,5 @@ def finish(cfg: TrainTransformerParams, model: GPT, gcfg: GPTConfig, history: li
              unigram, tokens_per_s or 0)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    setup_logging()
-    cfg = check(load_params(args.params), args.params)
-    try:
-        run(cfg)
-    except NonFiniteLoss as exc:
-        last = ckpt.step_files(Path(cfg.ckpt_dir))
-        print(f"error: {exc}; last good checkpoint: {last[0] if last else 'none'}", file=sys.stderr)
-        sys.exit(NONFINITE_EXIT)
-
-
 if __name__ == "__main__":
-    main_guard(main)
+    run_stage_cli(__doc__, run, check=check)

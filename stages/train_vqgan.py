@@ -10,11 +10,9 @@ Multi-GPU/CPU: `torchrun --nproc_per_node N -m stages.train_vqgan` (NCCL on CUDA
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +21,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.discriminator import (NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss,
@@ -32,12 +29,12 @@ from models.lpips import LPIPS
 from models.vqgan import VQGAN, VQGANConfig
 from pipeline import checkpoint as ckpt
 from pipeline.atomic import atomic_path, write_json
-from pipeline.config import from_dict, load_params, param
-from pipeline.errors import UserError, main_guard, setup_logging
+from pipeline.config import from_dict, param
+from pipeline.errors import UserError, run_stage_cli
 from pipeline.prepared import PreparedImages
-from pipeline.training import (EMA, NonFiniteLoss, StepBatches, autocast, check_finite, config_hash, cosine_lr,
-                               init_distributed, pick_device, seed_everything, unwrap)
-from pipeline.vqgan_io import save_vqgan
+from pipeline.training import EMA, StepBatches, autocast, check_finite, config_hash, cosine_lr, init_distributed, pick_device, seed_everything, unwrap
+from pipeline.report import save_rows_grid
+from pipeline.vqgan_io import save_vqgan, to_model_range, to_uint8
 
 log = logging.getLogger("tokenmill.train_vqgan")
 SECTIONS = ("train_vqgan",)
@@ -120,11 +117,6 @@ def check(params: dict, source: str) -> TrainVQGANParams:
     return cfg
 
 
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> float in [-1, 1]."""
-    return x.float().div_(127.5).sub_(1.0)
-
-
 class Batches:
     """The training images for a step: from memory (small datasets) or from the shards through a loader."""
 
@@ -152,7 +144,7 @@ def kmeans_init(model: VQGAN, images: torch.Tensor, seed: int, device: torch.dev
     """Seed the codebook with k-means centroids of encoder outputs: every code starts where data is."""
     zs = []
     for chunk in images.split(256):
-        z = model.encode_latent(to_float(chunk).to(device))
+        z = model.encode_latent(to_model_range(chunk).to(device))
         zs.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float().cpu())
     model.quantizer.kmeans_init(torch.cat(zs), seed=seed)
 
@@ -165,7 +157,7 @@ def evaluate(model: VQGAN, images: torch.Tensor, lpips: LPIPS | None, device: to
     l1 = mse_psnr = lp = 0.0
     all_idx, recons = [], []
     for chunk in images.split(batch):
-        x = to_float(chunk).to(device)
+        x = to_model_range(chunk).to(device)
         recon, aux = model(x)
         recon = recon.clamp(-1, 1).float()
         l1 += (recon - x).abs().mean(dim=(1, 2, 3)).sum().item()
@@ -174,7 +166,7 @@ def evaluate(model: VQGAN, images: torch.Tensor, lpips: LPIPS | None, device: to
         if lpips is not None and min(x.shape[-2:]) >= 18:
             lp += lpips(x, recon).sum().item()
         all_idx.append(aux["indices"].cpu())
-        recons.append(((recon + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
+        recons.append(to_uint8(recon).cpu())
     n = len(images)
     usage = model.quantizer.usage_stats(torch.cat(all_idx))
     metrics = {"val_l1": l1 / n, "val_psnr": mse_psnr / n, "code_usage_pct": 100 * usage["usage_fraction"],
@@ -182,19 +174,6 @@ def evaluate(model: VQGAN, images: torch.Tensor, lpips: LPIPS | None, device: to
     if lpips is not None and min(images.shape[-2:]) >= 18:
         metrics["val_lpips"] = lp / n
     return metrics, torch.cat(recons)
-
-
-def save_grid(path: Path, originals: torch.Tensor, recons: torch.Tensor, scale: int = 3) -> None:
-    """Two rows per block: originals above their reconstructions."""
-    from PIL import Image
-    n = originals.shape[0]
-    rows = torch.cat([originals, recons])  # [2n, C, H, W]
-    C, H, W = rows.shape[1:]
-    grid = rows.view(2, n, C, H, W).permute(0, 3, 1, 4, 2).reshape(2 * H, n * W, C).numpy()
-    im = Image.fromarray(grid[:, :, 0] if C == 1 else grid, "L" if C == 1 else "RGB")
-    im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
-    with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG")
 
 
 def plot_curves(path: Path, history: list[dict]) -> None:
@@ -319,7 +298,7 @@ def run(cfg: TrainVQGANParams) -> None:
         logs = {"rec": 0.0, "lpips": 0.0, "q": 0.0, "g": 0.0, "d": 0.0, "d_weight": 0.0}
         pairs = []  # (real, fake.detach()) per micro-batch, for the discriminator pass
         for chunk in batch.split(micro):
-            x = to_float(chunk).to(device, non_blocking=True)
+            x = to_model_range(chunk).to(device, non_blocking=True)
             with autocast(device, cfg.bf16):
                 recon, aux = model(x)
                 recon = recon.float()
@@ -336,7 +315,7 @@ def run(cfg: TrainVQGANParams) -> None:
                     logs["g"] += g.item() / cfg.grad_accum
                     logs["d_weight"] += float(w) / cfg.grad_accum
                     pairs.append((x, recon.detach()))
-            check_finite(step, loss=loss)
+            check_finite(step, cfg.ckpt_dir, loss=loss)
             (loss / cfg.grad_accum).backward()
             logs["rec"] += rec.item() / cfg.grad_accum
             logs["lpips"] += float(p) / cfg.grad_accum
@@ -347,7 +326,7 @@ def run(cfg: TrainVQGANParams) -> None:
             for x, fake in pairs:
                 with autocast(device, cfg.bf16):
                     d = d_loss_fn(disc(x), disc(fake))
-                check_finite(step, disc_loss=d)
+                check_finite(step, cfg.ckpt_dir, disc_loss=d)
                 (d / cfg.grad_accum).backward()
                 logs["d"] += d.item() / cfg.grad_accum
         if o.grad_clip:
@@ -415,7 +394,7 @@ def finish(cfg: TrainVQGANParams, model: VQGAN, ema: EMA | None, lpips: LPIPS | 
     # one image per class where possible, else the first 10
     pick = [int((labels == c).nonzero()[0]) for c in labels.unique()[:10].tolist()]
     pick = pick if len(pick) >= 4 else list(range(min(10, len(images))))
-    save_grid(out / "recon_grid.png", images[pick], recons[pick])
+    save_rows_grid(out / "recon_grid.png", [images[pick], recons[pick]], scale=3)
     plot_curves(out / "curves.png", history)
     write_tsv(Path(cfg.plots), history)
     write_json(cfg.metrics, metrics)
@@ -423,19 +402,5 @@ def finish(cfg: TrainVQGANParams, model: VQGAN, ema: EMA | None, lpips: LPIPS | 
              metrics["val_psnr"], metrics["code_usage_pct"], metrics["perplexity"], metrics["dead_codes"])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
-    setup_logging()
-    cfg = check(load_params(args.params), args.params)
-    try:
-        run(cfg)
-    except NonFiniteLoss as exc:
-        last = ckpt.step_files(Path(cfg.ckpt_dir))
-        print(f"error: {exc}; last good checkpoint: {last[0] if last else 'none'}", file=sys.stderr)
-        sys.exit(NONFINITE_EXIT)
-
-
 if __name__ == "__main__":
-    main_guard(main)
+    run_stage_cli(__doc__, run, check=check)

@@ -199,7 +199,7 @@ def test_eval_vqgan_end_to_end(world, vqgan_dir, tmp_path, monkeypatch):
     assert "| rfid |" in text and "![worst](worst.png)" in text
     for name in ("grid.png", "worst.png", "feature_distance.png"):
         assert Image.open(report / name).size[0] > 0
-    assert Image.open(report / "grid.png").size == (8 * 16 * 3, 2 * 16 * 3)  # < 4 classes: the first 8, x3
+    assert Image.open(report / "grid.png").size == (3 * (2 + 8 * 18), 3 * (2 + 2 * 18))  # < 4 classes: first 8, x3
 
     # The Prefect publisher turns the same files into a table and a self-contained markdown artifact.
     created = {}

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.inception import PINNED_SHA256, FIDInception, default_network_path, sha256_file, verify_network_file
+from models.inception import PINNED_SHA256, FIDInception, default_network_path, verify_network_file
+from pipeline.atomic import sha256_file
 from pipeline.errors import UserError
 from pipeline.fid import (Protocol, compute_metrics, extract_features, frechet_distance, frechet_distance_reference,
                           kid, precision_recall, stats, to_inception_input, with_protocol)
