@@ -161,3 +161,25 @@ def test_params_errors_are_one_line(prepared):
         train_vqgan.check({"train_vqgan": {"model": {"ch_mult": [1]}}}, "params.yaml")
     with pytest.raises(Exception, match=r"train_vqgan.batch_size = 10 is not divisible by grad_accum = 4"):
         train_vqgan.check({"train_vqgan": {"batch_size": 10, "grad_accum": 4}}, "params.yaml")
+
+
+def test_two_gloo_ranks_under_torchrun(prepared, tmp_path):
+    """DDP on CPU: torchrun with 2 processes (gloo) trains, checkpoints and exports once, from rank 0."""
+    import os
+    import sys
+
+    import yaml
+
+    cfg = tiny_cfg(prepared, tmp_path)
+    raw = dataclasses.asdict(cfg)
+    raw["model"]["ch_mult"] = list(raw["model"]["ch_mult"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train_vqgan": raw}))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "stages.train_vqgan", "--params", str(tmp_path / "params.yaml")], cwd=root,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [p.name for p in ckpt.step_files(tmp_path / "ckpt")] == ["step-00000006.pt", "step-00000003.pt"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 6
+    assert (tmp_path / "vqgan" / "model.safetensors").exists()

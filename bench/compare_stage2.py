@@ -1,0 +1,123 @@
+"""Compare the stage-2 models on the same token store, with one evaluation protocol.
+
+For each GAN family: train_transformer (kind gan, FID over training every --fid-every steps) -> sample ->
+evaluate, each the real stage run with a params file written under data/compare/<name>/ (so the default
+pipeline's outputs are untouched). The AR row is read from the default pipeline's own outputs
+(data/metrics/train_transformer.json, data/metrics/evaluate.json) when they exist, or trained the same way.
+Needs the default pipeline's VQGAN, token store and FID reference (dvc repro fid_ref tokenize@fashion_mnist).
+
+  python bench/compare_stage2.py                       # lada, transgan, stransgan; 300 steps each
+  python bench/compare_stage2.py --families lada --steps 600
+Prints a markdown table (gFID on the evaluate protocol, parameters, step time) and writes
+data/compare/summary.json and data/compare/fid_over_training.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import apply_overrides, load_params  # noqa: E402
+
+
+def stage(name: str, params: Path) -> float:
+    t = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", f"stages.{name}", "--params", str(params)], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {name} failed with {params} (exit {proc.returncode})")
+    return time.monotonic() - t
+
+
+def run_model(name: str, overrides: list[str], base: dict, out: Path) -> dict:
+    d = out / name
+    d.mkdir(parents=True, exist_ok=True)
+    params = apply_overrides(base, overrides + [
+        f"train_transformer.out_dir={d}/model", f"train_transformer.ckpt_dir={d}/ckpt",
+        f"train_transformer.metrics={d}/train.json", f"train_transformer.plots={d}/train.tsv",
+        f"sample.model_dir={d}/model", f"sample.out_dir={d}/samples", f"sample.metrics={d}/sample.json",
+        f"evaluate.samples_dir={d}/samples", f"evaluate.metrics={d}/evaluate.json",
+        f"evaluate.report_dir={d}/report"])
+    path = d / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    seconds = {s: round(stage(s, path), 1) for s in ("train_transformer", "sample", "evaluate")}
+    return {"dir": str(d), "seconds": seconds}
+
+
+def row(name: str, train: dict, evaluate: dict) -> dict:
+    if train.get("kind") == "gan":
+        params = f"G {train['g_params_m']:.2f}M / D {train['d_params_m']:.2f}M"
+        step = train["step_time_s"]
+    else:  # AR: the caller derives the step time from tokens/s
+        params = f"{train['params_m']:.2f}M"
+        step = None
+    fid = evaluate["gfid"]
+    return {"model": name, "gFID": round(fid["value"], 2), "n_gen": fid["protocol"]["n_gen"],
+            "n_ref": fid["protocol"]["n_ref"], "precision": round(evaluate["gprecision"]["value"], 3),
+            "recall": round(evaluate["grecall"]["value"], 3),
+            "code_usage_pct": round(evaluate["code_usage_pct"]["value"], 1), "params": params,
+            "step_time_s": step, "steps": train["steps"],
+            "fid_over_training": [(p["step"], round(p["value"], 2)) for p in train.get("fid_curve") or []]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", nargs="+", default=["lada", "transgan", "stransgan"])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--fid-every", type=int, default=100)
+    ap.add_argument("--fid-images", type=int, default=256)
+    ap.add_argument("--out", default=str(ROOT / "data" / "compare"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    base = load_params(ROOT / "params.yaml")
+    rows = []
+    ar_train, ar_eval = ROOT / base["train_transformer"]["metrics"], ROOT / base["evaluate"]["metrics"]
+    if ar_train.is_file() and ar_eval.is_file():
+        train = json.loads(ar_train.read_text())
+        r = row("ar (default pipeline)", train, json.loads(ar_eval.read_text()))
+        r["step_time_s"] = round(base["train_transformer"]["batch_size"] * 64 / train["tokens_per_s_last_run"], 3) \
+            if train.get("tokens_per_s_last_run") else None
+        rows.append(r)
+    for family in args.families:
+        res = run_model(family, ["train_transformer.kind=gan", f"train_transformer.gan.family={family}",
+                                 f"train_transformer.steps={args.steps}",
+                                 f"train_transformer.gan.fid_every={args.fid_every}",
+                                 f"train_transformer.gan.fid_images={args.fid_images}"], base, out)
+        d = Path(res["dir"])
+        rows.append(row(family, json.loads((d / "train.json").read_text()),
+                        json.loads((d / "evaluate.json").read_text())) | {"stage_seconds": res["seconds"]})
+    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot(out / "fid_over_training.png", rows)
+    cols = ["model", "gFID", "n_gen", "n_ref", "precision", "recall", "code_usage_pct", "params", "steps",
+            "step_time_s", "fid_over_training"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+
+
+def plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for r in rows:
+        if r["fid_over_training"]:
+            ax.plot(*zip(*r["fid_over_training"]), "o-", label=r["model"])
+    ax.set_xlabel("step"), ax.set_ylabel("FID (EMA G, fid_images samples)"), ax.legend()
+    ax.set_title("GAN families: FID over training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    main()
