@@ -8,6 +8,7 @@ Needs the default pipeline's VQGAN, token store and FID reference (dvc repro fid
 
   python bench/compare_stage2.py                       # lada, transgan, stransgan; 300 steps each
   python bench/compare_stage2.py --families lada --steps 600
+  python bench/compare_stage2.py --reuse                # only the table, from earlier runs
 Prints a markdown table (gFID on the evaluate protocol, parameters, step time) and writes
 data/compare/summary.json and data/compare/fid_over_training.png.
 """
@@ -76,6 +77,7 @@ def main() -> None:
     ap.add_argument("--fid-every", type=int, default=100)
     ap.add_argument("--fid-images", type=int, default=256)
     ap.add_argument("--out", default=str(ROOT / "data" / "compare"))
+    ap.add_argument("--reuse", action="store_true", help="keep families already evaluated under --out")
     args = ap.parse_args()
     out = Path(args.out)
     base = load_params(ROOT / "params.yaml")
@@ -88,6 +90,11 @@ def main() -> None:
             if train.get("tokens_per_s_last_run") else None
         rows.append(r)
     for family in args.families:
+        d = out / family
+        if args.reuse and (d / "evaluate.json").is_file():
+            rows.append(row(family, json.loads((d / "train.json").read_text()),
+                            json.loads((d / "evaluate.json").read_text())))
+            continue
         res = run_model(family, ["train_transformer.kind=gan", f"train_transformer.gan.family={family}",
                                  f"train_transformer.steps={args.steps}",
                                  f"train_transformer.gan.fid_every={args.fid_every}",
