@@ -76,25 +76,49 @@ def publish_tokenize(item: str, root: Path) -> None:
                              key=artifact_key("tokenize", item, "code-usage"), description=f"tokenize {item}: code usage")
 
 
-def publish_train_vqgan(item: str, root: Path) -> None:
-    """train_vqgan: its metrics as a table; reconstructions and curves inlined in a markdown artifact."""
+def publish_metrics(stage: str, metrics: dict[str, Any], folder: Path, headline: str,
+                    images: list[tuple[str, str]]) -> None:
+    """A stage's scalar metrics as a table, and a markdown report with its PNGs (files in `folder`) inlined."""
     from pipeline.report import embed_images
 
+    rows = [{"metric": k, "value": v} for k, v in sorted(metrics.items()) if isinstance(v, (int, float, str))]
+    create_table_artifact(rows, key=artifact_key(stage, "metrics"), description=f"{stage}: metrics")
+    body = "\n\n".join(f"{caption}:\n\n![{caption}]({name})" for name, caption in images)
+    create_markdown_artifact(embed_images(f"### {stage}\n\n{headline}\n\n{body}\n", folder),
+                             key=artifact_key(stage, "report"), description=f"{stage}: report")
+
+
+def publish_train_vqgan(item: str, root: Path) -> None:
     p = load_params(root / "params.yaml")["train_vqgan"]
     m = read_json(root / p["metrics"])
-    create_table_artifact([{"metric": k, "value": v} for k, v in sorted(m.items()) if isinstance(v, (int, float, str))],
-                          key="train-vqgan-metrics", description="train_vqgan: validation metrics of the exported VQGAN")
-    create_markdown_artifact(embed_images(
-        f"### train_vqgan\n\nval PSNR {m['val_psnr']:.2f} dB, L1 {m['val_l1']:.4f}, code usage "
-        f"{m['code_usage_pct']:.1f}% (perplexity {m['perplexity']:.0f}), fingerprint `{m['fingerprint'][:16]}`\n\n"
-        "val images (top) and their reconstructions (bottom):\n\n![reconstructions](recon_grid.png)\n\n"
-        "![training curves](curves.png)\n", root / p["out_dir"]),
-        key="train-vqgan-report", description="train_vqgan: reconstructions and curves")
+    publish_metrics("train_vqgan", m, root / p["out_dir"],
+                    f"val PSNR {m['val_psnr']:.2f} dB, L1 {m['val_l1']:.4f}, code usage {m['code_usage_pct']:.1f}% "
+                    f"(perplexity {m['perplexity']:.0f}), fingerprint `{m['fingerprint'][:16]}`",
+                    [("recon_grid.png", "val images (top) and their reconstructions (bottom)"),
+                     ("curves.png", "training curves")])
+
+
+def publish_train_transformer(item: str, root: Path) -> None:
+    p = load_params(root / "params.yaml")["train_transformer"]
+    m = read_json(root / p["metrics"])
+    headline = (f"val {m['val_bits_per_token']:.3f} bits/token (unigram entropy {m['unigram_bits_per_token']:.3f}), "
+                f"{m['params_m']}M params, attention backend {m['attention_backend']}") if m["kind"] == "ar" else \
+        f"{m['family']}: D loss {m['d_loss']}, G loss {m['g_loss']}, D acc real/fake {m['d_acc_real']}/{m['d_acc_fake']}"
+    publish_metrics("train_transformer", m, root / p["out_dir"], headline, [("curves.png", "training curves")])
+
+
+def publish_sample(item: str, root: Path) -> None:
+    p = load_params(root / "params.yaml")["sample"]
+    m = read_json(root / p["metrics"])
+    publish_metrics("sample", m, root / p["out_dir"], f"{m['images']} images at {m['images_per_s']} images/s",
+                    [("grid.png", "samples (a row per class when conditional)")])
 
 
 PUBLISHERS: dict[str, Callable[[str, Path], None]] = {
     "prepare": publish_prepare,
     "train_vqgan": publish_train_vqgan,
+    "train_transformer": publish_train_transformer,
+    "sample": publish_sample,
     "tokenize": publish_tokenize,
     "eval_vqgan": lambda item, root: publish_evaluation("eval_vqgan", root),
     "evaluate": lambda item, root: publish_evaluation("evaluate", root),
