@@ -10,7 +10,7 @@ Read top to bottom:
   2. build          `build_generator(cfg)` / `build_discriminator(cfg)`: a plain if/elif on cfg.family
   3. layers         token <-> grid reshapes, pixel shuffle on tokens, the attention factory (`attention_kind`),
                     a pre-norm transformer block, the noise+class input, the projection-discriminator term
-  4. EMA            exponential moving average of the generator weights
+  4. (the generator EMA lives in pipeline/training.py: one EMA for every training stage)
   5. DiffAugment    translation (zero padding) and cutout of latent grids, deterministic given a torch.Generator
   6. losses         non-saturating logistic and hinge (the VQGAN's own implementations), R1
 """
@@ -282,40 +282,6 @@ class ClassProjection(nn.Module):
 # -----------------------------------------------------------------------------------------------------------------
 # 4. EMA of the generator weights (sampling uses the averaged generator: smoother than the last iterate)
 
-class EMA:
-    """shadow <- decay * shadow + (1 - decay) * param after each optimiser step; buffers are copied as they are.
-
-    The shadow is a plain {name: tensor} dict (the model's state_dict layout), so checkpoints stay tensors-only."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-        self.model, self.decay = model, decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self._params = {name for name, _ in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for name, value in self.model.state_dict().items():
-            if name in self._params and value.is_floating_point():
-                self.shadow[name].lerp_(value.detach(), 1.0 - self.decay)  # s + (1 - decay) (p - s)
-            else:
-                self.shadow[name].copy_(value)
-
-    @torch.no_grad()
-    def copy_to(self, target: nn.Module) -> None:
-        """Load the averaged weights into `target` (a generator of the same architecture)."""
-        target.load_state_dict(self.shadow)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": {k: v.clone() for k, v in self.shadow.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = float(state["decay"])
-        for k, v in state["shadow"].items():
-            self.shadow[k].copy_(v)
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # 5. DiffAugment (Zhao et al., 2020) for latent grids. The same random transform family is applied to real and fake
 # grids right before D (and differentiably, so G gets gradients through it). Colour jitter is left out: latent
@@ -396,7 +362,7 @@ def r1_penalty(logits_real: Tensor, x_real: Tensor, gamma: float) -> Tensor:
 __all__ = [
     "FAMILIES", "ATTENTION_KINDS", "LOSSES", "AUGMENTS", "GANConfig", "LadaConfig", "TransGANConfig",
     "STransGANConfig", "gan_config", "build_generator", "build_discriminator", "grid_to_tokens", "tokens_to_grid",
-    "pixel_shuffle_tokens", "make_attention", "mlp", "TransformerBlock", "NoiseAndClass", "ClassProjection", "EMA",
+    "pixel_shuffle_tokens", "make_attention", "mlp", "TransformerBlock", "NoiseAndClass", "ClassProjection",
     "diff_augment", "d_loss", "g_loss", "r1_penalty", "hinge_d_loss", "hinge_g_loss", "nonsaturating_d_loss",
     "nonsaturating_g_loss",
 ]

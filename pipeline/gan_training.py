@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.gan_common import (EMA, GANConfig, build_discriminator, build_generator, d_loss, diff_augment, g_loss,
+from models.gan_common import (GANConfig, build_discriminator, build_generator, d_loss, diff_augment, g_loss,
                                gan_config, r1_penalty)
 from models.gan_transgan import sr_loss
 from models.quantizer import nearest_codes
@@ -59,7 +59,7 @@ from pipeline.config import from_dict, param
 from pipeline.errors import UserError
 from pipeline.fid import Protocol, extract_features, frechet_distance, stats
 from pipeline.prepared import read_manifest
-from pipeline.training import Dist, StepBatches, autocast, check_finite, config_hash, seed_everything
+from pipeline.training import EMA, Dist, StepBatches, autocast, check_finite, config_hash, seed_everything
 from pipeline.vqgan_io import load_vqgan, to_uint8
 from stages.fid_ref import NetworkParams, check_reference, load_network, load_reference
 

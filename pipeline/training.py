@@ -129,24 +129,43 @@ def cosine_lr(step: int, lr: float, warmup: int, total: int, min_ratio: float) -
 
 
 class EMA:
-    """Exponential moving average of a model's weights (buffers are copied): the weights we export."""
+    """shadow <- decay * shadow + (1 - decay) * param after each optimiser step; buffers are copied as they are.
+
+    The shadow is a plain {name: tensor} dict (the model's state_dict layout), so checkpoints stay tensors-only."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.model, self.decay = model, decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self._params = {name for name, _ in model.named_parameters()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for s, p in zip(self.shadow.parameters(), model.parameters()):
-            s.lerp_(p.detach(), 1.0 - self.decay)
-        for s, b in zip(self.shadow.buffers(), model.buffers()):
-            s.copy_(b)
+    def update(self) -> None:
+        for name, value in self.model.state_dict().items():
+            if name in self._params and value.is_floating_point():
+                self.shadow[name].lerp_(value.detach(), 1.0 - self.decay)  # s + (1 - decay) (p - s)
+            else:
+                self.shadow[name].copy_(value)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow.state_dict()
+    @torch.no_grad()
+    def copy_to(self, target: nn.Module) -> None:
+        """Load the averaged weights into `target` (a generator of the same architecture)."""
+        target.load_state_dict(self.shadow)
 
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        self.shadow.load_state_dict(sd)
+    def averaged(self) -> nn.Module:
+        """A copy of the model holding the averaged weights, in eval mode (for evaluation and export)."""
+        target = copy.deepcopy(self.model).eval()
+        self.copy_to(target)
+        return target
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": {k: v.clone() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = float(state["decay"])
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
 
 
 def check_finite(step: int, ckpt_dir: str | os.PathLike | None = None, **losses: torch.Tensor | float) -> None:

@@ -274,7 +274,7 @@ def run(cfg: TrainTransformerParams) -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
         if ema is not None:
-            ema.update(core)
+            ema.update()
         done_tokens += tokens_per_step
         window.append(step_loss)
         done = step + 1
@@ -284,7 +284,7 @@ def run(cfg: TrainTransformerParams) -> None:
             row = {"step": done, "train_loss": sum(window) / len(window), "lr": lr, "tokens_per_s": rate}
             window = []
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            vl = val_loss(ema.shadow if ema else core, val, micro, cfg.val_batches, device, conditional, cfg.bf16)
+            vl = val_loss(ema.averaged() if ema else core, val, micro, cfg.val_batches, device, conditional, cfg.bf16)
             row = row or {"step": done, "train_loss": step_loss, "lr": lr, "tokens_per_s": None}
             row.update(val_loss=vl, val_bits_per_token=vl / math.log(2))
         if row is not None:
@@ -296,7 +296,7 @@ def run(cfg: TrainTransformerParams) -> None:
     bar.close()
     seconds = time.monotonic() - t0
     if dist.main:
-        finish(cfg, ema.shadow if ema else core, gcfg, history, meta, fingerprint, unigram, backend,
+        finish(cfg, ema.averaged() if ema else core, gcfg, history, meta, fingerprint, unigram, backend,
                tokens_per_s=done_tokens / seconds if done_tokens else None, device=device, class_names=class_names)
 
 

@@ -335,7 +335,7 @@ def run(cfg: TrainVQGANParams) -> None:
         if gan_on:
             opt_d.step()
         if ema is not None:
-            ema.update(core)
+            ema.update()
         img_count += cfg.batch_size
         for k, v in logs.items():
             window[k] = window.get(k, 0.0) + v
@@ -370,7 +370,7 @@ def run(cfg: TrainVQGANParams) -> None:
 def finish(cfg: TrainVQGANParams, model: VQGAN, ema: EMA | None, lpips: LPIPS | None, device: torch.device,
            history: list[dict], manifest: dict, run_id: str, images_per_s: float | None) -> None:
     """Final metrics on the val split, exported weights, plots and the reconstruction grid."""
-    final = ema.shadow if ema is not None else model
+    final = ema.averaged() if ema is not None else model
     val = PreparedImages(Path(cfg.prepared_dir) / cfg.dataset, "val")
     images, labels = val.load_all()
     if cfg.val_images is not None:

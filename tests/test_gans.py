@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from models.attention import GridAttention, LadaAttention, MultiHeadAttention, WindowAttention, YLGAttention
-from models.gan_common import (EMA, FAMILIES, LadaConfig, STransGANConfig, TransGANConfig, build_discriminator,
+from models.gan_common import (FAMILIES, LadaConfig, STransGANConfig, TransGANConfig, build_discriminator,
                                build_generator, d_loss, diff_augment, g_loss, gan_config, r1_penalty)
+from pipeline.training import EMA
 from models.gan_lada import LadaDiscriminator, LadaGenerator, LadaGeneratorBlock, SelfModulatedLayerNorm
 from models.gan_stransgan import (EqualConv2d, EqualLinear, SkipProjectionBlock, STransDiscriminator,
                                   STransGenerator, TrunkAdaNormBlock)

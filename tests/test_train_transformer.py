@@ -54,8 +54,9 @@ def ar_cfg(base, out, **kw) -> tt.TrainTransformerParams:
     return dataclasses.replace(cfg, **kw)
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(world, tmp_path, monkeypatch):
-    tt.run(ar_cfg(world, tmp_path / "a"))
+@pytest.mark.parametrize("ema", [None, 0.5])
+def test_interrupted_and_resumed_equals_uninterrupted(world, tmp_path, monkeypatch, ema):
+    tt.run(ar_cfg(world, tmp_path / "a", ema=ema))
     reference = load_file(str(tmp_path / "a" / "gpt" / "model.safetensors"))
     real_save = ckpt.save
 
@@ -65,9 +66,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(world, tmp_path, monkeypat
 
     monkeypatch.setattr(ckpt, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        tt.run(ar_cfg(world, tmp_path / "b"))
+        tt.run(ar_cfg(world, tmp_path / "b", ema=ema))
     monkeypatch.setattr(ckpt, "save", real_save)
-    tt.run(ar_cfg(world, tmp_path / "b"))
+    tt.run(ar_cfg(world, tmp_path / "b", ema=ema))
     resumed = load_file(str(tmp_path / "b" / "gpt" / "model.safetensors"))
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)  # label dropout used the restored RNG
 
