@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.atomic import write_json
-from pipeline.config import from_dict, param
+from pipeline.config import param, section
 from pipeline.errors import UserError, run_stage_cli
 from pipeline.fid import Protocol, compute_metrics
 from pipeline.prepared import PreparedImages, read_manifest
@@ -54,9 +54,7 @@ class EvalVQGANParams:
 
 
 def check(params: dict, source: str) -> EvalVQGANParams:
-    if "eval_vqgan" not in params:
-        raise UserError(f"{source}: missing section 'eval_vqgan'")
-    return from_dict(EvalVQGANParams, params["eval_vqgan"], "eval_vqgan", source)
+    return section(params, "eval_vqgan", EvalVQGANParams, source)
 
 
 @torch.no_grad()

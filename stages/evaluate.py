@@ -32,7 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.atomic import write_json
-from pipeline.config import from_dict, param
+from pipeline.config import param, section
 from pipeline.errors import UserError, run_stage_cli
 from pipeline.fid import Protocol, compute_metrics, frechet_distance, stats, with_protocol
 from pipeline.prepared import read_manifest
@@ -71,9 +71,7 @@ class EvaluateParams:
 
 
 def check(params: dict, source: str) -> EvaluateParams:
-    if "evaluate" not in params:
-        raise UserError(f"{source}: missing section 'evaluate'")
-    return from_dict(EvaluateParams, params["evaluate"], "evaluate", source)
+    return section(params, "evaluate", EvaluateParams, source)
 
 
 # ----------------------------------------------------------------------------- reading samples

@@ -33,7 +33,7 @@ import torch
 
 from models.inception import NETWORK_NAME, FIDInception
 from pipeline.atomic import replace_dir, write_json
-from pipeline.config import from_dict, param
+from pipeline.config import param, section
 from pipeline.errors import UserError, run_stage_cli
 from pipeline.fid import extract_features, stats
 from pipeline.prepared import PreparedImages
@@ -75,9 +75,7 @@ def reference_name(dataset: str, split: str, resize: str) -> str:
 
 
 def check(params: dict, source: str) -> FidRefParams:
-    if "fid_ref" not in params:
-        raise UserError(f"{source}: missing section 'fid_ref'")
-    return from_dict(FidRefParams, params["fid_ref"], "fid_ref", source)
+    return section(params, "fid_ref", FidRefParams, source)
 
 
 # ----------------------------------------------------------------------------- network and images

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from models.gpt import GPT, GPTConfig
 from pipeline.atomic import replace_dir, write_json
-from pipeline.config import from_dict, param
+from pipeline.config import param, section
 from pipeline.errors import UserError, run_stage_cli
 from pipeline.gan_training import generator_from_config, snap_to_codes
 from pipeline.images import encode_png
@@ -58,9 +58,7 @@ class SampleParams:
 
 
 def check(params: dict, source: str) -> SampleParams:
-    if "sample" not in params:
-        raise UserError(f"{source}: missing section 'sample'")
-    return from_dict(SampleParams, params["sample"], "sample", source)
+    return section(params, "sample", SampleParams, source)
 
 
 def load_stage2(folder: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:

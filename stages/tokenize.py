@@ -38,7 +38,7 @@ from tqdm import tqdm
 from models.quantizer import nearest_codes
 from models.vqgan import VQGAN
 from pipeline.atomic import atomic_path, read_json, replace_dir, write_json
-from pipeline.config import from_dict, load_params, param
+from pipeline.config import from_dict, load_params, param, section
 from pipeline.errors import UserError, run_stage_cli
 from pipeline.prepared import PreparedImages, read_manifest
 from pipeline.tokens import (DTYPE_CODES, DTYPE_NAMES, FLAG_HFLIP, FORMAT, HEADER_SIZE, HFLIP_SUFFIX, KEYS_PREFIX,
@@ -85,9 +85,7 @@ class TokenizeConfig:
 
 
 def check(params: dict, source: str) -> TokenizeParams:
-    if "tokenize" not in params:
-        raise UserError(f"{source}: missing section 'tokenize'")
-    return from_dict(TokenizeParams, params["tokenize"], "tokenize", source)
+    return section(params, "tokenize", TokenizeParams, source)
 
 
 def load_config(params_path: str, name: str) -> TokenizeConfig:

@@ -30,7 +30,7 @@ from models.attention import active_backend
 from models.gpt import GPT, GPTConfig
 from pipeline import checkpoint as ckpt
 from pipeline.atomic import atomic_path, read_json, write_json
-from pipeline.config import from_dict, param
+from pipeline.config import param, section
 from pipeline.errors import UserError, run_stage_cli
 from pipeline.gan_training import GANParams, check_gan, train_gan
 from pipeline.tokens import TokenLMDBDataset
@@ -99,9 +99,7 @@ class TrainTransformerParams:
 
 
 def check(params: dict, source: str) -> TrainTransformerParams:
-    if "train_transformer" not in params:
-        raise UserError(f"{source}: missing section 'train_transformer'")
-    cfg = from_dict(TrainTransformerParams, params["train_transformer"], "train_transformer", source)
+    cfg = section(params, "train_transformer", TrainTransformerParams, source)
     if cfg.ar.n_embd % cfg.ar.n_head:
         raise UserError(f"{source}: train_transformer.ar.n_embd = {cfg.ar.n_embd} is not divisible by "
                         f"n_head = {cfg.ar.n_head}")

@@ -29,7 +29,7 @@ from models.lpips import LPIPS
 from models.vqgan import VQGAN, VQGANConfig
 from pipeline import checkpoint as ckpt
 from pipeline.atomic import atomic_path, write_json
-from pipeline.config import from_dict, param
+from pipeline.config import param, section
 from pipeline.errors import UserError, run_stage_cli
 from pipeline.prepared import PreparedImages
 from pipeline.training import EMA, StepBatches, autocast, check_finite, config_hash, cosine_lr, init_distributed, pick_device, seed_everything, unwrap
@@ -97,9 +97,7 @@ class TrainVQGANParams:
 
 
 def check(params: dict, source: str) -> TrainVQGANParams:
-    if "train_vqgan" not in params:
-        raise UserError(f"{source}: missing section 'train_vqgan'")
-    cfg = from_dict(TrainVQGANParams, params["train_vqgan"], "train_vqgan", source)
+    cfg = section(params, "train_vqgan", TrainVQGANParams, source)
     m = cfg.model
     for key, value, lo in (("n_codes", m.n_codes, 2), ("code_dim", m.code_dim, 1), ("ch", m.ch, 4),
                            ("z_channels", m.z_channels, 1), ("num_res_blocks", m.num_res_blocks, 1),
