@@ -62,6 +62,7 @@ class GANConfig:
     betas: tuple[float, float] = (0.0, 0.99)
     ema_decay: float = 0.999
     diffaug: str = ""            # comma-separated subset of AUGMENTS, applied to real and fake grids before D
+    ms_weight: float = 0.0       # mode-seeking term (MSGAN, Mao et al. 2019) in G's loss; 0 = off (see train_gan)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # YAML / JSON give lists; tuples keep configs comparable and hashable

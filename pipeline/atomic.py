@@ -2,17 +2,49 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 
 def tmp_name(path: Path) -> Path:
-    """Hidden sibling temp name; DVC and readers never mistake it for the real file."""
+    """Hidden sibling temp name; DVC and readers never mistake it for the real file.
+
+    A process killed mid-write leaves its temp behind; the next writer of the same final name removes it here,
+    so killed runs leave no litter (temps of live processes, e.g. other DDP ranks, are kept)."""
+    remove_stale_temps(path)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove `.<name>.tmp-<pid>` / `.<name>.old-<pid>` siblings of `path` whose process is gone."""
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
+        m = TEMP_NAME.match(p.name)
+        if m and m["name"] == path.name and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 @contextlib.contextmanager
@@ -59,6 +91,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Swap a fully written folder into place (old content is removed only after the new one is complete)."""
+    remove_stale_temps(final_dir)
     old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
     if final_dir.exists():
         os.replace(final_dir, old)

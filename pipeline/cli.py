@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.config import from_dict, load_params, set_params_file
+from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError, main_guard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     if overrides:
         set_params_file(ROOT / "params.yaml", overrides)
     check_params(ROOT / "params.yaml")
+    repair_rwlock(ROOT)
     if args.no_prefect:
         cmd = ["dvc", "repro", *(args.stage or [])] + (["--force"] if args.force else [])
         sys.exit(subprocess.call(cmd, cwd=ROOT))
@@ -89,6 +91,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_stage(args: argparse.Namespace) -> None:
     check_params(ROOT / "params.yaml")
+    repair_rwlock(ROOT)
     sys.exit(subprocess.call(["dvc", "repro", "--single-item", args.name] + (["--force"] if args.force else []),
                              cwd=ROOT))
 

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 
 from pipeline import artifacts
 from pipeline.config import set_params_file
+from pipeline.dvc_repair import repair_rwlock
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 USER_ERROR_EXIT = 2  # stages exit 2 on a user mistake: retrying cannot help
@@ -69,6 +70,8 @@ def run_stage(name: str, force: bool = False, root: str = str(PROJECT_ROOT)) -> 
     """`dvc repro --single-item <name>`, streaming its output into the task log."""
     logger = get_run_logger()
     cmd = ["dvc", "repro", "--single-item", name] + (["--force"] if force else [])
+    if repair_rwlock(root):  # a killed earlier run can leave DVC's lock table corrupt
+        logger.warning("removed a corrupt .dvc/tmp/rwlock left by a killed dvc command")
     logger.info("$ %s", " ".join(cmd))
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

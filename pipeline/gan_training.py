@@ -81,8 +81,9 @@ RESERVED = {
     "r1_gamma": "train_transformer.gan.r1_gamma",
     "diffaug": "train_transformer.gan.diffaug",
     "ema_decay": "train_transformer.gan.ema_decay",
+    "ms_weight": "train_transformer.gan.ms_weight",
 }
-LOG_KEYS = ["step", "g_loss", "d_loss", "r1", "d_acc_real", "d_acc_fake", "fid"]
+LOG_KEYS = ["step", "g_loss", "d_loss", "r1", "d_acc_real", "d_acc_fake", "ms_ratio", "fid"]
 
 
 @dataclass
@@ -97,6 +98,7 @@ class GANParams:
     r1_gamma: float | None = param(None, min=0.0)
     diffaug: str | None = None  # comma-separated subset of translation, cutout; "" = off
     ema_decay: float | None = param(None, min=0.0, max=1.0)
+    ms_weight: float | None = param(None, min=0.0)  # mode-seeking term (MSGAN) in G's loss; null: the family's (off)
     fid_every: int = param(0, min=0)  # FID of the EMA generator every this many steps; 0 = off
     fid_images: int = param(256, min=2)  # generated images per FID point (the reference's count is its own)
     fid_reference: str = "data/fid_ref/fashion_mnist-val-tf_bilinear"  # a fid_ref output folder
@@ -122,7 +124,7 @@ def family_config(g: GANParams, code_dim: int, grid: int, n_classes: int) -> GAN
     the explicit overrides."""
     fields: dict[str, Any] = {**g.model, "code_dim": code_dim, "grid": grid, "n_classes": n_classes,
                               "attention_kind": g.attention_kind}
-    for name in ("lr_g", "lr_d", "r1_gamma", "diffaug", "ema_decay"):
+    for name in ("lr_g", "lr_d", "r1_gamma", "diffaug", "ema_decay", "ms_weight"):
         if getattr(g, name) is not None:
             fields[name] = getattr(g, name)
     cfg = gan_config(g.family, **fields)
@@ -159,6 +161,13 @@ def embed_tokens(tokens: Tensor, codebook: Tensor, h: int, w: int) -> Tensor:
     return codebook[tokens].view(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
 
 
+def mode_seeking_ratio(fake1: Tensor, fake2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
+    """MSGAN's ratio (Mao et al., 2019): mean |G(z1, y) - G(z2, y)| over mean |z1 - z2|, per pair, averaged. The
+    generator adds ms_weight / ratio to its loss, so outputs of one class must move when the noise moves: a
+    class-conditional G that maps every z of a class to one grid (intra-class mode collapse) pays for it."""
+    return ((fake1 - fake2).abs().flatten(1).mean(1) / (z1 - z2).abs().mean(1)).mean()
+
+
 def project_to_codes_space(x: Tensor, l2_norm: bool) -> Tensor:
     """Generator output as D sees it: unit vectors per cell when the codebook is l2-normalised (like every real
     code), unchanged otherwise."""
@@ -187,7 +196,7 @@ def step_generator(seed: int, step: int, stream: int, rank: int = 0) -> torch.Ge
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 8 + stream) * 4096 + rank)
 
 
-NOISE, AUGMENT, FID_NOISE = 0, 1, 2
+NOISE, AUGMENT, FID_NOISE, MS_NOISE = 0, 1, 2, 3
 
 
 def d_logits(D: nn.Module, grids: Tensor, y: Tensor | None, policy: str, aug: torch.Generator) -> Tensor:
@@ -367,6 +376,11 @@ def train_gan(cfg: "TrainTransformerParams", device: torch.device, dist: Dist) -
             loss_g = g_loss(gcfg.loss, d_logits(D, fake, y, gcfg.diffaug, aug).float())
             if gcfg.family == "transgan" and gcfg.sr_weight > 0:
                 loss_g = loss_g + gcfg.sr_weight * sr_loss(G, real.detach())
+            if gcfg.ms_weight > 0:
+                z2 = torch.randn(cfg.batch_size, gcfg.z_dim, generator=step_generator(cfg.seed, step, MS_NOISE))
+                z2 = z2[dist.rank::dist.world].to(device)
+                ratio = mode_seeking_ratio(fake, project_to_codes_space(G(z2, y), l2_norm), z, z2)
+                loss_g = loss_g + gcfg.ms_weight / (ratio + 1e-5)
         check_finite(step, cfg.ckpt_dir, g_loss=loss_g.detach())
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
@@ -377,7 +391,8 @@ def train_gan(cfg: "TrainTransformerParams", device: torch.device, dist: Dist) -
         ema.update()
         train_seconds += time.monotonic() - t_step
 
-        for key, value in (("g_loss", loss_g), ("d_loss", loss_d), ("r1", r1),
+        extra = (("ms_ratio", ratio),) if gcfg.ms_weight > 0 else ()
+        for key, value in (("g_loss", loss_g), ("d_loss", loss_d), ("r1", r1), *extra,
                            ("d_acc_real", (logits_real > 0).float().mean()),
                            ("d_acc_fake", (logits_fake < 0).float().mean())):
             window[key].append(float(value.detach()))
@@ -428,7 +443,9 @@ def finish_gan(cfg: "TrainTransformerParams", G_ema: nn.Module, gcfg: GANConfig,
         "step_time_s": round(step_seconds, 5), "device": torch.cuda.get_device_name() if device.type == "cuda"
         else "cpu", "fingerprint": fingerprint,
         "recipe": {"loss": gcfg.loss, "r1_gamma": gcfg.r1_gamma, "lr_g": gcfg.lr_g, "lr_d": gcfg.lr_d,
-                   "betas": list(gcfg.betas), "ema_decay": gcfg.ema_decay, "diffaug": gcfg.diffaug},
+                   "betas": list(gcfg.betas), "ema_decay": gcfg.ema_decay, "diffaug": gcfg.diffaug,
+                   "ms_weight": gcfg.ms_weight},
+        "ms_ratio": last["ms_ratio"],
         # every FID carries its protocol (sample counts, reference split, resize, network hash, seed)
         "fid": {"value": curve[-1]["value"], "protocol": fid_protocol} if curve else None,
         "fid_curve": curve,

@@ -134,7 +134,18 @@ def open_readonly(path: str | Path) -> lmdb.Environment:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: token store not found (run the tokenize stage first)")
-    return lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False)
+    try:
+        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False)
+    except lmdb.Error as exc:
+        raise UserError(f"{path}: not a readable token store ({exc}); re-run the tokenize stage") from None
+    # A truncated file opens fine (its meta pages are intact) but reading a page past its end is SIGBUS through
+    # the memory map: compare the size with the last page the meta page says is in use.
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = path.stat().st_size
+    if size < need:
+        env.close()
+        raise UserError(f"{path}: token store is truncated ({size} of {need} bytes); re-run the tokenize stage")
+    return env
 
 
 # LMDB allows one Environment per file per process, so every reader in a process shares one, keyed by the
@@ -189,9 +200,12 @@ class LMDBWriter:
     """Single-writer LMDB file. Each `put_batch` is one transaction (atomic: a kill keeps whole batches only);
     MDB_MAP_FULL aborts the transaction, doubles the map and retries it, so no size has to be guessed."""
 
-    def __init__(self, path: str | Path, map_size: int = 64 << 20, sync: bool = True):
+    def __init__(self, path: str | Path, map_size: int = 64 << 20, sync: bool = True, max_map_size: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_map_size = max_map_size  # a ceiling (quota, shared disk): growing past it is a clear error
+        if max_map_size is not None:
+            map_size = min(map_size, max_map_size)
         # lock=False: exactly one process writes each file and nobody reads it meanwhile, so no lock file.
         self.env = lmdb.open(str(self.path), subdir=False, map_size=map_size, lock=False, readahead=False,
                              sync=sync, metasync=sync)
@@ -208,8 +222,16 @@ class LMDBWriter:
                 return
             except lmdb.MapFullError:
                 # the failed transaction is aborted by the context manager; no transaction is open now
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                size = self.env.info()["map_size"]
+                if self.max_map_size is not None and size >= self.max_map_size:
+                    raise UserError(f"{self.path}: the LMDB map is full at {size / 2**20:.2f} MB, the ceiling set "
+                                    f"by max_map_mb; raise it (the store needs more)") from None
+                self.env.set_mapsize(size * 2 if self.max_map_size is None else min(size * 2, self.max_map_size))
                 self.grows += 1
+            except lmdb.Error as exc:  # a full disk or quota surfaces here, as an OS message
+                if isinstance(exc, lmdb.DiskError) or "No space left" in str(exc) or "quota" in str(exc):
+                    raise UserError(f"{self.path}: the disk refused the LMDB write ({exc}); free some space") from None
+                raise
 
     def close(self) -> None:
         self.env.sync(True)

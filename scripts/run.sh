@@ -7,5 +7,6 @@ bash scripts/install.sh
 export DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 source .venv/bin/activate
 python -m pipeline check
+python -c 'from pipeline.dvc_repair import repair_rwlock; repair_rwlock(".")'  # after a killed run
 dvc repro "$@"
 dvc push -q || echo "run: dvc push to the default remote failed (outputs are still in the local cache)" >&2

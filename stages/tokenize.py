@@ -69,6 +69,7 @@ class TokenizeParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = param(1, min=0)  # image-decoding loader workers
     map_size_mb: int = param(64, min=1)  # initial LMDB map; it grows on demand
+    max_map_mb: float | None = param(None, min=0.01)  # ceiling for the map (a quota, a shared disk); null: none
     convert_channels: bool = False  # grey <-> RGB when the dataset's channels differ from the VQGAN's
     roundtrip_images: int = param(256, min=0)  # images whose decoded tokens must equal the VQGAN's reconstructions
 
@@ -82,6 +83,10 @@ class TokenizeConfig:
     metrics: Path | None = None
     plot: Path | None = None
     params: TokenizeParams = field(default_factory=TokenizeParams)
+
+
+def max_map(p: TokenizeParams) -> int | None:
+    return None if p.max_map_mb is None else int(p.max_map_mb * 2**20)
 
 
 def check(params: dict, source: str) -> TokenizeParams:
@@ -221,7 +226,7 @@ def encode_pending(model: VQGAN, search: CodeSearch, splits: list[PreparedImages
     batches = iter(loader)  # workers fork here, before this process opens its LMDB writer
     bar = tqdm(total=len(items), desc="tokenize", unit="img", disable=not show, mininterval=2.0, file=sys.stderr)
     t0 = time.monotonic()
-    with LMDBWriter(part, p.map_size_mb << 20) as writer:
+    with LMDBWriter(part, p.map_size_mb << 20, max_map_size=max_map(p)) as writer:
         for images, pos in batches:
             x = to_model_input(images, in_ch, device)
             if p.hflip:
@@ -262,7 +267,8 @@ def start_work(work: Path, identity: dict) -> None:
     write_json(run_file, identity)
 
 
-def assemble(work: Path, meta: dict, order: dict[str, list[bytes]], shard_size: int) -> np.ndarray:
+def assemble(work: Path, meta: dict, order: dict[str, list[bytes]], shard_size: int,
+             max_map_size: int | None = None) -> np.ndarray:
     """Merge the parts into out/tokens.lmdb (key order), add the key lists and meta, write the shards.
     Returns per-code counts over the original (unflipped) records."""
     out = work / "out"
@@ -275,7 +281,8 @@ def assemble(work: Path, meta: dict, order: dict[str, list[bytes]], shard_size: 
     n = 0
     parts = sorted((work / "parts").glob("part-*.lmdb"))
     # a map large enough for the usual case; LMDBWriter grows it if not. No fsync until the end.
-    with LMDBWriter(out / LMDB_NAME, map_size=(2 * expected * (record_len + 48)) + (1 << 20), sync=False) as writer:
+    with LMDBWriter(out / LMDB_NAME, map_size=(2 * expected * (record_len + 48)) + (1 << 20), sync=False,
+                    max_map_size=max_map_size) as writer:
         for batch in iter_merged(parts):
             writer.put_batch(batch, append=True)
             grids, _, header = decode_batch([v for _, v in batch], h, w, code)
@@ -411,7 +418,7 @@ def run(cfg: TokenizeConfig) -> None:
             "hflip_suffix": HFLIP_SUFFIX, "count": len(items) * (2 if p.hflip else 1), "shard_size": p.shard_size}
     order = dict(zip(split_names, keys))
     t_merge = time.monotonic()
-    counts = assemble(work, meta, order, p.shard_size)
+    counts = assemble(work, meta, order, p.shard_size, max_map(p))
     t_check = time.monotonic()
     out = work / "out"
     roundtrip = roundtrip_check(model, out / LMDB_NAME, splits, items, p.roundtrip_images, p.batch_size, device,

@@ -37,8 +37,15 @@ def user_error(project: str) -> dict:
     return {"failed": state.is_failed(), "error": error, "run_count": task_run["run_count"]}
 
 
+def transient(project: str) -> dict:
+    state = run_stage("prepare@a", root=project, return_state=True)
+    task_run = httpx.get(f"{PREFECT_API_URL.value()}/task_runs/{state.state_details.task_run_id}").json()
+    return {"completed": state.is_completed(), "result": state.result() if state.is_completed() else None,
+            "run_count": task_run["run_count"]}
+
+
 if __name__ == "__main__":
     scenario, project = sys.argv[1], sys.argv[2]
     with prefect_test_harness(server_startup_timeout=120):
-        result = {"flow_runs": flow_runs, "user_error": user_error}[scenario](project)
+        result = {"flow_runs": flow_runs, "user_error": user_error, "transient": transient}[scenario](project)
     print("RESULT " + json.dumps(result))

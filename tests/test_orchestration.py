@@ -1,10 +1,11 @@
 """DVC caching and the Prefect flow, in a throwaway copy of the project."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import make_idx_dataset, make_project, tiny_params
+from conftest import files_under, make_idx_dataset, make_project, tiny_params
 from pipeline.config import set_params_file
 
 
@@ -86,6 +87,27 @@ def test_flow_does_not_retry_user_errors(project, tmp_path):
     assert r["failed"] and r["error"]["returncode"] == 2
     assert "datasets.a.resolution = 2 is out of range" in r["error"]["message"]
     assert r["run_count"] == 1  # a user error is not retried
+
+
+def test_transient_failure_is_retried_without_duplicated_output(tmp_path):
+    import shutil
+
+    import yaml
+    src = make_idx_dataset(tmp_path / "src", n_train=60, n_val=5, seed=4)  # 3 train shards of 25
+    clean = make_project(tmp_path / "clean", tiny_params({"a": src}), stages=("prepare",))
+    dvc(clean, "repro")
+    flaky = make_project(tmp_path / "flaky", tiny_params({"a": src}), stages=("prepare",))
+    shutil.copy2(Path(__file__).with_name("flaky_stage.py"), flaky / "flaky_stage.py")
+    spec = yaml.safe_load((flaky / "dvc.yaml").read_text())
+    spec["stages"]["prepare"]["do"]["cmd"] = "python flaky_stage.py .failed-once stages.prepare --dataset ${key}"
+    (flaky / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+    r = prefect_session("transient", flaky, tmp_path)
+    assert (flaky / ".failed-once").is_file()  # the first run did fail
+    assert r["completed"] and r["run_count"] == 2 and r["result"]["status"] == "ran"
+    # the retry's output is the clean run's, file for file: no duplicated or partial shard, no temp file
+    assert files_under(flaky / "data") == files_under(clean / "data")
+    assert "Data and pipelines are up to date." in dvc(flaky, "status")
 
 
 def test_cli_help():

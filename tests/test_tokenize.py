@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, make_good_folder, make_idx_dataset, make_project, tiny_params
+from conftest import ROOT, files_under, make_good_folder, make_idx_dataset, make_project, tiny_params
 from models.vqgan import VQGAN, VQGANConfig
 from pipeline.config import set_params_file
 from pipeline.errors import UserError
@@ -391,3 +392,32 @@ def test_cli_tokenizes_an_image_folder(data, tmp_path):
     assert meta["fingerprint"] == fingerprint(rgb) and sum(meta["counts"].values()) == 10 and meta["hflip"]
     assert len(TokenLMDBDataset(out)) == 20
     assert not (tmp_path / "tok" / ".pets.prepared").exists()
+
+
+# ---------------------------------------------------------------- damaged stores and resource limits
+
+@pytest.mark.parametrize("damage", ["zero-byte", "not-lmdb", "truncated"])
+def test_damaged_store_is_a_one_line_error_naming_it(store, tmp_path, damage):
+    bad = tmp_path / "a"
+    shutil.copytree(store, bad)
+    lmdb_file = bad / "tokens.lmdb"
+    raw = lmdb_file.read_bytes()
+    lmdb_file.write_bytes({"zero-byte": b"", "not-lmdb": b"not an lmdb file\n" * 512,
+                           "truncated": raw[: len(raw) // 2]}[damage])
+    with pytest.raises(UserError) as e:  # truncated: without the size check this is SIGBUS through the mmap
+        ds = TokenLMDBDataset(bad, "train", hflip=False)
+        [ds[i] for i in range(len(ds))]
+    assert str(lmdb_file) in str(e.value) and "\n" not in str(e.value)
+    assert "re-run the tokenize stage" in str(e.value)
+
+
+def test_map_ceiling_stops_clearly_and_keeps_the_existing_store(data, tmp_path):
+    out = tmp_path / "tokens" / "a"
+    tokenize(data, out)
+    before, n_records = files_under(out), len(records(out))
+    with pytest.raises(UserError, match=r"LMDB map is full at .* max_map_mb") as e:
+        tokenize(data, out, hflip=True, max_map_mb=0.01)  # ~10 KB: three pages, fewer than the store needs
+    assert "\n" not in str(e.value)
+    assert files_under(out) == before  # the previous store is untouched
+    tokenize(data, out, hflip=True)  # without the ceiling the same run completes
+    assert len(records(out)) > n_records  # the flipped copies

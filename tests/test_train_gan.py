@@ -85,7 +85,7 @@ def test_family_trains_and_writes_outputs(world, tmp_path, family):
     train_transformer.run(cfg)
     rows = [dict(zip(*[line.split("\t") for line in (lines[0], row)]))
             for lines in [(tmp_path / "log.tsv").read_text().splitlines()] for row in lines[1:]]
-    assert list(rows[0]) == ["step", "g_loss", "d_loss", "r1", "d_acc_real", "d_acc_fake", "fid"]
+    assert list(rows[0]) == ["step", "g_loss", "d_loss", "r1", "d_acc_real", "d_acc_fake", "ms_ratio", "fid"]
     assert [int(r["step"]) for r in rows] == [4, 8, 12, 16, 20, 24] and all(r["fid"] == "" for r in rows)
     d = [float(r["d_loss"]) for r in rows]
     assert all(math.isfinite(v) for v in d) and d[-1] < d[0] - 0.1, d
@@ -304,3 +304,34 @@ def test_params_yaml_gan_section_and_errors():
     assert "n_heads to be a multiple of 4" in err(attention_kind="ylg", model={"n_heads": 2})
     with pytest.raises(UserError, match="applies to kind 'ar' only"):
         train_transformer.check({"train_transformer": {**section, "kind": "gan", "ema": 0.99}}, "params.yaml")
+
+
+def test_mode_seeking_ratio_by_hand_and_for_a_collapsed_generator():
+    z1, z2 = torch.zeros(2, 4), torch.ones(2, 4)  # |z1 - z2| averages 1 per sample
+    f1 = torch.zeros(2, 1, 2, 2)
+    f2 = torch.tensor([[[[2.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])  # mean |f1 - f2|: 0.5 and 1.0
+    assert gan_training.mode_seeking_ratio(f1, f2, z1, z2).item() == pytest.approx(0.75)
+    # a generator that ignores z (one output per class): ratio 0, so ms_weight / ratio is the largest penalty
+    assert gan_training.mode_seeking_ratio(f1, f1.clone(), z1, z2).item() == 0.0
+
+
+def test_mode_seeking_term_is_logged_and_resumes_exactly(world, tmp_path, monkeypatch):
+    def cfg(out):
+        return gan_cfg(world, out, "lada", gan={"ms_weight": 1.0})
+
+    train_transformer.run(cfg(tmp_path / "a"))
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert m["recipe"]["ms_weight"] == 1.0 and m["ms_ratio"] > 0
+    real_save = ckpt.save
+
+    def save_then_die(ckpt_dir, state, step, keep=2):
+        real_save(ckpt_dir, state, step, keep)
+        raise KeyboardInterrupt(f"killed after step {step}")
+
+    monkeypatch.setattr(ckpt, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_transformer.run(cfg(tmp_path / "b"))
+    monkeypatch.setattr(ckpt, "save", real_save)
+    train_transformer.run(cfg(tmp_path / "b"))
+    a, b = (load_file(str(tmp_path / x / "model" / "model.safetensors")) for x in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
