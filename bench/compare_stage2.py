@@ -6,6 +6,7 @@ pipeline's outputs are untouched). The AR row is read from the default pipeline'
 (data/metrics/train_transformer.json, data/metrics/evaluate.json) when they exist, or trained the same way.
 Needs the default pipeline's VQGAN, token store and FID reference (dvc repro fid_ref tokenize@fashion_mnist).
 
+  python bench/compare_stage2.py --steps 2000 --fid-every 500   # the README table (~45 min on 2 CPU cores)
   python bench/compare_stage2.py                       # lada, transgan, stransgan; 300 steps each
   python bench/compare_stage2.py --families lada --steps 600
   python bench/compare_stage2.py --reuse                # only the table, from earlier runs
