@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,10 +109,8 @@ def test_family_trains_and_writes_outputs(world, tmp_path, family):
     assert any(not torch.equal(exported[k], state["G"][k]) for k in exported)
 
 
-@pytest.mark.parametrize("family", ["transgan", "lada"])
-def test_interrupted_and_resumed_run_equals_uninterrupted(world, tmp_path, monkeypatch, family):
-    # transgan: locality progress, super-resolution, cutout; lada: batch-norm D, R1
-    train_transformer.run(gan_cfg(world, tmp_path / "a", family))
+def run_interrupted_then_resumed(cfg: TrainTransformerParams, monkeypatch) -> None:
+    """Train with a crash right after the first checkpoint (step 3), check what it left, then re-run to the end."""
     real_save = ckpt.save
 
     def save_then_die(ckpt_dir, state, step, keep=2):
@@ -120,11 +119,18 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(world, tmp_path, monke
 
     monkeypatch.setattr(ckpt, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train_transformer.run(gan_cfg(world, tmp_path / "b", family))
-    assert [p.name for p in ckpt.step_files(tmp_path / "b" / "ckpt")] == ["step-00000003.pt"]
-    assert not (tmp_path / "b" / "model").exists()
+        train_transformer.run(cfg)
+    assert [p.name for p in ckpt.step_files(Path(cfg.ckpt_dir))] == ["step-00000003.pt"]
+    assert not Path(cfg.out_dir).exists()
     monkeypatch.setattr(ckpt, "save", real_save)
-    train_transformer.run(gan_cfg(world, tmp_path / "b", family))
+    train_transformer.run(cfg)
+
+
+@pytest.mark.parametrize("family", ["transgan", "lada"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(world, tmp_path, monkeypatch, family):
+    # transgan: locality progress, super-resolution, cutout; lada: batch-norm D, R1
+    train_transformer.run(gan_cfg(world, tmp_path / "a", family))
+    run_interrupted_then_resumed(gan_cfg(world, tmp_path / "b", family), monkeypatch)
     a, b = (load_file(str(tmp_path / x / "model" / "model.safetensors")) for x in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = (ckpt.read(tmp_path / x / "ckpt" / "last.pt") for x in "ab")
@@ -322,16 +328,6 @@ def test_mode_seeking_term_is_logged_and_resumes_exactly(world, tmp_path, monkey
     train_transformer.run(cfg(tmp_path / "a"))
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert m["recipe"]["ms_weight"] == 1.0 and m["ms_ratio"] > 0
-    real_save = ckpt.save
-
-    def save_then_die(ckpt_dir, state, step, keep=2):
-        real_save(ckpt_dir, state, step, keep)
-        raise KeyboardInterrupt(f"killed after step {step}")
-
-    monkeypatch.setattr(ckpt, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_transformer.run(cfg(tmp_path / "b"))
-    monkeypatch.setattr(ckpt, "save", real_save)
-    train_transformer.run(cfg(tmp_path / "b"))
+    run_interrupted_then_resumed(cfg(tmp_path / "b"), monkeypatch)
     a, b = (load_file(str(tmp_path / x / "model" / "model.safetensors")) for x in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
