@@ -49,6 +49,24 @@ def idx_dir(tmp_path: Path) -> Path:
 os.environ["PATH"] = f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+def crash_after_first_checkpoint(run, monkeypatch) -> None:
+    """Call `run()` with a crash (KeyboardInterrupt) right after its first checkpoint is saved, like a kill between
+    two steps, then restore checkpointing so the caller can resume."""
+    import pytest
+
+    from pipeline import checkpoint as ckpt
+    real_save = ckpt.save
+
+    def save_then_die(ckpt_dir, state, step, keep=2):
+        real_save(ckpt_dir, state, step, keep)
+        raise KeyboardInterrupt(f"killed after step {step}")
+
+    monkeypatch.setattr(ckpt, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(ckpt, "save", real_save)
+
+
 def files_under(root: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under `root`: equal dicts mean equal trees, byte for byte."""
     from pipeline.atomic import sha256_file

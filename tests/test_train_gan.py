@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_idx_dataset
+from conftest import ROOT, crash_after_first_checkpoint, make_idx_dataset
 from models.gan_common import FAMILIES
 from models.vqgan import VQGAN, VQGANConfig
 from pipeline import checkpoint as ckpt
@@ -111,18 +111,9 @@ def test_family_trains_and_writes_outputs(world, tmp_path, family):
 
 def run_interrupted_then_resumed(cfg: TrainTransformerParams, monkeypatch) -> None:
     """Train with a crash right after the first checkpoint (step 3), check what it left, then re-run to the end."""
-    real_save = ckpt.save
-
-    def save_then_die(ckpt_dir, state, step, keep=2):
-        real_save(ckpt_dir, state, step, keep)
-        raise KeyboardInterrupt(f"killed after step {step}")
-
-    monkeypatch.setattr(ckpt, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_transformer.run(cfg)
+    crash_after_first_checkpoint(lambda: train_transformer.run(cfg), monkeypatch)
     assert [p.name for p in ckpt.step_files(Path(cfg.ckpt_dir))] == ["step-00000003.pt"]
     assert not Path(cfg.out_dir).exists()
-    monkeypatch.setattr(ckpt, "save", real_save)
     train_transformer.run(cfg)
 
 

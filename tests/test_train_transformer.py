@@ -7,9 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_idx_dataset
+from conftest import crash_after_first_checkpoint, make_idx_dataset
 from models.vqgan import VQGAN, VQGANConfig
-from pipeline import checkpoint as ckpt
 from pipeline.errors import UserError
 from pipeline.shards import iter_tar_samples
 from pipeline.images import decode_png
@@ -58,16 +57,7 @@ def ar_cfg(base, out, **kw) -> tt.TrainTransformerParams:
 def test_interrupted_and_resumed_equals_uninterrupted(world, tmp_path, monkeypatch, ema):
     tt.run(ar_cfg(world, tmp_path / "a", ema=ema))
     reference = load_file(str(tmp_path / "a" / "gpt" / "model.safetensors"))
-    real_save = ckpt.save
-
-    def save_then_die(ckpt_dir, state, step, keep=2):
-        real_save(ckpt_dir, state, step, keep)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ckpt, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        tt.run(ar_cfg(world, tmp_path / "b", ema=ema))
-    monkeypatch.setattr(ckpt, "save", real_save)
+    crash_after_first_checkpoint(lambda: tt.run(ar_cfg(world, tmp_path / "b", ema=ema)), monkeypatch)
     tt.run(ar_cfg(world, tmp_path / "b", ema=ema))
     resumed = load_file(str(tmp_path / "b" / "gpt" / "model.safetensors"))
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)  # label dropout used the restored RNG

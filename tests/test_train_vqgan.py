@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_idx_dataset, make_project
+from conftest import crash_after_first_checkpoint, make_idx_dataset, make_project
 from models.vqgan import VQGANConfig
 from pipeline import checkpoint as ckpt
 from pipeline.training import NonFiniteLoss
@@ -47,18 +47,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(prepared, tmp_path, mo
     train_vqgan.run(tiny_cfg(prepared, tmp_path / "a"))
     reference = weights(tmp_path / "a")
 
-    real_save = ckpt.save
-
-    def save_then_die(ckpt_dir, state, step, keep=2):
-        real_save(ckpt_dir, state, step, keep)
-        raise KeyboardInterrupt(f"killed after step {step}")
-
-    monkeypatch.setattr(ckpt, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_vqgan.run(tiny_cfg(prepared, tmp_path / "b"))
+    crash_after_first_checkpoint(lambda: train_vqgan.run(tiny_cfg(prepared, tmp_path / "b")), monkeypatch)
     assert [p.name for p in ckpt.step_files(tmp_path / "b" / "ckpt")] == ["step-00000003.pt"]
     assert not (tmp_path / "b" / "vqgan").exists()  # no final output from a broken run
-    monkeypatch.setattr(ckpt, "save", real_save)
     train_vqgan.run(tiny_cfg(prepared, tmp_path / "b"))  # resumes at step 3 (GAN on since step 2)
     resumed = weights(tmp_path / "b")
     assert reference.keys() == resumed.keys()
