@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
 
-from models.inception import FIDInception  # noqa: E402
+from pipeline.fid_reference import open_network  # noqa: E402
 from pipeline.fid import (extract_features, frechet_distance, frechet_distance_reference,  # noqa: E402
                           to_inception_input)
 
@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
-    net = FIDInception(device=args.device)
+    net = open_network(device=args.device)
     pngs = encode_pngs(args.n_images, args.image_size, args.seed)
     inputs = to_inception_input(next(decode_batches(pngs, args.n_images)), args.mode).to(args.device)
     time_bare(net, inputs[:args.batch_size])  # warm-up: oneDNN builds its kernels on first use

@@ -40,6 +40,7 @@ from pipeline.prepared import PreparedImages  # noqa: E402
 from pipeline.tokens import (FORMAT, LMDBWriter, TokenLMDBDataset, encode_records,  # noqa: E402
                              token_webdataset)
 from pipeline.vqgan_io import load_vqgan, save_vqgan  # noqa: E402
+from pipeline.runlog import read_run_facts  # noqa: E402
 from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams  # noqa: E402
 from stages.prepare import run as prepare  # noqa: E402
 from stages.tokenize import (CodeSearch, TokenizeConfig, TokenizeParams, assemble, encode_pending,  # noqa: E402
@@ -146,7 +147,7 @@ def bench_throughput(root: Path, n: int, batch: int, rounds: int) -> None:
     run(TokenizeConfig("bench", prepared, vqgan_dir, root / "tokens" / "bench", metrics, root / "usage.png",
                         TokenizeParams(batch_size=batch, num_workers=1)))
     whole = time.perf_counter() - t
-    m = json.loads(metrics.read_text())
+    m = json.loads(metrics.read_text()) | read_run_facts(metrics)
     print(f"    whole stage (run: + merge, shards, round trip of {m['roundtrip']['images']}, metrics) "
           f"{len(items) / whole:8.1f} images/s   ratio {len(items) / whole / med['bare']:.3f}")
     print(f"    whole-stage seconds by phase: {m['seconds']} (plot + metrics: the rest of {whole:.1f} s); "

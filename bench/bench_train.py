@@ -50,7 +50,7 @@ def bench_vqgan(args, device: torch.device) -> None:
     from models.discriminator import NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
     from models.lpips import LPIPS
     from models.vqgan import VQGAN
-    from pipeline.training import autocast
+    from pipeline.device import autocast
     from stages.train_vqgan import check
 
     cfg = check(params_with(args.preset), "params.yaml")
@@ -95,7 +95,7 @@ def bench_vqgan(args, device: torch.device) -> None:
 def bench_ar(args, device: torch.device) -> None:
     from models.attention import active_backend
     from models.gpt import GPT, GPTConfig
-    from pipeline.training import autocast
+    from pipeline.device import autocast
     from stages.train_transformer import check
 
     cfg = check(params_with(args.preset), "params.yaml")

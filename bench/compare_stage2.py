@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import apply_overrides, load_params  # noqa: E402
+from pipeline.runlog import read_run_facts  # noqa: E402
 
 
 def stage(name: str, params: Path) -> float:
@@ -58,7 +59,7 @@ def run_model(name: str, overrides: list[str], base: dict, out: Path) -> dict:
 def row(name: str, train: dict, evaluate: dict) -> dict:
     if train.get("kind") == "gan":
         params = f"G {train['g_params_m']:.2f}M / D {train['d_params_m']:.2f}M"
-        step = train["step_time_s"]
+        step = train.get("step_time_s")
     else:  # AR: the caller derives the step time from tokens/s
         params = f"{train['params_m']:.2f}M"
         step = None
@@ -85,15 +86,15 @@ def main() -> None:
     rows = []
     ar_train, ar_eval = ROOT / base["train_transformer"]["metrics"], ROOT / base["evaluate"]["metrics"]
     if ar_train.is_file() and ar_eval.is_file():
-        train = json.loads(ar_train.read_text())
+        train = json.loads(ar_train.read_text()) | read_run_facts(ar_train)
         r = row("ar (default pipeline)", train, json.loads(ar_eval.read_text()))
-        r["step_time_s"] = round(base["train_transformer"]["batch_size"] * 64 / train["tokens_per_s_last_run"], 3) \
-            if train.get("tokens_per_s_last_run") else None
+        r["step_time_s"] = round(base["train_transformer"]["batch_size"] * 64 / train["tokens_per_s"], 3) \
+            if train.get("tokens_per_s") else None
         rows.append(r)
     for family in args.families:
         d = out / family
         if args.reuse and (d / "evaluate.json").is_file():
-            rows.append(row(family, json.loads((d / "train.json").read_text()),
+            rows.append(row(family, json.loads((d / "train.json").read_text()) | read_run_facts(d / "train.json"),
                             json.loads((d / "evaluate.json").read_text())))
             continue
         res = run_model(family, ["train_transformer.kind=gan", f"train_transformer.gan.family={family}",
@@ -101,7 +102,7 @@ def main() -> None:
                                  f"train_transformer.gan.fid_every={args.fid_every}",
                                  f"train_transformer.gan.fid_images={args.fid_images}"], base, out)
         d = Path(res["dir"])
-        rows.append(row(family, json.loads((d / "train.json").read_text()),
+        rows.append(row(family, json.loads((d / "train.json").read_text()) | read_run_facts(d / "train.json"),
                         json.loads((d / "evaluate.json").read_text())) | {"stage_seconds": res["seconds"]})
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(out / "fid_over_training.png", rows)

@@ -3,16 +3,15 @@
 Frame: a real sample is the codebook embedding of a stored token grid, a (B, d, h, w) tensor (d = code_dim, h = w =
 `grid`). A generator maps noise z (and a class label when conditional) to a (B, d, h, w) grid; a discriminator maps a
 (B, d, h, w) grid (and the label) to logits (B,). Snapping generator outputs to the nearest codes happens in the
-sample stage, not here.
+sample stage, not here. The family table (which class a config builds) is models/gan.py.
 
 Read top to bottom:
   1. configs        one dataclass per family with plain fields (GANConfig holds the shared ones), `gan_config`
-  2. build          `build_generator(cfg)` / `build_discriminator(cfg)`: a plain if/elif on cfg.family
-  3. layers         token <-> grid reshapes, pixel shuffle on tokens, the attention factory (`attention_kind`),
+  2. layers         token <-> grid reshapes, pixel shuffle on tokens, the attention factory (`attention_kind`),
                     a pre-norm transformer block, the noise+class input, the projection-discriminator term
-  4. (the generator EMA lives in pipeline/training.py: one EMA for every training stage)
-  5. DiffAugment    translation (zero padding) and cutout of latent grids, deterministic given a torch.Generator
-  6. losses         non-saturating logistic and hinge (the VQGAN's own implementations), R1
+  3. (the generator EMA lives in training/common.py: one EMA for every training stage)
+  4. DiffAugment    translation (zero padding) and cutout of latent grids, deterministic given a torch.Generator
+  5. losses         non-saturating logistic and hinge (the VQGAN's own implementations), R1
 """
 from __future__ import annotations
 
@@ -157,33 +156,7 @@ def gan_config(family: str, **fields) -> GANConfig:
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# 2. Build: the class a config builds is named right here.
-
-def build_generator(cfg: GANConfig) -> nn.Module:
-    # imported here, not at the top: the family modules import this one for the pieces below
-    from models import gan_lada, gan_stransgan, gan_transgan
-    if cfg.family == "lada":
-        return gan_lada.LadaGenerator(cfg)
-    elif cfg.family == "transgan":
-        return gan_transgan.TransGANGenerator(cfg)
-    elif cfg.family == "stransgan":
-        return gan_stransgan.STransGenerator(cfg)
-    raise ValueError(f"family must be one of {FAMILIES}, got {cfg.family!r}")
-
-
-def build_discriminator(cfg: GANConfig) -> nn.Module:
-    from models import gan_lada, gan_stransgan, gan_transgan
-    if cfg.family == "lada":
-        return gan_lada.LadaDiscriminator(cfg)
-    elif cfg.family == "transgan":
-        return gan_transgan.TransGANDiscriminator(cfg)
-    elif cfg.family == "stransgan":
-        return gan_stransgan.STransDiscriminator(cfg)
-    raise ValueError(f"family must be one of {FAMILIES}, got {cfg.family!r}")
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# 3. Layers shared by the families. Token grids are (B, N, C) in raster order (token = row * w + col), as in
+# 2. Layers shared by the families. Token grids are (B, N, C) in raster order (token = row * w + col), as in
 # models.attention; latent grids are (B, C, h, w).
 
 def grid_to_tokens(x: Tensor) -> Tensor:
@@ -281,10 +254,10 @@ class ClassProjection(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# 4. EMA of the generator weights (sampling uses the averaged generator: smoother than the last iterate)
+# 3. EMA of the generator weights (sampling uses the averaged generator: smoother than the last iterate)
 
 # -----------------------------------------------------------------------------------------------------------------
-# 5. DiffAugment (Zhao et al., 2020) for latent grids. The same random transform family is applied to real and fake
+# 4. DiffAugment (Zhao et al., 2020) for latent grids. The same random transform family is applied to real and fake
 # grids right before D (and differentiably, so G gets gradients through it). Colour jitter is left out: latent
 # channels are not colours. Ratios are DiffAugment's: shifts up to 1/8 of the side, a cutout square of half the side.
 
@@ -333,7 +306,7 @@ def _cutout(x: Tensor, ratio: float, generator: torch.Generator | None) -> Tenso
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# 6. Losses. d_loss / g_loss pick the pair by name (cfg.loss); r1_penalty regularises D on real data.
+# 5. Losses. d_loss / g_loss pick the pair by name (cfg.loss); r1_penalty regularises D on real data.
 
 def d_loss(kind: str, logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     if kind == "nonsat":
@@ -362,7 +335,7 @@ def r1_penalty(logits_real: Tensor, x_real: Tensor, gamma: float) -> Tensor:
 
 __all__ = [
     "FAMILIES", "ATTENTION_KINDS", "LOSSES", "AUGMENTS", "GANConfig", "LadaConfig", "TransGANConfig",
-    "STransGANConfig", "gan_config", "build_generator", "build_discriminator", "grid_to_tokens", "tokens_to_grid",
+    "STransGANConfig", "gan_config", "grid_to_tokens", "tokens_to_grid",
     "pixel_shuffle_tokens", "make_attention", "mlp", "TransformerBlock", "NoiseAndClass", "ClassProjection",
     "diff_augment", "d_loss", "g_loss", "r1_penalty", "hinge_d_loss", "hinge_g_loss", "nonsaturating_d_loss",
     "nonsaturating_g_loss",

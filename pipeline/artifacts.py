@@ -13,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline.atomic import read_json
 from pipeline.config import load_params
+from pipeline.runlog import read_run_facts
 
 
 def artifact_key(*parts: str) -> str:
@@ -47,7 +48,8 @@ def publish_evaluation(stage: str, root: Path) -> None:
 
     from pipeline.report import embed_images, metric_rows
 
-    cfg = importlib.import_module(f"stages.{stage}").check(load_params(root / "params.yaml"), "params.yaml")
+    params_path = root / "params.yaml"
+    cfg = importlib.import_module(f"stages.{stage}").check(load_params(params_path), str(params_path))
     metrics = read_json(root / cfg.metrics)
     create_table_artifact(metric_rows(metrics), key=artifact_key(stage, "metrics"),
                           description=f"{stage}: metrics and the protocol each was made with")
@@ -63,7 +65,9 @@ def publish_tokenize(item: str, root: Path) -> None:
 
     cfg = load_config(str(root / "params.yaml"), item)
     m = read_json(root / cfg.metrics)
-    rows = [{"metric": "records", "value": m["records"]}, {"metric": "images/s (this run)", "value": m["images_per_s"]},
+    run = read_run_facts(root / cfg.metrics)
+    rows = [{"metric": "records", "value": m["records"]},
+            {"metric": "images/s (last run here)", "value": run.get("images_per_s", "restored from cache")},
             {"metric": "grid", "value": f"{m['grid'][0]}x{m['grid'][1]} {m['dtype']}"},
             *({"metric": f"bytes per image ({k})", "value": v} for k, v in m["bytes_per_image"].items()),
             {"metric": "round trip exact", "value": m["roundtrip"]["exact"]},
@@ -73,7 +77,8 @@ def publish_tokenize(item: str, root: Path) -> None:
                           description=f"tokenize {item}: token store metrics")
     create_markdown_artifact(embed_images(f"### tokenize {item}: code usage\n\n![code usage]({cfg.plot.name})\n",
                                           root / cfg.plot.parent),
-                             key=artifact_key("tokenize", item, "code-usage"), description=f"tokenize {item}: code usage")
+                             key=artifact_key("tokenize", item, "code-usage"),
+                             description=f"tokenize {item}: code usage")
 
 
 def publish_metrics(stage: str, metrics: dict[str, Any], folder: Path, headline: str,
@@ -90,7 +95,7 @@ def publish_metrics(stage: str, metrics: dict[str, Any], folder: Path, headline:
 
 def publish_train_vqgan(item: str, root: Path) -> None:
     p = load_params(root / "params.yaml")["train_vqgan"]
-    m = read_json(root / p["metrics"])
+    m = read_json(root / p["metrics"]) | read_run_facts(root / p["metrics"])
     publish_metrics("train_vqgan", m, root / p["out_dir"],
                     f"val PSNR {m['val_psnr']:.2f} dB, L1 {m['val_l1']:.4f}, code usage {m['code_usage_pct']:.1f}% "
                     f"(perplexity {m['perplexity']:.0f}), fingerprint `{m['fingerprint'][:16]}`",
@@ -100,17 +105,21 @@ def publish_train_vqgan(item: str, root: Path) -> None:
 
 def publish_train_transformer(item: str, root: Path) -> None:
     p = load_params(root / "params.yaml")["train_transformer"]
-    m = read_json(root / p["metrics"])
-    headline = (f"val {m['val_bits_per_token']:.3f} bits/token (unigram entropy {m['unigram_bits_per_token']:.3f}), "
-                f"{m['params_m']}M params, attention backend {m['attention_backend']}") if m["kind"] == "ar" else \
-        f"{m['family']}: D loss {m['d_loss']}, G loss {m['g_loss']}, D acc real/fake {m['d_acc_real']}/{m['d_acc_fake']}"
+    m = read_json(root / p["metrics"]) | read_run_facts(root / p["metrics"])
+    if m["kind"] == "ar":
+        headline = (f"val {m['val_bits_per_token']:.3f} bits/token (unigram entropy "
+                    f"{m['unigram_bits_per_token']:.3f}), {m['params_m']}M params, attention backend "
+                    f"{m.get('attention_backend', '(restored from cache)')}")
+    else:
+        headline = (f"{m['family']}: D loss {m['d_loss']}, G loss {m['g_loss']}, D acc real/fake "
+                    f"{m['d_acc_real']}/{m['d_acc_fake']}")
     publish_metrics("train_transformer", m, root / p["out_dir"], headline, [("curves.png", "training curves")])
 
 
 def publish_sample(item: str, root: Path) -> None:
     p = load_params(root / "params.yaml")["sample"]
-    m = read_json(root / p["metrics"])
-    publish_metrics("sample", m, root / p["out_dir"], f"{m['images']} images at {m['images_per_s']} images/s",
+    m = read_json(root / p["metrics"]) | read_run_facts(root / p["metrics"])
+    publish_metrics("sample", m, root / p["out_dir"], f"{m['images']} images at {m.get('images_per_s', '?')} images/s",
                     [("grid.png", "samples (a row per class when conditional)")])
 
 

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.errors import UserError
+
 
 def tmp_name(path: Path) -> Path:
     """Hidden sibling temp name; DVC and readers never mistake it for the real file.
@@ -89,8 +91,44 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Swap a fully written folder into place (old content is removed only after the new one is complete)."""
+OWNER_FILE = ".tokenmill-stage"  # inside every output folder: the stage that wrote it
+
+
+def check_replaceable(final_dir: str | Path, owner: str) -> None:
+    """Refuse (one-line UserError) to replace anything at `final_dir` that stage `owner` did not write: an output
+    folder may only take the place of an empty folder or of a folder carrying `owner`'s marker. Stages call this
+    before they start work, and `replace_dir` again right before the swap."""
+    final_dir = Path(final_dir)
+    if not final_dir.exists() and not final_dir.is_symlink():
+        return
+    if final_dir.is_symlink() or not final_dir.is_dir():
+        raise UserError(f"{final_dir}: exists and is not a folder written by {owner}; refusing to replace it "
+                        f"(move it away or choose another output path)")
+    marker = final_dir / OWNER_FILE
+    if marker.is_file() and marker.read_text().strip() == owner:
+        return
+    if not any(final_dir.iterdir()):
+        return
+    why = f"written by {marker.read_text().strip()!r}" if marker.is_file() else f"no {OWNER_FILE} marker"
+    raise UserError(f"{final_dir}: exists and was not written by {owner} ({why}); refusing to replace it "
+                    f"(move it away or choose another output path)")
+
+
+def new_partial_dir(final_dir: str | Path) -> Path:
+    """An empty work folder `.<name>.partial` beside `final_dir`, where an output folder is built."""
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(f".{final_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path, owner: str) -> None:
+    """Swap a fully written folder into place, marked as `owner`'s (the old content is removed only after the
+    new one is in place, and only if `owner` wrote it: see check_replaceable)."""
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    check_replaceable(final_dir, owner)
+    (tmp_dir / OWNER_FILE).write_text(owner + "\n")
     remove_stale_temps(final_dir)
     old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
     if final_dir.exists():

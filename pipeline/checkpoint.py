@@ -19,6 +19,9 @@ import torch
 from pipeline.atomic import tmp_name
 
 log = logging.getLogger("tokenmill.checkpoint")
+# A checkpoint is resumed only when its run had the same identity; what each part of the identity stands for.
+IDENTITY_PARTS = {"run_id": "params or input data (params section, data fingerprint, world size)",
+                  "code": "code (a file in the stage's import closure changed)"}
 _STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
 
 
@@ -59,10 +62,10 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
 
 def load_latest(ckpt_dir: str | Path, map_location: str | torch.device = "cpu",
                 expect: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Newest readable checkpoint, or None. `expect`: keys whose values must match (e.g. the config hash).
+    """Newest readable checkpoint, or None. `expect`: identity keys whose values must match (run_id, code).
 
-    A checkpoint written for other settings is not resumed from (it would continue a different run); it is
-    reported and ignored, and the run starts fresh.
+    A checkpoint written by another identity is not resumed from (it would continue a different run, or export
+    weights that the current code did not make); one line names what changed, and the run starts fresh.
     """
     ckpt_dir = Path(ckpt_dir)
     candidates = ([ckpt_dir / "last.pt"] if (ckpt_dir / "last.pt").exists() else []) + step_files(ckpt_dir)
@@ -72,10 +75,10 @@ def load_latest(ckpt_dir: str | Path, map_location: str | torch.device = "cpu",
         except Exception as exc:  # truncated file, bad zip, foreign pickle: never fatal, never executed
             log.warning("checkpoint %s is unreadable (%s); trying an older one", path, str(exc).splitlines()[0])
             continue
-        mismatch = {k: (state.get(k), v) for k, v in (expect or {}).items() if state.get(k) != v}
+        mismatch = [k for k, v in (expect or {}).items() if state.get(k) != v]
         if mismatch:
-            log.warning("checkpoint %s was written with other settings (%s); starting fresh", path,
-                        ", ".join(f"{k}: {a!r} != {b!r}" for k, (a, b) in mismatch.items()))
+            log.warning("checkpoint %s was made by a run with other %s; starting fresh", path,
+                        " and ".join(IDENTITY_PARTS.get(k, k) for k in mismatch))
             return None
         return state
     return None

@@ -3,6 +3,7 @@
   run          the whole pipeline (or some stages) as a Prefect flow; DVC skips what is up to date
   stage        one stage through DVC, without Prefect
   check        validate params.yaml
+  deps         check (or --write) dvc.yaml's code deps against each stage's import closure
   ui           start the Prefect server + UI on 127.0.0.1
   serve        serve the flow as a deployment, so runs with parameters start from the UI
   add-dataset  add an image folder / WebDataset / IDX dataset to params.yaml and prepare it
@@ -11,93 +12,106 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import from_dict, load_params, set_params_file
+from pipeline import dvc_deps
+from pipeline.atomic import check_replaceable, read_json
+from pipeline.config import check_dataset_name, from_dict, load_params
 from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError, main_guard
+from pipeline.runs import check_params, preset_overrides, run_with_overrides, validate_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_MODULES = ("prepare", "train_vqgan", "tokenize", "fid_ref", "eval_vqgan", "train_transformer", "sample", "evaluate")  # stages/<name>.py, in pipeline order
 DEFAULT_PORT = 4200
+
+
+AUTH_ENV = "TOKENMILL_PREFECT_AUTH"  # optional 'user:password' for the local server's basic auth
+
+
+def server_env(port: int) -> dict[str, str]:
+    """Settings of the local Prefect server: bound to 127.0.0.1, cross-origin requests accepted from its own UI
+    origin only (Prefect's default is any origin, so any web page open in the browser could start runs), and
+    basic auth when the user sets TOKENMILL_PREFECT_AUTH."""
+    env = {"PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
+           "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{port},http://localhost:{port}"}
+    if os.environ.get(AUTH_ENV):
+        env["PREFECT_SERVER_API_AUTH_STRING"] = os.environ[AUTH_ENV]
+    return env
 
 
 def _prefect_env(port: int) -> None:
     """Point Prefect at the project's local server when one runs; otherwise Prefect runs ephemerally."""
     os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
+    if os.environ.get(AUTH_ENV):
+        os.environ.setdefault("PREFECT_API_AUTH_STRING", os.environ[AUTH_ENV])
     if "PREFECT_API_URL" not in os.environ:
         url = f"http://127.0.0.1:{port}/api"
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2):
                 os.environ["PREFECT_API_URL"] = url
-        except OSError:
-            pass
-
-
-def check_params(path: Path) -> list[str]:
-    """Validate every section every stage uses; return the dataset names. Raises UserError."""
-    params = load_params(path)
-    known: set[str] = set()
-    for name in STAGE_MODULES:
-        mod = importlib.import_module(f"stages.{name}")
-        known.update(mod.SECTIONS)
-        mod.check(params, str(path))
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise UserError(f"{path}: unknown section '{unknown[0]}' (allowed: {', '.join(sorted(known))})")
-    return list(params.get("datasets") or {})
-
-
-def preset_overrides(path: str) -> list[str]:
-    """A preset file (configs/*.yaml) is a partial params.yaml; flatten it to `key.path=value` overrides."""
-    import json
-
-    p = Path(path)
-    preset = load_params(p)
-
-    def flat(node: dict, prefix: str) -> list[str]:
-        out = []
-        for k, v in node.items():
-            key = f"{prefix}{k}"
-            out += flat(v, key + ".") if isinstance(v, dict) and v else [f"{key}={json.dumps(v)}"]
-        return out
-
-    return flat(preset, "")
+        except OSError:  # Prefect starts a temporary server: no browser UI needs it, so no origin may call it
+            os.environ.setdefault("PREFECT_SERVER_CORS_ALLOWED_ORIGINS", "http://127.0.0.1")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    if args.preset and not Path(args.preset).is_file():
+        raise UserError(f"preset {args.preset}: file not found (presets live in configs/)")
     overrides = (preset_overrides(args.preset) if args.preset else []) + (args.set or [])
-    if overrides:
-        set_params_file(ROOT / "params.yaml", overrides)
-    check_params(ROOT / "params.yaml")
+    validate_overrides(ROOT, overrides)  # before anything is written or started
     repair_rwlock(ROOT)
     if args.no_prefect:
         cmd = ["dvc", "repro", *(args.stage or [])] + (["--force"] if args.force else [])
-        sys.exit(subprocess.call(cmd, cwd=ROOT))
+        with run_with_overrides(ROOT, overrides):
+            code = subprocess.call(cmd, cwd=ROOT)
+            if code:
+                sys.exit(code)
+        return
     _prefect_env(args.port)
     if "PREFECT_API_URL" not in os.environ:
         print(f"note: no Prefect server on 127.0.0.1:{args.port}; running with a temporary one "
               f"(start `python -m pipeline ui` to keep runs in the UI)", file=sys.stderr)
     from pipeline.flow import tokenmill_pipeline
-    results = tokenmill_pipeline(stages=args.stage, force=args.force, root=str(ROOT))
+    results = tokenmill_pipeline(stages=args.stage, force=args.force, overrides=overrides, root=str(ROOT))
     for r in results:
         print(f"{r['stage']:<32} {r['status']:<22} {r['seconds']:>8.1f} s")
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
-    check_params(ROOT / "params.yaml")
+    check_params(ROOT / "params.yaml", ROOT)
     repair_rwlock(ROOT)
-    sys.exit(subprocess.call(["dvc", "repro", "--single-item", args.name] + (["--force"] if args.force else []),
-                             cwd=ROOT))
+    with run_with_overrides(ROOT, []):
+        code = subprocess.call(["dvc", "repro", "--single-item", args.name] + (["--force"] if args.force else []),
+                               cwd=ROOT)
+        if code:
+            sys.exit(code)
+
+
+def cmd_deps(args: argparse.Namespace) -> None:
+    """dvc.yaml's code deps = each stage's import closure; --check reports drift, --write fixes it."""
+    if args.write:
+        changed = dvc_deps.write(ROOT / "dvc.yaml", ROOT)
+        print(f"dvc.yaml: code deps rewritten for {', '.join(changed)}" if changed
+              else "dvc.yaml: code deps up to date")
+        return
+    drift = dvc_deps.drift(ROOT / "dvc.yaml", ROOT)
+    for name, (listed, wanted) in drift.items():
+        missing, extra = sorted(set(wanted) - set(listed)), sorted(set(listed) - set(wanted))
+        print(f"{name}: missing {', '.join(missing) or '-'}; not imported {', '.join(extra) or '-'}")
+    if drift:
+        raise UserError(f"dvc.yaml: the code deps of {len(drift)} stage(s) differ from their imports; "
+                        f"run `python -m pipeline deps --write`")
+    print("dvc.yaml: code deps equal every stage's import closure")
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    names = check_params(Path(args.params))
+    names = check_params(Path(args.params), ROOT)
     print(f"{args.params}: ok ({len(names)} dataset(s): {', '.join(names)})")
 
 
@@ -105,19 +119,21 @@ def cmd_ui(args: argparse.Namespace) -> None:
     os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
     print(f"Prefect UI on http://127.0.0.1:{args.port}  (runs reach it when started from this project)",
           file=sys.stderr)
-    sys.exit(subprocess.call(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(args.port)]))
+    sys.exit(subprocess.call(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(args.port)],
+                             env={**os.environ, **server_env(args.port)}))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     _prefect_env(args.port)
     if "PREFECT_API_URL" not in os.environ:
         raise UserError(f"no Prefect server on 127.0.0.1:{args.port}: start `python -m pipeline ui` first")
-    from pipeline.flow import tokenmill_pipeline
-    tokenmill_pipeline.serve(name=args.name, parameters={"root": str(ROOT)},
-                             description="tokenmill pipeline; set stages / force / overrides when starting a run")
+    from pipeline.flow import deployment_flow
+    deployment_flow(ROOT).serve(name=args.name, description="tokenmill pipeline in " + str(ROOT)
+                                + "; set stages / force / overrides when starting a run")
 
 
 def cmd_add_dataset(args: argparse.Namespace) -> None:
+    check_dataset_name(args.name, "add-dataset")
     path = Path(args.path).resolve()
     if not path.exists():
         raise UserError(f"{path} does not exist")
@@ -127,16 +143,57 @@ def cmd_add_dataset(args: argparse.Namespace) -> None:
     params_path = ROOT / "params.yaml"
     if args.name in (load_params(params_path).get("datasets") or {}):
         raise UserError(f"{params_path}: dataset '{args.name}' exists already; edit it there")
-    from stages.prepare import DatasetSpec
-    from_dict(DatasetSpec, entry, f"datasets.{args.name}", "add-dataset")  # validate before writing
-    set_params_file(params_path, [f"datasets.{args.name}.{k}={v}" for k, v in entry.items()])
-    print(f"added datasets.{args.name} to params.yaml", file=sys.stderr)
-    if not args.no_run:
-        sys.exit(subprocess.call(["dvc", "repro", f"prepare@{args.name}"], cwd=ROOT))
+    overrides = [f"datasets.{args.name}.{k}={json.dumps(v)}" for k, v in entry.items()]
+    # validated as a whole before writing; if its prepare stage fails the entry is taken out again
+    with run_with_overrides(ROOT, overrides):
+        print(f"added datasets.{args.name} to params.yaml", file=sys.stderr)
+        if not args.no_run:
+            code = subprocess.call(["dvc", "repro", f"prepare@{args.name}"], cwd=ROOT)
+            if code:
+                sys.exit(code)
+
+
+def tokenize_source(source: str | Path, vqgan: str | Path, out: str | Path, p: Any, *,
+                    resolution: int | None = None, resize: str = "pad", background: int = 0,
+                    split: str = "random", metrics: str | Path | None = None) -> Path:
+    """Tokenize a prepared dataset folder (with manifest.json), an image folder or WebDataset tar(s) of images
+    with the VQGAN in `vqgan`, into the store folder `out`. Raw images are first prepared (the prepare stage) at
+    the VQGAN's resolution and channels into a work folder beside `out`, removed when done."""
+    from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
+    from stages.prepare import run as prepare_run
+    from stages.tokenize import TokenizeConfig
+    from stages.tokenize import run as tokenize_run
+
+    source, out, vqgan = Path(source), Path(out), Path(vqgan)
+    if not source.exists():
+        raise UserError(f"{source} does not exist")
+    check_replaceable(out, "tokenize")  # never replace a folder that is not an earlier token store
+    name = out.name
+    staging = None
+    if (source / "manifest.json").is_file():
+        prepared = source
+    else:
+        vmeta = read_json(vqgan / "config.json") if (vqgan / "config.json").is_file() else None
+        if vmeta is None:
+            raise UserError(f"{vqgan / 'config.json'}: not found (give a VQGAN folder from train_vqgan)")
+        resolution = resolution or vmeta.get("resolution")
+        if resolution is None:
+            raise UserError(f"{vqgan}: config.json has no training resolution; pass --resolution")
+        kind = "webdataset" if source.suffix == ".tar" or any(source.glob("*.tar")) else "folder"
+        staging = out.parent / f".{name}.prepared"
+        spec = from_dict(DatasetSpec, {"source": kind, "path": str(source), "resolution": resolution,
+                                       "channels": vmeta["model"]["in_channels"], "resize": resize,
+                                       "background": background, "split": split}, f"tokenize {source}", "command line")
+        prepare_run(PrepareConfig(name, spec, PrepareParams(out_dir=str(staging))))
+        prepared = staging / name
+    tokenize_run(TokenizeConfig(name, prepared, vqgan, out, Path(metrics) if metrics else None, None, p))
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    from stages.tokenize import TokenizeParams, tokenize_source
+    from stages.tokenize import TokenizeParams
 
     source = Path(args.source)
     name = args.name or source.name
@@ -169,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="e.g. prepare@fashion_mnist")
     p.add_argument("--force", action="store_true")
     p.set_defaults(fn=cmd_stage)
+
+    p = sub.add_parser("deps", help="check or write dvc.yaml's code deps (each stage's import closure)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--check", action="store_true", help="report drift and exit 2 if any (the default)")
+    g.add_argument("--write", action="store_true", help="rewrite the code deps in dvc.yaml")
+    p.set_defaults(fn=cmd_deps)
 
     p = sub.add_parser("check", help="validate params.yaml")
     p.add_argument("--params", default=str(ROOT / "params.yaml"))
@@ -219,6 +282,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "add-dataset" and not args.name.replace("_", "").isalnum():
-        raise SystemExit(f"error: dataset name {args.name!r} must be letters, digits and _")
     main_guard(lambda: args.fn(args))

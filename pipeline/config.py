@@ -8,7 +8,9 @@ Constraints are attached with `param(default, min=..., max=..., choices=...)`.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -23,10 +25,18 @@ PARAMS_FILE = "params.yaml"
 _MISSING = dataclasses.MISSING
 
 
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+# Top-level folders an output path may never point into.
+RESERVED_TOPS = {".git", ".dvc", "models", "pipeline", "training", "stages", "tests", "configs", "scripts", "bench"}
+
+
 def param(default: Any = _MISSING, *, min: float | None = None, max: float | None = None,
-          choices: tuple | None = None, default_factory: Any = _MISSING) -> Any:
-    """A dataclass field with validation metadata. Without default the key is required."""
-    meta = {"min": min, "max": max, "choices": choices}
+          choices: tuple | None = None, default_factory: Any = _MISSING, kind: str | None = None) -> Any:
+    """A dataclass field with validation metadata. Without default the key is required.
+
+    kind "out_path": a path the stage writes, which must stay inside the project (relative, no `..`, not into
+    the code or .git/.dvc); kind "name": a dataset / split name used inside file names (letters, digits, _ -)."""
+    meta = {"min": min, "max": max, "choices": choices, "kind": kind}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -75,6 +85,7 @@ def from_dict(cls: type[T], raw: Any, where: str, source: str = PARAMS_FILE) -> 
             continue
         value = _coerce(hints[name], raw[name], key, source)
         _check_range(f.metadata, value, key, source)
+        _check_kind(f.metadata.get("kind"), value, key, source)
         values[name] = value
     return cls(**values)
 
@@ -165,11 +176,50 @@ def _check_range(meta: Any, value: Any, key: str, source: str) -> None:
                         + (f" and >= {lo})" if lo is not None else ")"))
 
 
+# The folder outputs must stay in: set by the orchestration while it validates; otherwise the folder of the params
+# file being read (a stage's own command line), else the working directory.
+PROJECT_ROOT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("tokenmill_project_root", default=None)
+
+
+def check_out_path(value: str, key: str, source: str) -> None:
+    """Outputs stay inside the project: a path that resolves inside it, without `..`, not into the code, .git
+    or .dvc, and not the project folder itself."""
+    root = PROJECT_ROOT.get() or (Path(source).parent if Path(source).is_file() else Path.cwd())
+    root = root.resolve()
+    target = (root / value).resolve() if value else root
+    rel = target.relative_to(root).parts if target.is_relative_to(root) else None
+    if not value or value.strip() != value or ".." in Path(value).parts or not rel or rel[0] in RESERVED_TOPS:
+        raise UserError(f"{source}: {key} = {value!r} is not allowed (allowed: a path inside the project {root}, "
+                        f"e.g. data/..., without '..' and outside {', '.join(sorted(RESERVED_TOPS))})")
+
+
+def check_name(value: str, key: str, source: str) -> None:
+    if not NAME_RE.match(value):
+        raise UserError(f"{source}: {key} = {value!r} is not allowed (allowed: letters, digits, _ and -, "
+                        f"not starting with -)")
+
+
+def check_dataset_name(name: Any, source: str) -> None:
+    """A key under `datasets:` names folders and DVC stages (prepare@<name>): letters, digits and _ only."""
+    if not isinstance(name, str) or not name.replace("_", "").isalnum() or not name.isascii():
+        raise UserError(f"{source}: dataset name {name!r} is not allowed (allowed: letters, digits and _)")
+
+
+def _check_kind(kind: str | None, value: Any, key: str, source: str) -> None:
+    if kind is None or value is None:
+        return
+    if kind == "out_path":
+        check_out_path(value, key, source)
+    elif kind == "name":
+        check_name(value, key, source)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b.c=value` -> ('a.b.c', parsed YAML value); the same syntax as `dvc exp run -S`."""
     if "=" not in text:
         raise UserError(f"override {text!r} must look like key.path=value")
     key, raw = text.split("=", 1)
+    raw = raw.strip()
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:

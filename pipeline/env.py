@@ -19,3 +19,9 @@ DEFAULTS = {
 
 for _key, _value in DEFAULTS.items():
     os.environ.setdefault(_key, _value)
+
+# The commands tokenmill runs (dvc, prefect) come from the environment its interpreter belongs to, also when the
+# virtual environment was not activated (`.venv/bin/python -m pipeline ...`).
+_bin = os.path.dirname(os.path.abspath(__import__("sys").executable))
+if _bin not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")

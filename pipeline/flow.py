@@ -17,8 +17,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from pipeline import artifacts
-from pipeline.config import set_params_file
 from pipeline.dvc_repair import repair_rwlock
+from pipeline.errors import UserError
+from pipeline.runs import run_with_overrides
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 USER_ERROR_EXIT = 2  # stages exit 2 on a user mistake: retrying cannot help
@@ -51,7 +52,7 @@ def select(names: list[str], wanted: list[str] | None) -> list[str]:
         return names
     unknown = [w for w in wanted if not any(n == w or n.split("@")[0] == w for n in names)]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {names}")
+        raise UserError(f"unknown stage {unknown[0]!r} (dvc.yaml has: {', '.join(names)})")
     return [n for n in names if n in wanted or n.split("@")[0] in wanted]
 
 
@@ -101,6 +102,23 @@ def run_stage(name: str, force: bool = False, root: str = str(PROJECT_ROOT)) -> 
     return {"stage": name, "status": status, "seconds": seconds}
 
 
+def _run_pipeline(stages: list[str] | None, force: bool, overrides: list[str] | None,
+                  root: Path) -> list[dict[str, Any]]:
+    logger = get_run_logger()
+    overrides = list(overrides or [])
+    with run_with_overrides(root, overrides):  # validated before anything is written; undone if the run fails
+        if overrides:
+            logger.info("params.yaml updated: %s", ", ".join(overrides))
+        names = select(stage_names(root), stages)
+        results = []
+        for name in names:
+            result = run_stage(name, force=force, root=str(root))
+            artifacts.publish_stage(name, root)
+            results.append(result)
+    artifacts.publish_summary(results)
+    return results
+
+
 @flow(name="tokenmill")
 def tokenmill_pipeline(stages: list[str] | None = None, force: bool = False,
                        overrides: list[str] | None = None, root: str = str(PROJECT_ROOT)) -> list[dict[str, Any]]:
@@ -109,19 +127,29 @@ def tokenmill_pipeline(stages: list[str] | None = None, force: bool = False,
     Args:
         stages: stage names to run (full `prepare@fashion_mnist` or base `prepare`); default all, in order.
         force: re-run the selected stages even when DVC says they are up to date.
-        overrides: params.yaml edits applied first, `key.path=value` as in `dvc exp run -S`.
+        overrides: params.yaml edits applied first, `key.path=value` as in `dvc exp run -S`; validated before
+            anything is written, undone when the run fails.
         root: the project folder (holding dvc.yaml and params.yaml).
     """
-    logger = get_run_logger()
-    rootp = Path(root)
-    if overrides:
-        set_params_file(rootp / "params.yaml", overrides)
-        logger.info("params.yaml updated: %s", ", ".join(overrides))
-    names = select(stage_names(rootp), stages)
-    results = []
-    for name in names:
-        result = run_stage(name, force=force, root=root)
-        artifacts.publish_stage(name, rootp)
-        results.append(result)
-    artifacts.publish_summary(results)
-    return results
+    return _run_pipeline(stages, force, overrides, Path(root))
+
+
+def deployment_flow(root: Path):
+    """The flow a deployment serves: the project folder is fixed here, at serve time, and is not a parameter a
+    run started from the UI (or any client of the API) could point elsewhere."""
+    root = Path(root).resolve()
+
+    @flow(name="tokenmill")
+    def tokenmill(stages: list[str] | None = None, force: bool = False,
+                  overrides: list[str] | None = None) -> list[dict[str, Any]]:
+        """Run the tokenmill pipeline in the served project.
+
+        Args:
+            stages: stage names to run (full `prepare@fashion_mnist` or base `prepare`); default all, in order.
+            force: re-run the selected stages even when DVC says they are up to date.
+            overrides: params.yaml edits, `key.path=value` as in `dvc exp run -S`; validated before anything is
+                written, undone when the run fails.
+        """
+        return _run_pipeline(stages, force, overrides, root)
+
+    return tokenmill

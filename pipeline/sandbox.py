@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "pipeline", "stages", "models", "pyproject.toml")
+PROJECT_FILES = ("dvc.yaml", "pipeline", "stages", "models", "training", "pyproject.toml")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_STEMS = ("train", "t10k")
 

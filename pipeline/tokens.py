@@ -38,6 +38,7 @@ import json
 import os
 import struct
 from operator import itemgetter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
@@ -151,6 +152,14 @@ def open_readonly(path: str | Path) -> lmdb.Environment:
 # LMDB allows one Environment per file per process, so every reader in a process shares one, keyed by the
 # file's identity (a store re-created at the same path is a new file) and the pid (a forked child opens its own).
 _READERS: dict[tuple[int, int, int], lmdb.Environment] = {}
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _reader_key(path: Path) -> tuple[int, int, int]:
@@ -331,6 +340,9 @@ class TokenLMDBDataset(Dataset):
     def __init__(self, path: str | Path, split: str | None = None, *, hflip: bool = True,
                  vqgan_fingerprint: str | None = None, vqgan_where: str = "the VQGAN in use"):
         self.path = store_lmdb(path)
+        # The file this reader checked: `tokenize` swaps in a new store as a new file, and a reader must never
+        # serve another codebook's tokens under the fingerprint it checked (see _reader).
+        self._file_id = _file_id(self.path)
         with read_txn(self.path) as txn:  # nothing stays open: workers fork without an Environment
             self.meta = _meta_from(txn, self.path)
             check_store(self.meta, self.path, vqgan_fingerprint, vqgan_where)
@@ -351,6 +363,9 @@ class TokenLMDBDataset(Dataset):
 
     def _reader(self) -> lmdb.Transaction:
         if self._pid != os.getpid():  # first use in this process (main or a worker): open our own
+            if _file_id(self.path) != self._file_id:
+                raise UserError(f"{self.path.parent}: the token store was replaced after this reader checked it "
+                                f"(codebook fingerprint {self.meta['fingerprint'][:16]}); open it again")
             self._env = shared_reader(self.path)
             self._txn = self._env.begin()  # one long read transaction: the store never changes
             self._pid = os.getpid()
@@ -518,3 +533,17 @@ def write_token_shards(lmdb_path: Path, out_dir: Path, order: dict[str, list[byt
             sizes.update(zip(writer.shards, writer.sizes))
     write_json(out_dir / "sizes.json", sizes)
     return sizes
+
+
+@dataclass
+class TokenData:
+    """A split of the token store in memory: uint16 grids are small (60k x 8x8 = 7.7 MB)."""
+    tokens: torch.Tensor  # [N, h*w] int64
+    labels: torch.Tensor  # [N]
+    meta: dict
+
+    @classmethod
+    def load(cls, store: Path, split: str, hflip: bool, fingerprint: str, where: str) -> "TokenData":
+        ds = TokenLMDBDataset(store, split, hflip=hflip, vqgan_fingerprint=fingerprint, vqgan_where=where)
+        grids, labels = ds.get_batch(range(len(ds)))
+        return cls(grids.flatten(1), labels, ds.meta)

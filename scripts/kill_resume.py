@@ -51,7 +51,7 @@ LONG = ["train_vqgan", "tokenize@fashion_mnist", "train_transformer", "sample", 
 VOLATILE = re.compile(r"(per_s|_s_|seconds|_time|time_s|_s$|elapsed|tflops|mfu|this_run|resumed_records)")
 TIMING_LINE = re.compile(r"\d s\b|/s\b")  # report lines that state wall times or rates
 TEMP = re.compile(r"^\..+\.(tmp|old)-\d+$|^\..+\.partial$")
-WORK_DIRS = ("data/checkpoints",)  # resume state, not outputs (persist outs DVC does not cache)
+WORK_DIRS = ("data/checkpoints",)  # resume state: work folders, not DVC outs
 
 
 def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -97,8 +97,8 @@ def snapshot(project: Path) -> tuple[dict[str, str], list[str]]:
     files, temps = {}, []
     for path in sorted((project / "data").rglob("*")):
         rel = path.relative_to(project).as_posix()
-        if any(rel.startswith(w) for w in WORK_DIRS):
-            continue
+        if any(rel.startswith(w) for w in WORK_DIRS) or rel.endswith(".run.json"):
+            continue  # resume state, and run logs (absent when DVC restored the stage from its run cache)
         if any(TEMP.match(part) for part in path.relative_to(project).parts):
             if TEMP.match(path.name):
                 temps.append(rel)

@@ -20,15 +20,17 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.atomic import write_json
+from pipeline.atomic import check_replaceable, new_partial_dir, replace_dir, write_json
 from pipeline.config import param, section
-from pipeline.errors import UserError, run_stage_cli
+from pipeline.errors import UserError
+from pipeline.stage_cli import run_stage_cli
 from pipeline.fid import Protocol, compute_metrics
 from pipeline.prepared import PreparedImages, read_manifest
-from pipeline.report import (markdown_table, metric_rows, new_figure, protocol_lines, save_figure, save_rows_grid, write_text)
+from pipeline.report import (markdown_table, metric_rows, new_figure, protocol_lines, save_figure, save_rows_grid,
+                             write_text)
 from pipeline.vqgan_io import load_vqgan, to_model_range, to_uint8
-from stages.fid_ref import (NetworkParams, Reference, ResizeMode, check_reference, features_of, image_batches,
-                            load_network, load_reference)
+from pipeline.fid_reference import (NetworkParams, Reference, ResizeMode, check_reference, features_of, image_batches,
+                                    load_network, load_reference)
 
 log = logging.getLogger("tokenmill.eval_vqgan")
 SECTIONS = ("eval_vqgan",)
@@ -37,7 +39,7 @@ N_WORST = 8
 
 @dataclass
 class EvalVQGANParams:
-    dataset: str = "fashion_mnist"
+    dataset: str = param("fashion_mnist", kind="name")
     prepared_dir: str = "data/prepared"
     vqgan_dir: str = "data/vqgan"
     reference: str = "data/fid_ref/fashion_mnist-val-tf_bilinear"  # a fid_ref output folder
@@ -48,8 +50,8 @@ class EvalVQGANParams:
     kid_subsets: int = param(100, min=1)
     kid_subset_size: int = param(1000, min=2)
     pr_k: int = param(3, min=1)
-    metrics: str = "data/metrics/eval_vqgan.json"
-    report_dir: str = "data/reports/eval_vqgan"
+    metrics: str = param("data/metrics/eval_vqgan.json", kind="out_path")
+    report_dir: str = param("data/reports/eval_vqgan", kind="out_path")
     network: NetworkParams = field(default_factory=NetworkParams)
 
 
@@ -65,6 +67,7 @@ def reconstruct(model: torch.nn.Module, images: torch.Tensor, device: torch.devi
 
 
 def run(cfg: EvalVQGANParams) -> None:
+    check_replaceable(cfg.report_dir, "eval_vqgan")
     t_start = time.monotonic()
     prepared = Path(cfg.prepared_dir) / cfg.dataset
     manifest = read_manifest(prepared)
@@ -115,8 +118,7 @@ def run(cfg: EvalVQGANParams) -> None:
 def write_report(cfg: EvalVQGANParams, ref: Reference, vqgan_meta: dict, metrics: dict, model: torch.nn.Module,
                  data: PreparedImages, order: list[int], distance: np.ndarray, device: torch.device,
                  timing: dict) -> None:
-    out = Path(cfg.report_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_partial_dir(cfg.report_dir)
     labels = [data.entries[i].label for i in order]
     class_names = ref.meta["class_names"]
     per_class = sorted({c: pos for pos, c in reversed(list(enumerate(labels)))}.items())[:10]
@@ -160,6 +162,7 @@ def write_report(cfg: EvalVQGANParams, ref: Reference, vqgan_meta: dict, metrics
         f"{timing['feature_seconds']:.1f} s ({timing['images'] / max(timing['feature_seconds'], 1e-9):.1f} "
         f"images/s, {device}); whole stage {timing['total_seconds']:.1f} s.\n")
     write_text(out / "report.md", text)
+    replace_dir(out, Path(cfg.report_dir), "eval_vqgan")
 
 
 if __name__ == "__main__":

@@ -31,15 +31,16 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.atomic import write_json
+from pipeline.atomic import check_replaceable, new_partial_dir, replace_dir, write_json
 from pipeline.config import param, section
-from pipeline.errors import UserError, run_stage_cli
+from pipeline.errors import UserError
+from pipeline.stage_cli import run_stage_cli
 from pipeline.fid import Protocol, compute_metrics, frechet_distance, stats, with_protocol
 from pipeline.prepared import read_manifest
 from pipeline.report import (code_usage, markdown_table, metric_rows, new_figure, protocol_lines, save_figure,
                              save_rows_grid, write_text)
 from pipeline.shards import iter_tar_samples
-from stages.fid_ref import NetworkParams, Reference, ResizeMode, check_reference, features_of, load_network, \
+from pipeline.fid_reference import NetworkParams, Reference, ResizeMode, check_reference, features_of, load_network, \
     load_reference
 
 log = logging.getLogger("tokenmill.evaluate")
@@ -54,7 +55,8 @@ READ_BATCH = 64
 @dataclass
 class EvaluateParams:
     samples_dir: str = "data/samples/default"  # a sample stage output folder
-    dataset: str = "fashion_mnist"  # the dataset the generator learned (its prepared manifest has the fingerprint)
+    # the dataset the generator learned (its prepared manifest has the fingerprint)
+    dataset: str = param("fashion_mnist", kind="name")
     prepared_dir: str = "data/prepared"
     reference: str = "data/fid_ref/fashion_mnist-val-tf_bilinear"  # a fid_ref output folder
     resize: ResizeMode = "tf_bilinear"  # must be the reference's
@@ -65,8 +67,8 @@ class EvaluateParams:
     pr_k: int = param(3, min=1)
     per_class_min: int = param(100, min=2)  # per-class FID from fewer samples (either side) is flagged
     grid_per_class: int = param(10, min=1)  # grid columns (rows: classes, or 4 rows when unconditional)
-    metrics: str = "data/metrics/evaluate.json"
-    report_dir: str = "data/reports/evaluate"
+    metrics: str = param("data/metrics/evaluate.json", kind="out_path")
+    report_dir: str = param("data/reports/evaluate", kind="out_path")
     network: NetworkParams = field(default_factory=NetworkParams)
 
 
@@ -208,6 +210,7 @@ def per_class_fid(ref: Reference, fake: np.ndarray, labels: np.ndarray, class_na
 
 
 def run(cfg: EvaluateParams) -> None:
+    check_replaceable(cfg.report_dir, "evaluate")
     t_start = time.monotonic()
     folder = Path(cfg.samples_dir)
     sm = read_samples_manifest(folder)
@@ -259,8 +262,7 @@ def run(cfg: EvaluateParams) -> None:
 
 def write_report(cfg: EvaluateParams, sm: dict, ref: Reference, metrics: dict, stream: SampleStream,
                  labels: np.ndarray, skipped: list[str], device: torch.device, timing: dict) -> None:
-    out = Path(cfg.report_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_partial_dir(cfg.report_dir)
     names = sm["class_names"]
     if sm["conditional"]:
         rows = [torch.stack(stream.grid[c]) for c in sorted(stream.grid)]
@@ -327,6 +329,7 @@ def write_report(cfg: EvaluateParams, sm: dict, ref: Reference, metrics: dict, s
         f"({timing['images'] / max(timing['feature_seconds'], 1e-9):.1f} images/s, {device}); whole stage "
         f"{timing['total_seconds']:.1f} s.\n")
     write_text(out / "report.md", text)
+    replace_dir(out, Path(cfg.report_dir), "evaluate")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.atomic import replace_dir, write_json
-from pipeline.config import asdict, from_dict, load_params, param, section
-from pipeline.errors import UserError, run_stage_cli
+from pipeline.atomic import check_replaceable, replace_dir, write_json
+from pipeline.config import asdict, check_dataset_name, from_dict, load_params, param, section
+from pipeline.errors import UserError
+from pipeline.stage_cli import run_stage_cli
 from pipeline.images import SkipImage, conform, decode_image, encode_png
 from pipeline.shards import ShardWriter, iter_tar_samples
 
@@ -55,7 +56,7 @@ class DatasetSpec:
 @dataclass
 class PrepareParams:
     """params.yaml `prepare:` (shared by every dataset)."""
-    out_dir: str = "data/prepared"
+    out_dir: str = param("data/prepared", kind="out_path")
     shard_size: int = param(10000, min=1)
     min_side: int = param(8, min=1)  # smaller inputs are skipped (a 1x1 image carries nothing)
     max_pixels: int = param(50_000_000, min=1)  # decompression-bomb guard
@@ -230,6 +231,7 @@ def assign_split(sample: RawSample, spec: DatasetSpec, seed: int) -> str:
 
 
 def run(cfg: PrepareConfig) -> None:
+    check_replaceable(cfg.out, "prepare")
     spec, pp = cfg.dataset, cfg.prepare
     src = Path(spec.path)
     if not src.exists():
@@ -322,7 +324,7 @@ def run(cfg: PrepareConfig) -> None:
             "converted": dict(conversions),
         })
         write_json(tmp / "manifest.json", manifest)
-        replace_dir(tmp, final)
+        replace_dir(tmp, final, "prepare")
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -341,13 +343,13 @@ def check(params: dict, source: str) -> None:
     if not isinstance(datasets, dict) or not datasets:
         raise UserError(f"{source}: section 'datasets' must map names to dataset entries")
     for name, raw in datasets.items():
-        if not str(name).replace("_", "").isalnum():
-            raise UserError(f"{source}: dataset name {name!r} must be letters, digits and _")
+        check_dataset_name(name, source)
         from_dict(DatasetSpec, raw, f"datasets.{name}", source)
     section(params, "prepare", PrepareParams, source)
 
 
 def load_config(params_path: str, name: str) -> PrepareConfig:
+    check_dataset_name(name, "--dataset")
     params = load_params(params_path)
     datasets = params.get("datasets") or {}
     if name not in datasets:

@@ -25,13 +25,15 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from models.gpt import GPT, GPTConfig
-from pipeline.atomic import replace_dir, write_json
+from pipeline.atomic import check_replaceable, replace_dir, write_json
 from pipeline.config import param, section
-from pipeline.errors import UserError, run_stage_cli
-from pipeline.gan_training import generator_from_config, snap_to_codes
+from pipeline.errors import UserError
+from pipeline.stage_cli import run_stage_cli
+from models.gan import generator_from_config, snap_to_codes
 from pipeline.images import encode_png
+from pipeline.runlog import write_metrics
 from pipeline.shards import ShardWriter
-from pipeline.training import autocast, pick_device
+from pipeline.device import autocast, pick_device
 from pipeline.vqgan_io import check_fingerprint, load_vqgan, to_uint8
 
 log = logging.getLogger("tokenmill.sample")
@@ -42,8 +44,8 @@ SECTIONS = ("sample",)
 class SampleParams:
     model_dir: str = "data/transformer"
     vqgan_dir: str = "data/vqgan"
-    out_dir: str = "data/samples/default"
-    metrics: str = "data/metrics/sample.json"
+    out_dir: str = param("data/samples/default", kind="out_path")
+    metrics: str = param("data/metrics/sample.json", kind="out_path")
     n: int = param(1000, min=1)
     batch_size: int = param(100, min=1)
     temperature: float = param(1.0, min=0.0)  # 0: greedy
@@ -86,6 +88,7 @@ def labels_for(n: int, n_classes: int) -> torch.Tensor | None:
 
 
 def run(cfg: SampleParams) -> None:
+    check_replaceable(cfg.out_dir, "sample")
     device = pick_device(cfg.device)
     model, meta = load_stage2(Path(cfg.model_dir), device)
     vqgan, vmeta = load_vqgan(cfg.vqgan_dir, device)
@@ -151,11 +154,11 @@ def run(cfg: SampleParams) -> None:
     }
     write_json(tmp / "manifest.json", manifest)
     save_class_grid(tmp / "grid.png", grid_rows)
-    replace_dir(tmp, final)
-    write_json(cfg.metrics, {"images": done, "seconds": round(seconds, 2),
-                             "images_per_s": round(done / seconds, 2) if seconds > 0 else None,
-                             "tokens_per_s": round(done * h * w / seconds, 1) if seconds > 0 else None,
-                             "device": device.type, "batch_size": cfg.batch_size, "cfg_scale": cfg.cfg_scale})
+    replace_dir(tmp, final, "sample")
+    write_metrics(cfg.metrics, {"images": done, "batch_size": cfg.batch_size, "cfg_scale": cfg.cfg_scale},
+                  {"seconds": round(seconds, 2), "images_per_s": round(done / seconds, 2) if seconds > 0 else None,
+                   "tokens_per_s": round(done * h * w / seconds, 1) if seconds > 0 else None,
+                   "device": device.type})
     log.info("sampled %d images in %.1f s (%.2f images/s) -> %s", done, seconds, done / max(seconds, 1e-9), final)
 
 

@@ -19,9 +19,11 @@ order, so the store has the same bytes whatever the number of ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -37,14 +39,18 @@ from tqdm import tqdm
 
 from models.quantizer import nearest_codes
 from models.vqgan import VQGAN
-from pipeline.atomic import atomic_path, read_json, replace_dir, write_json
-from pipeline.config import from_dict, load_params, param, section
-from pipeline.errors import UserError, run_stage_cli
+from pipeline.atomic import atomic_path, read_json, check_replaceable, replace_dir, write_json
+from pipeline.config import check_dataset_name, load_params, param, section
+from pipeline.errors import UserError
+from pipeline.stage_cli import run_stage_cli
+from pipeline.runlog import write_metrics
+from pipeline.codegraph import code_fingerprint
+from pipeline.locks import exclusive
 from pipeline.prepared import PreparedImages, read_manifest
 from pipeline.tokens import (DTYPE_CODES, DTYPE_NAMES, FLAG_HFLIP, FORMAT, HEADER_SIZE, HFLIP_SUFFIX, KEYS_PREFIX,
                              LMDB_NAME, META_KEY, RECORD_VERSION, SHARDS_DIR, LMDBWriter, TokenLMDBDataset,
                              decode_batch, dtype_code, encode_records, iter_merged, read_keys, write_token_shards)
-from pipeline.training import init_distributed, pick_device
+from pipeline.device import init_distributed, pick_device
 from pipeline.vqgan_io import load_vqgan, to_model_range
 
 log = logging.getLogger("tokenmill.tokenize")
@@ -59,9 +65,9 @@ class TokenizeParams:
     """params.yaml `tokenize:` (shared by every dataset)."""
     prepared_dir: str = "data/prepared"  # input: <prepared_dir>/<dataset>
     vqgan_dir: str = "data/vqgan"  # model.safetensors + config.json from train_vqgan
-    out_dir: str = "data/tokens"  # output: <out_dir>/<dataset>
-    metrics_dir: str = "data/metrics"  # tokenize_<dataset>.json
-    plots_dir: str = "data/plots"  # tokenize_<dataset>_code_usage.png
+    out_dir: str = param("data/tokens", kind="out_path")  # output: <out_dir>/<dataset>
+    metrics_dir: str = param("data/metrics", kind="out_path")  # tokenize_<dataset>.json
+    plots_dir: str = param("data/plots", kind="out_path")  # tokenize_<dataset>_code_usage.png
     batch_size: int = param(256, min=1)
     shard_size: int = param(10000, min=1)  # samples per token shard
     hflip: bool = False  # also store a horizontally flipped copy of every image (key suffix _hflip)
@@ -94,6 +100,7 @@ def check(params: dict, source: str) -> TokenizeParams:
 
 
 def load_config(params_path: str, name: str) -> TokenizeConfig:
+    check_dataset_name(name, "--dataset")
     params = load_params(params_path)
     p = check(params, params_path)
     datasets = params.get("datasets") or {}
@@ -362,6 +369,15 @@ def _sum_over_ranks(values: list[float], world: int, op: str = "sum") -> list[fl
 # ---------------------------------------------------------------- the stage
 
 def run(cfg: TokenizeConfig) -> None:
+    check_replaceable(cfg.out, "tokenize")
+    # One writer per store: a second run into the same folder stops with one line (rank 0 holds the lock).
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with exclusive(cfg.out.parent / f".{cfg.out.name}.lock", f"token store {cfg.out}") if main_rank \
+            else contextlib.nullcontext():
+        _run(cfg)
+
+
+def _run(cfg: TokenizeConfig) -> None:
     p = cfg.params
     t_start = time.monotonic()
     device = pick_device(p.device)
@@ -383,7 +399,8 @@ def run(cfg: TokenizeConfig) -> None:
     grid = [manifest["resolution"] // f, manifest["resolution"] // f]
     code = dtype_code(model.cfg.n_codes)
     identity = {"format": FORMAT, "fingerprint": fp, "dataset_fingerprint": manifest["fingerprint"],
-                "hflip": p.hflip, "channels": [manifest["channels"], model.cfg.in_channels]}
+                "hflip": p.hflip, "channels": [manifest["channels"], model.cfg.in_channels],
+                "code": code_fingerprint("stages.tokenize")[:16]}  # parts from other code are not reused
     work = cfg.out.parent / f".{cfg.out.name}.partial"
     if dist.main:
         start_work(work, identity)
@@ -430,13 +447,16 @@ def run(cfg: TokenizeConfig) -> None:
     metrics = {
         "dataset": cfg.name, "images": len(items), "records": records, "per_split": meta["counts"],
         "grid": grid, "dtype": meta["dtype"], "n_codes": model.cfg.n_codes, "hflip": p.hflip,
-        "fingerprint": fp, "search": method, "device": device.type, "ranks": dist.world,
-        "encoded_this_run": int(encoded), "resumed_records": len(items) - int(encoded),
-        "images_per_s": round(encoded / seconds, 1) if encoded and seconds > 0 else None,
+        "fingerprint": fp,
         "bytes_per_image": {"lmdb": round((out / LMDB_NAME).stat().st_size / records, 1),
                             "shards": round(shard_bytes / records, 1),
                             "grid": grid[0] * grid[1] * DTYPE_CODES[code].itemsize},
         "roundtrip": roundtrip, "code_usage": usage_summary(counts),
+    }
+    run_facts = {
+        "search": method, "device": device.type, "ranks": dist.world,
+        "encoded_this_run": int(encoded), "resumed_records": len(items) - int(encoded),
+        "images_per_s": round(encoded / seconds, 1) if encoded and seconds > 0 else None,
         # where this run's time went: setup (model, shard index), encode loop, merge + shards, round-trip check
         "seconds": {"setup": round(t_merge - t_start - seconds, 2), "encode": round(seconds, 2),
                     "merge_and_shards": round(t_check - t_merge, 2),
@@ -445,48 +465,12 @@ def run(cfg: TokenizeConfig) -> None:
     if cfg.plot is not None:
         plot_usage(cfg.plot, counts, cfg.name)
     if cfg.metrics is not None:
-        write_json(cfg.metrics, metrics)
-    replace_dir(out, cfg.out)
+        write_metrics(cfg.metrics, metrics, run_facts)
+    replace_dir(out, cfg.out, "tokenize")
     shutil.rmtree(work)
     log.info("tokenized %s: %d records, grid %dx%d %s, %s images/s, code usage %.1f%%, round-trip %s -> %s",
-             cfg.name, records, grid[0], grid[1], meta["dtype"], metrics["images_per_s"],
+             cfg.name, records, grid[0], grid[1], meta["dtype"], run_facts["images_per_s"],
              100 * metrics["code_usage"]["usage_fraction"], "exact" if roundtrip["exact"] else "skipped", cfg.out)
-
-
-def tokenize_source(source: str | Path, vqgan: str | Path, out: str | Path, p: TokenizeParams, *,
-                    resolution: int | None = None, resize: str = "pad", background: int = 0,
-                    split: str = "random", metrics: str | Path | None = None) -> Path:
-    """Tokenize a prepared dataset folder (with manifest.json), an image folder or WebDataset tar(s) of images
-    with the VQGAN in `vqgan`, into the store folder `out`. Raw images are first prepared (stages.prepare) at
-    the VQGAN's resolution and channels into a work folder beside `out`, removed when done."""
-    from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
-    from stages.prepare import run as prepare_run
-
-    source, out, vqgan = Path(source), Path(out), Path(vqgan)
-    if not source.exists():
-        raise UserError(f"{source} does not exist")
-    name = out.name
-    staging = None
-    if (source / "manifest.json").is_file():
-        prepared = source
-    else:
-        vmeta = read_json(vqgan / "config.json") if (vqgan / "config.json").is_file() else None
-        if vmeta is None:
-            raise UserError(f"{vqgan / 'config.json'}: not found (give a VQGAN folder from train_vqgan)")
-        resolution = resolution or vmeta.get("resolution")
-        if resolution is None:
-            raise UserError(f"{vqgan}: config.json has no training resolution; pass --resolution")
-        kind = "webdataset" if source.suffix == ".tar" or any(source.glob("*.tar")) else "folder"
-        staging = out.parent / f".{name}.prepared"
-        spec = from_dict(DatasetSpec, {"source": kind, "path": str(source), "resolution": resolution,
-                                       "channels": vmeta["model"]["in_channels"], "resize": resize,
-                                       "background": background, "split": split}, f"tokenize {source}", "command line")
-        prepare_run(PrepareConfig(name, spec, PrepareParams(out_dir=str(staging))))
-        prepared = staging / name
-    run(TokenizeConfig(name, prepared, vqgan, out, Path(metrics) if metrics else None, None, p))
-    if staging is not None:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
 
 
 if __name__ == "__main__":

@@ -1,54 +1,36 @@
 """Stage `train_vqgan`: learn the stage-1 tokenizer (Taming Transformers' VQGAN) on prepared shards.
 
-Loss = reconstruction (L1/L2) + lpips_weight * LPIPS + quantizer loss + lambda * GAN (after disc_start), where
-lambda = disc_weight * |grad L_rec| / (|grad L_GAN| + delta) at the decoder's last layer. The codebook is kept
-healthy by k-means initialisation from encoder outputs, dead-code revival and l2-normalised low-dim codes.
+This module holds the stage's params, their check and `run`; the loop itself is training/vqgan.py.
 
 Outputs: `<out_dir>/model.safetensors` + `config.json`, `recon_grid.png`, `curves.png`; metrics JSON; a TSV log
-for DVC plots; checkpoints in `<ckpt_dir>` (a persist out: re-running resumes from the last good one).
+for DVC plots; checkpoints in `<ckpt_dir>` (a work folder: re-running resumes from the last good one
+made by the same code, params and data).
 Multi-GPU/CPU: `torchrun --nproc_per_node N -m stages.train_vqgan` (NCCL on CUDA, gloo on CPU).
 """
 from __future__ import annotations
 
-import csv
-import dataclasses
-import logging
-import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from models.discriminator import (NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss,
-                                  nonsaturating_d_loss, nonsaturating_g_loss)
-from models.lpips import LPIPS
-from models.vqgan import VQGAN, VQGANConfig
-from pipeline import checkpoint as ckpt
-from pipeline.atomic import atomic_path, write_json
+from models.vqgan import VQGANConfig
+from pipeline.atomic import check_replaceable
 from pipeline.config import param, section
-from pipeline.errors import UserError, run_stage_cli
-from pipeline.prepared import PreparedImages
-from pipeline.training import EMA, StepBatches, autocast, check_finite, config_hash, cosine_lr, init_distributed, pick_device, seed_everything, unwrap
-from pipeline.report import save_rows_grid
-from pipeline.vqgan_io import save_vqgan, to_model_range, to_uint8
+from pipeline.errors import UserError
+from pipeline.stage_cli import run_stage_cli
+from training.common import code_id
+from training.vqgan import train_vqgan
 
-log = logging.getLogger("tokenmill.train_vqgan")
 SECTIONS = ("train_vqgan",)
-NONFINITE_EXIT = 3
 
 
 @dataclass
 class LossParams:
     rec: Literal["l1", "l2"] = "l1"
-    lpips_weight: float = param(0.1, min=0.0)
+    lpips_weight: float = param(0.0, min=0.0)
     lpips_path: str | None = None  # standard LPIPS weights instead of the shipped shift-tolerant ones
     lpips_vgg_path: str | None = None  # VGG16 trunk weights, when lpips_path holds only the LPIPS heads
     disc_weight: float = param(0.1, min=0.0)
-    disc_start: int = param(1000, min=0)  # steps before the GAN term (and D training) switches on
+    disc_start: int = param(1500, min=0)  # steps before the GAN term (and D training) switches on
     disc_loss: Literal["hinge", "non_saturating"] = "hinge"
     disc_layers: int = param(2, min=1, max=5)
     disc_channels: int = param(32, min=4)
@@ -70,28 +52,29 @@ class OptimParams:
 
 @dataclass
 class TrainVQGANParams:
-    dataset: str = "fashion_mnist"
+    dataset: str = param("fashion_mnist", kind="name")
     prepared_dir: str = "data/prepared"
-    out_dir: str = "data/vqgan"
-    ckpt_dir: str = "data/checkpoints/train_vqgan"
-    metrics: str = "data/metrics/train_vqgan.json"
-    plots: str = "data/plots/train_vqgan.tsv"
-    steps: int = param(1000, min=1)
-    batch_size: int = param(64, min=1)
+    out_dir: str = param("data/vqgan", kind="out_path")
+    ckpt_dir: str = param("data/checkpoints/train_vqgan", kind="out_path")
+    metrics: str = param("data/metrics/train_vqgan.json", kind="out_path")
+    plots: str = param("data/plots/train_vqgan.tsv", kind="out_path")
+    steps: int = param(2000, min=1)
+    batch_size: int = param(32, min=1)
     grad_accum: int = param(1, min=1)
     ema: float | None = param(None, min=0.0, max=1.0)  # EMA decay of the exported weights; None: raw weights
     kmeans_init: bool = True
     kmeans_images: int = param(2048, min=1)  # images whose encoder outputs seed the codebook
-    ckpt_every: int = param(250, min=1)
+    ckpt_every: int = param(500, min=1)
     ckpt_keep: int = param(2, min=1)
-    log_every: int = param(25, min=1)
+    log_every: int = param(50, min=1)
     val_images: int | None = param(None, min=1)  # cap the val split for the final metrics
     seed: int = param(0, min=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True  # autocast on CUDA only
     max_memory_mb: int = param(4096, min=1)  # datasets up to this size are held in memory as uint8
     num_workers: int = param(2, min=0)  # loader workers when streaming from the shards
-    model: VQGANConfig = field(default_factory=VQGANConfig)
+    # the default preset's tokenizer (f = 4, 512 codes of dim 8); VQGANConfig's own defaults are a bigger model
+    model: VQGANConfig = field(default_factory=lambda: VQGANConfig(ch=16, ch_mult=(1, 2, 4), code_dim=8))
     loss: LossParams = field(default_factory=LossParams)
     optim: OptimParams = field(default_factory=OptimParams)
 
@@ -115,289 +98,9 @@ def check(params: dict, source: str) -> TrainVQGANParams:
     return cfg
 
 
-class Batches:
-    """The training images for a step: from memory (small datasets) or from the shards through a loader."""
-
-    def __init__(self, data: PreparedImages, cfg: TrainVQGANParams, rank: int, world: int):
-        self.sched = StepBatches(len(data), cfg.batch_size, cfg.seed, rank, world)
-        m = data.manifest
-        size_mb = len(data) * m["channels"] * m["resolution"] ** 2 / 2**20
-        self.memory = data.load_all()[0] if size_mb <= cfg.max_memory_mb else None
-        self.data, self.workers = data, cfg.num_workers
-
-    def iterate(self, start: int, stop: int):
-        if self.memory is not None:
-            for step in range(start, stop):
-                yield self.memory[self.sched.indices(step)]
-            return
-        sampler = [self.sched.indices(s).tolist() for s in range(start, stop)]
-        loader = torch.utils.data.DataLoader(self.data, batch_sampler=sampler, num_workers=self.workers,
-                                             persistent_workers=False)
-        for images, _ in loader:
-            yield images
-
-
-@torch.no_grad()
-def kmeans_init(model: VQGAN, images: torch.Tensor, seed: int, device: torch.device) -> None:
-    """Seed the codebook with k-means centroids of encoder outputs: every code starts where data is."""
-    zs = []
-    for chunk in images.split(256):
-        z = model.encode_latent(to_model_range(chunk).to(device))
-        zs.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float().cpu())
-    model.quantizer.kmeans_init(torch.cat(zs), seed=seed)
-
-
-@torch.no_grad()
-def evaluate(model: VQGAN, images: torch.Tensor, lpips: LPIPS | None, device: torch.device,
-             batch: int = 256) -> tuple[dict[str, float], torch.Tensor]:
-    """Reconstruction metrics on uint8 images; returns metrics and the reconstructions (uint8)."""
-    model.eval()
-    l1 = mse_psnr = lp = 0.0
-    all_idx, recons = [], []
-    for chunk in images.split(batch):
-        x = to_model_range(chunk).to(device)
-        recon, aux = model(x)
-        recon = recon.clamp(-1, 1).float()
-        l1 += (recon - x).abs().mean(dim=(1, 2, 3)).sum().item()
-        mse = ((recon - x) / 2).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)  # on the [0, 1] scale
-        mse_psnr += (-10 * torch.log10(mse)).sum().item()
-        if lpips is not None and min(x.shape[-2:]) >= 18:
-            lp += lpips(x, recon).sum().item()
-        all_idx.append(aux["indices"].cpu())
-        recons.append(to_uint8(recon).cpu())
-    n = len(images)
-    usage = model.quantizer.usage_stats(torch.cat(all_idx))
-    metrics = {"val_l1": l1 / n, "val_psnr": mse_psnr / n, "code_usage_pct": 100 * usage["usage_fraction"],
-               "perplexity": usage["perplexity"], "dead_codes": int(usage["dead_codes"]), "val_images": n}
-    if lpips is not None and min(images.shape[-2:]) >= 18:
-        metrics["val_lpips"] = lp / n
-    return metrics, torch.cat(recons)
-
-
-def plot_curves(path: Path, history: list[dict]) -> None:
-    """Loss and code-usage curves as a PNG (DVC's HTML plots need the internet for Vega)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    steps = [h["step"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key in ("rec", "lpips", "q", "g", "d"):
-        ys = [h.get(key) for h in history]
-        if any(y is not None for y in ys):
-            a.plot(steps, [np.nan if y is None else y for y in ys], label=key)
-    a.set_yscale("log"), a.set_xlabel("step"), a.legend(), a.set_title("training losses")
-    b.plot(steps, [h["usage_pct"] for h in history], label="code usage % (window)")
-    b.set_xlabel("step"), b.set_ylim(0, 105), b.legend(), b.set_title("codebook usage")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-
-
-def write_tsv(path: Path, history: list[dict]) -> None:
-    keys = ["step", "rec", "lpips", "q", "g", "d", "d_weight", "usage_pct", "perplexity", "lr"]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh, delimiter="\t")
-            w.writerow(keys)
-            for h in history:
-                w.writerow(["" if h.get(k) is None else f"{h[k]:.6g}" for k in keys])
-
-
 def run(cfg: TrainVQGANParams) -> None:
-    device = pick_device(cfg.device)
-    dist = init_distributed(device)
-    prepared = Path(cfg.prepared_dir) / cfg.dataset
-    train = PreparedImages(prepared, "train")
-    manifest = train.manifest
-    mcfg = dataclasses.replace(cfg.model, in_channels=manifest["channels"])
-    f = mcfg.downsample
-    if manifest["resolution"] % f:
-        raise UserError(f"train_vqgan.model.ch_mult gives downsampling {f}, which does not divide the "
-                        f"{cfg.dataset} resolution {manifest['resolution']}")
-    run_id = config_hash({"cfg": dataclasses.asdict(cfg) | {"device": None, "num_workers": None},
-                          "data": manifest["fingerprint"], "world": dist.world})
-
-    seed_everything(cfg.seed)
-    model = VQGAN(mcfg).to(device)
-    disc = NLayerDiscriminator(mcfg.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers,
-                               norm=cfg.loss.disc_norm).to(device)
-    lpips = None
-    if cfg.loss.lpips_weight > 0 or cfg.loss.lpips_path:
-        try:
-            lpips = LPIPS(cfg.loss.lpips_path, cfg.loss.lpips_vgg_path).to(device)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"train_vqgan.loss.lpips_path: {exc}") from None
-        if min(manifest["resolution"], manifest["resolution"]) < 18 and lpips.variant == "shift_tolerant":
-            raise UserError(f"train_vqgan.loss.lpips_weight > 0 needs images of at least 18x18 with the shipped "
-                            f"shift-tolerant LPIPS; {cfg.dataset} is {manifest['resolution']}")
-    o = cfg.optim
-    opt_g = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=o.disc_lr, betas=(o.beta1, o.beta2),
-                              weight_decay=o.weight_decay)
-    ema = EMA(model, cfg.ema) if cfg.ema is not None else None
-    batches = Batches(train, cfg, dist.rank, dist.world)
-
-    state = ckpt.load_latest(cfg.ckpt_dir, device, expect={"run_id": run_id})
-    history: list[dict] = []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        disc.load_state_dict(state["disc"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        ckpt.set_rng_state(state["rng"])
-        history, start = list(state["history"]), int(state["step"])
-        log.info("resuming from %s at step %d", cfg.ckpt_dir, start)
-    else:
-        start = 0
-        if cfg.kmeans_init:
-            g = torch.Generator().manual_seed(cfg.seed)
-            sample = torch.randperm(len(train), generator=g)[:cfg.kmeans_images]
-            images = batches.memory[sample] if batches.memory is not None else \
-                torch.stack([train[int(i)][0] for i in sample])
-            kmeans_init(model, images, cfg.seed, device)
-            if ema is not None:
-                ema = EMA(model, cfg.ema)
-
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [dist.local_rank] if device.type == "cuda" else None
-        model, disc = DDP(model, device_ids=ids), DDP(disc, device_ids=ids)
-    core = unwrap(model)
-    d_loss_fn = hinge_d_loss if cfg.loss.disc_loss == "hinge" else nonsaturating_d_loss
-    g_loss_fn = hinge_g_loss if cfg.loss.disc_loss == "hinge" else nonsaturating_g_loss
-    micro = cfg.batch_size // dist.world // cfg.grad_accum
-
-    def save_checkpoint(step: int) -> None:
-        if dist.main:
-            ckpt.save(cfg.ckpt_dir, {
-                "step": step, "run_id": run_id, "model": core.state_dict(), "disc": unwrap(disc).state_dict(),
-                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": ckpt.rng_state(),
-                "ema": ema.state_dict() if ema is not None else {}, "history": history}, step, keep=cfg.ckpt_keep)
-        dist.barrier()
-
-    model.train(), disc.train()
-    bar = tqdm(total=cfg.steps, initial=start, desc="train_vqgan", unit="step", disable=not dist.main,
-               mininterval=2.0, file=sys.stderr)
-    window: dict[str, float] = {}
-    core.quantizer.reset_usage()
-    t0, img_count = time.monotonic(), 0
-    for step, batch in zip(range(start, cfg.steps), batches.iterate(start, cfg.steps)):
-        lr = cosine_lr(step, o.lr, o.warmup_steps, cfg.steps, o.min_lr_ratio)
-        for group in opt_g.param_groups:
-            group["lr"] = lr
-        for group in opt_d.param_groups:
-            group["lr"] = lr * o.disc_lr / o.lr if o.lr > 0 else o.disc_lr
-        gan_on = step >= cfg.loss.disc_start and cfg.loss.disc_weight > 0
-        opt_g.zero_grad(set_to_none=True)
-        opt_d.zero_grad(set_to_none=True)
-        logs = {"rec": 0.0, "lpips": 0.0, "q": 0.0, "g": 0.0, "d": 0.0, "d_weight": 0.0}
-        pairs = []  # (real, fake.detach()) per micro-batch, for the discriminator pass
-        for chunk in batch.split(micro):
-            x = to_model_range(chunk).to(device, non_blocking=True)
-            with autocast(device, cfg.bf16):
-                recon, aux = model(x)
-                recon = recon.float()
-                rec = (recon - x).abs().mean() if cfg.loss.rec == "l1" else (recon - x).pow(2).mean()
-                use_lpips = lpips is not None and cfg.loss.lpips_weight > 0
-                p = lpips(x, recon).mean() if use_lpips else recon.new_zeros(())
-                nll = rec + cfg.loss.lpips_weight * p
-                loss = nll + aux["loss"]
-                if gan_on:
-                    g = g_loss_fn(disc(recon))
-                    w = cfg.loss.disc_weight * adaptive_weight(nll, g, core.last_layer(),
-                                                               max_weight=cfg.loss.adaptive_max)
-                    loss = loss + w * g
-                    logs["g"] += g.item() / cfg.grad_accum
-                    logs["d_weight"] += float(w) / cfg.grad_accum
-                    pairs.append((x, recon.detach()))
-            check_finite(step, cfg.ckpt_dir, loss=loss)
-            (loss / cfg.grad_accum).backward()
-            logs["rec"] += rec.item() / cfg.grad_accum
-            logs["lpips"] += float(p) / cfg.grad_accum
-            logs["q"] += aux["loss"].item() / cfg.grad_accum
-        if gan_on:
-            # The generator loss also reached D's weights; D's own update must not include that.
-            opt_d.zero_grad(set_to_none=True)
-            for x, fake in pairs:
-                with autocast(device, cfg.bf16):
-                    d = d_loss_fn(disc(x), disc(fake))
-                check_finite(step, cfg.ckpt_dir, disc_loss=d)
-                (d / cfg.grad_accum).backward()
-                logs["d"] += d.item() / cfg.grad_accum
-        if o.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt_g.step()
-        if gan_on:
-            opt_d.step()
-        if ema is not None:
-            ema.update()
-        img_count += cfg.batch_size
-        for k, v in logs.items():
-            window[k] = window.get(k, 0.0) + v
-        window["n"] = window.get("n", 0) + 1
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            usage = core.quantizer.usage_stats()  # assignments since the last log line
-            core.quantizer.reset_usage()
-            n = window.pop("n")
-            row = {"step": done, **{k: v / n for k, v in window.items()}, "lr": lr,
-                   "usage_pct": 100 * usage["usage_fraction"], "perplexity": usage["perplexity"]}
-            if not gan_on:
-                row["g"] = row["d"] = None
-            if cfg.loss.lpips_weight == 0:
-                row["lpips"] = None
-            history.append(row)
-            window = {}
-            rate = img_count / max(1e-9, time.monotonic() - t0)
-            bar.set_postfix(rec=f"{row['rec']:.4f}", usage=f"{row['usage_pct']:.0f}%", img_s=f"{rate:.0f}",
-                            refresh=False)
-        bar.update(1)
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            save_checkpoint(done)
-    bar.close()
-    train_seconds = time.monotonic() - t0
-    if not dist.main:
-        return
-    finish(cfg, core, ema, lpips, device, history, manifest, run_id,
-           images_per_s=img_count / max(1e-9, train_seconds) if img_count else None)
-
-
-def finish(cfg: TrainVQGANParams, model: VQGAN, ema: EMA | None, lpips: LPIPS | None, device: torch.device,
-           history: list[dict], manifest: dict, run_id: str, images_per_s: float | None) -> None:
-    """Final metrics on the val split, exported weights, plots and the reconstruction grid."""
-    final = ema.averaged() if ema is not None else model
-    val = PreparedImages(Path(cfg.prepared_dir) / cfg.dataset, "val")
-    images, labels = val.load_all()
-    if cfg.val_images is not None:
-        images, labels = images[:cfg.val_images], labels[:cfg.val_images]
-    if lpips is None:
-        try:
-            lpips = LPIPS().to(device)  # always report LPIPS when the images are big enough
-        except (OSError, ValueError):
-            lpips = None
-    metrics, recons = evaluate(final, images, lpips, device)
-    metrics.update({"steps": cfg.steps, "n_codes": final.cfg.n_codes, "grid": [
-        manifest["resolution"] // final.cfg.downsample] * 2, "train_images_per_s_last_run": images_per_s})
-    if lpips is not None:
-        metrics["lpips_variant"] = lpips.variant_info()["variant"]
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fp = save_vqgan(out, final, {"dataset": cfg.dataset, "dataset_fingerprint": manifest["fingerprint"],
-                                 "resolution": manifest["resolution"], "steps": cfg.steps, "run_id": run_id,
-                                 "ema": cfg.ema})
-    metrics["fingerprint"] = fp
-    # one image per class where possible, else the first 10
-    pick = [int((labels == c).nonzero()[0]) for c in labels.unique()[:10].tolist()]
-    pick = pick if len(pick) >= 4 else list(range(min(10, len(images))))
-    save_rows_grid(out / "recon_grid.png", [images[pick], recons[pick]], scale=3)
-    plot_curves(out / "curves.png", history)
-    write_tsv(Path(cfg.plots), history)
-    write_json(cfg.metrics, metrics)
-    log.info("val: L1 %.4f  PSNR %.2f dB  usage %.1f%%  perplexity %.1f  dead %d", metrics["val_l1"],
-             metrics["val_psnr"], metrics["code_usage_pct"], metrics["perplexity"], metrics["dead_codes"])
+    check_replaceable(cfg.out_dir, "train_vqgan")
+    train_vqgan(cfg, code=code_id("stages.train_vqgan"))
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import httpx
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
+from pipeline.errors import UserError
 from pipeline.flow import StageFailed, run_stage, tokenmill_pipeline
 
 
@@ -23,7 +25,15 @@ def flow_runs(project: str) -> dict:
     resp = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter",
                       json={"artifacts": {"key": {"like_": "prepare-"}}, "limit": 50})
     resp.raise_for_status()
-    return {"skipped": skipped, "changed": changed, "artifact_keys": sorted({a["key"] for a in resp.json()})}
+    # a typo in the overrides: refused before params.yaml is touched, as one line
+    before = (Path(project) / "params.yaml").read_bytes()
+    try:
+        tokenmill_pipeline(root=project, overrides=["prepare.shard_sizee=5"])
+        refused = None
+    except UserError as exc:
+        refused = str(exc)
+    return {"skipped": skipped, "changed": changed, "artifact_keys": sorted({a["key"] for a in resp.json()}),
+            "refused": refused, "params_unchanged": (Path(project) / "params.yaml").read_bytes() == before}
 
 
 def user_error(project: str) -> dict:

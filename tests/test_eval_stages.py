@@ -20,7 +20,8 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, make_project, write_idx
-from models.inception import PINNED_SHA256, default_network_path
+from models.inception import PINNED_SHA256
+from pipeline.fid_reference import default_network_path
 from models.vqgan import VQGAN, VQGANConfig
 from pipeline import artifacts
 from pipeline.errors import UserError
@@ -30,7 +31,8 @@ from pipeline.vqgan_io import save_vqgan
 from stages import eval_vqgan, evaluate, fid_ref
 from stages.eval_vqgan import EvalVQGANParams
 from stages.evaluate import EvaluateParams
-from stages.fid_ref import FidRefParams, NetworkParams, check_reference, load_reference
+from stages.fid_ref import FidRefParams
+from pipeline.fid_reference import NetworkParams, check_reference, load_reference
 from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
 from stages.prepare import run as prepare_run
 

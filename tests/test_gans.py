@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from models.attention import GridAttention, LadaAttention, MultiHeadAttention, WindowAttention, YLGAttention
-from models.gan_common import (FAMILIES, LadaConfig, STransGANConfig, TransGANConfig, build_discriminator,
-                               build_generator, d_loss, diff_augment, g_loss, gan_config, r1_penalty)
-from pipeline.training import EMA
+from models.gan_common import (FAMILIES, LadaConfig, STransGANConfig, TransGANConfig, d_loss, diff_augment, g_loss,
+                               gan_config, r1_penalty)
+from models.gan import build_discriminator, build_generator
+from training.common import EMA
 from models.gan_lada import LadaDiscriminator, LadaGenerator, LadaGeneratorBlock, SelfModulatedLayerNorm
 from models.gan_stransgan import (EqualConv2d, EqualLinear, SkipProjectionBlock, STransDiscriminator,
                                   STransGenerator, TrunkAdaNormBlock)

@@ -76,6 +76,9 @@ def test_prefect_flow_runs_stages_through_dvc_and_publishes_artifacts(project, t
     assert {x["stage"]: x["status"] for x in r["changed"]} == {"prepare@a": "skipped (unchanged)",
                                                                "prepare@b": "ran"}
     assert {"prepare-a-counts", "prepare-a-manifest", "prepare-b-counts"} <= set(r["artifact_keys"])
+    # the flow (and so the deployment) validates its overrides before writing anything
+    assert "unknown key 'prepare.shard_sizee'" in r["refused"] and "\n" not in r["refused"]
+    assert r["params_unchanged"]
 
 
 def test_flow_does_not_retry_user_errors(project, tmp_path):

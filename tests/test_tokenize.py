@@ -20,6 +20,8 @@ from models.vqgan import VQGAN, VQGANConfig
 from pipeline.config import set_params_file
 from pipeline.errors import UserError
 from pipeline.prepared import PreparedImages
+from pipeline.atomic import OWNER_FILE
+from pipeline.runlog import read_run_facts
 from pipeline.tokens import (FLAG_HFLIP, LMDBWriter, TokenLMDBDataset, decode_batch, decode_record, dtype_code,
                              encode_records, iter_token_shard, read_meta, read_txn, token_webdataset)
 from pipeline.vqgan_io import fingerprint, load_vqgan, save_vqgan
@@ -52,9 +54,10 @@ def params(**kw) -> TokenizeParams:
 
 
 def tokenize(data: dict[str, Path], out: Path, **kw) -> dict:
+    """Run the stage; its metrics merged with the run's own facts (resume counts, timing: read_run_facts)."""
     metrics = out.parent / f"metrics_{out.name}.json"
     run(TokenizeConfig("a", data["prepared"], data["vqgan"], out, metrics, None, params(**kw)))
-    return json.loads(metrics.read_text())
+    return json.loads(metrics.read_text()) | read_run_facts(metrics)
 
 
 def records(store: Path) -> dict[bytes, bytes]:
@@ -204,7 +207,7 @@ def test_sigkill_then_resume_gives_one_record_per_input(data, store, tmp_path):
     metrics = tokenize(data, out, hflip=True)
     assert metrics["encoded_this_run"] == 52 - 24 and metrics["resumed_records"] == 24
     assert metrics["roundtrip"]["exact"] is True
-    assert not work.exists() and not [p for p in out.rglob("*") if p.name.startswith(".")]
+    assert not work.exists() and [p.name for p in out.rglob("*") if p.name.startswith(".")] == [OWNER_FILE]
     assert records(out) == records(store)  # one record per input, the same as an uninterrupted run
 
 
@@ -265,6 +268,24 @@ class OpenedWhere(torch.utils.data.Dataset):
         return os.getpid(), self.ds._pid, id(self.ds._env)
 
 
+def test_reader_refuses_a_store_replaced_after_its_check(store, tmp_path):
+    """A reader checked one store's fingerprint; if tokenize swaps in another store at the same path before the
+    first read, the read stops with one line instead of serving the other codebook's tokens."""
+    import shutil
+
+    from pipeline.errors import UserError
+    copy = tmp_path / "a"
+    shutil.copytree(store, copy)
+    ds = TokenLMDBDataset(copy, "train")
+    moved = tmp_path / "b"
+    shutil.copytree(copy, moved)
+    shutil.rmtree(copy)
+    moved.rename(copy)  # the same path, another file: what the stage's folder swap does
+    with pytest.raises(UserError, match="replaced after this reader checked it"):
+        ds[0]
+    assert torch.equal(TokenLMDBDataset(copy, "train")[0][0], TokenLMDBDataset(store, "train")[0][0])
+
+
 def test_multiworker_dataloader_over_lmdb(store):
     ds = TokenLMDBDataset(store)
     assert ds._env is None  # nothing open in the parent after construction
@@ -323,7 +344,7 @@ def test_two_gloo_ranks_make_the_same_store_as_one(data, store, tmp_path):
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "tokens" / "a"
-    metrics = json.loads((tmp_path / "metrics" / "tokenize_a.json").read_text())
+    metrics = read_run_facts(tmp_path / "metrics" / "tokenize_a.json")
     assert metrics["ranks"] == 2 and metrics["encoded_this_run"] == 52
     assert records(two) == records(store)
     for rel in ("meta.json", "shards/sizes.json", "shards/train-000003.tar", "shards/val-000002.tar",

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import crash_after_first_checkpoint, make_idx_dataset, make_project
 from models.vqgan import VQGANConfig
 from pipeline import checkpoint as ckpt
-from pipeline.training import NonFiniteLoss
+from pipeline.errors import NonFiniteLoss
 from stages import train_vqgan
 from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
 from stages.prepare import run as prepare_run
@@ -63,7 +63,7 @@ def test_checkpoint_for_other_settings_is_not_resumed(prepared, tmp_path, caplog
     train_vqgan.run(tiny_cfg(prepared, tmp_path, steps=3))
     first = weights(tmp_path)
     train_vqgan.run(tiny_cfg(prepared, tmp_path, steps=3, seed=1))
-    assert "written with other settings" in caplog.text
+    assert "made by a run with other params or input data" in caplog.text
     assert any(not torch.equal(first[k], v) for k, v in weights(tmp_path).items())
 
 

@@ -6,20 +6,20 @@ interrupted-and-resumed CPU run ends with the same weights as an uninterrupted o
 """
 from __future__ import annotations
 
-import contextlib
 import copy
+import csv
 import hashlib
 import json
 import logging
 import math
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from pipeline.atomic import atomic_path
+from pipeline.codegraph import code_fingerprint
 from pipeline.errors import NonFiniteLoss  # noqa: F401  (raised here; stages import it from this module)
 
 log = logging.getLogger("tokenmill.training")
@@ -28,6 +28,12 @@ log = logging.getLogger("tokenmill.training")
 def config_hash(cfg: Any) -> str:
     """Stable hash of a JSON-able config (dataclasses via their dict), to refuse resuming another run."""
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def code_id(stage_module: str) -> str:
+    """The code part of a run's identity: a hash of the stage's import closure (pipeline/codegraph.py). A checkpoint
+    saved under another one is not resumed, so a re-run after a code change retrains with the new code."""
+    return code_fingerprint(stage_module)[:16]
 
 
 def seed_everything(seed: int) -> None:
@@ -39,58 +45,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:
         pass
-
-
-def pick_device(requested: str) -> torch.device:
-    # Denormal floats make CPU kernels crawl late in training, when some activations and grads get tiny.
-    torch.set_flush_denormal(True)
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available")
-    return torch.device(requested)
-
-
-def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (no loss scaling needed); full precision on CPU, where bf16 is slow."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            t = t.clone()
-            dist.all_reduce(t)
-            t /= self.world
-        return t
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local)
-    return Dist(dist.get_rank(), world, local)
 
 
 class StepBatches:
@@ -179,6 +133,16 @@ def check_finite(step: int, ckpt_dir: str | os.PathLike | None = None, **losses:
         last = step_files(Path(ckpt_dir)) if ckpt_dir is not None else []
         raise NonFiniteLoss(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v}" for k, v in bad.items())
                             + f"; last good checkpoint: {last[0] if last else 'none'}")
+
+
+def write_tsv(path: str | os.PathLike, history: list[dict], keys: list[str]) -> None:
+    """The training log as a TSV for DVC plots (one row per logged step; empty cell = not measured)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh, delimiter="\t")
+            w.writerow(keys)
+            for h in history:
+                w.writerow(["" if h.get(k) is None else f"{h[k]:.6g}" for k in keys])
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -34,7 +34,6 @@ batch-norm statistics are per rank). Logged values are rank 0's.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import sys
@@ -44,28 +43,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.gan_common import (GANConfig, build_discriminator, build_generator, d_loss, diff_augment, g_loss,
-                               gan_config, r1_penalty)
+from models.gan_common import GANConfig, d_loss, diff_augment, g_loss, gan_config, r1_penalty
+from models.gan import build_discriminator, build_generator, embed_tokens, project_to_codes_space, snap_to_codes
 from models.gan_transgan import sr_loss
-from models.quantizer import nearest_codes
 from pipeline import checkpoint as ckpt
-from pipeline.atomic import atomic_path, write_json
+from pipeline.atomic import atomic_path, new_partial_dir, replace_dir, write_json
 from pipeline.config import from_dict, param
 from pipeline.errors import UserError
 from pipeline.fid import Protocol, extract_features, frechet_distance, stats
 from pipeline.prepared import read_manifest
-from pipeline.training import EMA, Dist, StepBatches, autocast, check_finite, config_hash, seed_everything
+from training.common import EMA, StepBatches, check_finite, config_hash, seed_everything, write_tsv
+from pipeline.device import Dist, autocast
 from pipeline.vqgan_io import load_vqgan, to_uint8
-from stages.fid_ref import NetworkParams, check_reference, load_network, load_reference
+from pipeline.fid_reference import NetworkParams, check_reference, load_network, load_reference
+from pipeline.runlog import write_metrics
+from pipeline.tokens import TokenData
 
 if TYPE_CHECKING:
     from models.vqgan import VQGAN
-    from stages.train_transformer import TrainTransformerParams
 
 log = logging.getLogger("tokenmill.train_gan")
 
@@ -98,7 +97,7 @@ class GANParams:
     r1_gamma: float | None = param(None, min=0.0)
     diffaug: str | None = None  # comma-separated subset of translation, cutout; "" = off
     ema_decay: float | None = param(None, min=0.0, max=1.0)
-    ms_weight: float | None = param(None, min=0.0)  # mode-seeking term (MSGAN) in G's loss; null: the family's (off)
+    ms_weight: float | None = param(0.2, min=0.0)  # mode-seeking term (MSGAN) in G's loss; null or 0: off
     fid_every: int = param(0, min=0)  # FID of the EMA generator every this many steps; 0 = off
     fid_images: int = param(256, min=2)  # generated images per FID point (the reference's count is its own)
     fid_reference: str = "data/fid_ref/fashion_mnist-val-tf_bilinear"  # a fid_ref output folder
@@ -147,45 +146,14 @@ def config_dict(cfg: GANConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def generator_from_config(model: dict[str, Any]) -> nn.Module:
-    """Rebuild a generator from `config.json`'s "model" entry (the sample stage)."""
-    fields = dict(model)
-    return build_generator(gan_config(fields.pop("family"), **fields))
-
-
 # -----------------------------------------------------------------------------------------------------------------
-# Latent grids <-> tokens
-
-def embed_tokens(tokens: Tensor, codebook: Tensor, h: int, w: int) -> Tensor:
-    """Token grids (B, h * w) -> code vectors (B, d, h, w) in the lookup space (the real samples)."""
-    return codebook[tokens].view(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
-
+# The mode-seeking term
 
 def mode_seeking_ratio(fake1: Tensor, fake2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
     """MSGAN's ratio (Mao et al., 2019): mean |G(z1, y) - G(z2, y)| over mean |z1 - z2|, per pair, averaged. The
     generator adds ms_weight / ratio to its loss, so outputs of one class must move when the noise moves: a
     class-conditional G that maps every z of a class to one grid (intra-class mode collapse) pays for it."""
     return ((fake1 - fake2).abs().flatten(1).mean(1) / (z1 - z2).abs().mean(1)).mean()
-
-
-def project_to_codes_space(x: Tensor, l2_norm: bool) -> Tensor:
-    """Generator output as D sees it: unit vectors per cell when the codebook is l2-normalised (like every real
-    code), unchanged otherwise."""
-    return F.normalize(x, dim=1) if l2_norm else x
-
-
-@torch.no_grad()
-def snap_to_codes(latent: Tensor, codebook: Tensor, l2_norm: bool, chunk: int = 65536) -> Tensor:
-    """Latent grids (B, d, h, w) -> token grids (B, h, w): the nearest code of every vector (squared L2; after
-    l2-normalising the vector when the codebook is l2-normalised, i.e. the code with the largest cosine).
-    Chunked so the distance matrix stays at most chunk x n_codes."""
-    B, d, h, w = latent.shape
-    flat = latent.float().permute(0, 2, 3, 1).reshape(-1, d)
-    if l2_norm:
-        flat = F.normalize(flat, dim=1)
-    codebook = codebook.float()
-    idx = torch.cat([nearest_codes(part, codebook) for part in flat.split(chunk)])
-    return idx.view(B, h, w)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -272,10 +240,9 @@ class FIDTracker:
 # -----------------------------------------------------------------------------------------------------------------
 # The training run
 
-def train_gan(cfg: "TrainTransformerParams", device: torch.device, dist: Dist) -> None:
+def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     """Train cfg.gan's family on the token store, checkpointing for exact resume; the main rank writes the outputs."""
     # imported here: stages.train_transformer imports this module for GANParams
-    from stages.train_transformer import TokenData
 
     g = cfg.gan
     vq_dir = Path(cfg.vqgan_dir)
@@ -305,7 +272,7 @@ def train_gan(cfg: "TrainTransformerParams", device: torch.device, dist: Dist) -
     run_id = config_hash({"cfg": dataclasses.asdict(cfg) | {"device": None}, "tokens": fingerprint,
                           "count": meta["count"], "world": dist.world})
 
-    state = ckpt.load_latest(cfg.ckpt_dir, device, expect={"run_id": run_id})
+    state = ckpt.load_latest(cfg.ckpt_dir, device, expect={"run_id": run_id, "code": code})
     history: list[dict] = []
     # per-step values since the last log row (checkpointed, so a resumed run logs the same rows)
     window: dict[str, list[float]] = {k: [] for k in LOG_KEYS[1:-1]}
@@ -335,7 +302,8 @@ def train_gan(cfg: "TrainTransformerParams", device: torch.device, dist: Dist) -
 
     def save_checkpoint(step: int) -> None:
         if dist.main:
-            ckpt.save(cfg.ckpt_dir, {"step": step, "run_id": run_id, "G": G.state_dict(), "D": D.state_dict(),
+            ckpt.save(cfg.ckpt_dir, {"step": step, "run_id": run_id, "code": code,
+                                     "G": G.state_dict(), "D": D.state_dict(),
                                      "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                                      "ema": ema.state_dict(), "rng": ckpt.rng_state(), "history": history,
                                      "window": window, "train_seconds": train_seconds}, step, keep=cfg.ckpt_keep)
@@ -420,12 +388,11 @@ def train_gan(cfg: "TrainTransformerParams", device: torch.device, dist: Dist) -
                    train_seconds / cfg.steps, device, fid.protocol if fid is not None else None)
 
 
-def finish_gan(cfg: "TrainTransformerParams", G_ema: nn.Module, gcfg: GANConfig, history: list[dict],
+def finish_gan(cfg: Any, G_ema: nn.Module, gcfg: GANConfig, history: list[dict],
                fingerprint: str, class_names: list[str], l2_norm: bool, g_params: int, d_params: int,
                step_seconds: float, device: torch.device, fid_protocol: dict | None) -> None:
     """Write the EMA generator + config.json, the metrics JSON, the TSV log and curves.png."""
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_partial_dir(cfg.out_dir)
     sd = {k: v.detach().cpu().contiguous() for k, v in G_ema.state_dict().items()}
     with atomic_path(out / "model.safetensors") as tmp:
         save_file(sd, str(tmp))
@@ -440,8 +407,7 @@ def finish_gan(cfg: "TrainTransformerParams", G_ema: nn.Module, gcfg: GANConfig,
         "batch_size": cfg.batch_size, "g_params_m": round(g_params / 1e6, 3), "d_params_m": round(d_params / 1e6, 3),
         "g_loss": last["g_loss"], "d_loss": last["d_loss"], "r1": last["r1"],
         "d_acc_real": last["d_acc_real"], "d_acc_fake": last["d_acc_fake"],
-        "step_time_s": round(step_seconds, 5), "device": torch.cuda.get_device_name() if device.type == "cuda"
-        else "cpu", "fingerprint": fingerprint,
+        "fingerprint": fingerprint,
         "recipe": {"loss": gcfg.loss, "r1_gamma": gcfg.r1_gamma, "lr_g": gcfg.lr_g, "lr_d": gcfg.lr_d,
                    "betas": list(gcfg.betas), "ema_decay": gcfg.ema_decay, "diffaug": gcfg.diffaug,
                    "ms_weight": gcfg.ms_weight},
@@ -450,23 +416,16 @@ def finish_gan(cfg: "TrainTransformerParams", G_ema: nn.Module, gcfg: GANConfig,
         "fid": {"value": curve[-1]["value"], "protocol": fid_protocol} if curve else None,
         "fid_curve": curve,
     }
-    write_json(cfg.metrics, metrics)
-    write_gan_log(Path(cfg.plots), history)
+    write_metrics(cfg.metrics, metrics, {
+        "step_time_s": round(step_seconds, 5),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
+    write_tsv(Path(cfg.plots), history, LOG_KEYS)
     plot_gan_curves(out / "curves.png", history, gcfg.family)
+    replace_dir(out, Path(cfg.out_dir), "train_transformer")
     log.info("GAN %s: D loss %.3f, G loss %.3f, D acc real %.2f fake %.2f, %.3f s/step%s", gcfg.family,
              last["d_loss"] or float("nan"), last["g_loss"] or float("nan"), last["d_acc_real"] or float("nan"),
              last["d_acc_fake"] or float("nan"), step_seconds,
              f", FID {curve[-1]['value']:.2f}" if curve else "")
-
-
-def write_gan_log(path: Path, history: list[dict]) -> None:
-    """TSV for DVC plots: one row per logged step; empty cells where a value was not measured."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh, delimiter="\t")
-            writer.writerow(LOG_KEYS)
-            for h in history:
-                writer.writerow([h["step"]] + ["" if h.get(k) is None else f"{h[k]:.6g}" for k in LOG_KEYS[1:]])
 
 
 def plot_gan_curves(path: Path, history: list[dict], family: str) -> None:

@@ -1,0 +1,159 @@
+"""The project's import graph, read from the source (AST), not from a running interpreter.
+
+One graph serves three purposes:
+- a stage's code deps in dvc.yaml are the import closure of `stages/<name>.py` (`python -m pipeline deps`);
+- a stage's code fingerprint (part of its cache identity: checkpoints resume only under the same one) hashes
+  the same closure;
+- the layering test checks that imports point down only (models -> pipeline -> training -> stages ->
+  orchestration) and that there are no cycles.
+
+Every `import` / `from ... import` counts, at module level or inside a function. Importing `a.b.c` also runs
+`a/__init__.py` and `a/b/__init__.py`, so package `__init__` files are part of a closure.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("models", "pipeline", "training", "stages")
+
+# Modules of the pipeline package that orchestrate (may import stages); every other pipeline module is plumbing.
+ORCHESTRATION = frozenset({"pipeline.cli", "pipeline.flow", "pipeline.artifacts", "pipeline.__main__"})
+LAYERS = {"models": 0, "pipeline": 1, "training": 2, "stages": 3}
+
+
+def layer_of(module: str) -> int:
+    """models 0, plumbing 1, training 2, stages 3, orchestration 4."""
+    if module in ORCHESTRATION:
+        return 4
+    return LAYERS[module.split(".")[0]]
+
+
+def module_file(module: str, root: Path = ROOT) -> Path | None:
+    parts = module.split(".")
+    if parts[0] not in PACKAGES:
+        return None
+    base = root.joinpath(*parts)
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def project_modules(root: Path = ROOT) -> list[str]:
+    out = []
+    for pkg in PACKAGES:
+        for path in sorted((root / pkg).glob("*.py")):
+            out.append(pkg if path.name == "__init__.py" else f"{pkg}.{path.stem}")
+    return out
+
+
+def _resolve_relative(module: str, is_package: bool, level: int, name: str | None) -> str:
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (level - 1)] if level > 1 else base
+    return ".".join(base + ([name] if name else []))
+
+
+@lru_cache(maxsize=None)
+def _imports_cached(path: str, module: str, root: str) -> frozenset[str]:
+    rootp = Path(root)
+    tree = ast.parse(Path(path).read_text(), filename=path)
+    is_package = Path(path).name == "__init__.py"
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            target = (_resolve_relative(module, is_package, node.level, node.module) if node.level
+                      else node.module or "")
+            # `from pkg import name`: name is a submodule when a file for it exists, else an attribute of pkg
+            names = [target] + [f"{target}.{a.name}" for a in node.names
+                                if module_file(f"{target}.{a.name}", rootp) is not None]
+        else:
+            continue
+        for name in names:
+            if name != module and name.split(".")[0] in PACKAGES and module_file(name, rootp) is not None:
+                found.add(name)
+    return frozenset(found)
+
+
+def imports_of(module: str, root: Path = ROOT) -> set[str]:
+    """Project modules that `module` imports anywhere in its file (module and function level)."""
+    path = module_file(module, root)
+    if path is None:
+        raise KeyError(f"no project module {module!r} under {root}")
+    return set(_imports_cached(str(path), module, str(root)))
+
+
+def _with_parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def closure(module: str, root: Path = ROOT) -> list[str]:
+    """Every project module that importing `module` runs (itself, its imports, their packages), sorted."""
+    seen: set[str] = set()
+    todo = list(_with_parents(module))
+    while todo:
+        m = todo.pop()
+        if m in seen or module_file(m, root) is None:
+            continue
+        seen.add(m)
+        for dep in imports_of(m, root):
+            todo.extend(_with_parents(dep))
+    return sorted(seen)
+
+
+def closure_files(module: str, root: Path = ROOT) -> list[str]:
+    """The closure as paths relative to the project root (what dvc.yaml lists as code deps)."""
+    return sorted(module_file(m, root).relative_to(root).as_posix() for m in closure(module, root))
+
+
+def code_fingerprint(module: str, root: Path = ROOT) -> str:
+    """sha256 over the closure's paths and contents: changes whenever any file `module` runs changes."""
+    h = hashlib.sha256()
+    for rel in closure_files(module, root):
+        h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def find_cycle(root: Path = ROOT) -> list[str] | None:
+    """One import cycle between project modules (package __init__ edges excluded), or None."""
+    graph = {m: sorted(d for d in imports_of(m, root) if "." in d) for m in project_modules(root)}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for dep in graph.get(m, ()):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in graph:
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def layering_violations(root: Path = ROOT) -> list[str]:
+    """Imports that point up a layer, a stage importing another stage, models importing outside models."""
+    out = []
+    for m in project_modules(root):
+        for dep in sorted(imports_of(m, root)):
+            if dep.split(".")[0] == dep:  # a bare package import runs only its __init__
+                continue
+            if layer_of(dep) > layer_of(m):
+                out.append(f"{m} imports {dep} (a higher layer)")
+            elif m.startswith("stages.") and dep.startswith("stages.") and dep != m:
+                out.append(f"{m} imports {dep} (a stage never imports another stage)")
+    return out

@@ -1,0 +1,359 @@
+"""Cache identity (issue 12): what DVC records as having made an output is what made it, and no command touches a
+path it did not create. Each case of the issue is a test here; the end-to-end ones run real DVC in a throwaway copy
+of the project (pipeline/sandbox.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import files_under, make_idx_dataset, make_project, tiny_params
+from pipeline import checkpoint as ckpt
+from pipeline import codegraph, dvc_deps
+from pipeline.atomic import OWNER_FILE, check_replaceable, replace_dir
+from pipeline.errors import UserError
+from pipeline.locks import exclusive
+
+TINY_VQGAN = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, n_codes=16, code_dim=4,
+                  dead_code_steps=2, buffer_size=64)
+
+
+def run_cmd(project: Path, *cmd: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), cwd=project, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def pipeline_cli(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_cmd(project, sys.executable, "-m", "pipeline", *args)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stdout + proc.stderr
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- 1. code deps from the import graph
+
+def test_dvc_yaml_code_deps_equal_every_stage_import_closure():
+    assert dvc_deps.drift() == {}, "run `python -m pipeline deps --write`"
+
+
+def test_import_graph_sees_function_level_relative_and_submodule_imports(tmp_path):
+    for pkg in ("models", "pipeline", "stages", "training"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "models" / "net.py").write_text("import torch\n")
+    (tmp_path / "pipeline" / "io.py").write_text("from . import helpers\n")
+    (tmp_path / "pipeline" / "helpers.py").write_text("X = 1\n")
+    (tmp_path / "pipeline" / "unused.py").write_text("")
+    (tmp_path / "stages" / "s.py").write_text(
+        "from pipeline import io\n\ndef run():\n    from models.net import torch  # only when run\n")
+    files = codegraph.closure_files("stages.s", tmp_path)
+    assert files == ["models/__init__.py", "models/net.py", "pipeline/__init__.py", "pipeline/helpers.py",
+                     "pipeline/io.py", "stages/__init__.py", "stages/s.py"]
+    before = codegraph.code_fingerprint("stages.s", tmp_path)
+    (tmp_path / "pipeline" / "unused.py").write_text("Y = 2\n")  # outside the closure: same identity
+    assert codegraph.code_fingerprint("stages.s", tmp_path) == before
+    codegraph._imports_cached.cache_clear()
+    (tmp_path / "pipeline" / "helpers.py").write_text("X = 2\n")  # inside: another identity
+    assert codegraph.code_fingerprint("stages.s", tmp_path) != before
+
+
+def test_deps_command_reports_drift_as_one_line(tmp_path):
+    project = make_project(tmp_path / "p", tiny_params({"a": tmp_path}), stages=("prepare",))
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    spec["stages"]["prepare"]["do"]["deps"].remove("pipeline/shards.py")
+    (project / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    proc = pipeline_cli(project, "deps", "--check")
+    assert "prepare: missing pipeline/shards.py" in proc.stdout
+    assert "run `python -m pipeline deps --write`" in one_error_line(proc)
+    assert pipeline_cli(project, "deps", "--write").returncode == 0
+    assert pipeline_cli(project, "deps").returncode == 0
+    assert "pipeline/shards.py" in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["prepare"]["do"]["deps"]
+
+
+def test_every_out_is_cached_and_no_checkpoint_folder_is_an_out():
+    """cache: false outs are never pushed (a pulled clone re-runs their stage) and persist outs keep DVC's run cache
+    from restoring a stage; checkpoints live in work folders instead."""
+    spec = yaml.safe_load((codegraph.ROOT / "dvc.yaml").read_text())
+    for name, body in spec["stages"].items():
+        body = body.get("do", body)
+        for kind in ("outs", "metrics", "plots"):
+            for entry in body.get(kind, []):
+                if isinstance(entry, dict):
+                    opts = next(iter(entry.values())) or {}
+                    assert opts.get("cache", True) and not opts.get("persist"), (name, entry)
+                path = next(iter(entry)) if isinstance(entry, dict) else entry
+                assert "ckpt_dir" not in path, (name, path)
+
+
+# ----------------------------------------------------------------------------- 2. resume only the same identity
+
+def test_checkpoint_of_other_code_is_not_resumed(tmp_path, caplog):
+    ckpt.save(tmp_path, {"step": 3, "run_id": "r", "code": "old"}, 3)
+    assert ckpt.load_latest(tmp_path, expect={"run_id": "r", "code": "old"})["step"] == 3
+    assert ckpt.load_latest(tmp_path, expect={"run_id": "r", "code": "new"}) is None
+    assert "made by a run with other code" in caplog.text
+
+
+def vqgan_project(tmp_path: Path, steps: int = 4) -> Path:
+    src = make_idx_dataset(tmp_path / "idx", n_train=24, n_val=8)
+    model = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in TINY_VQGAN.items())
+    params = f"""datasets:
+  tiny: {{source: idx, path: {src}, resolution: 16, channels: 1}}
+prepare: {{out_dir: data/prepared, shard_size: 10}}
+train_vqgan:
+  dataset: tiny
+  prepared_dir: data/prepared
+  out_dir: data/vqgan
+  ckpt_dir: data/checkpoints/train_vqgan
+  metrics: data/metrics/train_vqgan.json
+  plots: data/plots/train_vqgan.tsv
+  steps: {steps}
+  batch_size: 8
+  ckpt_every: 2
+  log_every: 2
+  kmeans_images: 16
+  device: cpu
+  model:
+{model}
+  loss: {{lpips_weight: 0.0, disc_start: 2, disc_channels: 8, disc_layers: 1}}
+"""
+    project = make_project(tmp_path / "p", params, stages=("prepare", "train_vqgan"))
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        subprocess.run(cmd, cwd=project, check=True, capture_output=True)
+    return project
+
+
+def dvc_ok(project: Path, *args: str) -> str:
+    proc = run_cmd(project, "dvc", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def test_code_edit_retrains_run_cache_restores_and_remote_round_trip(tmp_path):
+    project = vqgan_project(tmp_path)
+    dvc_ok(project, "repro")
+    weights = (project / "data/vqgan/model.safetensors").read_bytes()
+
+    # An edit anywhere in the stage's import closure makes it stale (here: a module it imports indirectly).
+    shards = project / "pipeline/shards.py"
+    shards.write_text(shards.read_text() + "\n# an edit\n")
+    assert "train_vqgan" in dvc_ok(project, "status") and "prepare@tiny" in dvc_ok(project, "status")
+    dvc_ok(project, "repro")
+
+    # Changed training code takes effect: the final checkpoint of the earlier run is not resumed.
+    loop = project / "training/vqgan.py"
+    assert "lr = cosine_lr(step, o.lr," in loop.read_text()
+    loop.write_text(loop.read_text().replace("lr = cosine_lr(step, o.lr,", "lr = 0.5 * cosine_lr(step, o.lr,"))
+    out = dvc_ok(project, "repro")
+    assert "Running stage 'train_vqgan'" in out
+    assert (project / "data/vqgan/model.safetensors").read_bytes() != weights
+
+    # Params back and forth: the second time DVC's run cache restores the outputs instead of retraining.
+    edited = (project / "data/vqgan/model.safetensors").read_bytes()
+    params = project / "params.yaml"
+    text = params.read_text()
+    params.write_text(text.replace("steps: 4", "steps: 2"))
+    dvc_ok(project, "repro")
+    params.write_text(text)
+    out = dvc_ok(project, "repro")
+    assert "Restored stage 'train_vqgan' from run-cache" in out, out
+    assert (project / "data/vqgan/model.safetensors").read_bytes() == edited
+
+    # Remote round trip: push here, pull into a fresh clone, nothing is stale and nothing re-runs.
+    remote = tmp_path / "remote"
+    dvc_ok(project, "remote", "add", "-d", "local", str(remote))
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "ran"]):
+        subprocess.run(cmd, cwd=project, check=True, capture_output=True)
+    dvc_ok(project, "push")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True, capture_output=True)
+    dvc_ok(clone, "pull")
+    assert "Data and pipelines are up to date." in dvc_ok(clone, "status")
+    out = dvc_ok(clone, "repro")
+    assert "Running stage" not in out, out
+    assert files_under(clone / "data/vqgan") == files_under(project / "data/vqgan")
+
+
+# ----------------------------------------------------------------------------- 3./4. overrides and the run lock
+
+@pytest.fixture
+def prepare_project(tmp_path):
+    a = make_idx_dataset(tmp_path / "src_a", n_train=30, n_val=5, seed=1)
+    project = make_project(tmp_path / "project", tiny_params({"a": a}), stages=("prepare",))
+    dvc_ok(project, "repro")
+    return project
+
+
+@pytest.mark.parametrize("args", [
+    ["-S", "prepare.shard_sizee=5"],                       # a typo in a key
+    ["-S", "prepare.out_dir=/tmp/anywhere"],               # an output outside the project
+    ["-S", "prepare.out_dir=../elsewhere"],
+    ["-S", "datasets.a.resolution=2"],                     # out of range
+    ["-S", "noequals"],
+    ["--preset", "configs/missing.yaml"],
+])
+def test_bad_override_is_refused_before_anything_is_written(prepare_project, args):
+    before_params = (prepare_project / "params.yaml").read_bytes()
+    before_data = files_under(prepare_project / "data")
+    proc = pipeline_cli(prepare_project, "run", "--no-prefect", *args)
+    one_error_line(proc)
+    assert (prepare_project / "params.yaml").read_bytes() == before_params
+    assert files_under(prepare_project / "data") == before_data
+
+
+def test_override_waits_for_nobody_and_edits_nothing_while_another_run_holds_the_project(prepare_project):
+    before = (prepare_project / "params.yaml").read_bytes()
+    with exclusive(prepare_project / ".dvc/tmp/tokenmill-run.lock", "test"):
+        proc = pipeline_cli(prepare_project, "run", "--no-prefect", "-S", "prepare.shard_size=7")
+    assert "another" not in proc.stdout and "is in use by" in one_error_line(proc)
+    assert (prepare_project / "params.yaml").read_bytes() == before
+
+
+def test_override_is_not_written_while_a_dvc_command_runs(prepare_project):
+    from dvc.lock import make_lock
+    before = (prepare_project / "params.yaml").read_bytes()
+    lock = make_lock(str(prepare_project / ".dvc/tmp/lock"), tmp_dir=str(prepare_project / ".dvc/tmp"))
+    lock.lock()
+    try:
+        proc = pipeline_cli(prepare_project, "run", "--no-prefect", "-S", "prepare.shard_size=7")
+    finally:
+        lock.unlock()
+    assert "a dvc command is running" in one_error_line(proc)
+    assert (prepare_project / "params.yaml").read_bytes() == before
+
+
+def test_failed_run_leaves_params_lock_and_outputs_as_before(prepare_project):
+    before = {n: (prepare_project / n).read_bytes() for n in ("params.yaml", "dvc.lock")}
+    outputs = files_under(prepare_project / "data")
+    # valid params, but the stage fails at run time (the source folder does not exist): DVC removed the old
+    # output before running the stage, the rollback brings it back from the cache
+    proc = pipeline_cli(prepare_project, "run", "--no-prefect", "-S", "datasets.a.path=/nonexistent/idx")
+    assert proc.returncode != 0
+    assert {n: (prepare_project / n).read_bytes() for n in before} == before
+    assert files_under(prepare_project / "data") == outputs
+
+
+# ----------------------------------------------------------------------------- 5. writes confined to the outputs
+
+def test_replace_dir_only_replaces_what_the_same_stage_wrote(tmp_path):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(UserError, match="no .tokenmill-stage marker"):
+        check_replaceable(foreign, "prepare")
+    new = tmp_path / "new"
+    new.mkdir()
+    with pytest.raises(UserError):
+        replace_dir(new, foreign, "prepare")
+    assert (foreign / "holiday.jpg").read_bytes() == b"x" and new.is_dir()
+
+    out = tmp_path / "out"
+    replace_dir(new, out, "sample")
+    assert (out / OWNER_FILE).read_text().strip() == "sample"
+    with pytest.raises(UserError, match="written by 'sample'"):
+        check_replaceable(out, "prepare")
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "x").write_text("2")
+    replace_dir(again, out, "sample")  # the same stage may replace its own folder
+    assert (out / "x").read_text() == "2"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_replaceable(empty, "prepare")  # an empty folder holds nothing to lose
+
+
+def test_stage_cli_refuses_hostile_dataset_names(prepare_project):
+    before = files_under(prepare_project.parent)
+    for name in ("../../x", "a/../../b", "a.b", "a b"):
+        proc = run_cmd(prepare_project, sys.executable, "-m", "stages.prepare", "--dataset", name)
+        assert "dataset name" in one_error_line(proc)
+        proc = run_cmd(prepare_project, sys.executable, "-m", "stages.tokenize", "--dataset", name)
+        assert "dataset name" in one_error_line(proc)
+    assert files_under(prepare_project.parent) == before
+
+
+def test_tokenize_cli_never_replaces_an_unrelated_folder(prepare_project, tmp_path):
+    victim = tmp_path / "mine"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("keep me")
+    proc = pipeline_cli(prepare_project, "tokenize", str(prepare_project / "data/prepared/a"), "--out", str(victim))
+    assert "refusing to replace it" in one_error_line(proc)
+    assert files_under(victim) == {"notes.txt": files_under(victim)["notes.txt"]}
+    assert (victim / "notes.txt").read_text() == "keep me"
+
+
+def test_add_dataset_refuses_bad_names_and_values_without_writing(prepare_project, tmp_path):
+    before = (prepare_project / "params.yaml").read_bytes()
+    one_error_line(pipeline_cli(prepare_project, "add-dataset", "my-pets", str(tmp_path), "--no-run"))
+    one_error_line(pipeline_cli(prepare_project, "add-dataset", "pets", str(tmp_path), "--resolution", "1",
+                                "--no-run"))
+    assert (prepare_project / "params.yaml").read_bytes() == before
+
+
+def test_deployment_has_no_root_parameter(tmp_path):
+    import inspect
+
+    from pipeline.flow import deployment_flow
+    params = inspect.signature(deployment_flow(tmp_path).fn).parameters
+    assert set(params) == {"stages", "force", "overrides"}
+
+
+# ----------------------------------------------------------------------------- 7. stale readers, one writer
+
+def test_second_writer_of_one_token_store_stops_with_one_line(tmp_path):
+    from stages.tokenize import TokenizeConfig, TokenizeParams
+    from stages.tokenize import run as tokenize
+
+    out = tmp_path / "tokens" / "a"
+    with exclusive(out.parent / ".a.lock", "test"):
+        with pytest.raises(UserError, match="token store .* is in use by pid"):
+            tokenize(TokenizeConfig("a", tmp_path / "prepared", tmp_path / "vqgan", out, params=TokenizeParams()))
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- 8. the local Prefect server
+
+def test_local_prefect_server_refuses_other_origins(tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph")}
+    server = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "server did not start"
+                time.sleep(1)
+
+        def preflight(origin: str) -> tuple[int, str | None]:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/deployments/filter", method="OPTIONS",
+                                         headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                                  "Access-Control-Request-Headers": "content-type"})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    return resp.status, resp.headers.get("access-control-allow-origin")
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.headers.get("access-control-allow-origin")
+
+        assert preflight("http://evil.example") == (400, None)
+        assert preflight(f"http://127.0.0.1:{port}") == (200, f"http://127.0.0.1:{port}")
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)

@@ -1,0 +1,90 @@
+"""The house rules that a reader cannot check by eye every time (issue 13): the layering of imports, and one
+source of defaults."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pipeline import codegraph
+from pipeline.config import load_params
+
+
+def test_imports_point_down_only_and_stages_never_import_stages():
+    """models -> pipeline (plumbing) -> training -> stages -> orchestration (pipeline.cli/flow/artifacts);
+    function-level imports count."""
+    assert codegraph.layering_violations() == []
+
+
+def test_no_import_cycles():
+    assert codegraph.find_cycle() is None
+
+
+def test_models_import_nothing_outside_models():
+    for m in codegraph.project_modules():
+        if m.startswith("models"):
+            assert all(d.startswith("models") for d in codegraph.imports_of(m)), m
+
+
+def test_layering_check_catches_an_upward_import(tmp_path):
+    for pkg in ("models", "pipeline", "stages", "training"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "models" / "net.py").write_text("def f():\n    from pipeline.io import x\n")
+    (tmp_path / "pipeline" / "io.py").write_text("from models.net import f\nx = 1\n")
+    (tmp_path / "stages" / "a.py").write_text("")
+    (tmp_path / "stages" / "b.py").write_text("import stages.a\n")
+    found = codegraph.layering_violations(tmp_path)
+    assert "models.net imports pipeline.io (a higher layer)" in found
+    assert "stages.b imports stages.a (a stage never imports another stage)" in found
+    assert codegraph.find_cycle(tmp_path) in (["models.net", "pipeline.io", "models.net"],
+                                              ["pipeline.io", "models.net", "pipeline.io"])
+
+
+def _section_classes() -> dict[str, type]:
+    from stages.eval_vqgan import EvalVQGANParams
+    from stages.evaluate import EvaluateParams
+    from stages.fid_ref import FidRefParams
+    from stages.prepare import PrepareParams
+    from stages.sample import SampleParams
+    from stages.tokenize import TokenizeParams
+    from stages.train_transformer import TrainTransformerParams
+    from stages.train_vqgan import TrainVQGANParams
+    return {"prepare": PrepareParams, "train_vqgan": TrainVQGANParams, "tokenize": TokenizeParams,
+            "fid_ref": FidRefParams, "eval_vqgan": EvalVQGANParams, "train_transformer": TrainTransformerParams,
+            "sample": SampleParams, "evaluate": EvaluateParams}
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _disagreements(defaults: dict, values: dict, where: str) -> list[str]:
+    """`defaults`: {field: default value} of a section (nested dataclass defaults as instances)."""
+    out = []
+    for key, value in values.items():
+        default = defaults[key]
+        if default is dataclasses.MISSING:
+            continue
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            nested = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
+            out += _disagreements(nested, value, f"{where}.{key}")
+            continue
+        norm = list(default) if isinstance(default, tuple) else default
+        if norm != value:
+            out.append(f"{where}.{key}: code default {default!r}, params.yaml {value!r}")
+    return out
+
+
+@pytest.mark.parametrize("section", list(_section_classes()))
+def test_code_defaults_equal_params_yaml(section):
+    """params.yaml is the single source of the default run; a dataclass default (what a test, a notebook or a
+    preset that omits the key gets) must say the same thing."""
+    params = load_params(codegraph.ROOT / "params.yaml")
+    cls = _section_classes()[section]
+    defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
+    assert _disagreements(defaults, params[section], section) == []

@@ -1,0 +1,226 @@
+"""Kind `ar` of `train_transformer`: a GPT over the token grid in raster order, trained top to bottom here.
+
+Taming Transformers' second stage with LlamaGen's practice (class-token prefix with label dropout for
+classifier-free guidance, RMSNorm, SwiGLU, 2D rotary positions): AdamW, warm-up + cosine decay, optional EMA,
+step-indexed batches (exact resume under the same identity), NaN guard, DDP.
+
+1. unigram_bits / val_loss   what a context-free model pays per token; the fixed val batches' loss
+2. train_ar                   resume, then one loop: forward, loss, backward, clip, step; logs, evals, checkpoints
+3. finish                     exported weights + config, metrics, TSV log, curves
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from models.attention import active_backend
+from models.gpt import GPT, GPTConfig
+from pipeline import checkpoint as ckpt
+from pipeline.atomic import atomic_path, new_partial_dir, read_json, replace_dir, write_json
+from pipeline.device import Dist, autocast
+from pipeline.errors import UserError
+from pipeline.runlog import write_metrics
+from pipeline.tokens import TokenData
+from training.common import EMA, StepBatches, check_finite, config_hash, cosine_lr, seed_everything, unwrap, write_tsv
+
+log = logging.getLogger("tokenmill.train_transformer")
+# Dense bf16 peak of the GPUs we publish MFU for (TFLOP/s); other devices report achieved TFLOP/s only.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+LOG_KEYS = ["step", "train_loss", "val_loss", "val_bits_per_token", "lr"]  # no timing: the TSV is a DVC out
+
+
+def unigram_bits(tokens: torch.Tensor, n_codes: int) -> float:
+    """Entropy (bits) of the code histogram: what a model ignoring all context would pay per token."""
+    p = torch.bincount(tokens.flatten(), minlength=n_codes).double()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log2()).sum())
+
+
+@torch.no_grad()
+def val_loss(model: GPT, data: TokenData, batch_size: int, n_batches: int, device: torch.device,
+             conditional: bool, bf16: bool) -> float:
+    """Mean token cross-entropy (nats) over fixed val batches (the first n_batches * batch_size samples)."""
+    model.eval()
+    total, count = 0.0, 0
+    n = min(len(data.tokens), batch_size * n_batches)
+    for start in range(0, n, batch_size):
+        x = data.tokens[start:start + batch_size].to(device)
+        y = data.labels[start:start + batch_size].to(device) if conditional else None
+        with autocast(device, bf16):
+            _, loss = model(x[:, :-1], y, targets=x)
+        total += float(loss) * len(x)
+        count += len(x)
+    model.train()
+    return total / max(1, count)
+
+
+def plot_curves(path: Path, history: list[dict], unigram: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ln2 = math.log(2)
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["train_loss"] / ln2 for h in history], label="train bits/token")
+    val = [(h["step"], h["val_bits_per_token"]) for h in history if h.get("val_bits_per_token") is not None]
+    if val:
+        ax.plot(*zip(*val), "o-", label="val bits/token")
+    ax.axhline(unigram, color="grey", ls="--", label=f"unigram entropy {unigram:.2f}")
+    ax.set_xlabel("step"), ax.legend(), ax.set_title("train_transformer (ar)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
+    """The loop of kind `ar`: `cfg` is the validated `train_transformer` section, `code` the stage's code hash."""
+    vq_cfg_path = Path(cfg.vqgan_dir) / "config.json"
+    if not vq_cfg_path.is_file():
+        raise UserError(f"{vq_cfg_path}: not found (train the VQGAN first)")
+    fingerprint = read_json(vq_cfg_path)["fingerprint"]
+    store = Path(cfg.tokens_dir) / cfg.dataset
+    train = TokenData.load(store, "train", cfg.hflip, fingerprint, str(vq_cfg_path))
+    val = TokenData.load(store, "val", False, fingerprint, str(vq_cfg_path))
+    meta = train.meta
+    class_names = json.loads((Path(cfg.prepared_dir) / cfg.dataset / "manifest.json").read_text())["class_names"] \
+        if cfg.ar.conditional else []
+    a = cfg.ar
+    gcfg = GPTConfig(vocab_size=meta["n_codes"], grid=tuple(meta["grid"]), n_layer=a.n_layer, n_head=a.n_head,
+                     n_embd=a.n_embd, dropout=a.dropout, n_classes=len(class_names), class_dropout=a.class_dropout,
+                     norm=a.norm, mlp=a.mlp, pos=a.pos, bias=a.bias, tie_head=a.tie_head)
+    run_id = config_hash({"cfg": dataclasses.asdict(cfg) | {"device": None}, "tokens": fingerprint,
+                          "count": meta["count"], "world": dist.world})
+    seed_everything(cfg.seed)
+    model = GPT(gcfg).to(device)
+    o = cfg.optim
+    # weight decay on matrices only (norm gains, biases and embeddings excluded), as in nanoGPT
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n and "prefix" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n and "prefix" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=(o.beta1, o.beta2))
+    ema = EMA(model, cfg.ema) if cfg.ema is not None else None
+    state = ckpt.load_latest(cfg.ckpt_dir, device, expect={"run_id": run_id, "code": code})
+    history: list[dict] = []
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        ckpt.set_rng_state(state["rng"])
+        history, start = list(state["history"]), int(state["step"])
+        log.info("resuming from %s at step %d", cfg.ckpt_dir, start)
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    core = unwrap(model)
+    backend = active_backend(device)
+    log.info("GPT %.2fM parameters, attention backend %s, %d train sequences of %d tokens",
+             core.num_params() / 1e6, backend, len(train.tokens), train.tokens.shape[1])
+
+    batches = StepBatches(len(train.tokens), cfg.batch_size, cfg.seed, dist.rank, dist.world)
+    micro = cfg.batch_size // dist.world // cfg.grad_accum
+    tokens_per_step = cfg.batch_size * train.tokens.shape[1]
+    unigram = unigram_bits(train.tokens, meta["n_codes"])
+    conditional = gcfg.n_classes > 0
+
+    def save_checkpoint(step: int) -> None:
+        if dist.main:
+            ckpt.save(cfg.ckpt_dir, {"step": step, "run_id": run_id, "code": code, "model": core.state_dict(),
+                                     "opt": opt.state_dict(), "ema": ema.state_dict() if ema else {},
+                                     "rng": ckpt.rng_state(), "history": history}, step, keep=cfg.ckpt_keep)
+        dist.barrier()
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc="train_transformer", unit="step", disable=not dist.main,
+               mininterval=2.0, file=sys.stderr)
+    t0, done_tokens, window = time.monotonic(), 0, []
+    for step in range(start, cfg.steps):
+        lr = cosine_lr(step, o.lr, o.warmup_steps, cfg.steps, o.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = batches.indices(step)
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for chunk in idx.split(micro):
+            x = train.tokens[chunk].to(device, non_blocking=True)
+            y = train.labels[chunk].to(device) if conditional else None
+            with autocast(device, cfg.bf16):
+                _, loss = model(x[:, :-1], y, targets=x)
+            check_finite(step, cfg.ckpt_dir, loss=loss)
+            (loss / cfg.grad_accum).backward()
+            step_loss += float(loss.detach()) / cfg.grad_accum
+        if o.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.update()
+        done_tokens += tokens_per_step
+        window.append(step_loss)
+        done = step + 1
+        row = None
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            rate = done_tokens / max(1e-9, time.monotonic() - t0)
+            row = {"step": done, "train_loss": sum(window) / len(window), "lr": lr, "tokens_per_s": rate}
+            window = []
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            vl = val_loss(ema.averaged() if ema else core, val, micro, cfg.val_batches, device, conditional, cfg.bf16)
+            row = row or {"step": done, "train_loss": step_loss, "lr": lr, "tokens_per_s": None}
+            row.update(val_loss=vl, val_bits_per_token=vl / math.log(2))
+        if row is not None:
+            history.append(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s'] or 0:.0f}", refresh=False)
+        bar.update(1)
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            save_checkpoint(done)
+    bar.close()
+    seconds = time.monotonic() - t0
+    if dist.main:
+        finish(cfg, ema.averaged() if ema else core, gcfg, history, meta, fingerprint, unigram, backend,
+               tokens_per_s=done_tokens / seconds if done_tokens else None, device=device, class_names=class_names)
+
+
+def finish(cfg: Any, model: GPT, gcfg: GPTConfig, history: list[dict], meta: dict,
+           fingerprint: str, unigram: float, backend: str, tokens_per_s: float | None, device: torch.device,
+           class_names: list[str]) -> None:
+    out = new_partial_dir(cfg.out_dir)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(sd, str(tmp))
+    gdict = dataclasses.asdict(gcfg)
+    gdict["grid"] = list(gdict["grid"])
+    write_json(out / "config.json", {"kind": "ar", "model": gdict, "fingerprint": fingerprint,
+                                     "dataset": cfg.dataset, "class_names": class_names, "steps": cfg.steps})
+    last_val = next((h for h in reversed(history) if h.get("val_loss") is not None), {})
+    first_val = next((h for h in history if h.get("val_loss") is not None), {})
+    flops = model.flops_per_token() * (tokens_per_s or 0)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    metrics = {
+        "kind": "ar", "params_m": round(model.num_params() / 1e6, 3), "steps": cfg.steps,
+        "train_loss": history[-1]["train_loss"] if history else None,
+        "val_loss": last_val.get("val_loss"), "val_bits_per_token": last_val.get("val_bits_per_token"),
+        "val_bits_per_token_first_eval": first_val.get("val_bits_per_token"),
+        "unigram_bits_per_token": unigram, "fingerprint": fingerprint,
+    }
+    write_metrics(cfg.metrics, metrics, {
+        "tokens_per_s": tokens_per_s, "achieved_tflops": flops / 1e12,
+        "mfu": flops / (peak * 1e12) if peak else None, "device": name, "attention_backend": backend})
+    write_tsv(Path(cfg.plots), history, LOG_KEYS)
+    plot_curves(out / "curves.png", history, unigram)
+    replace_dir(out, Path(cfg.out_dir), "train_transformer")
+    log.info("val %.3f bits/token (unigram entropy %.3f); %.0f tokens/s", metrics["val_bits_per_token"] or float("nan"),
+             unigram, tokens_per_s or 0)
+
+
