@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -152,6 +153,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _wrong(tp, value, key, source)
+        if not math.isfinite(value):  # YAML's .nan / .inf slip past every range check
+            raise UserError(f"{source}: {key} = {value!r} is not allowed (allowed: a finite number)")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

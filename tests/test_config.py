@@ -47,6 +47,11 @@ def test_repo_params_are_valid():
     ("datasets.d1.val_fraction=1.5", "datasets.d1.val_fraction = 1.5 is out of range (allowed: <= 0.9"),
     ("datasets.d1.class_names=[1, 2]", "datasets.d1.class_names[0] = 1 has the wrong type (allowed: str)"),
     ("extra.key=1", "unknown section 'extra'"),
+    ("datasets.d1.val_fraction=.nan", "datasets.d1.val_fraction = nan is not allowed (allowed: a finite number)"),
+    ("train_vqgan.optim.lr=.inf", "train_vqgan.optim.lr = inf is not allowed (allowed: a finite number)"),
+    ("prepare.out_dir=/etc", "prepare.out_dir = '/etc' is not allowed"),
+    ("train_vqgan.metrics=../outside.json", "train_vqgan.metrics = '../outside.json' is not allowed"),
+    ("fid_ref.split=../x", "fid_ref.split = '../x' is not allowed"),
 ])
 def test_validation_errors_name_key_value_and_allowed(tmp_path, edit, expected):
     # the repo's params (every stage section) with the small dataset d1 in place of the real ones

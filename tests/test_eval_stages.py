@@ -19,7 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import ROOT, make_project, write_idx
+from helpers import ROOT, make_project, write_idx
 from models.inception import PINNED_SHA256
 from pipeline.fid_reference import default_network_path
 from models.vqgan import VQGAN, VQGANConfig

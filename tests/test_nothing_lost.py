@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, files_under, make_idx_dataset
+from helpers import ROOT, files_under, make_idx_dataset
 from pipeline import checkpoint
 from pipeline.sandbox import read_only_prefix
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import files_under, make_idx_dataset, make_project, tiny_params
+from helpers import files_under, make_idx_dataset, make_project, tiny_params
 from pipeline.config import set_params_file
 
 

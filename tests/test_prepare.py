@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_bad_corpus, make_good_folder, png_bytes
+from helpers import make_bad_corpus, make_good_folder, png_bytes
 from pipeline.errors import UserError
 from pipeline.images import decode_png
 from pipeline.shards import ShardWriter, iter_tar_samples

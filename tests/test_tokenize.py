@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, files_under, make_good_folder, make_idx_dataset, make_project, tiny_params
+from helpers import ROOT, files_under, make_good_folder, make_idx_dataset, make_project, tiny_params, tiny_vqgan
 from models.vqgan import VQGAN, VQGANConfig
 from pipeline.config import set_params_file
 from pipeline.errors import UserError
@@ -30,12 +30,6 @@ from stages.prepare import run as prepare
 from stages.tokenize import CodeSearch, TokenizeConfig, TokenizeParams, run, to_model_input
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def tiny_vqgan(seed: int = 0, in_channels: int = 1) -> VQGAN:
-    torch.manual_seed(seed)
-    return VQGAN(VQGANConfig(in_channels=in_channels, ch=8, ch_mult=(1, 2, 2), z_channels=8, n_codes=16,
-                             code_dim=4, dead_code_steps=0)).eval()
 
 
 @pytest.fixture(scope="module")

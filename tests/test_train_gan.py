@@ -13,9 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, crash_after_first_checkpoint, make_idx_dataset
+from helpers import ROOT, crash_after_first_checkpoint
 from models.gan_common import FAMILIES
-from models.vqgan import VQGAN, VQGANConfig
 from pipeline import checkpoint as ckpt
 from pipeline.runlog import read_run_facts
 from training import gan as gan_training
@@ -25,13 +24,9 @@ from models.gan import embed_tokens, snap_to_codes
 from pipeline.images import decode_png
 from pipeline.shards import iter_tar_samples
 from pipeline.errors import NonFiniteLoss
-from pipeline.vqgan_io import load_vqgan, save_vqgan
+from pipeline.vqgan_io import load_vqgan
 from stages import fid_ref, sample, train_transformer
 from stages.fid_ref import FidRefParams
-from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
-from stages.prepare import run as prepare
-from stages.tokenize import TokenizeConfig, TokenizeParams
-from stages.tokenize import run as tokenize
 from stages.train_transformer import TrainTransformerParams
 
 # tiny family configs (the latent grid is 4x4x4: 16x16 images, VQGAN downsampling 4, 16 codes of 4 dimensions)
@@ -44,19 +39,10 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    """A prepared 16x16 grey dataset (48 train + 12 val, 10 classes), a random-init VQGAN and its token store."""
-    base = tmp_path_factory.mktemp("gan")
-    src = make_idx_dataset(base / "idx", n_train=48, n_val=12, seed=4)
-    prepare(PrepareConfig("a", DatasetSpec(source="idx", path=str(src), resolution=16, channels=1),
-                          PrepareParams(out_dir=str(base / "prepared"))))
-    torch.manual_seed(0)
-    vqgan = VQGAN(VQGANConfig(in_channels=1, ch=8, ch_mult=(1, 2, 2), z_channels=8, n_codes=16, code_dim=4,
-                              dead_code_steps=0))
-    save_vqgan(base / "vqgan", vqgan, {"resolution": 16, "dataset": "a"})
-    tokenize(TokenizeConfig("a", base / "prepared" / "a", base / "vqgan", base / "tokens" / "a", None, None,
-                            TokenizeParams(batch_size=16, num_workers=0, roundtrip_images=0)))
-    return {"base": base}
+def world(tiny_world) -> dict:
+    """The shared tiny world: 16x16 grey dataset `a` (48 train + 12 val, 10 classes), a random-init VQGAN, its
+    token store."""
+    return tiny_world
 
 
 def gan_cfg(world: dict, out, family: str = "lada", **kw) -> TrainTransformerParams:

@@ -7,40 +7,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import crash_after_first_checkpoint, make_idx_dataset
-from models.vqgan import VQGAN, VQGANConfig
+from helpers import crash_after_first_checkpoint
 from pipeline.errors import UserError
 from pipeline.shards import iter_tar_samples
 from pipeline.images import decode_png
-from pipeline.vqgan_io import save_vqgan
 from stages import sample as sample_stage
 from stages import train_transformer as tt
 from pipeline.runlog import read_run_facts
-from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
-from stages.prepare import run as prepare
-from stages.tokenize import TokenizeConfig, TokenizeParams
-from stages.tokenize import run as tokenize
-
-
-def tiny_vqgan(seed: int) -> VQGAN:
-    torch.manual_seed(seed)
-    return VQGAN(VQGANConfig(in_channels=1, ch=8, ch_mult=(1, 2, 2), z_channels=8, n_codes=16, code_dim=4,
-                             dead_code_steps=0)).eval()
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ar")
-    src = make_idx_dataset(base / "idx", n_train=40, n_val=12, seed=5)
-    prepare(PrepareConfig("a", DatasetSpec(source="idx", path=str(src), resolution=16, channels=1,
-                                           class_names=[str(i) for i in range(10)]),
-                          PrepareParams(out_dir=str(base / "prepared"), shard_size=25)))
-    save_vqgan(base / "vqgan", tiny_vqgan(0), {"resolution": 16, "dataset": "a"})
-    tokenize(TokenizeConfig("a", base / "prepared" / "a", base / "vqgan", base / "tokens" / "a",
-                            base / "tok_metrics.json", None,
-                            TokenizeParams(batch_size=8, shard_size=10, num_workers=0, roundtrip_images=8)))
-    save_vqgan(base / "other_vqgan", tiny_vqgan(1), {"resolution": 16, "dataset": "a"})
-    return base
+def world(tiny_world):
+    return tiny_world["base"]
 
 
 def ar_cfg(base, out, **kw) -> tt.TrainTransformerParams:

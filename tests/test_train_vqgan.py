@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import crash_after_first_checkpoint, make_idx_dataset, make_project
+from helpers import crash_after_first_checkpoint, make_idx_dataset, make_project
 from models.vqgan import VQGANConfig
 from pipeline import checkpoint as ckpt
 from pipeline.errors import NonFiniteLoss

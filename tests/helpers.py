@@ -1,0 +1,102 @@
+"""Helpers the tests share: small synthetic datasets, the bad-input corpus, crash injection, file-tree digests,
+and the tiny world (prepared data -> random-init VQGAN -> token store) that the stage-2 tests train on.
+
+Import them from here (`from helpers import ...`); conftest.py only holds fixtures.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.sandbox import ROOT, make_idx_dataset, make_project, write_idx  # noqa: F401 (used by the tests)
+
+CORPUS = ROOT / "tests" / "corpus"  # the checked-in bad-input corpus (tests/corpus/make_corpus.py)
+sys.path.insert(0, str(CORPUS))
+from make_corpus import generated_inputs, png_bytes  # noqa: E402,F401 (png_bytes: used by the tests)
+
+
+def make_good_folder(root: Path, classes=("cat", "dog"), per_class: int = 6, size=(20, 24)) -> Path:
+    rng = np.random.default_rng(1)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr, "RGB").save(root / c / f"{i}.png")
+    return root
+
+
+def make_bad_corpus(root: Path) -> dict[str, str]:
+    """The checked-in image corpus (tests/corpus/images) plus the generated bomb, as one class folder under `root`.
+    Returns {file name: expected outcome ("kept" or "skipped")}."""
+    shutil.copytree(CORPUS / "images", root, dirs_exist_ok=True)
+    shutil.copy2(generated_inputs(root.parent / "generated")["bomb"], root / "things" / "bomb.png")
+    return json.loads((CORPUS / "expected.json").read_text())["images"]
+
+
+def crash_after_first_checkpoint(run, monkeypatch) -> None:
+    """Call `run()` with a crash (KeyboardInterrupt) right after its first checkpoint is saved, like a kill between
+    two steps, then restore checkpointing so the caller can resume."""
+    import pytest
+
+    from pipeline import checkpoint as ckpt
+    real_save = ckpt.save
+
+    def save_then_die(ckpt_dir, state, step, keep=2):
+        real_save(ckpt_dir, state, step, keep)
+        raise KeyboardInterrupt(f"killed after step {step}")
+
+    monkeypatch.setattr(ckpt, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(ckpt, "save", real_save)
+
+
+def files_under(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `root`: equal dicts mean equal trees, byte for byte."""
+    from pipeline.atomic import sha256_file
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def tiny_params(datasets: dict[str, Path], resolution: int = 16) -> str:
+    lines = ["datasets:"]
+    for name, path in datasets.items():
+        lines += [f"  {name}:", "    source: idx", f"    path: {path}", f"    resolution: {resolution}",
+                  "    channels: 1"]
+    lines += ["prepare:", "  out_dir: data/prepared", "  shard_size: 25"]
+    return "\n".join(lines) + "\n"
+
+
+def tiny_vqgan(seed: int = 0, in_channels: int = 1):
+    """A random-init VQGAN for 16x16 images: 4x4 token grid, 16 codes of dim 4."""
+    from models.vqgan import VQGAN, VQGANConfig
+    torch.manual_seed(seed)
+    return VQGAN(VQGANConfig(in_channels=in_channels, ch=8, ch_mult=(1, 2, 2), z_channels=8, n_codes=16,
+                             code_dim=4, dead_code_steps=0)).eval()
+
+
+def build_tiny_world(base: Path) -> dict[str, Path]:
+    """A prepared 16x16 grey dataset `a` (48 train + 12 val, 10 named classes), a random-init VQGAN (and a second
+    one with another codebook), and the token store of `a` made with the first."""
+    from pipeline.vqgan_io import save_vqgan
+    from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
+    from stages.prepare import run as prepare
+    from stages.tokenize import TokenizeConfig, TokenizeParams
+    from stages.tokenize import run as tokenize
+
+    src = make_idx_dataset(base / "idx", n_train=48, n_val=12, seed=4)
+    prepare(PrepareConfig("a", DatasetSpec(source="idx", path=str(src), resolution=16, channels=1,
+                                           class_names=[str(i) for i in range(10)]),
+                          PrepareParams(out_dir=str(base / "prepared"), shard_size=25)))
+    save_vqgan(base / "vqgan", tiny_vqgan(0), {"resolution": 16, "dataset": "a"})
+    save_vqgan(base / "other_vqgan", tiny_vqgan(1), {"resolution": 16, "dataset": "a"})
+    tokenize(TokenizeConfig("a", base / "prepared" / "a", base / "vqgan", base / "tokens" / "a",
+                            base / "tok_metrics.json", None,
+                            TokenizeParams(batch_size=16, shard_size=10, num_workers=0, roundtrip_images=8)))
+    return {"base": base, "prepared": base / "prepared" / "a", "vqgan": base / "vqgan",
+            "tokens": base / "tokens" / "a"}
