@@ -164,7 +164,9 @@ class MaskGIT(ClassConditioning, nn.Module):
              label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
         """One training objective evaluation: mask each grid at a ratio from the cosine schedule (random_mask), predict
         the masked codes from the rest. Returns (mean cross-entropy over masked positions, masked-token accuracy).
-        tokens: (B, h*w) codes; generator (on the tokens' device) draws the masks, then the label dropout."""
+        tokens: (B, h*w) codes; generator (on the tokens' device) draws the masks, then the label dropout, so a
+        checkpoint that saves its state resumes the same masks. Under DDP run the same three lines with the forward
+        through the wrapper (DDP syncs gradients only for forward calls it sees)."""
         mask = random_mask(tokens.shape[0], tokens.shape[1], generator=generator, device=tokens.device)
         logits = self(tokens.masked_fill(mask, self.mask_id), labels, generator=generator)
         return masked_loss(logits, tokens, mask, label_smoothing)
@@ -177,9 +179,10 @@ class MaskGIT(ClassConditioning, nn.Module):
 
         Start from an all-[MASK] grid. At step t of T = steps: one forward predicts every masked position; a code is
         drawn at each (temperature / top_k / top_p as GPT's sample_logits; temperature 0 = argmax); its confidence is
-        its (guided) log-probability plus choice_temperature * (1 - (t+1)/T) * Gumbel noise (the noise anneals to 0,
-        so early steps explore and late ones commit), and the decode_schedule(h*w, T)[t] least confident of the new
-        codes are masked again. Decided tokens are never revisited; the last step fills every remaining position.
+        its log-probability under the guided, untempered logits plus choice_temperature * (1 - (t+1)/T) * Gumbel
+        noise (the noise anneals to 0, so early steps explore and late ones commit; 4.5 is the MaskGIT reference's
+        class-conditional setting), and the decode_schedule(h*w, T)[t] least confident of the new codes are masked
+        again. Decided tokens are never revisited; the last step fills every remaining position.
 
         labels: (n,) class ids for a conditional model. cfg_scale: classifier-free guidance, logits = uncond +
         scale * (cond - uncond), conditional and null-class rows as one batch of 2n; at 1.0 the null half is skipped.
