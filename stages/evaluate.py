@@ -6,12 +6,17 @@ Input (written by the `sample` stage; data/README.md states the contract): `<sam
                      .cls  class label as text, -1 when unconditional
                      .tok  token grid h*w, raw little-endian uint16 (int32 when the codebook has > 65536 codes)
   manifest.json      {"count", "grid": [h, w], "token_dtype", "codebook_fingerprint", "resolution", "channels",
-                      "class_names", "conditional", "n_codes", "seed", "sampler": {...}}
+                      "class_names", "conditional", "n_codes", "seed", "sampler": {...}, "kind",
+                      and "model_fingerprint" where the sample stage records it}
 Every sample is checked (shape, bit depth, label range, token length and range) and a bad one stops the
 stage with one line naming it: a metric over silently skipped samples would not be the number it claims.
+Size and mode are read from the PNG header before any pixel is decoded, so a decompression bomb among the
+samples is refused unread.
 
 Compared with the `fid_ref` reference (checked: dataset fingerprint, resize mode, network hash, resolution,
-channels). Outputs: metrics JSON, every number with its protocol (keys gfid, gkid_mean, gkid_std, gprecision,
+channels). Outputs: metrics JSON, every number with its protocol (counts, reference split and subset seed,
+dataset fingerprint, resize mode, network hash, and the sampler: kind, model and codebook fingerprints,
+sampler params, seed, sha256 of the evaluated samples; keys gfid, gkid_mean, gkid_std, gprecision,
 grecall, code_usage_pct, code_perplexity, per_class_gfid.<class>), and `<report_dir>/` with report.md,
 grid.png (a row per class when conditional), code_frequency.png and per_class_fid.png.
 """
