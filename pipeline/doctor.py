@@ -120,8 +120,9 @@ def check_pair(build: dict | None, torch_version: str, torch_cuda: str | None,
         problems.append(f"torch was built with CUDA {torch_cuda}")
     if problems:
         return PairCheck("mismatch", f"xformers was built for {target}, but {' and '.join(problems)}: its C++/CUDA "
-                                     f"extension will not load, memory_efficient_attention has no usable operator "
-                                     f"and attention falls back to torch sdpa; {FIX}")
+                                     f"extension is only known to load beside the build it names, and without it "
+                                     f"memory_efficient_attention has no usable operator and attention falls back "
+                                     f"to torch sdpa; {FIX}")
     return PairCheck("match", f"xformers was built for {target}: matches torch {torch_version}")
 
 
@@ -331,7 +332,10 @@ def probe_fmha(device: torch.device | str = "cuda", dtype: torch.dtype = torch.b
     if xformers_folder() is None:
         return "xformers is not installed: every attention shape runs on torch sdpa"
     with _quiet_xformers():
-        import xformers.ops as xops
+        try:
+            import xformers.ops as xops
+        except Exception as exc:  # a broken install: the rest of the report still helps
+            return f"xformers.ops does not import ({_innermost(exc)}): every attention shape runs on torch sdpa"
     attn.active_backend(device)  # probe once, so the module's own state is settled before we swap it
     fw_ops, bw_ops = _fmha_ops(xops.fmha)
     probes = []
@@ -419,7 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     if pair.status == "match" and loaded is False:  # versions agree but the loader still refuses (e.g. no cudart)
         pair = PairCheck("mismatch", f"{pair.message}, yet its extension did not load ({detail}); {FIX}")
     bad = pair.status == "mismatch" or (args.require_cuda and pair.status != "match")
-    print(f"{'error' if bad else 'xformers'}: {pair.message}", file=sys.stderr if bad else sys.stdout)
+    message = pair.message
+    if bad and pair.status in ("cpu", "missing"):
+        message += f"; this machine has a GPU, so it needs the CUDA pair: {FIX}"
+    print(f"{'error' if bad else 'xformers'}: {message}", file=sys.stderr if bad else sys.stdout)
     return 1 if bad else 0
 
 
