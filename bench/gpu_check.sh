@@ -27,7 +27,8 @@ esac
 
 if [ "$smoke" = 0 ]; then
   if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    echo "gpu_check: no CUDA device (torch.cuda.is_available() is false): nothing measured, bench/RESULTS.md not written" >&2
+    echo "gpu_check: no CUDA device (torch.cuda.is_available() is false):" \
+         "nothing measured, bench/RESULTS.md not written" >&2
     exit 1
   fi
   out=${RESULTS:-bench/RESULTS.md}
@@ -44,15 +45,17 @@ t0=$SECONDS
 failed=()
 sections=()
 
-# section NAME TIMEOUT_S CMD...: run it, show its output live, keep stdout for the report (stderr: progress only)
+# section NAME TIMEOUT_S CMD...: run it, show its output live, keep stdout for the report (and the end of
+# stderr when it fails: otherwise stderr is progress only)
 section() {
   local name=$1 limit=$2; shift 2
   local start=$SECONDS rc=0
   echo "== $name: $*"
-  { timeout "$limit" "$@" | tee "$work/$name.out"; rc=${PIPESTATUS[0]}; } || true
+  { timeout "$limit" "$@" 2> >(tee "$work/$name.err" >&2) | tee "$work/$name.out"; rc=${PIPESTATUS[0]}; } || true
   local secs=$((SECONDS - start)) status=ok
   if [ "$rc" != 0 ]; then
-    status="FAILED (exit $rc$([ "$rc" = 124 ] && echo ", over its ${limit} s limit"))"
+    status="FAILED (exit $rc)"
+    [ "$rc" != 124 ] || status="FAILED (over its ${limit} s limit)"
     failed+=("$name")
   fi
   echo "   $name: $status, ${secs} s"
@@ -63,7 +66,8 @@ section() {
 
 if [ "$smoke" = 0 ]; then
   section doctor 180 "$PY" -m pipeline doctor
-  section tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_doctor.py tests/test_attention.py -k "doctor or xformers"
+  section tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_doctor.py tests/test_attention.py \
+    -k "doctor or xformers"
   section attention 300 "$PY" bench/gpu_check.py attention
   section gpt_100m 240 "$PY" bench/bench_train.py ar --preset configs/gpt_100m.yaml --grid 16 --vocab 16384 \
     --device cuda --warmup 3 --steps 20
@@ -89,14 +93,17 @@ if sys.argv[1] == "cuda":
 else:
     print("CPU smoke run: toy sizes, not a measurement")
 PY
-)
+) || device="unknown device (torch could not say)"
 driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1 || true)
 {
   echo "# GPU check results"
   echo
-  echo "Device: **$device**${driver:+, driver $driver}. Made by \`bash bench/gpu_check.sh$([ "$smoke" = 1 ] && echo " --cpu-smoke")\`"
-  echo "at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)'),"
-  echo "$(date -u '+%Y-%m-%d %H:%M UTC'); the whole check took ${total} s. Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)."
+  flag=$([ "$smoke" = 1 ] && echo " --cpu-smoke" || true)
+  commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  dirty=$(git diff --quiet HEAD 2>/dev/null || echo " (with local changes)")
+  echo "Device: **$device**${driver:+, driver $driver}. Made by \`bash bench/gpu_check.sh$flag\`"
+  echo "at commit $commit$dirty, $(date -u '+%Y-%m-%d %H:%M UTC'); the whole check took ${total} s."
+  echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)."
   echo "Targets: xformers >= 2x math and >= 1x sdpa with equal outputs within bf16 tolerance; GPT-100M MFU >= 40%."
   for name in "${sections[@]}"; do
     echo
@@ -107,6 +114,14 @@ driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null
     echo '```text'
     cat "$work/$name.out"
     echo '```'
+    if grep -q FAILED "$work/$name.status"; then  # why it failed: the end of its stderr
+      echo
+      echo "stderr, last 20 lines:"
+      echo
+      echo '```text'
+      tail -n 20 "$work/$name.err"
+      echo '```'
+    fi
   done
 } > "$out"
 echo "gpu_check: ${total} s; report written to $out${failed:+; FAILED: ${failed[*]}}"

@@ -34,7 +34,8 @@ import torch
 # tokens against 256 cached ones (bottom-right causal).
 GRID, HEADS, HEAD_DIM, WINDOW, NEW_TOKENS = 16, 8, 64, 8, 16
 SHAPE_NAMES = ("causal", "window bias", "YLG mask", "KV cache (bottom-right causal)")
-FIX = "install the pair pinned in requirements/constraints-cuda.txt (bash scripts/install.sh on a machine with nvidia-smi)"
+FIX = ("install the pair pinned in requirements/constraints-cuda.txt "
+       "(bash scripts/install.sh on a machine with nvidia-smi)")
 
 
 # ----------------------------------------------------------------------------------------- the version-pair check
