@@ -193,6 +193,16 @@ def test_summary_line_on_cpu():
 
 
 @cpu_only
+def test_summary_line_keeps_cpu_runs_free_of_xformers_and_faiss_imports():
+    """Stages may log the summary: on CPU it must not import xformers (loud warning, no use) nor faiss."""
+    code = ("import sys\nfrom pipeline.doctor import summary\nsummary()\n"
+            "assert 'xformers' not in sys.modules and 'faiss' not in sys.modules, sorted(sys.modules)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+@cpu_only
 def test_probe_fmha_says_no_cuda():
     assert doctor.probe_fmha("cuda") == "no CUDA: every attention shape runs on torch sdpa"
 
