@@ -3,12 +3,19 @@
 (a) bare FID-network throughput on ready 299x299 inputs,
 (b) full extraction throughput: PNG decode of small uint8 images, resize to 299, scaling, network — through
     `extract_features`, at the same batch size — and the ratio b / a (target >= 0.90),
-(c) `frechet_distance` on 2048-d covariances against the plain eigvals reference.
+(c) `frechet_distance` on 2048-d covariances against the plain eigvals reference,
+(d) per-class FID, 200 vs 200 samples of 2048-d features: the low-rank route (`frechet_distance_low_rank`,
+    the 200 x 200 cross-Gram) against the 2048 x 2048 covariance route, with the ratio (target >= 20x) and the
+    relative difference (target <= 1e-6),
+(e) the metric time of `evaluate` after feature extraction at the tiny preset's sizes (configs/tiny.yaml: 64
+    reference vs 64 generated 2048-d features, 10 classes, KID 10 subsets of 32): gFID, KID, precision/recall
+    and the per-class FIDs, as the stage computes them (target <= 30 s).
 
 (a) and (b) alternate batch by batch and their times are summed, so load from other processes that drifts
 during the run hits both alike.
 
 Usage: OMP_NUM_THREADS=2 python bench/bench_fid.py [--n-images 64] [--batch-size 16]
+       OMP_NUM_THREADS=2 python bench/bench_fid.py --only-frechet    # (c), (d), (e): no FID network needed
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
 
 from pipeline.fid_reference import open_network  # noqa: E402
-from pipeline.fid import (extract_features, frechet_distance, frechet_distance_reference,  # noqa: E402
+from pipeline.fid import (Protocol, compute_metrics, extract_features, frechet_distance,  # noqa: E402
+                          frechet_distance_features, frechet_distance_low_rank, frechet_distance_reference, stats,
                           to_inception_input)
 
 
@@ -81,6 +89,48 @@ def bench_frechet(dim: int, seed: int, repeats: int) -> None:
     print(f"    relative difference    {abs(fast - ref) / abs(ref):.2e}   speed-up x{t_ref / t_fast:.2f}")
 
 
+def bench_per_class(n: int, dim: int, seed: int, repeats: int) -> None:
+    rng = np.random.default_rng(seed)
+    # pool3-like: non-negative, correlated through a few shared factors, some dead features.
+    mix = np.abs(rng.standard_normal((32, dim))) / 8
+    feats = [np.maximum(rng.standard_normal((n, 32)) @ mix + 0.3 * rng.standard_normal((n, dim)) + shift, 0)
+             for shift in (0.0, 0.05)]
+    for f in feats:
+        f[:, :dim // 50] = 0.0
+    t_low, t_full = float("inf"), float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        low = frechet_distance_low_rank(*feats)
+        t_low = min(t_low, time.perf_counter() - start)
+        start = time.perf_counter()
+        full = frechet_distance(*stats(feats[0]), *stats(feats[1]))  # what per-class FID did before
+        t_full = min(t_full, time.perf_counter() - start)
+    ratio, rel = t_full / t_low, abs(low - full) / abs(full)
+    print(f"(d) per-class FID, {n} vs {n} samples of {dim}-d features, best of {repeats}:")
+    print(f"    low-rank (cross-Gram)  {t_low:7.3f} s   FD = {low:.10g}")
+    print(f"    covariances (d x d)    {t_full:7.3f} s   FD = {full:.10g}")
+    print(f"    speed-up x{ratio:.1f} (target >= 20: {'ok' if ratio >= 20 else 'BELOW TARGET'}), relative "
+          f"difference {rel:.1e} (target <= 1e-6: {'ok' if rel <= 1e-6 else 'ABOVE TARGET'})")
+
+
+def bench_tiny_metrics(dim: int, seed: int, n: int = 64, classes: int = 10) -> None:
+    rng = np.random.default_rng(seed)
+    mix = np.abs(rng.standard_normal((32, dim))) / 8
+    real, fake = (np.maximum(rng.standard_normal((n, 32)) @ mix + 0.3 * rng.standard_normal((n, dim)) + s, 0)
+                  for s in (0.0, 0.05))
+    labels = np.arange(n) % classes
+    protocol = Protocol(n_gen=n, n_ref=n, ref_split="val", resize_mode="tf_bilinear", feature_network_hash="bench",
+                        seed=0, kid_subset_size=32, kid_subsets=10)
+    real_stats = stats(real)  # the stage loads these from the reference
+    start = time.perf_counter()
+    metrics = compute_metrics(real, fake, protocol, real_stats=real_stats, prefix="g")
+    per_class = [frechet_distance_features(real[labels == c], fake[labels == c]) for c in range(classes)]
+    seconds = time.perf_counter() - start
+    print(f"(e) evaluate's metrics at the tiny preset's sizes ({n} vs {n}, {dim}-d, {classes} classes): "
+          f"{seconds:.2f} s (target <= 30: {'ok' if seconds <= 30 else 'ABOVE TARGET'}); gFID "
+          f"{metrics['gfid']['value']:.4g}, per-class FID {min(per_class):.4g}..{max(per_class):.4g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-images", type=int, default=64)
@@ -92,7 +142,14 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048, help="feature dimension for (c)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-class-n", type=int, default=200, help="samples per side in (d)")
+    parser.add_argument("--only-frechet", action="store_true", help="run (c), (d), (e) only: no FID network")
     args = parser.parse_args()
+    if args.only_frechet:
+        bench_frechet(args.dim, args.seed, args.repeats)
+        bench_per_class(args.per_class_n, args.dim, args.seed, args.repeats)
+        bench_tiny_metrics(args.dim, args.seed)
+        return
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     net = open_network(device=args.device)
@@ -120,6 +177,8 @@ def main() -> None:
     verdict = "ok" if rate_full / rate_bare >= 0.90 else "BELOW TARGET"
     print(f"    ratio b/a          {rate_full / rate_bare:7.3f}  (target >= 0.90: {verdict})")
     bench_frechet(args.dim, args.seed, args.repeats)
+    bench_per_class(args.per_class_n, args.dim, args.seed, args.repeats)
+    bench_tiny_metrics(args.dim, args.seed)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ Read top to bottom:
   3. Swin       window and shifted-window attention (STransGAN), plus the dense mask they are equivalent to.
   4. TransGAN   grid self-attention (attention inside non-overlapping grid cells), plus its dense mask.
   5. LadaGAN    linear additive attention: one attention vector per head, cost linear in the sequence length.
-  6. YLG        two-step local sparse attention with the LTR/RTL patterns over the ESA enumeration of the grid.
+  6. sparse     `sparse_attention(q, k, v, layout)`: any pattern given as query tiles and the keys each reads
+                (`block_sparse_layout` builds one from a block mask), run on the backends above without an N x N mask.
+  7. YLG        two-step local sparse attention with the LTR/RTL patterns over the ESA enumeration of the grid,
+                as dense masks (the reference) or as a sparse layout (O(N sqrt N)).
 
 Tensors are (B, H, N, D) inside attention (batch, heads, tokens, head dim) and (B, N, C) at module boundaries;
 2D token grids are flattened in raster order (row-major), token index = row * width + col.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -458,7 +462,184 @@ class LadaAttention(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# 6. YLG local sparse attention
+# 6. Block-sparse attention without an N x N mask
+#
+# A sparse pattern is cut into query tiles; each tile lists the keys any of its queries may read and a (T, K) mask
+# over those pairs. `sparse_attention` gathers every tile's queries and keys and runs the ordinary backends on the
+# tiles as a batch, then gathers the outputs back into token order. Cost and memory are sum over tiles of T * K
+# logits instead of N^2, and nothing of size N x N exists: plain torch, no compile step, any device, and gradients
+# flow through the gathers. Heads that share a pattern form one group and share its index tensors.
+# Keys that every query reads ("global" tokens, e.g. YLG's block summaries) are listed once as `shared` instead of in
+# every tile: their logits are one (N, S) matrix product, softmax-ed jointly with the tile's own logits, instead of S
+# extra keys gathered into each of the N / T tiles.
+# Padding (tiles of a pattern whose sizes vary) uses real token indices, so nothing is out of range: a padded key is
+# masked out, a padded query row is computed and never gathered back.
+
+@dataclass(frozen=True)
+class SparseTiles:
+    """One pattern, shared by a contiguous range of heads.
+
+    q_index (nT, T) long: the queries of each tile, every token exactly once over all tiles (plus padding).
+    kv_index (nT, K) long: the keys each tile reads.
+    mask (nT, T, K) bool or None: which (query, key) pairs of a tile attend; None = all of them.
+    causal: the pairs are the lower triangle (T == K): run as the kernels' causal case, no mask tensor.
+    q_pos (N,) long: where token n sits in q_index.flatten(), to put the outputs back in token order.
+    shared (S,) long or None: keys every query reads besides its tile's (must not repeat a tile's key).
+    """
+    heads: slice
+    q_index: Tensor
+    kv_index: Tensor
+    mask: Tensor | None
+    causal: bool
+    q_pos: Tensor
+    shared: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> SparseTiles:
+        moved = {name: None if getattr(self, name) is None else getattr(self, name).to(device)
+                 for name in ("q_index", "kv_index", "mask", "q_pos", "shared")}
+        return replace(self, **moved)
+
+    def dense(self) -> Tensor:
+        """The (N, N) bool mask this pattern stands for (tests and small references only: it is N x N)."""
+        n = self.q_pos.numel()
+        nT, T = self.q_index.shape
+        pairs = torch.ones(nT, T, self.kv_index.shape[1], dtype=torch.bool, device=self.q_index.device)
+        if self.causal:
+            pairs = pairs.tril()
+        if self.mask is not None:
+            pairs = pairs & self.mask
+        # keep only the rows gathered back (padded query rows are not), then scatter the listed keys of each row
+        rows = pairs.reshape(nT * T, -1)[self.q_pos]  # (N, K), row n = query token n
+        keys = self.kv_index[self.q_pos // T]  # (N, K)
+        out = torch.zeros(n, n, dtype=torch.bool, device=rows.device)
+        out[torch.arange(n, device=rows.device)[:, None].expand_as(keys)[rows], keys[rows]] = True
+        if self.shared is not None:
+            out[:, self.shared] = True
+        return out
+
+
+@dataclass(frozen=True)
+class SparseLayout:
+    """A sparse attention pattern over n tokens for n_heads heads: one SparseTiles per group of heads, in head order."""
+    n: int
+    groups: tuple[SparseTiles, ...]
+
+    @property
+    def n_heads(self) -> int:
+        return self.groups[-1].heads.stop
+
+    def to(self, device: torch.device | str) -> SparseLayout:
+        return SparseLayout(self.n, tuple(g.to(device) for g in self.groups))
+
+    def dense(self) -> Tensor:
+        """(n_heads, n, n) bool, the mask the layout stands for (for tests: this one is N x N)."""
+        return torch.cat([g.dense()[None].expand(g.heads.stop - g.heads.start, -1, -1) for g in self.groups])
+
+    def nbytes(self) -> int:
+        """Bytes the layout holds (index and mask tensors): what replaces the dense (H, N, N) mask."""
+        return sum(t.numel() * t.element_size() for g in self.groups
+                   for t in (g.q_index, g.kv_index, g.mask, g.q_pos, g.shared) if t is not None)
+
+    def logits(self) -> int:
+        """Query-key pairs computed per batch element (all heads): the sparse counterpart of n_heads * n^2."""
+        return sum((g.heads.stop - g.heads.start) * g.q_index.numel()
+                   * (g.kv_index.shape[1] + (0 if g.shared is None else g.shared.numel())) for g in self.groups)
+
+
+def _tiles(heads: slice, order: Tensor, q_seq: Tensor, kv_seq: Tensor, mask: Tensor | None, causal: bool,
+           shared_seq: Tensor | None = None) -> SparseTiles:
+    """SparseTiles from positions in a 1D sequence (-1 = padding), mapped to tokens by order[position]."""
+    n = order.numel()
+    flat = q_seq.flatten()
+    q_pos = torch.empty(n, dtype=torch.long)
+    q_pos[order[flat[flat >= 0]]] = torch.arange(flat.numel())[flat >= 0]
+    if mask is not None:  # padded keys never attend; padded query rows attend everywhere, so they stay finite (a
+        # NaN row, even one never gathered back, would turn the gradients of its tile's keys into NaN)
+        mask = (mask & (kv_seq >= 0)[:, None, :]) | (q_seq < 0)[:, :, None]
+        mask = None if mask.all() else mask
+    shared = None if shared_seq is None else order[shared_seq]
+    return SparseTiles(heads, order[q_seq.clamp(min=0)], order[kv_seq.clamp(min=0)], mask, causal, q_pos, shared)
+
+
+def block_sparse_layout(block_mask: Tensor, block: int, n: int, *,
+                        mask_mod: Callable[[Tensor, Tensor], Tensor] | None = None) -> SparseLayout:
+    """Layout of a pattern given as a block mask, FlexAttention style: block_mask (nQ, nK) or (H, nQ, nK) bool says
+    which block x block tiles of the (n, n) matrix are visited (tokens in raster order, a short last block allowed);
+    mask_mod(q_idx, kv_idx) -> bool (broadcasting index tensors), if given, masks pairs inside visited tiles.
+    Each query tile reads the keys of its visited tiles, padded to the most any row visits."""
+    nb = -(-n // block)
+    bm = block_mask if block_mask.dim() == 3 else block_mask[None]
+    assert bm.shape[1:] == (nb, nb), f"block mask {tuple(bm.shape)} does not tile {n} tokens in blocks of {block}"
+    groups, start = [], 0
+    for h in range(bm.shape[0]):  # consecutive heads with the same block mask share one group
+        if h + 1 < bm.shape[0] and torch.equal(bm[h], bm[h + 1]):
+            continue
+        width = max(int(bm[h].sum(1).max()), 1)
+        # visited key tiles of each query tile first (stable sort), the rest as padding tiles
+        tiles = torch.sort((~bm[h]).to(torch.int8), dim=1, stable=True).indices[:, :width]  # (nb, width)
+        visited = torch.gather(bm[h], 1, tiles)
+        kv_seq = (tiles[:, :, None] * block + torch.arange(block)).reshape(nb, width * block)
+        kv_ok = (visited[:, :, None].expand(-1, -1, block).reshape(nb, -1)) & (kv_seq < n)
+        q_seq = torch.arange(nb * block).reshape(nb, block)
+        mask = kv_ok[:, None, :].expand(-1, block, -1)
+        if mask_mod is not None:
+            mask = mask & mask_mod(q_seq[:, :, None], kv_seq[:, None, :])
+        kv_seq = kv_seq.masked_fill(~kv_ok, -1)
+        q_seq = q_seq.masked_fill(q_seq >= n, -1)
+        groups.append(_tiles(slice(start, h + 1), torch.arange(n), q_seq, kv_seq, mask.contiguous(), False))
+        start = h + 1
+    return SparseLayout(n, tuple(groups))
+
+
+def _tiles_with_shared_keys(qt: Tensor, kt: Tensor, vt: Tensor, ks: Tensor, vs: Tensor, mask: Tensor | None,
+                            causal: bool, dropout_p: float) -> Tensor:
+    """Softmax over each query's tile keys and the shared keys together, written out (the backends cannot take two
+    key sets). qt (b, nT, T, D), kt/vt (b, nT, K, D), ks/vs (b, S, D) -> (b, nT, T, D); logits are (b, N, S + K)."""
+    b, nT, T, D = qt.shape
+    scale = 1.0 / math.sqrt(D)
+    tile = (qt @ kt.transpose(-2, -1)) * scale  # (b, nT, T, K)
+    if causal:
+        mask = _causal_mask(T, T, qt.device) if mask is None else mask & _causal_mask(T, T, qt.device)
+    if mask is not None:
+        tile = tile.masked_fill(~mask, float("-inf"))
+    shared = ((qt.reshape(b, nT * T, D) @ ks.transpose(-2, -1)) * scale).reshape(b, nT, T, -1)  # (b, nT, T, S)
+    weights = torch.cat([shared, tile], dim=-1).softmax(dim=-1)
+    if dropout_p > 0:
+        weights = F.dropout(weights, p=dropout_p)
+    w_shared, w_tile = weights.split([shared.shape[-1], tile.shape[-1]], dim=-1)
+    return (w_shared.reshape(b, nT * T, -1) @ vs).reshape(b, nT, T, D) + w_tile @ vt
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: SparseLayout, *, dropout_p: float = 0.0,
+                     backend: str | None = None) -> Tensor:
+    """Attention under a sparse layout: q, k, v (B, H, N, D) -> (B, H, N, D), equal to `attention` with
+    attn_bias=layout.dense(), at the cost of the layout's tiles."""
+    B, H, N, D = q.shape
+    if layout.n != N or layout.n_heads != H:
+        raise ValueError(f"layout is for {layout.n_heads} heads x {layout.n} tokens, got {H} x {N}")
+    outs = []
+    for g in layout.groups:
+        if g.q_index.device != q.device:
+            g = g.to(q.device)
+        nT, T = g.q_index.shape
+        K = g.kv_index.shape[1]
+        hg = g.heads.stop - g.heads.start
+        # (B, hg, N, D) -> (B * hg, nT, T or K, D): tiles become the head axis, so the (nT, T, K) mask broadcasts
+        qt = q[:, g.heads].index_select(2, g.q_index.flatten()).reshape(B * hg, nT, T, D)
+        kt = k[:, g.heads].index_select(2, g.kv_index.flatten()).reshape(B * hg, nT, K, D)
+        vt = v[:, g.heads].index_select(2, g.kv_index.flatten()).reshape(B * hg, nT, K, D)
+        if g.shared is None:
+            out = attention(qt, kt, vt, causal=g.causal, attn_bias=g.mask, dropout_p=dropout_p, backend=backend)
+        else:
+            ks = k[:, g.heads].index_select(2, g.shared).reshape(B * hg, -1, D)
+            vs = v[:, g.heads].index_select(2, g.shared).reshape(B * hg, -1, D)
+            out = _tiles_with_shared_keys(qt, kt, vt, ks, vs, g.mask, g.causal, dropout_p)
+        outs.append(out.reshape(B, hg, nT * T, D).index_select(2, g.q_pos))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# 7. YLG local sparse attention
 #
 # Daras et al. (2020), "Your Local GAN". Sparse 1D patterns with block size b (default floor(sqrt(N)), as in YLG):
 #   LTR (left to right)  step 1: i sees its own block up to itself;   step 2: i sees itself and the last token of
@@ -471,8 +652,16 @@ class LadaAttention(nn.Module):
 # The 1D patterns are laid over the 2D grid with the ESA enumeration: positions ordered by Manhattan distance from the
 # top-left corner, so neighbours in 1D are neighbours on the grid. As in YLG, each head gets one step of one pattern
 # (heads split evenly over RTL-1, RTL-2, LTR-1, LTR-2: several heads per pattern), and the two steps compose across
-# consecutive attention layers. The sparse pattern is expressed as a boolean mask through `attention`, so it runs on
-# the memory-efficient backend where available (this saves memory, not FLOPs: the mask is dense).
+# consecutive attention layers.
+# Two equal ways to run it: the dense (H, N, N) mask through `attention` (the reference; N^2 time and memory), and a
+# SparseLayout through `sparse_attention` (section 6): step 1's query tiles are the YLG blocks, each reading its own
+# block (the causal case; RTL lists the block backwards); step 2 reads the ceil(N / b) summaries as shared keys plus
+# a one-query tile holding the query itself (masked for the summaries, which already see themselves). Each query
+# costs O(sqrt N) and the whole layer O(N sqrt N). YLGAttention picks the sparse one from
+# YLG_SPARSE_MIN_TOKENS on, where it measured faster (bench/bench_attention.py).
+
+YLG_SPARSE_MIN_TOKENS = 256
+
 
 def esa_order(h: int, w: int) -> Tensor:
     """ESA enumeration of an h x w grid: raster indices ordered by Manhattan distance from (0, 0), ties by row."""
@@ -493,35 +682,88 @@ def ylg_masks(n: int, block: int | None = None) -> dict[str, tuple[Tensor, Tenso
             "rtl": (same_block & (i[None, :] >= i[:, None]), eye | first[None, :])}
 
 
-def ylg_head_masks(h: int, w: int, n_heads: int, block: int | None = None) -> Tensor:
+def _ylg_sequence(h: int, w: int, esa: bool) -> Tensor:
+    """order[s] = raster index of the token at position s of the 1D sequence the patterns run along."""
+    return esa_order(h, w) if esa else torch.arange(h * w)
+
+
+def ylg_head_masks(h: int, w: int, n_heads: int, block: int | None = None, *, esa: bool = True) -> Tensor:
     """(n_heads, N, N) bool masks over the raster-ordered h x w grid: the ESA-ordered YLG patterns, n_heads / 4
-    consecutive heads each for RTL step 1, RTL step 2, LTR step 1, LTR step 2 (YLG's head layout)."""
+    consecutive heads each for RTL step 1, RTL step 2, LTR step 1, LTR step 2 (YLG's head layout).
+    esa=False lays the 1D patterns along the raster order instead (the ablation without ESA)."""
     assert n_heads % 4 == 0, f"YLG needs a multiple of 4 heads (2 patterns x 2 steps), got {n_heads}"
     masks = ylg_masks(h * w, block)
     patterns = [masks["rtl"][0], masks["rtl"][1], masks["ltr"][0], masks["ltr"][1]]
-    rank = torch.argsort(esa_order(h, w))  # rank[raster index] = position in the ESA sequence
+    rank = torch.argsort(_ylg_sequence(h, w, esa))  # rank[raster index] = position in the 1D sequence
     per_head = [patterns[head * 4 // n_heads] for head in range(n_heads)]
     return torch.stack([m[rank][:, rank] for m in per_head])
 
 
-def ylg_attention(q: Tensor, k: Tensor, v: Tensor, head_masks: Tensor, *, backend: str | None = None) -> Tensor:
-    """YLG sparse attention: q, k, v (B, H, N, D) in raster order, head_masks (H, N, N) from ylg_head_masks."""
+def ylg_layout(h: int, w: int, n_heads: int, block: int | None = None, *, esa: bool = True) -> SparseLayout:
+    """The same patterns as ylg_head_masks as a SparseLayout (O(N sqrt N) entries): layout.dense() equals
+    ylg_head_masks(h, w, n_heads, block, esa=esa)."""
+    assert n_heads % 4 == 0, f"YLG needs a multiple of 4 heads (2 patterns x 2 steps), got {n_heads}"
+    n = h * w
+    b = block or max(1, math.isqrt(n))
+    nb = -(-n // b)
+    order = _ylg_sequence(h, w, esa)
+    seq = torch.arange(nb * b).reshape(nb, b)  # row j = positions of block j
+    length = (n - seq[:, :1]).clamp(max=b)  # (nb, 1) tokens in each block (the last may be short)
+    r = torch.arange(b)
+    ltr_q = seq.masked_fill(seq >= n, -1)
+    rtl_q = torch.where(r < length, seq[:, :1] + length - 1 - r, -1)  # each block backwards, padding still last
+    summary = {"ltr": seq[:, 0] + length[:, 0] - 1, "rtl": seq[:, 0]}  # (nb,) last / first token of each block
+    itself = torch.arange(n)[:, None]  # step 2: n tiles of one query, whose one key is the query itself
+    groups = []
+    for i, (name, step) in enumerate([("rtl", 1), ("rtl", 2), ("ltr", 1), ("ltr", 2)]):
+        heads = slice(i * n_heads // 4, (i + 1) * n_heads // 4)
+        if step == 1:  # the lower triangle of the tile's own queries: RTL's "itself on" is it, listed backwards
+            q_seq = rtl_q if name == "rtl" else ltr_q
+            groups.append(_tiles(heads, order, q_seq, q_seq, None, True))
+            continue
+        is_summary = torch.zeros(n, dtype=torch.bool)
+        is_summary[summary[name]] = True
+        groups.append(_tiles(heads, order, itself, itself, ~is_summary[:, None, None], False, summary[name]))
+    return SparseLayout(n, tuple(groups))
+
+
+def ylg_attention(q: Tensor, k: Tensor, v: Tensor, head_masks: Tensor | SparseLayout, *,
+                  backend: str | None = None) -> Tensor:
+    """YLG sparse attention: q, k, v (B, H, N, D) in raster order; head_masks either the dense (H, N, N) masks from
+    ylg_head_masks (reference) or the equal SparseLayout from ylg_layout."""
+    if isinstance(head_masks, SparseLayout):
+        return sparse_attention(q, k, v, head_masks, backend=backend)
     return attention(q, k, v, attn_bias=head_masks, backend=backend)
 
 
 class YLGAttention(nn.Module):
-    """YLG local sparse self-attention over a (B, N, C) token grid."""
+    """YLG local sparse self-attention over a (B, N, C) token grid.
+
+    sparse: run the SparseLayout (True) or the dense masks (False); None = sparse from YLG_SPARSE_MIN_TOKENS on.
+    """
 
     def __init__(self, dim: int, n_heads: int, grid: tuple[int, int], *, block: int | None = None, bias: bool = True,
-                 backend: str | None = None):
+                 backend: str | None = None, esa: bool = True, sparse: bool | None = None):
         super().__init__()
         assert dim % n_heads == 0, f"dim {dim} is not divisible by n_heads {n_heads}"
         self.n_heads, self.backend = n_heads, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim)
-        self.register_buffer("head_masks", ylg_head_masks(grid[0], grid[1], n_heads, block), persistent=False)
+        self.sparse = grid[0] * grid[1] >= YLG_SPARSE_MIN_TOKENS if sparse is None else sparse
+        if self.sparse:  # index tensors, not buffers: moved to the input's device on first use and kept there
+            self._layouts = {torch.device("cpu"): ylg_layout(grid[0], grid[1], n_heads, block, esa=esa)}
+        else:
+            self.register_buffer("head_masks", ylg_head_masks(grid[0], grid[1], n_heads, block, esa=esa),
+                                 persistent=False)
+
+    def pattern(self, device: torch.device) -> Tensor | SparseLayout:
+        if not self.sparse:
+            return self.head_masks
+        if device not in self._layouts:
+            self._layouts[device] = self._layouts[torch.device("cpu")].to(device)
+        return self._layouts[device]
 
     def forward(self, x: Tensor) -> Tensor:
         B, N, C = x.shape
         q, k, v = (_split_heads(t, self.n_heads) for t in self.qkv(x).split(C, dim=2))
-        return self.proj(_merge_heads(ylg_attention(q, k, v, self.head_masks, backend=self.backend)))
+        return self.proj(_merge_heads(ylg_attention(q, k, v, self.pattern(x.device), backend=self.backend)))

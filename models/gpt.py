@@ -2,7 +2,8 @@
 
 Read top to bottom:
   1. GPTConfig      every knob, validated.
-  2. building blocks RMSNorm, the two MLPs, 2D rotary positions, the pre-norm Block.
+  2. building blocks RMSNorm, the two MLPs, 2D rotary positions, the pre-norm Block, the class prefix and the
+                    init (shared with models/maskgit.py).
   3. GPT            embeddings, forward (logits + loss), KV caches, FLOP estimate.
   4. sampling       temperature / top-k / top-p, and GPT.generate (KV cache or full recompute, CFG).
 
@@ -169,12 +170,13 @@ class Rope2D(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). Pre-norm leaves the residual stream an
-    identity path from embedding to head, so gradients reach the early layers unscaled (post-norm is less stable)."""
+    identity path from embedding to head, so gradients reach the early layers unscaled (post-norm is less stable).
+    causal=False gives the bidirectional block of a masked-token model (models/maskgit.py)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, causal: bool = True):
         super().__init__()
         self.norm1 = make_norm(config)
-        self.attn = MultiHeadAttention(config.n_embd, config.n_head, causal=True, bias=config.bias,
+        self.attn = MultiHeadAttention(config.n_embd, config.n_head, causal=causal, bias=config.bias,
                                        dropout=config.dropout)
         self.norm2 = make_norm(config)
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
@@ -185,10 +187,53 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+class ClassConditioning:
+    """The class prefix shared by the token transformers (GPT, models/maskgit.py): labels 0..n_classes-1, the null
+    class n_classes that label dropout substitutes (classifier-free guidance), or prefix id 0 for an unconditional
+    model. Mixed into an nn.Module whose `config` has n_classes and class_dropout."""
+
+    config: GPTConfig
+    training: bool
+
+    @property
+    def null_class(self) -> int:
+        return self.config.n_classes
+
+    def drop_labels(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Classifier-free guidance training: each label becomes the null class with probability class_dropout.
+        Only in training mode (forward calls this); eval and sampling see the labels they are given."""
+        if not self.training or self.config.n_classes == 0 or self.config.class_dropout == 0:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.config.class_dropout
+        return labels.masked_fill(drop, self.null_class)
+
+    def _prefix_ids(self, labels: Tensor | None, batch_size: int, device: torch.device,
+                    generator: torch.Generator | None = None) -> Tensor:
+        name = type(self).__name__
+        if self.config.n_classes == 0:
+            if labels is not None:
+                raise ValueError(f"this {name} is unconditional (n_classes = 0) but got labels")
+            return torch.zeros(batch_size, dtype=torch.long, device=device)
+        if labels is None:
+            raise ValueError(f"this {name} is class-conditional: pass labels (the null class is {self.null_class})")
+        if labels.shape != (batch_size,):
+            raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
+        return self.drop_labels(labels.to(device=device, dtype=torch.long), generator)
+
+
+def init_weights(model: nn.Module, n_layer: int) -> None:
+    """nanoGPT init: N(0, 0.02) for every linear and embedding, and the projections that write into the residual
+    stream scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth (GPT-2)."""
+    model.apply(GPT._init_weights)
+    for name, p in model.named_parameters():
+        if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # 3. The model
 
-class GPT(nn.Module):
+class GPT(ClassConditioning, nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -208,12 +253,7 @@ class GPT(nn.Module):
         if config.tie_head:
             self.head.weight = self.wte.weight
 
-        # nanoGPT init: N(0, 0.02) everywhere, and the projections that write into the residual stream scaled by
-        # 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth (GPT-2).
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        init_weights(self, config.n_layer)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -246,29 +286,6 @@ class GPT(nn.Module):
         MFU = flops_per_token * tokens_per_second / peak FLOPS of the device."""
         T = seq_len or self.config.block_size
         return 6 * self.num_params(exclude_embeddings=True) + 12 * self.config.n_layer * self.config.n_embd * T
-
-    @property
-    def null_class(self) -> int:
-        return self.config.n_classes
-
-    def drop_labels(self, labels: Tensor) -> Tensor:
-        """Classifier-free guidance training: each label becomes the null class with probability class_dropout.
-        Only in training mode (forward calls this); eval and sampling see the labels they are given."""
-        if not self.training or self.config.n_classes == 0 or self.config.class_dropout == 0:
-            return labels
-        drop = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
-        return labels.masked_fill(drop, self.null_class)
-
-    def _prefix_ids(self, labels: Tensor | None, batch_size: int, device: torch.device) -> Tensor:
-        if self.config.n_classes == 0:
-            if labels is not None:
-                raise ValueError("this GPT is unconditional (n_classes = 0) but got labels")
-            return torch.zeros(batch_size, dtype=torch.long, device=device)
-        if labels is None:
-            raise ValueError(f"this GPT is class-conditional: pass labels (the null class is {self.null_class})")
-        if labels.shape != (batch_size,):
-            raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
-        return self.drop_labels(labels.to(device=device, dtype=torch.long))
 
     def new_kv_caches(self, batch_size: int, *, dtype: torch.dtype | None = None) -> list[KVCache]:
         """One KV cache per layer, block_size long. The dtype defaults to what attention will produce: the autocast

@@ -8,6 +8,7 @@
   serve        serve the flow as a deployment, so runs with parameters start from the UI
   add-dataset  add an image folder / WebDataset / IDX dataset to params.yaml and prepare it
   tokenize     tokenize any image folder or prepared dataset with a chosen VQGAN checkpoint
+  doctor       what this machine runs: torch build, CUDA device, bf16, xformers kernels, faiss, threads
 """
 from __future__ import annotations
 
@@ -208,6 +209,11 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     print(f"token store: {out}", file=sys.stderr)
 
 
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from pipeline.doctor import report
+    print("\n".join(report()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tokenmill", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background", type=int, default=0)
     p.add_argument("--split", default="random", choices=("keep", "random"))
     p.set_defaults(fn=cmd_tokenize)
+
+    p = sub.add_parser("doctor", help="what this machine runs: torch/CUDA, bf16, xformers kernels, faiss, threads")
+    p.set_defaults(fn=cmd_doctor)
     return ap
 
 

@@ -11,23 +11,26 @@ Resize conventions (`mode`, recorded in the protocol because FID changes with it
   grid is anchored at the top-left corner, so upsampling shifts content by up to half an input pixel and the
   last output rows repeat the border (32 -> 299: the last 9). Interpolation runs on float32 values 0..255 and
   is a convex combination, so the output stays inside 0..255.
-- "clean_bicubic": clean-fid's "clean" mode, i.e. PIL bicubic on float32 channels. torch's antialiased bicubic
-  uses PIL's kernel (a = -0.5, support widened when downsampling); it matches PIL within 4e-4 (upsampling) and
-  3e-3 (downsampling) grey levels on 0..255. Like clean-fid we neither quantise back to uint8 nor clip after
-  the resize, so bicubic overshoot at sharp edges can leave the nominal input range (little on natural
-  images; at most ~0.56 of the range on pixel noise).
+- "clean_bicubic": clean-fid's "clean" mode (cleanfid/resize.py, make_resizer("PIL", quantize_after=False,
+  "bicubic")): each channel as a PIL float image (mode 'F'), resized with PIL's BICUBIC filter (a = -0.5,
+  support widened by in/out when downsampling, i.e. antialiased), then clipped to 0..255 and kept in float32
+  (no quantisation back to uint8). We compute PIL's resampler ourselves, on the input's device: the same
+  per-output-pixel coefficients (double), a horizontal pass stored as float32 (PIL's intermediate 'F' image)
+  then a vertical pass, each a double sum, so the result is PIL's to within 7e-5 grey levels (bit-identical
+  but for ~1 pixel in a million; tests compare with PIL itself). The clip matters: bicubic overshoot at sharp
+  edges (Fashion-MNIST's black background) goes below 0 by tens of grey levels, and clean-fid cuts it off.
 Both modes then scale x / 128 - 1, which maps 0..255 to the network's [-1, 0.9921875].
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 INPUT_SIZE = 299
@@ -98,6 +101,53 @@ def _tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     return top + (bottom - top) * fy[:, None]
 
 
+def _pil_bicubic_weight(x: float) -> float:
+    """PIL's bicubic kernel (a = -0.5), written in PIL's order of operations so the doubles are the same."""
+    x = -x if x < 0.0 else x
+    if x < 1.0:
+        return ((1.5 * x - 2.5) * x) * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * -0.5
+    return 0.0
+
+
+@functools.lru_cache(maxsize=16)
+def _pil_bicubic_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """PIL's resampling coefficients (precompute_coeffs in libImaging/Resample.c, BICUBIC, the whole image as the
+    box) as a dense float64 n_out x n_in matrix: row i holds output pixel i's normalised weights."""
+    scale = n_in / n_out
+    filterscale = max(scale, 1.0)  # downsampling widens the kernel: the antialiasing
+    support = 2.0 * filterscale
+    inv_scale = 1.0 / filterscale
+    matrix = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)  # int() truncates toward 0, like C's cast
+        count = min(int(center + support + 0.5), n_in) - lo
+        k = [_pil_bicubic_weight((x + lo - center + 0.5) * inv_scale) for x in range(count)]
+        total = 0.0
+        for v in k:  # summed in PIL's order, so the normalised weights are PIL's doubles
+            total += v
+        matrix[i, lo:lo + count] = [v / total for v in k] if total != 0.0 else k
+    return torch.from_numpy(matrix)
+
+
+def _pil_bicubic(x: torch.Tensor, size: int) -> torch.Tensor:
+    """PIL Image.resize((size, size), BICUBIC) of every float32 H x W plane of N x C x H x W, as PIL does it for
+    mode 'F': a horizontal pass into a float32 image, then a vertical pass, each output a double sum.
+
+    The sums run as float64 matrix products (PIL's sparse taps; the zeros add nothing) instead of PIL's
+    sequential loop, ~5x faster; the order of a double sum differs, so a result can land on the other side of a
+    float32 rounding boundary: one ulp, carried through the second pass (< 7e-5 grey levels in all), and
+    bit-identical for all but ~1 pixel in a million.
+    """
+    if x.shape[3] != size:  # PIL skips a pass whose size does not change
+        x = (x.to(torch.float64) @ _pil_bicubic_matrix(x.shape[3], size).to(x.device).T).to(torch.float32)
+    if x.shape[2] != size:
+        x = (_pil_bicubic_matrix(x.shape[2], size).to(x.device) @ x.to(torch.float64)).to(torch.float32)
+    return x
+
+
 def to_inception_input(images_uint8: ImageBatch, mode: ResizeMode = "tf_bilinear",
                        size: int = INPUT_SIZE) -> torch.Tensor:
     """uint8 images (N x H x W x C or N x C x H x W, C = 1 or 3) -> float32 N x 3 x 299 x 299 in the FID network's
@@ -113,7 +163,8 @@ def _resize_and_scale(images: torch.Tensor, mode: ResizeMode, size: int = INPUT_
         if mode == "tf_bilinear":
             x = _tf1_bilinear(x, size)
         else:
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+            # clean-fid clips after the float resize (bicubic overshoots at edges) and does not quantise.
+            x = _pil_bicubic(x, size).clamp_(0.0, 255.0)
     # Grey -> RGB after the resize: the resize is per channel, so this gives the same result at a third of the cost.
     x = x.expand(-1, 3, -1, -1)
     return (x / 128.0 - 1.0).contiguous()
@@ -255,6 +306,50 @@ def frechet_distance_reference(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndar
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
+def frechet_distance_low_rank(feats1: np.ndarray, feats2: np.ndarray) -> float:
+    """The Fréchet distance of two feature sets (n1 x d, n2 x d) through the n1 x n2 cross-Gram matrix.
+
+    With centred features A (n1 x d), B (n2 x d), S1 = A^T A / (n1 - 1) and S2 = B^T B / (n2 - 1):
+      S1 S2 = A^T (A B^T B) / c,  c = (n1 - 1)(n2 - 1).
+    XY and YX have the same non-zero eigenvalues with the same multiplicities, so with X = A^T, Y = A B^T B / c
+    the non-zero eigenvalues of S1 S2 are those of Y X = (A B^T)(A B^T)^T / c = M M^T / c with M = A B^T, i.e.
+    sigma_i(M)^2 / c. Zero eigenvalues add nothing to the trace of the square root, so
+      tr sqrt(S1 S2) = sum_i sigma_i(A B^T) / sqrt(c),   tr S1 = ||A||_F^2 / (n1 - 1), likewise tr S2,
+    and FID = ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) costs O(n1 n2 d + n1 n2 min(n1, n2)) instead
+    of O(d^3 + (n1 + n2) d^2). The singular values of M come with absolute error ~ eps ||M||, so the eigenvalues
+    that are zero (d - rank of them) cost nothing here, whereas the d x d route takes square roots of their
+    rounding (~ sqrt(eps) each). Valid for any n1, n2 >= 2; cheaper when they are small against d.
+    """
+    a = _check_features(feats1, "feats1", min_rows=2)
+    b = _check_features(feats2, "feats2", min_rows=2)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature dimensions differ: {a.shape[1]} vs {b.shape[1]}")
+    mu1, mu2 = a.mean(axis=0), b.mean(axis=0)
+    a, b = a - mu1, b - mu2
+    n1, n2 = len(a), len(b)
+    tr1, tr2 = np.einsum("ij,ij->", a, a) / (n1 - 1), np.einsum("ij,ij->", b, b) / (n2 - 1)
+    tr_covmean = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    diff = mu1 - mu2
+    return float(max(diff @ diff + tr1 + tr2 - 2.0 * tr_covmean, 0.0))
+
+
+def frechet_distance_features(feats1: np.ndarray, feats2: np.ndarray,
+                              stats1: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """FID of two feature sets by the cheaper exact route: the n1 x n2 cross-Gram (`frechet_distance_low_rank`)
+    when the sets are small against the dimension, else d x d covariances (`stats1`: cached statistics of
+    feats1, used only on that route). Both give the same number to rounding."""
+    n1, n2, d = len(feats1), len(feats2), np.shape(feats1)[-1]
+    # Flop counts: the Gram product + a singular-value-only SVD (~4 m n^2), against the covariances still to
+    # compute + the d x d work (cholesky d^3/3, two products 4 d^3, eigvalsh ~4 d^3/3, eigh when both are
+    # singular ~9 d^3: ~8 d^3 taken).
+    gram = 2.0 * n1 * n2 * d + 4.0 * max(n1, n2) * min(n1, n2) ** 2
+    full = 8.0 * d ** 3 + 2.0 * d * d * (n2 + (n1 if stats1 is None else 0))
+    if gram < full:
+        return frechet_distance_low_rank(feats1, feats2)
+    mu1, sigma1 = stats1 if stats1 is not None else stats(feats1)
+    return frechet_distance(mu1, sigma1, *stats(feats2))
+
+
 # ----------------------------------------------------------------------------- KID
 
 def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -289,47 +384,94 @@ def kid(feat_a: np.ndarray, feat_b: np.ndarray, n_subsets: int = 100, subset_siz
 
 # ----------------------------------------------------------------------------- precision / recall
 
-def _knn_radii_sq(feats: np.ndarray, k: int, batch_rows: int) -> np.ndarray:
-    """Squared distance from each point to its k-th nearest other point (exact, faiss IndexFlatL2)."""
-    import faiss  # Imported here: only P&R needs it, and importing it costs ~0.5 s.
+# Distances are screened with one float64 matrix product per block (||q||^2 + ||c||^2 - 2 q.c on centred
+# features) and every decision the screen cannot settle by its rounding bound is made on the differences
+# themselves, so the result is the definition's on the given float64 features: ties and duplicates included.
+_U64 = 2.0 ** -53  # unit roundoff of float64
+_BLOCK_ELEMENTS = 1 << 22  # distance-matrix block: 32 MB of float64
 
-    index = faiss.IndexFlatL2(feats.shape[1])
-    index.add(feats)
-    radii = np.empty(len(feats), np.float32)
-    for start in range(0, len(feats), batch_rows):
-        # k + 1 neighbours: the nearest one is the point itself.
-        dist_sq, _ = index.search(feats[start:start + batch_rows], k + 1)
-        radii[start:start + batch_rows] = dist_sq[:, k]
+
+def _gamma(n: int) -> float:
+    """Higham's gamma_n in float64: |fl(x . y) - x . y| <= gamma_n sum_i |x_i y_i| in any summation order."""
+    return n * _U64 / (1.0 - n * _U64)
+
+
+def _sq_dists(point: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances from the differences, not ||a||^2 + ||b||^2 - 2ab: exactly 0 for duplicates,
+    symmetric in the pair, and the same bits wherever the same pair is computed."""
+    return np.square(rows - point).sum(axis=-1)
+
+
+class _Screen:
+    """Squared distances from query rows to a fixed set, by the expansion, with a bound on each one's error.
+
+    Translating both sides by one centre changes no distance and shrinks the norms that rounding scales with.
+    The bound: the dot product is off by at most gamma_{d+2} ||q|| ||c|| (inputs rounded by the centring count
+    as two extra terms), the norms and the sum by a few more roundings of (||q|| + ||c||)^2; doubled.
+    """
+
+    def __init__(self, feats: np.ndarray):
+        self.centre = feats.mean(axis=0)
+        self.c = feats - self.centre
+        self.c_norm_sq = np.einsum("ij,ij->i", self.c, self.c)
+        self.c_norm = np.sqrt(self.c_norm_sq)
+        self.gamma = 2.0 * _gamma(feats.shape[1] + 6)
+
+    def __call__(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = queries - self.centre
+        q_norm_sq = np.einsum("ij,ij->i", q, q)
+        dist = q_norm_sq[:, None] + self.c_norm_sq[None, :] - 2.0 * (q @ self.c.T)
+        error = self.gamma * (np.sqrt(q_norm_sq)[:, None] + self.c_norm[None, :]) ** 2
+        return dist, error
+
+
+def _block_rows(n_columns: int, batch_rows: int) -> int:
+    return max(1, min(batch_rows, _BLOCK_ELEMENTS // max(n_columns, 1)))
+
+
+def _knn_radii_sq(feats: np.ndarray, k: int, batch_rows: int) -> np.ndarray:
+    """Squared distance from each point to its k-th nearest other point (duplicates count), exactly.
+
+    With t the k-th smallest screened distance of a row and E the largest error bound in that row, the true
+    k-th smallest distance is at most t + E (k points are screened at <= t), so a point screened above t + 2E
+    cannot be among the k nearest: the rest are recomputed from the differences and the k-th taken.
+    """
+    n = len(feats)
+    screen = _Screen(feats)
+    radii = np.empty(n)
+    step = _block_rows(n, batch_rows)
+    for start in range(0, n, step):
+        rows = np.arange(start, min(start + step, n))
+        dist, error = screen(feats[rows])
+        dist[np.arange(len(rows)), rows] = np.inf  # the point itself is not its own neighbour
+        t = np.partition(dist, k - 1, axis=1)[:, k - 1]
+        keep = dist <= (t + 2.0 * error.max(axis=1))[:, None]
+        for r, i in enumerate(rows):
+            cand = np.flatnonzero(keep[r])
+            radii[i] = np.partition(_sq_dists(feats[i], feats[cand]), k - 1)[k - 1]
     return radii
 
 
 def _inside_fraction(queries: np.ndarray, centres: np.ndarray, radii_sq: np.ndarray, batch_rows: int) -> float:
-    """Fraction of queries q with ||q - c_j||^2 <= r_j^2 for some centre j.
+    """Fraction of queries q with ||q - c_j||^2 <= r_j^2 for some centre j, exactly.
 
-    The radii differ per centre, so this is not a k-NN query as such; but
-    ||q - c||^2 - r^2 = ||q||^2 - <[q, 1], [2c, r^2 - ||c||^2]>, so the centre that best covers q is the
-    maximum-inner-product neighbour of [q, 1] among the augmented centres: one exact faiss IndexFlatIP search.
-    The winner is then re-checked in float64, so float32 rounding only matters for points on a ball's edge.
+    A pair whose screened margin r_j^2 - ||q - c_j||^2 exceeds its error bound is inside, one below minus the
+    bound outside; only the pairs in between (ties with the radius, duplicates at radius 0) are recomputed from
+    the differences.
     """
-    import faiss
-
-    n, d = centres.shape
-    index = faiss.IndexFlatIP(d + 1)
-    # Built block by block: a float64 copy of 50k x 2048 features would be 800 MB.
-    for start in range(0, n, batch_rows):
-        c = centres[start:start + batch_rows].astype(np.float64)
-        aug = np.empty((len(c), d + 1), np.float32)
-        aug[:, :d] = 2.0 * c
-        aug[:, d] = radii_sq[start:start + batch_rows] - (c ** 2).sum(1)
-        index.add(aug)
+    screen = _Screen(centres)
     inside = 0
-    for start in range(0, len(queries), batch_rows):
-        q = queries[start:start + batch_rows]
-        q_aug = np.hstack([q, np.ones((len(q), 1), np.float32)])
-        _, best = index.search(q_aug, 1)
-        best = best[:, 0]
-        dist_sq = ((q.astype(np.float64) - centres[best].astype(np.float64)) ** 2).sum(1)
-        inside += int((dist_sq <= radii_sq[best].astype(np.float64)).sum())
+    step = _block_rows(len(centres), batch_rows)
+    for start in range(0, len(queries), step):
+        q = queries[start:start + step]
+        dist, error = screen(q)
+        margin = radii_sq[None, :] - dist
+        hit = (margin > error).any(axis=1)
+        unsure = np.abs(margin) <= error
+        for r in np.flatnonzero(~hit & unsure.any(axis=1)):
+            cand = np.flatnonzero(unsure[r])
+            hit[r] = bool((_sq_dists(q[r], centres[cand]) <= radii_sq[cand]).any())
+        inside += int(hit.sum())
     return inside / len(queries)
 
 
@@ -338,15 +480,15 @@ def precision_recall(real_feats: np.ndarray, fake_feats: np.ndarray, k: int = 3,
     """Improved precision and recall (Kynkäänniemi et al. 2019).
 
     Each set's manifold is the union of balls around its points with radius = distance to the k-th nearest
-    neighbour in the same set. Precision: fraction of fake samples inside the real manifold; recall: fraction
-    of real samples inside the fake manifold. Exact neighbours in float32 via faiss, queried `batch_rows` at a
-    time so memory stays bounded (faiss itself tiles the database side).
+    neighbour in the same set (duplicates are neighbours at distance 0). Precision: fraction of fake samples
+    inside the real manifold; recall: fraction of real samples inside the fake manifold. Decided exactly on the
+    given float64 features (ties and duplicates included); distances are screened `batch_rows` queries at a
+    time (fewer for large sets), so memory stays bounded.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    # faiss wants C-contiguous float32.
-    real = np.ascontiguousarray(_check_features(real_feats, "real_feats", min_rows=k + 1), np.float32)
-    fake = np.ascontiguousarray(_check_features(fake_feats, "fake_feats", min_rows=k + 1), np.float32)
+    real = _check_features(real_feats, "real_feats", min_rows=k + 1)
+    fake = _check_features(fake_feats, "fake_feats", min_rows=k + 1)
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature dimensions differ: {real.shape[1]} vs {fake.shape[1]}")
     real_radii = _knn_radii_sq(real, k, batch_rows)
@@ -361,7 +503,13 @@ def precision_recall(real_feats: np.ndarray, fake_feats: np.ndarray, k: int = 3,
 @dataclass(frozen=True)
 class Protocol:
     """How a set of metrics was made. Stored next to every number so that two numbers are only compared when
-    their protocols agree (FID depends on sample counts, resize convention and feature network)."""
+    their protocols agree: FID depends on sample counts, the reference images (split, subset seed, dataset
+    content), resize convention and feature network, and a generated-sample metric on what made the samples.
+
+    `seed` seeds the KID subsets; `ref_seed` is the seed of the reference's random subset of its split;
+    `dataset_fingerprint` the prepared dataset's content hash; `sampler` identifies what produced the evaluated
+    images (model fingerprint, sampler parameters and seed), None where that is not recorded.
+    """
     n_gen: int
     n_ref: int
     ref_split: str
@@ -371,6 +519,9 @@ class Protocol:
     kid_subset_size: int = 1000
     kid_subsets: int = 100
     pr_k: int = 3
+    ref_seed: int | None = None
+    dataset_fingerprint: str | None = None
+    sampler: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_mode(self.resize_mode)
@@ -389,7 +540,8 @@ def compute_metrics(real_feats: np.ndarray, fake_feats: np.ndarray, protocol: Pr
                     real_stats: tuple[np.ndarray, np.ndarray] | None = None, prefix: str = "") -> dict[str, Any]:
     """FID, KID (mean, std), precision and recall of fake vs real features, each with its protocol.
 
-    `real_stats` lets a caller reuse cached reference statistics. The protocol's sample counts must match the
+    `real_stats` lets a caller reuse cached reference statistics (of `real_feats`: used when the d x d route is
+    the cheaper one, see `frechet_distance_features`). The protocol's sample counts must match the
     features; the KID subset size is recorded as actually used (clipped to the smaller set).
     """
     real = _check_features(real_feats, "real_feats", min_rows=2)
@@ -398,10 +550,8 @@ def compute_metrics(real_feats: np.ndarray, fake_feats: np.ndarray, protocol: Pr
         raise ValueError(f"protocol says n_ref={protocol.n_ref}, n_gen={protocol.n_gen} but got "
                          f"{len(real)} reference and {len(fake)} generated features")
     used = dataclasses.replace(protocol, kid_subset_size=min(protocol.kid_subset_size, len(real), len(fake)))
-    mu_r, sigma_r = real_stats if real_stats is not None else stats(real)
-    mu_f, sigma_f = stats(fake)
     kid_mean, kid_std = kid(real, fake, used.kid_subsets, used.kid_subset_size, used.seed)
     precision, recall = precision_recall(real, fake, used.pr_k)
-    values = {"fid": frechet_distance(mu_r, sigma_r, mu_f, sigma_f), "kid_mean": kid_mean, "kid_std": kid_std,
+    values = {"fid": frechet_distance_features(real, fake, real_stats), "kid_mean": kid_mean, "kid_std": kid_std,
               "precision": precision, "recall": recall}
     return with_protocol({prefix + name: v for name, v in values.items()}, used)

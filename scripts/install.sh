@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Set-up, idempotent: .venv with every requirement (torch pinned by requirements/constraints.txt), the project
-# installed editable, and the embedded dataset (Debian package dataset-fashion-mnist).
-# A re-run with unchanged requirement files only checks the stamp. CUDA machines get faiss-gpu instead of faiss-cpu.
+# Set-up, idempotent: .venv with every requirement (torch pinned by a constraint file), the project installed
+# editable, and the embedded dataset (Debian package dataset-fashion-mnist).
+# A re-run with unchanged requirement files only checks the stamp.
+# CPU machines: requirements/cpu.txt with constraints.txt (torch 2.13.0, faiss-cpu).
+# CUDA machines (nvidia-smi sees a GPU): requirements/cuda.txt with constraints-cuda.txt, i.e. the torch build the
+# pinned xformers was compiled for (its C++/CUDA extension loads only beside that one) and faiss-gpu-cu12; then
+# `python -m pipeline.doctor --pair --require-cuda` checks the installed pair and the install fails loudly if the
+# extension would not load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PIP_DISABLE_PIP_VERSION_CHECK=1
 PY=${PYTHON:-python3}
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  REQ=requirements/cuda.txt
+  REQ=requirements/cuda.txt CONSTRAINTS=requirements/constraints-cuda.txt PAIR_ARGS=--require-cuda
 else
-  REQ=requirements/cpu.txt
+  REQ=requirements/cpu.txt CONSTRAINTS=requirements/constraints.txt PAIR_ARGS=
 fi
 want="$(cat requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1) $REQ"
 stamp=.venv/.tokenmill-installed
@@ -22,9 +27,18 @@ pip_quiet() {  # this machine's pip config names index folders that may be absen
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "install: creating .venv and installing $REQ (a few minutes the first time)" >&2
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
-  pip_quiet install -q -c requirements/constraints.txt -r "$REQ"
+  if [ "$REQ" = requirements/cuda.txt ] && .venv/bin/python -m pip show -q faiss-cpu >/dev/null 2>&1; then
+    pip_quiet uninstall -q -y faiss-cpu  # same `faiss` module as faiss-gpu-cu12: the two must not coexist
+  fi
+  pip_quiet install -q -c "$CONSTRAINTS" -r "$REQ"
   pip_quiet install -q --no-deps -r requirements/nodeps.txt
   pip_quiet install -q --no-deps --no-build-isolation -e .
+  # xformers against torch: on CUDA a mismatch (or a CPU torch) stops here, before the stamp is written
+  if ! .venv/bin/python -m pipeline.doctor --pair $PAIR_ARGS; then
+    echo "install: FAILED: the installed torch and xformers do not match (see the error above);" \
+         "attention would silently run on torch sdpa" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 

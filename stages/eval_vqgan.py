@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.atomic import check_replaceable, new_partial_dir, replace_dir, write_json
+from pipeline.atomic import check_replaceable, new_partial_dir, replace_dir, sha256_file, write_json
 from pipeline.config import param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
@@ -97,9 +97,16 @@ def run(cfg: EvalVQGANParams) -> None:
     t0 = time.monotonic()
     fake = features_of(reconstructions(), net, cfg.network, cfg.resize, device, total=n)
     feature_seconds = time.monotonic() - t0
+    # The "sampler" of rFID is the VQGAN reconstructing the reference's first n images: its weights' sha256
+    # (the codebook fingerprint does not cover the encoder and decoder) and codebook fingerprint.
+    sampler = {"kind": "vqgan_reconstruction",
+               "model_fingerprint": sha256_file(Path(cfg.vqgan_dir) / "model.safetensors"),
+               "codebook_fingerprint": vqgan_meta["fingerprint"], "params": {"images": "reference[:n_gen]"},
+               "seed": None}
     protocol = Protocol(n_gen=n, n_ref=n_ref, ref_split=ref.meta["split"], resize_mode=cfg.resize,
                         feature_network_hash=net.feature_network_hash, seed=cfg.seed,
-                        kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets, pr_k=cfg.pr_k)
+                        kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets, pr_k=cfg.pr_k,
+                        ref_seed=ref.meta["seed"], dataset_fingerprint=manifest["fingerprint"], sampler=sampler)
     try:
         metrics = compute_metrics(ref.features, fake, protocol, real_stats=(ref.mu, ref.sigma), prefix="r")
     except ValueError as exc:

@@ -6,23 +6,30 @@ Input (written by the `sample` stage; data/README.md states the contract): `<sam
                      .cls  class label as text, -1 when unconditional
                      .tok  token grid h*w, raw little-endian uint16 (int32 when the codebook has > 65536 codes)
   manifest.json      {"count", "grid": [h, w], "token_dtype", "codebook_fingerprint", "resolution", "channels",
-                      "class_names", "conditional", "n_codes", "seed", "sampler": {...}}
+                      "class_names", "conditional", "n_codes", "seed", "sampler": {...}, "kind",
+                      and "model_fingerprint" where the sample stage records it}
 Every sample is checked (shape, bit depth, label range, token length and range) and a bad one stops the
 stage with one line naming it: a metric over silently skipped samples would not be the number it claims.
+Size and mode are read from the PNG header before any pixel is decoded, so a decompression bomb among the
+samples is refused unread.
 
 Compared with the `fid_ref` reference (checked: dataset fingerprint, resize mode, network hash, resolution,
-channels). Outputs: metrics JSON, every number with its protocol (keys gfid, gkid_mean, gkid_std, gprecision,
+channels). Outputs: metrics JSON, every number with its protocol (counts, reference split and subset seed,
+dataset fingerprint, resize mode, network hash, and the sampler: kind, model and codebook fingerprints,
+sampler params, seed, sha256 of the evaluated samples; keys gfid, gkid_mean, gkid_std, gprecision,
 grecall, code_usage_pct, code_perplexity, per_class_gfid.<class>), and `<report_dir>/` with report.md,
 grid.png (a row per class when conditional), code_frequency.png and per_class_fid.png.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,7 +42,7 @@ from pipeline.atomic import check_replaceable, new_partial_dir, replace_dir, wri
 from pipeline.config import param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
-from pipeline.fid import Protocol, compute_metrics, frechet_distance, stats, with_protocol
+from pipeline.fid import Protocol, compute_metrics, frechet_distance_features, with_protocol
 from pipeline.prepared import read_manifest
 from pipeline.report import (code_usage, markdown_table, metric_rows, new_figure, protocol_lines, save_figure,
                              save_rows_grid, write_text)
@@ -116,6 +123,8 @@ class SampleStream:
 
     def __post_init__(self) -> None:
         self.token_counts = np.zeros(self.manifest["n_codes"], dtype=np.int64)
+        # What was evaluated, byte for byte: the evaluated samples' keys and files, in order.
+        self.content = hashlib.sha256()
 
     def batches(self) -> Iterator[np.ndarray]:
         batch: list[np.ndarray] = []
@@ -158,6 +167,8 @@ class SampleStream:
                             f"(0..{m['n_codes'] - 1})")
         self.token_counts += np.bincount(tokens.astype(np.int64), minlength=m["n_codes"])
         self.labels.append(label)
+        for part in (where.encode(), files["png"], files["cls"], files["tok"]):
+            self.content.update(len(part).to_bytes(8, "little") + part)
         row = self.grid.setdefault(label, [])
         limit = self.grid_per_class * (1 if m["conditional"] else 4)
         if len(row) < limit:
@@ -168,16 +179,23 @@ class SampleStream:
         m = self.manifest
         want_mode = "L" if m["channels"] == 1 else "RGB"
         try:
-            im = Image.open(io.BytesIO(data))
-            im.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            with warnings.catch_warnings():
+                # PIL only warns between 1x and 2x its pixel limit (and raises above): refuse both.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im = Image.open(io.BytesIO(data))
+                # Size and mode come from the header: check them before a single pixel is decoded, so a
+                # decompression bomb among the samples costs nothing.
+                if im.size != (m["resolution"], m["resolution"]):
+                    raise UserError(f"sample {where}: image is {im.size[0]}x{im.size[1]}, expected "
+                                    f"{m['resolution']}x{m['resolution']} (the manifest's resolution)")
+                if im.mode != want_mode:
+                    raise UserError(f"sample {where}: PNG mode {im.mode!r}, expected 8-bit {want_mode!r} "
+                                    f"({m['channels']} channel(s), uint8)")
+                im.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise UserError(f"sample {where}: .png refused as a decompression bomb ({exc})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
             raise UserError(f"sample {where}: .png is not a readable image ({exc})") from None
-        if im.mode != want_mode:
-            raise UserError(f"sample {where}: PNG mode {im.mode!r}, expected 8-bit {want_mode!r} "
-                            f"({m['channels']} channel(s), uint8)")
-        if im.size != (m["resolution"], m["resolution"]):
-            raise UserError(f"sample {where}: image is {im.size[0]}x{im.size[1]}, expected "
-                            f"{m['resolution']}x{m['resolution']} (the manifest's resolution)")
         arr = np.asarray(im)
         return arr[:, :, None] if arr.ndim == 2 else arr
 
@@ -192,21 +210,32 @@ def per_class_fid(ref: Reference, fake: np.ndarray, labels: np.ndarray, class_na
                   protocol: Protocol, min_count: int) -> tuple[dict[str, Any], list[str]]:
     """FID of each class's samples against the reference images of that class.
 
-    Each entry carries its own counts in the protocol and `unreliable: true` when either side has fewer than
+    Classes hold few samples against 2048 dimensions, so the distance goes through the small cross-Gram matrix
+    of the two sets (`frechet_distance_features`), not two 2048 x 2048 covariances. Each entry carries its own
+    counts in the protocol and `unreliable: true` when either side has fewer than
     `min_count` samples (FID is biased upward at small n, and differently for different n). Classes with
     fewer than 2 samples on a side have no covariance: they are listed as skipped instead.
     """
     out, skipped = {}, []
     for c, name in enumerate(class_names):
-        gen, real = fake[labels == c], ref.features[ref.labels == c].astype(np.float64)
+        gen, real = fake[labels == c], ref.features[ref.labels == c].astype(np.float64)  # float32 -> exact
         if len(gen) < 2 or len(real) < 2:
             skipped.append(f"{name} ({len(gen)} generated, {len(real)} reference)")
             continue
         p = dataclasses.replace(protocol, n_gen=len(gen), n_ref=len(real))
-        entry = with_protocol({"fid": frechet_distance(*stats(real), *stats(gen))}, p)["fid"]
+        entry = with_protocol({"fid": frechet_distance_features(real, gen)}, p)["fid"]
         entry.update({"class": name, "unreliable": bool(min(len(gen), len(real)) < min_count)})
         out[f"{c}_{_slug(name)}"] = entry
     return out, skipped
+
+
+def sampler_identity(sm: dict[str, Any], stream: SampleStream) -> dict[str, Any]:
+    """What made the evaluated images, as the sample stage's manifest records it, plus the sha256 of the
+    evaluated samples themselves (which pins them even where the manifest is silent). `model_fingerprint` is
+    the stage-2 model's when the manifest carries one, else None."""
+    return {"kind": sm.get("kind"), "model_fingerprint": sm.get("model_fingerprint"),
+            "codebook_fingerprint": sm["codebook_fingerprint"], "params": sm["sampler"], "seed": sm["seed"],
+            "samples_sha256": stream.content.hexdigest()}
 
 
 def run(cfg: EvaluateParams) -> None:
@@ -238,7 +267,9 @@ def run(cfg: EvaluateParams) -> None:
 
     protocol = Protocol(n_gen=len(fake), n_ref=len(ref.features), ref_split=ref.meta["split"],
                         resize_mode=cfg.resize, feature_network_hash=net.feature_network_hash, seed=cfg.seed,
-                        kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets, pr_k=cfg.pr_k)
+                        kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets, pr_k=cfg.pr_k,
+                        ref_seed=ref.meta["seed"], dataset_fingerprint=dataset["fingerprint"],
+                        sampler=sampler_identity(sm, stream))
     try:
         metrics = compute_metrics(ref.features, fake, protocol, real_stats=(ref.mu, ref.sigma), prefix="g")
     except ValueError as exc:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from models.gpt import GPT, GPTConfig
-from pipeline.atomic import check_replaceable, replace_dir, write_json
+from pipeline.atomic import check_replaceable, replace_dir, sha256_file, write_json
 from pipeline.config import param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
@@ -149,6 +149,8 @@ def run(cfg: SampleParams) -> None:
         "codebook_fingerprint": vmeta["fingerprint"], "resolution": vmeta.get("resolution"),
         "channels": vqgan.cfg.in_channels, "class_names": meta.get("class_names", []),
         "conditional": gcfg.n_classes > 0, "n_codes": n_codes, "seed": cfg.seed, "kind": meta["kind"],
+        # which weights made the samples: evaluate records it in every gFID's protocol
+        "model_fingerprint": sha256_file(Path(cfg.model_dir) / "model.safetensors"),
         "sampler": sampler,
         "shards": writer.shards,
     }

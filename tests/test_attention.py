@@ -14,10 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.attention import (GridAttention, KVCache, LadaAttention, MultiHeadAttention, WindowAttention,
-                              YLGAttention, active_backend, attention, esa_order, grid_attention, grid_mask,
-                              lada_attention, window_attention, window_mask, window_partition, window_reverse,
-                              xformers_status, ylg_attention, ylg_head_masks, ylg_masks)
+from models.attention import (YLG_SPARSE_MIN_TOKENS, GridAttention, KVCache, LadaAttention, MultiHeadAttention,
+                              WindowAttention, YLGAttention, active_backend, attention, block_sparse_layout,
+                              esa_order, grid_attention, grid_mask, lada_attention, sparse_attention, window_attention,
+                              window_mask, window_partition, window_reverse, xformers_status, ylg_attention,
+                              ylg_head_masks, ylg_layout, ylg_masks)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,15 +256,15 @@ class ShapeRecorder(TorchDispatchMode):
         return out
 
 
-def largest_intermediate(fn, n: int) -> int:
-    q, k, v = qkv(1, 2, n, 8)
+def largest_intermediate(fn, n: int, heads: int = 2) -> int:
+    q, k, v = qkv(1, heads, n, 8)
     with ShapeRecorder() as rec:
         fn(q, k, v)
     return max(rec.numels)
 
 
-def matmul_flops(fn, n: int) -> int:
-    q, k, v = qkv(1, 2, n, 8)
+def matmul_flops(fn, n: int, heads: int = 2) -> int:
+    q, k, v = qkv(1, heads, n, 8)
     with FlopCounterMode(display=False) as counter:
         fn(q, k, v)
     return counter.get_total_flops()
@@ -331,18 +332,135 @@ def test_ylg_head_masks_layout_and_full_information_on_the_grid():
     assert torch.equal(masks[4], ylg_masks(24)["ltr"][0][rank][:, rank])  # raster index -> ESA rank -> pattern
 
 
-def test_ylg_attention_only_reads_what_each_head_may_see():
+@pytest.mark.parametrize("sparse", [False, True])
+def test_ylg_attention_only_reads_what_each_head_may_see(sparse):
     h, w, H = 4, 4, 4
     masks = ylg_head_masks(h, w, H)
+    pattern = ylg_layout(h, w, H) if sparse else masks
     q, k, v = qkv(1, H, h * w, 8)
-    out = ylg_attention(q, k, v, masks, backend="sdpa")
+    out = ylg_attention(q, k, v, pattern, backend="sdpa")
     assert torch.allclose(out, attention(q, k, v, attn_bias=masks, backend="math"), atol=1e-5)
     for j in [0, 5, 15]:
         k2, v2 = k.clone(), v.clone()
         k2[:, :, j] += 1.0
         v2[:, :, j] += 1.0
-        changed = (ylg_attention(q, k2, v2, masks, backend="sdpa") - out).abs().amax(-1)[0] > 1e-6  # (H, N)
+        changed = (ylg_attention(q, k2, v2, pattern, backend="sdpa") - out).abs().amax(-1)[0] > 1e-6  # (H, N)
         assert torch.equal(changed, masks[:, :, j])
+
+
+# --- block-sparse backend: equal to the dense mask, without an N x N tensor ---------------------------------------
+
+def assert_close_for_dtype(out: torch.Tensor, ref: torch.Tensor, terms: int) -> None:
+    """out and ref sum the same terms in different orders and groupings (dot products over the head dim, softmax
+    and weighted sums over the keys): each rounds at most about `terms` times by eps of the dtype, relative to the
+    magnitude of the result, with a factor 8 for the exp/normalisation steps on top."""
+    tol = 8 * terms * torch.finfo(out.dtype).eps * max(1.0, ref.abs().max().item())
+    err = (out - ref).abs().max().item()
+    assert err <= tol, f"{out.dtype}: max error {err:.3g} > tolerance {tol:.3g}"
+
+
+def forward_and_grads(fn, q, k, v):
+    """fn's output and the gradients of a fixed random projection of it with respect to q, k, v."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    weights = randn(*out.shape, seed=21).to(out.dtype)
+    return (out, *torch.autograd.grad((out * weights).sum(), (q, k, v)))
+
+
+YLG_GRIDS = [(6, 9, None),   # N = 54, block 7: a short last block of 5
+             (16, 16, None),  # N = 256 = 16 blocks of 16
+             (8, 8, 5),      # explicit block 5: 12 blocks and one of 4
+             (3, 11, None),  # N = 33, block 5: last block of 3
+             (1, 7, 3)]      # a single row: ESA order is raster order
+
+
+@pytest.mark.parametrize("esa", [True, False])
+@pytest.mark.parametrize("h,w,block", YLG_GRIDS)
+def test_ylg_layout_is_the_dense_pattern(h, w, block, esa):
+    for heads in (4, 8):
+        layout = ylg_layout(h, w, heads, block, esa=esa)
+        assert torch.equal(layout.dense(), ylg_head_masks(h, w, heads, block, esa=esa))
+
+
+def test_ylg_without_esa_runs_the_patterns_in_raster_order():
+    raster = ylg_head_masks(6, 9, 4, esa=False)
+    assert torch.equal(raster[2], ylg_masks(54)["ltr"][0]) and torch.equal(raster[1], ylg_masks(54)["rtl"][1])
+    assert not torch.equal(raster, ylg_head_masks(6, 9, 4))  # the ESA order is a different pattern on the grid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("esa", [True, False])
+@pytest.mark.parametrize("h,w,block", YLG_GRIDS)
+def test_sparse_ylg_equals_dense_ylg_forward_and_gradients(h, w, block, esa, dtype):
+    heads, dim = 8, 16
+    q, k, v = (t.to(dtype) for t in qkv(2, heads, h * w, dim))
+    masks = ylg_head_masks(h, w, heads, block, esa=esa)
+    layout = ylg_layout(h, w, heads, block, esa=esa)
+    ref = forward_and_grads(lambda q, k, v: ylg_attention(q, k, v, masks, backend="math"), q, k, v)
+    keys = int(masks.sum(-1).max())  # most keys any query reads
+    for backend in ("math", "sdpa"):
+        got = forward_and_grads(lambda q, k, v: ylg_attention(q, k, v, layout, backend=backend), q, k, v)
+        for out, expected in zip(got, ref):
+            assert_close_for_dtype(out, expected, dim + keys)
+    # a wrong pattern is far outside that tolerance: the other ordering changes the outputs by O(1)
+    other = ylg_head_masks(h, w, heads, block, esa=not esa)
+    if not torch.equal(other, masks):
+        assert (attention(q, k, v, attn_bias=other, backend="math") - ref[0]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_mask_layout_equals_dense_mask_forward_and_gradients(dtype):
+    n, block, heads, dim = 23, 5, 3, 8  # 5 blocks, the last of 3 tokens
+    blocks = randn(heads, 5, 5, seed=30) > 0.3
+    blocks[1] = blocks[0]  # heads 0 and 1 share a pattern (one group)
+    blocks[:, torch.arange(5), torch.arange(5)] = True  # every query keeps its own block
+    near = lambda qi, ki: (qi - ki).abs() <= 6  # noqa: E731  a mask_mod inside the visited tiles
+    layout = block_sparse_layout(blocks, block, n, mask_mod=near)
+    assert [(g.heads.start, g.heads.stop) for g in layout.groups] == [(0, 2), (2, 3)]
+    i = torch.arange(n)
+    dense = blocks.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :n, :n] & near(i[:, None], i[None, :])
+    assert torch.equal(layout.dense(), dense)
+    q, k, v = (t.to(dtype) for t in qkv(2, heads, n, dim))
+    ref = forward_and_grads(lambda q, k, v: attention(q, k, v, attn_bias=dense, backend="math"), q, k, v)
+    got = forward_and_grads(lambda q, k, v: sparse_attention(q, k, v, layout), q, k, v)
+    for out, expected in zip(got, ref):
+        assert_close_for_dtype(out, expected, dim + n)
+    plain = block_sparse_layout(blocks[0], block, n)  # no mask_mod: whole tiles, one group for all heads
+    assert torch.equal(plain.dense()[0], blocks[0].repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :n])
+
+
+def test_sparse_ylg_cost_grows_as_n_sqrt_n():
+    """Matmul FLOPs and the largest tensor of the sparse path grow as N^1.5 (8x from 256 to 1024 tokens, where full
+    attention grows 16x), and no N x N tensor is ever made."""
+    def sparse(n):
+        layout = ylg_layout(math.isqrt(n), math.isqrt(n), 4)
+        return lambda q, k, v: ylg_attention(q, k, v, layout, backend="math")
+    small, big = matmul_flops(sparse(256), 256, heads=4), matmul_flops(sparse(1024), 1024, heads=4)
+    assert 4 * small < big <= 8 * small
+    assert big < matmul_flops(lambda q, k, v: attention(q, k, v, backend="math"), 1024, heads=4) / 8
+    largest_small = largest_intermediate(sparse(256), 256, heads=4)
+    largest_big = largest_intermediate(sparse(1024), 1024, heads=4)
+    assert largest_big <= 8 * largest_small and largest_big < 1024 * 1024 / 16
+    layout = ylg_layout(64, 64, 4)
+    assert layout.nbytes() < 4 * 4096 * 4096 / 100  # the dense masks it replaces are 4 x 4096 x 4096 bools
+
+
+def test_ylg_module_picks_sparse_from_the_threshold_and_both_agree():
+    side = math.isqrt(YLG_SPARSE_MIN_TOKENS)
+    assert YLGAttention(16, 4, (side, side)).sparse and not YLGAttention(16, 4, (side - 1, side)).sparse
+    torch.manual_seed(0)
+    dense = YLGAttention(32, 8, (6, 9), sparse=False)
+    sparse = YLGAttention(32, 8, (6, 9), sparse=True)
+    assert sparse.load_state_dict(dense.state_dict()) is not None  # same parameters, the pattern is not state
+    x = randn(2, 54, 32, seed=40)
+    results = []
+    for module in (sparse, dense):
+        xg = x.clone().requires_grad_()
+        out = module(xg)
+        grads = torch.autograd.grad((out * randn(*out.shape, seed=41)).sum(), [xg, *module.parameters()])
+        results.append((out, *grads))
+    for got, expected in zip(*results):
+        assert_close_for_dtype(got, expected, 32 + 54)
 
 
 # --- modules: output i depends on input j exactly where the mask allows -------------------------------------------
@@ -363,7 +481,8 @@ MODULE_CASES = {
     "window": (lambda: WindowAttention(16, 4, (4, 6), 2), lambda: window_mask(4, 6, 2)),
     "shifted": (lambda: WindowAttention(16, 4, (4, 6), 2, shift=1), lambda: window_mask(4, 6, 2, shift=1)),
     "grid": (lambda: GridAttention(16, 4, (4, 6), 2), lambda: grid_mask(4, 6, 2)),
-    "ylg": (lambda: YLGAttention(16, 4, (4, 6)), lambda: ylg_head_masks(4, 6, 4).any(0)),
+    "ylg": (lambda: YLGAttention(16, 4, (4, 6), sparse=False), lambda: ylg_head_masks(4, 6, 4).any(0)),
+    "ylg sparse": (lambda: YLGAttention(16, 4, (4, 6), sparse=True), lambda: ylg_head_masks(4, 6, 4).any(0)),
     "lada": (lambda: LadaAttention(16, 4), lambda: torch.ones(24, 24, dtype=torch.bool)),  # global: sees all
 }
 

@@ -10,7 +10,10 @@ import io
 import json
 import re
 import shutil
+import struct
 import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ from models.inception import PINNED_SHA256
 from pipeline.fid_reference import default_network_path
 from models.vqgan import VQGAN, VQGANConfig
 from pipeline import artifacts
+from pipeline.atomic import sha256_file
 from pipeline.errors import UserError
 from pipeline.prepared import PreparedImages
 from pipeline.shards import ShardWriter
@@ -39,7 +43,7 @@ from stages.prepare import run as prepare_run
 N_VAL, CLASSES = 12, ["shirt", "shoe"]
 FEW_KID = dict(kid_subsets=3, kid_subset_size=1000)
 PROTOCOL_KEYS = {"n_gen", "n_ref", "ref_split", "resize_mode", "feature_network_hash", "seed", "kid_subset_size",
-                 "kid_subsets", "pr_k"}
+                 "kid_subsets", "pr_k", "ref_seed", "dataset_fingerprint", "sampler"}
 
 
 def make_images(n: int, seed: int) -> np.ndarray:
@@ -194,6 +198,11 @@ def test_eval_vqgan_end_to_end(world, vqgan_dir, tmp_path, monkeypatch):
                                                                                                              "val")
         assert entry["protocol"]["feature_network_hash"] == PINNED_SHA256 and entry["protocol"]["kid_subsets"] == 3
         assert np.isfinite(entry["value"])
+        # The reference subset, the data and the model behind the number travel with it.
+        assert entry["protocol"]["ref_seed"] == world["cfg"].seed
+        assert entry["protocol"]["dataset_fingerprint"] == json.loads(
+            (world["prepared"] / "tiny" / "manifest.json").read_text())["fingerprint"]
+        assert entry["protocol"]["sampler"]["model_fingerprint"] == sha256_file(vqgan_dir / "model.safetensors")
     # An untrained VQGAN reconstructs grey mush: far from the reference, nothing of it inside the real manifold.
     assert metrics["rfid"]["value"] > 10 and metrics["rprecision"]["value"] < 0.5
     report = Path(cfg.report_dir)
@@ -426,3 +435,82 @@ def test_nan_features_stop_the_stage(stub_world, stub_net, tmp_path):
     with pytest.raises(UserError) as err:
         evaluate.run(evaluate_cfg(stub_world, _bad(tmp_path, stub_world), tmp_path))
     assert "non-finite features" in one_line_error(err)
+
+
+def test_protocol_names_reference_subset_dataset_and_sampler(stub_world, stub_net, tmp_path):
+    samples = _bad(tmp_path, stub_world)
+    cfg = evaluate_cfg(stub_world, samples, tmp_path)
+    evaluate.run(cfg)
+    metrics = json.loads(Path(cfg.metrics).read_text())
+    manifest = json.loads((samples / "manifest.json").read_text())
+    fingerprint = json.loads((stub_world["prepared"] / "tiny" / "manifest.json").read_text())["fingerprint"]
+    entries = [metrics["gfid"], metrics["gprecision"], metrics["code_usage_pct"], *metrics["per_class_gfid"].values()]
+    for entry in entries:
+        p = entry["protocol"]
+        assert set(p) == PROTOCOL_KEYS
+        assert p["ref_seed"] == stub_world["cfg"].seed and p["dataset_fingerprint"] == fingerprint
+        assert p["sampler"]["seed"] == manifest["seed"] and p["sampler"]["params"] == manifest["sampler"]
+        assert p["sampler"]["codebook_fingerprint"] == manifest["codebook_fingerprint"]
+    first = metrics["gfid"]["protocol"]["sampler"]["samples_sha256"]
+    # Other samples (one image changed), another identity; the same samples, the same one.
+    other = _bad(tmp_path / "other", stub_world, image=png(np.zeros((16, 16), np.uint8)))
+    evaluate.run(evaluate_cfg(stub_world, other, tmp_path))
+    assert json.loads(Path(cfg.metrics).read_text())["gfid"]["protocol"]["sampler"]["samples_sha256"] != first
+    evaluate.run(cfg)
+    assert json.loads(Path(cfg.metrics).read_text())["gfid"]["protocol"]["sampler"]["samples_sha256"] == first
+
+
+def test_per_class_fid_takes_the_low_rank_route(stub_world, monkeypatch):
+    """Per-class sets are small against the feature dimension: no d x d covariance is formed for them."""
+    from pipeline import fid
+
+    ref = load_reference(stub_world["ref"])
+    fake = ref.features.astype(np.float64) + 0.5
+    protocol = fid.Protocol(n_gen=N_VAL, n_ref=N_VAL, ref_split="val", resize_mode="tf_bilinear",
+                            feature_network_hash="stub", seed=0)
+    expected = [fid.frechet_distance_low_rank(ref.features[ref.labels == c].astype(np.float64),
+                                              fake[ref.labels == c]) for c in range(2)]
+    monkeypatch.setattr(fid, "frechet_distance", lambda *a: pytest.fail("d x d route taken"))
+    out, skipped = evaluate.per_class_fid(ref, fake, ref.labels, CLASSES, protocol, min_count=100)
+    assert [e["value"] for e in out.values()] == expected and not skipped
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height 8-bit grey pixels: what a decompression bomb shows before decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("image,message", [
+    (png_header_only(12000, 12000), r"s0000000: .png refused as a decompression bomb"),  # PIL warns: 1x-2x limit
+    (png_header_only(20000, 20000), r"s0000000: .png refused as a decompression bomb"),  # PIL raises: > 2x
+    (png_header_only(4000, 4000), r"s0000000: image is 4000x4000, expected 16x16"),  # refused from the header
+])
+def test_hostile_sample_files_give_one_line_errors(stub_world, stub_net, tmp_path, image, message):
+    with pytest.raises(UserError) as err:
+        evaluate.run(evaluate_cfg(stub_world, _bad(tmp_path, stub_world, image=image), tmp_path))
+    assert re.search(message, one_line_error(err)), str(err.value)
+
+
+def test_hostile_samples_through_the_command_line(world, tmp_path):
+    """`python -m stages.evaluate` on a bomb among the samples, then on a sample of another size: each run ends
+    with exactly one `error:` line on stderr (after the log and the closed progress bar) and exit code 2, with
+    no traceback and no warning."""
+    cases = {"bomb": png_header_only(12000, 12000), "size": png(np.zeros((20, 20), np.uint8))}
+    for name, image in cases.items():
+        samples = _bad(tmp_path / name, world, image=image)
+        cfg = evaluate_cfg(world, samples, tmp_path / name)
+        section = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "network"}
+        section["network"] = {"batch_size": 12, "device": "cpu"}
+        params = tmp_path / name / "params.yaml"
+        params.write_text(yaml.safe_dump({"evaluate": section}))
+        proc = subprocess.run([sys.executable, "-m", "stages.evaluate", "--params", str(params)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]  # also log and progress lines
+        errors = [line for line in lines if line.startswith("error:")]
+        assert proc.returncode == 2, proc.stderr
+        assert errors == [lines[-1]] and "sample samples-000000.tar:s0000000" in errors[0], lines
+        assert not any("Traceback" in line or "Warning" in line for line in lines), lines

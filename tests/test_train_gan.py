@@ -255,7 +255,8 @@ def test_fid_over_training_is_logged_with_its_protocol(world, tmp_path, monkeypa
     assert m["fid"]["value"] == m["fid_curve"][-1]["value"]
     protocol = m["fid"]["protocol"]
     assert protocol["n_gen"] == 10 and protocol["n_ref"] == 12 and protocol["feature_network_hash"] == "stub"
-    assert protocol["ref_split"] == "val" and protocol["generator"] == "ema"
+    assert protocol["ref_split"] == "val" and protocol["sampler"]["generator"] == "ema"
+    assert protocol["dataset_fingerprint"] == json.loads((ref.folder / "meta.json").read_text())["dataset_fingerprint"]
     fid_column = [line.split("\t")[-1] for line in (tmp_path / "log.tsv").read_text().splitlines()[1:]]
     assert fid_column[0] == "" and float(fid_column[1]) == pytest.approx(m["fid_curve"][0]["value"], rel=1e-5)
     # a reference made from other data is refused with one line

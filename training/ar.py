@@ -26,6 +26,7 @@ from tqdm import tqdm
 from models.attention import active_backend
 from models.gpt import GPT, GPTConfig
 from pipeline import checkpoint as ckpt
+from pipeline import doctor
 from pipeline.atomic import atomic_path, new_partial_dir, read_json, replace_dir, write_json
 from pipeline.device import Dist, autocast
 from pipeline.errors import UserError
@@ -126,6 +127,7 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
         model = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     core = unwrap(model)
     backend = active_backend(device)
+    log.info("%s", doctor.summary(device))  # what this machine runs, in the stage's own log
     log.info("GPT %.2fM parameters, attention backend %s, %d train sequences of %d tokens",
              core.num_params() / 1e6, backend, len(train.tokens), train.tokens.shape[1])
 

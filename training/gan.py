@@ -51,10 +51,11 @@ from models.gan_common import GANConfig, d_loss, diff_augment, g_loss, gan_confi
 from models.gan import build_discriminator, build_generator, embed_tokens, project_to_codes_space, snap_to_codes
 from models.gan_transgan import sr_loss
 from pipeline import checkpoint as ckpt
+from pipeline import doctor
 from pipeline.atomic import atomic_path, new_partial_dir, replace_dir, write_json
 from pipeline.config import from_dict, param
 from pipeline.errors import UserError
-from pipeline.fid import Protocol, extract_features, frechet_distance, stats
+from pipeline.fid import Protocol, extract_features, frechet_distance_features
 from pipeline.prepared import read_manifest
 from training.common import EMA, StepBatches, check_finite, config_hash, seed_everything, write_tsv
 from pipeline.device import Dist, autocast
@@ -215,7 +216,9 @@ class FIDTracker:
         self.y = torch.arange(g.fid_images) % n_classes if n_classes else None
         self.protocol = Protocol(n_gen=g.fid_images, n_ref=len(self.ref.features), ref_split=self.ref.meta["split"],
                                  resize_mode=self.resize, feature_network_hash=self.net.feature_network_hash,
-                                 seed=seed).as_dict() | {"generator": "ema", "snap": "nearest code"}
+                                 seed=seed, ref_seed=self.ref.meta.get("seed"),
+                                 dataset_fingerprint=dataset_fingerprint,
+                                 sampler={"generator": "ema", "snap": "nearest code", "z_seed": seed}).as_dict()
 
     @torch.no_grad()
     def __call__(self, G: nn.Module, vqgan: "VQGAN", l2_norm: bool, device: torch.device, bf16: bool) -> float:
@@ -234,7 +237,8 @@ class FIDTracker:
                                      total=len(self.z), progress=False)
         except ValueError as exc:
             raise UserError(f"FID over training: {exc}") from None
-        return frechet_distance(self.ref.mu, self.ref.sigma, *stats(feats))
+        # a few hundred samples against 2048-d features: the n x n route, exact and far cheaper than d x d
+        return frechet_distance_features(self.ref.features, feats, (self.ref.mu, self.ref.sigma))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -242,6 +246,8 @@ class FIDTracker:
 
 def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     """Train cfg.gan's family on the token store, checkpointing for exact resume; the main rank writes the outputs."""
+    if dist.main:
+        log.info("%s", doctor.summary(device))  # what this machine runs, in the stage's own log
     # imported here: stages.train_transformer imports this module for GANParams
 
     g = cfg.gan

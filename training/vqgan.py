@@ -28,6 +28,7 @@ from models.discriminator import (NLayerDiscriminator, adaptive_weight, hinge_d_
 from models.lpips import LPIPS
 from models.vqgan import VQGAN
 from pipeline import checkpoint as ckpt
+from pipeline import doctor
 from pipeline.atomic import atomic_path, new_partial_dir, replace_dir
 from pipeline.device import autocast, init_distributed, pick_device
 from pipeline.errors import UserError
@@ -121,9 +122,12 @@ def plot_curves(path: Path, history: list[dict]) -> None:
 
 
 def train_vqgan(cfg: Any, code: str) -> None:
-    """The training loop: `cfg` is the validated `train_vqgan` section, `code` the stage's code hash (resume identity)."""
+    """The training loop: `cfg` is the validated `train_vqgan` section, `code` the stage's code hash (part of the
+    resume identity)."""
     device = pick_device(cfg.device)
     dist = init_distributed(device)
+    if dist.main:
+        log.info("%s", doctor.summary(device))  # what this machine runs, in the stage's own log
     prepared = Path(cfg.prepared_dir) / cfg.dataset
     train = PreparedImages(prepared, "train")
     manifest = train.manifest

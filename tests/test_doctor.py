@@ -1,0 +1,246 @@
+"""Tests for pipeline/doctor.py: the xformers/torch version-pair check (install time), the doctor's screen and summary
+line, the attention fallback messages, and bench/gpu_check.sh refusing to run without a GPU. CPU; the CUDA tests at
+the end are skipped without a GPU (bench/gpu_check.sh runs them on one)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import models.attention as attn
+from pipeline import doctor
+from pipeline.doctor import PairCheck, check_pair, cuda_tuple, read_build_info
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA reports")
+
+# What xformers 0.0.35 ships in xformers/cpp_lib.json.
+XFORMERS_0035 = {"version": {"cuda": 1208, "hip": None, "torch": "2.10.0+cu128", "python": "3.10.19"},
+                 "env": {"TORCH_CUDA_ARCH_LIST": "7.5 8.0+PTX 8.0 9.0a", "XFORMERS_PACKAGE_FROM": "wheel-v0.0.35"}}
+
+
+def build_in(tmp_path: Path, info: dict | None) -> dict | None:
+    """Write `info` as xformers/cpp_lib.json in a temp package folder and read it back the way the doctor does."""
+    folder = tmp_path / "xformers"
+    folder.mkdir()
+    if info is not None:
+        (folder / "cpp_lib.json").write_text(json.dumps(info))
+    return read_build_info(folder)
+
+
+# --- the version-pair check -----------------------------------------------------------------------------------------
+
+def test_cuda_version_encoding():
+    # cpp_lib.json packs major * 100 + minor; torch.version.cuda is "major.minor"
+    assert cuda_tuple(1208) == (12, 8) and cuda_tuple(1300) == (13, 0) and cuda_tuple(1108) == (11, 8)
+    assert cuda_tuple("12.8") == (12, 8) and cuda_tuple("13.0") == (13, 0) and cuda_tuple(None) is None
+
+
+@pytest.mark.parametrize("torch_version", ["2.10.0+cu128", "2.10.0"])
+def test_pair_matches_the_torch_it_was_built_for(tmp_path, torch_version):
+    pair = check_pair(build_in(tmp_path, XFORMERS_0035), torch_version, "12.8")
+    assert pair.ok and pair.status == "match", pair
+    assert "2.10.0+cu128" in pair.message
+
+
+def test_pair_mismatch_torch_2_13_cuda_13(tmp_path):
+    """The registry's torch 2.13.0 is a CUDA 13.0 build: both the release and the CUDA runtime differ."""
+    pair = check_pair(build_in(tmp_path, XFORMERS_0035), "2.13.0+cu130", "13.0")
+    assert pair.status == "mismatch" and not pair.ok
+    for fact in ("torch 2.10.0+cu128", "CUDA 12.8", "torch 2.13.0+cu130 is installed", "CUDA 13.0",
+                 "falls back to torch sdpa", "requirements/constraints-cuda.txt"):
+        assert fact in pair.message, (fact, pair.message)
+
+
+def test_pair_mismatch_on_cuda_alone(tmp_path):
+    """Same torch release, other CUDA build (e.g. a cu126 wheel): the extension links another libcudart."""
+    pair = check_pair(build_in(tmp_path, XFORMERS_0035), "2.10.0+cu126", "12.6")
+    assert pair.status == "mismatch"
+    assert "built with CUDA 12.6" in pair.message and "is installed" not in pair.message
+
+
+def test_pair_mismatch_on_torch_release_alone(tmp_path):
+    pair = check_pair(build_in(tmp_path, XFORMERS_0035), "2.11.0+cu128", "12.8")
+    assert pair.status == "mismatch"
+    assert "torch 2.11.0+cu128 is installed" in pair.message and "built with CUDA" not in pair.message
+
+
+def test_pair_cpu_torch_is_not_a_mismatch(tmp_path):
+    pair = check_pair(build_in(tmp_path, XFORMERS_0035), "2.13.0+cpu", None)
+    assert pair.status == "cpu" and not pair.ok
+    assert "CPU build" in pair.message and "torch sdpa" in pair.message
+
+
+def test_pair_rocm_torch_against_a_cuda_build(tmp_path):
+    pair = check_pair(build_in(tmp_path, XFORMERS_0035), "2.10.0+rocm6.4", None, torch_hip="6.4")
+    assert pair.status == "mismatch" and "ROCm 6.4" in pair.message
+
+
+def test_pair_xformers_missing_or_without_build_info(tmp_path):
+    assert build_in(tmp_path, None) is None
+    assert check_pair(None, "2.13.0", "13.0").status == "missing"
+    broken = check_pair({"version": {"cuda": 1208}}, "2.10.0", "12.8")
+    assert broken.status == "mismatch" and "names no torch version" in broken.message
+
+
+def test_cuda_constraints_pin_the_pair_the_installed_xformers_was_built_for():
+    """requirements/constraints-cuda.txt must pin the torch release xformers' cpp_lib.json names, and the same
+    xformers as the CPU constraints: bumping one pin without the other fails here, not on a GPU."""
+    pins = {}
+    for name in ("constraints.txt", "constraints-cuda.txt"):
+        text = (ROOT / "requirements" / name).read_text()
+        pins[name] = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", text, flags=re.M))
+    cuda = pins["constraints-cuda.txt"]
+    assert cuda["xformers"] == pins["constraints.txt"]["xformers"]
+    build = read_build_info()
+    if build is None:
+        pytest.skip("xformers is not installed here")
+    assert doctor.package_version("xformers") == cuda["xformers"]
+    assert cuda["torch"] == build["version"]["torch"].split("+")[0]
+    assert check_pair(build, cuda["torch"], "12.8").ok  # the registry's torch 2.10.0 wheel is its CUDA 12.8 build
+    assert build["version"]["cuda"] == 1208
+
+
+def test_pair_command_fails_loudly_on_a_mismatch(monkeypatch, capsys):
+    monkeypatch.setattr(doctor, "installed_pair", lambda: check_pair(XFORMERS_0035, "2.13.0+cu130", "13.0"))
+    assert doctor.main(["--pair"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: xformers was built for torch 2.10.0+cu128") and len(err.splitlines()) == 1
+
+
+def test_pair_command_fails_when_versions_agree_but_the_extension_does_not_load(monkeypatch, capsys):
+    monkeypatch.setattr(doctor, "installed_pair", lambda: check_pair(XFORMERS_0035, "2.10.0+cu128", "12.8"))
+    monkeypatch.setattr(doctor, "extension_status",
+                        lambda: (False, "not loaded: OSError: libcudart.so.12: cannot open shared object file"))
+    assert doctor.main(["--pair", "--require-cuda"]) == 1
+    assert "libcudart.so.12" in capsys.readouterr().err
+
+
+def test_pair_command_passes_a_match_and_a_cpu_install(monkeypatch, capsys):
+    monkeypatch.setattr(doctor, "installed_pair", lambda: check_pair(XFORMERS_0035, "2.10.0+cu128", "12.8"))
+    monkeypatch.setattr(doctor, "extension_status", lambda: (True, "loaded"))
+    assert doctor.main(["--pair", "--require-cuda"]) == 0
+    monkeypatch.setattr(doctor, "installed_pair", lambda: check_pair(XFORMERS_0035, "2.13.0+cpu", None))
+    assert doctor.main(["--pair"]) == 0  # the CPU install: informational
+    assert doctor.main(["--pair", "--require-cuda"]) == 1  # a CPU torch on a CUDA machine is an error
+    out = capsys.readouterr()
+    assert "matches torch 2.10.0+cu128" in out.out and "CPU build" in out.out
+    assert out.err.startswith("error: torch 2.13.0+cpu is a CPU build") and "needs the CUDA pair" in out.err
+
+
+# --- the fallback messages -------------------------------------------------------------------------------------------
+
+def test_attention_fallback_messages():
+    assert doctor.attention_fallback_text("cuda", True, "loaded") == "xformers memory_efficient_attention on CUDA"
+    reason = "NotImplementedError: No operator found for `memory_efficient_attention_forward`"
+    fallback = doctor.attention_fallback_text("cuda", True, reason)
+    assert fallback.startswith("torch sdpa on CUDA: fallback") and reason in fallback
+    assert doctor.attention_fallback_text("cpu", True, "loaded") == "torch sdpa on CPU (xformers has no CPU kernels)"
+    assert doctor.attention_fallback_text("cuda", False, "whatever").startswith("no CUDA: torch sdpa")
+
+
+@cpu_only
+def test_models_attention_logs_one_fallback_line_when_xformers_cannot_run(monkeypatch, caplog):
+    """Without CUDA the xformers probe fails and models.attention says so once, naming sdpa."""
+    monkeypatch.setattr(attn, "_xformers_ops", None)
+    monkeypatch.setattr(attn, "_xformers_reason", "not probed yet")
+    with caplog.at_level(logging.WARNING, logger="models.attention"):
+        assert attn._load_xformers() is None
+        assert attn._load_xformers() is None  # probed once only
+    lines = [r.getMessage() for r in caplog.records if r.name == "models.attention"]
+    assert len(lines) == 1 and "falling back to torch sdpa" in lines[0], lines
+    assert attn.xformers_status() not in ("loaded", "not probed yet")
+    assert attn.xformers_status() in lines[0]
+    assert attn.active_backend("cpu") == "sdpa"
+
+
+# --- the doctor's screen and summary line ---------------------------------------------------------------------------
+
+@cpu_only
+def test_doctor_screen_on_cpu(capsys):
+    from pipeline.cli import build_parser
+
+    args = build_parser().parse_args(["doctor"])
+    args.fn(args)
+    lines = capsys.readouterr().out.splitlines()
+    text = "\n".join(lines)
+    by_key = {line.split()[0]: line for line in lines if line and not line.startswith(" ")}
+    assert torch.__version__ in by_key["torch"]
+    assert "no CUDA" in by_key["cuda"]
+    assert "torch sdpa" in by_key["attention"] and "xformers has no CPU kernels" in by_key["attention"]
+    assert by_key["fMHA"].endswith("no CUDA: every attention shape runs on torch sdpa")
+    assert "OMP_WAIT_POLICY=" in by_key["threads"] and f"{torch.get_num_threads()} intra-op" in by_key["threads"]
+    assert "faiss" in by_key and "bf16" in by_key
+    if doctor.package_version("xformers"):
+        assert doctor.installed_pair().status.upper() in by_key["xformers"]
+        assert "extension" in by_key
+    assert len(lines) <= 25, text  # one screen
+
+
+@cpu_only
+def test_summary_line_on_cpu():
+    line = doctor.summary()
+    assert "\n" not in line and line.startswith("environment: torch " + torch.__version__)
+    assert "no CUDA" in line and "attention torch sdpa on CPU" in line and "OMP_WAIT_POLICY=" in line
+
+
+@cpu_only
+def test_summary_line_keeps_cpu_runs_free_of_xformers_and_faiss_imports():
+    """Stages may log the summary: on CPU it must not import xformers (loud warning, no use) nor faiss."""
+    code = ("import sys\nfrom pipeline.doctor import summary\nsummary()\n"
+            "assert 'xformers' not in sys.modules and 'faiss' not in sys.modules, sorted(sys.modules)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+@cpu_only
+def test_probe_fmha_says_no_cuda():
+    assert doctor.probe_fmha("cuda") == "no CUDA: every attention shape runs on torch sdpa"
+
+
+@cpu_only
+def test_gpu_check_refuses_without_cuda(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    env = dict(os.environ, RESULTS=str(out), PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.splitlines() == [r.stderr.strip()] and "no CUDA device" in r.stderr
+    assert not out.exists()
+
+
+# --- CUDA (skipped without a GPU) -----------------------------------------------------------------------------------
+
+@needs_cuda
+def test_cuda_install_pairs_xformers_with_its_torch():
+    pair = doctor.installed_pair()
+    assert pair.ok, pair.message
+    loaded, detail = doctor.extension_status()
+    assert loaded, detail
+
+
+@needs_cuda
+def test_fmha_runs_every_project_attention_shape():
+    probes = doctor.probe_fmha("cuda")
+    assert not isinstance(probes, str), probes
+    assert [p.name for p in probes] == list(doctor.SHAPE_NAMES)
+    for p in probes:
+        assert any(not reasons for reasons in p.fw.values()), p.line()
+        assert p.result == "fw+bw ran", p.line()
+    assert doctor.attention_backend_text("cuda") == "xformers memory_efficient_attention on CUDA"
+
+
+@needs_cuda
+def test_summary_line_names_the_gpu():
+    line = doctor.summary("cuda")
+    assert torch.cuda.get_device_name(0) in line and "attention xformers" in line
+    assert isinstance(doctor.installed_pair(), PairCheck)
