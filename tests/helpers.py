@@ -100,3 +100,43 @@ def build_tiny_world(base: Path) -> dict[str, Path]:
                             TokenizeParams(batch_size=16, shard_size=10, num_workers=0, roundtrip_images=8)))
     return {"base": base, "prepared": base / "prepared" / "a", "vqgan": base / "vqgan",
             "tokens": base / "tokens" / "a"}
+
+
+TINY_VQGAN_MODEL = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, n_codes=16, code_dim=4,
+                        dead_code_steps=2, buffer_size=64)
+
+
+def tiny_vqgan_params(src: Path, steps: int = 4) -> str:
+    """params.yaml of a project with one 16x16 IDX dataset `tiny` and a few-step VQGAN (stages prepare, train_vqgan)."""
+    model = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in TINY_VQGAN_MODEL.items())
+    return f"""datasets:
+  tiny: {{source: idx, path: {src}, resolution: 16, channels: 1}}
+prepare: {{out_dir: data/prepared, shard_size: 10}}
+train_vqgan:
+  dataset: tiny
+  prepared_dir: data/prepared
+  out_dir: data/vqgan
+  ckpt_dir: data/checkpoints/train_vqgan
+  metrics: data/metrics/train_vqgan.json
+  plots: data/plots/train_vqgan.tsv
+  steps: {steps}
+  batch_size: 8
+  ckpt_every: 2
+  log_every: 2
+  kmeans_images: 16
+  device: cpu
+  model:
+{model}
+  loss: {{lpips_weight: 0.0, disc_start: 2, disc_channels: 8, disc_layers: 1}}
+"""
+
+
+def fake_tree(root: Path, files: dict[str, str]) -> Path:
+    """A throwaway project tree (models/, pipeline/, stages/, training/ packages) with the given module sources,
+    for tests of the import graph."""
+    for pkg in ("models", "pipeline", "stages", "training"):
+        (root / pkg).mkdir(parents=True, exist_ok=True)
+        (root / pkg / "__init__.py").write_text("")
+    for rel, text in files.items():
+        (root / rel).write_text(text)
+    return root

@@ -3,7 +3,6 @@ path it did not create. Each case of the issue is a test here; the end-to-end on
 of the project (pipeline/sandbox.py)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,16 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import files_under, make_idx_dataset, make_project, tiny_params
+from helpers import fake_tree, files_under, make_idx_dataset, make_project, tiny_params, tiny_vqgan_params
 from pipeline import checkpoint as ckpt
 from pipeline import codegraph, dvc_deps
 from pipeline.atomic import OWNER_FILE, check_replaceable, replace_dir
 from pipeline.errors import UserError
 from pipeline.locks import exclusive
-
-TINY_VQGAN = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, n_codes=16, code_dim=4,
-                  dead_code_steps=2, buffer_size=64)
-
 
 def run_cmd(project: Path, *cmd: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), cwd=project, capture_output=True, text=True,
@@ -45,15 +40,10 @@ def test_dvc_yaml_code_deps_equal_every_stage_import_closure():
 
 
 def test_import_graph_sees_function_level_relative_and_submodule_imports(tmp_path):
-    for pkg in ("models", "pipeline", "stages", "training"):
-        (tmp_path / pkg).mkdir()
-        (tmp_path / pkg / "__init__.py").write_text("")
-    (tmp_path / "models" / "net.py").write_text("import torch\n")
-    (tmp_path / "pipeline" / "io.py").write_text("from . import helpers\n")
-    (tmp_path / "pipeline" / "helpers.py").write_text("X = 1\n")
-    (tmp_path / "pipeline" / "unused.py").write_text("")
-    (tmp_path / "stages" / "s.py").write_text(
-        "from pipeline import io\n\ndef run():\n    from models.net import torch  # only when run\n")
+    fake_tree(tmp_path, {
+        "models/net.py": "import torch\n", "pipeline/io.py": "from . import helpers\n",
+        "pipeline/helpers.py": "X = 1\n", "pipeline/unused.py": "",
+        "stages/s.py": "from pipeline import io\n\ndef run():\n    from models.net import torch  # only when run\n"})
     files = codegraph.closure_files("stages.s", tmp_path)
     assert files == ["models/__init__.py", "models/net.py", "pipeline/__init__.py", "pipeline/helpers.py",
                      "pipeline/io.py", "stages/__init__.py", "stages/s.py"]
@@ -103,28 +93,7 @@ def test_checkpoint_of_other_code_is_not_resumed(tmp_path, caplog):
 
 
 def vqgan_project(tmp_path: Path, steps: int = 4) -> Path:
-    src = make_idx_dataset(tmp_path / "idx", n_train=24, n_val=8)
-    model = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in TINY_VQGAN.items())
-    params = f"""datasets:
-  tiny: {{source: idx, path: {src}, resolution: 16, channels: 1}}
-prepare: {{out_dir: data/prepared, shard_size: 10}}
-train_vqgan:
-  dataset: tiny
-  prepared_dir: data/prepared
-  out_dir: data/vqgan
-  ckpt_dir: data/checkpoints/train_vqgan
-  metrics: data/metrics/train_vqgan.json
-  plots: data/plots/train_vqgan.tsv
-  steps: {steps}
-  batch_size: 8
-  ckpt_every: 2
-  log_every: 2
-  kmeans_images: 16
-  device: cpu
-  model:
-{model}
-  loss: {{lpips_weight: 0.0, disc_start: 2, disc_channels: 8, disc_layers: 1}}
-"""
+    params = tiny_vqgan_params(make_idx_dataset(tmp_path / "idx", n_train=24, n_val=8), steps)
     project = make_project(tmp_path / "p", params, stages=("prepare", "train_vqgan"))
     for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
         subprocess.run(cmd, cwd=project, check=True, capture_output=True)

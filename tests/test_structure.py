@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from helpers import fake_tree
 from pipeline import codegraph
 from pipeline.config import load_params
 
@@ -27,13 +28,9 @@ def test_models_import_nothing_outside_models():
 
 
 def test_layering_check_catches_an_upward_import(tmp_path):
-    for pkg in ("models", "pipeline", "stages", "training"):
-        (tmp_path / pkg).mkdir()
-        (tmp_path / pkg / "__init__.py").write_text("")
-    (tmp_path / "models" / "net.py").write_text("def f():\n    from pipeline.io import x\n")
-    (tmp_path / "pipeline" / "io.py").write_text("from models.net import f\nx = 1\n")
-    (tmp_path / "stages" / "a.py").write_text("")
-    (tmp_path / "stages" / "b.py").write_text("import stages.a\n")
+    fake_tree(tmp_path, {"models/net.py": "def f():\n    from pipeline.io import x\n",
+                         "pipeline/io.py": "from models.net import f\nx = 1\n",
+                         "stages/a.py": "", "stages/b.py": "import stages.a\n"})
     found = codegraph.layering_violations(tmp_path)
     assert "models.net imports pipeline.io (a higher layer)" in found
     assert "stages.b imports stages.a (a stage never imports another stage)" in found

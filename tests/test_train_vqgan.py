@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import crash_after_first_checkpoint, make_idx_dataset, make_project
+from helpers import TINY_VQGAN_MODEL as TINY_MODEL
+from helpers import crash_after_first_checkpoint, make_idx_dataset, make_project, tiny_vqgan_params
 from models.vqgan import VQGANConfig
 from pipeline import checkpoint as ckpt
 from pipeline.errors import NonFiniteLoss
@@ -16,8 +17,6 @@ from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
 from stages.prepare import run as prepare_run
 from stages.train_vqgan import LossParams, TrainVQGANParams
 
-TINY_MODEL = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, n_codes=16, code_dim=4,
-                  dead_code_steps=2, buffer_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -113,28 +112,7 @@ def test_outputs_metrics_and_plots(prepared, tmp_path):
 
 
 def test_dvc_repro_trains_then_is_a_no_op(tmp_path):
-    src = make_idx_dataset(tmp_path / "idx", n_train=24, n_val=8)
-    model = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in TINY_MODEL.items())
-    params = f"""datasets:
-  tiny: {{source: idx, path: {src}, resolution: 16, channels: 1}}
-prepare: {{out_dir: data/prepared, shard_size: 10}}
-train_vqgan:
-  dataset: tiny
-  prepared_dir: data/prepared
-  out_dir: data/vqgan
-  ckpt_dir: data/checkpoints/train_vqgan
-  metrics: data/metrics/train_vqgan.json
-  plots: data/plots/train_vqgan.tsv
-  steps: 4
-  batch_size: 8
-  ckpt_every: 2
-  log_every: 2
-  kmeans_images: 16
-  device: cpu
-  model:
-{model}
-  loss: {{lpips_weight: 0.0, disc_start: 2, disc_channels: 8, disc_layers: 1}}
-"""
+    params = tiny_vqgan_params(make_idx_dataset(tmp_path / "idx", n_train=24, n_val=8))
     project = make_project(tmp_path / "p", params, stages=("prepare", "train_vqgan"))
     run = lambda *a: subprocess.run(["dvc", *a], cwd=project, capture_output=True, text=True)  # noqa: E731
     out = run("repro")
