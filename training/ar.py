@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from models.attention import active_backend
@@ -32,7 +31,8 @@ from pipeline.device import Dist, autocast
 from pipeline.errors import UserError
 from pipeline.runlog import write_metrics
 from pipeline.tokens import TokenData
-from training.common import EMA, StepBatches, check_finite, config_hash, cosine_lr, seed_everything, unwrap, write_tsv
+from training.common import (EMA, StepBatches, check_finite, config_hash, cosine_lr, export_weights, seed_everything,
+                             unwrap, write_tsv)
 
 log = logging.getLogger("tokenmill.train_transformer")
 # Dense bf16 peak of the GPUs we publish MFU for (TFLOP/s); other devices report achieved TFLOP/s only.
@@ -197,9 +197,7 @@ def finish(cfg: Any, model: GPT, gcfg: GPTConfig, history: list[dict], meta: dic
            fingerprint: str, unigram: float, backend: str, tokens_per_s: float | None, device: torch.device,
            class_names: list[str]) -> None:
     out = new_partial_dir(cfg.out_dir)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(sd, str(tmp))
+    export_weights(out, model)
     gdict = dataclasses.asdict(gcfg)
     gdict["grid"] = list(gdict["grid"])
     write_json(out / "config.json", {"kind": "ar", "model": gdict, "fingerprint": fingerprint,

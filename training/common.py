@@ -145,6 +145,14 @@ def write_tsv(path: str | os.PathLike, history: list[dict], keys: list[str]) -> 
                 w.writerow(["" if h.get(k) is None else f"{h[k]:.6g}" for k in keys])
 
 
+def export_weights(folder: str | os.PathLike, model: nn.Module) -> None:
+    """The model's weights as `model.safetensors` in `folder` (tensors only: no pickle, loads anywhere)."""
+    from safetensors.torch import save_file
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
+        save_file(sd, str(tmp))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 

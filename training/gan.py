@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -52,12 +51,12 @@ from models.gan import build_discriminator, build_generator, embed_tokens, proje
 from models.gan_transgan import sr_loss
 from pipeline import checkpoint as ckpt
 from pipeline import doctor
-from pipeline.atomic import atomic_path, new_partial_dir, replace_dir, write_json
+from pipeline.atomic import new_partial_dir, replace_dir, write_json
 from pipeline.config import from_dict, param
 from pipeline.errors import UserError
 from pipeline.fid import Protocol, extract_features, frechet_distance_features
 from pipeline.prepared import read_manifest
-from training.common import EMA, StepBatches, check_finite, config_hash, seed_everything, write_tsv
+from training.common import EMA, StepBatches, check_finite, config_hash, export_weights, seed_everything, write_tsv
 from pipeline.device import Dist, autocast
 from pipeline.vqgan_io import load_vqgan, to_uint8
 from pipeline.fid_reference import NetworkParams, check_reference, load_network, load_reference
@@ -399,9 +398,7 @@ def finish_gan(cfg: Any, G_ema: nn.Module, gcfg: GANConfig, history: list[dict],
                step_seconds: float, device: torch.device, fid_protocol: dict | None) -> None:
     """Write the EMA generator + config.json, the metrics JSON, the TSV log and curves.png."""
     out = new_partial_dir(cfg.out_dir)
-    sd = {k: v.detach().cpu().contiguous() for k, v in G_ema.state_dict().items()}
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(sd, str(tmp))
+    export_weights(out, G_ema)
     write_json(out / "config.json", {
         "kind": "gan", "family": gcfg.family, "model": config_dict(gcfg), "fingerprint": fingerprint,
         "dataset": cfg.dataset, "class_names": class_names, "steps": cfg.steps,

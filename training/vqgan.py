@@ -1,8 +1,9 @@
 """VQGAN training (Taming Transformers' stage 1): the loop of the `train_vqgan` stage, read top to bottom.
 
-Loss = reconstruction (L1/L2) + lpips_weight * LPIPS + quantizer loss + lambda * GAN (after disc_start), where
-lambda = disc_weight * |grad L_rec| / (|grad L_GAN| + delta) at the decoder's last layer. The codebook is kept
-healthy by k-means initialisation from encoder outputs, dead-code revival and l2-normalised low-dim codes.
+Loss (training/vq_loss.py) = reconstruction (L1/L2) + lpips_weight * LPIPS + quantizer loss + lambda * GAN (after
+disc_start), where lambda = disc_weight * |grad L_rec| / (|grad L_GAN| + delta) at the decoder's last layer. The
+codebook is kept healthy by k-means initialisation from encoder outputs, dead-code revival and l2-normalised
+low-dim codes.
 
 1. Batches        the images of step s: a slice of a permutation seeded by (seed, epoch), from memory or shards
 2. kmeans_init    the codebook starts at k-means centroids of encoder outputs
@@ -23,8 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.discriminator import (NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss,
-                                  nonsaturating_d_loss, nonsaturating_g_loss)
+from models.discriminator import NLayerDiscriminator
 from models.lpips import LPIPS
 from models.vqgan import VQGAN
 from pipeline import checkpoint as ckpt
@@ -37,6 +37,7 @@ from pipeline.report import save_rows_grid
 from pipeline.runlog import write_metrics
 from pipeline.vqgan_io import save_vqgan, to_model_range, to_uint8
 from training.common import EMA, StepBatches, check_finite, config_hash, cosine_lr, seed_everything, unwrap, write_tsv
+from training.vq_loss import discriminator_loss, generator_loss
 
 log = logging.getLogger("tokenmill.train_vqgan")
 LOG_KEYS = ["step", "rec", "lpips", "q", "g", "d", "d_weight", "usage_pct", "perplexity", "lr"]
@@ -187,8 +188,6 @@ def train_vqgan(cfg: Any, code: str) -> None:
         ids = [dist.local_rank] if device.type == "cuda" else None
         model, disc = DDP(model, device_ids=ids), DDP(disc, device_ids=ids)
     core = unwrap(model)
-    d_loss_fn = hinge_d_loss if cfg.loss.disc_loss == "hinge" else nonsaturating_d_loss
-    g_loss_fn = hinge_g_loss if cfg.loss.disc_loss == "hinge" else nonsaturating_g_loss
     micro = cfg.batch_size // dist.world // cfg.grad_accum
 
     def save_checkpoint(step: int) -> None:
@@ -222,30 +221,22 @@ def train_vqgan(cfg: Any, code: str) -> None:
             with autocast(device, cfg.bf16):
                 recon, aux = model(x)
                 recon = recon.float()
-                rec = (recon - x).abs().mean() if cfg.loss.rec == "l1" else (recon - x).pow(2).mean()
-                use_lpips = lpips is not None and cfg.loss.lpips_weight > 0
-                p = lpips(x, recon).mean() if use_lpips else recon.new_zeros(())
-                nll = rec + cfg.loss.lpips_weight * p
-                loss = nll + aux["loss"]
+                loss, parts = generator_loss(x, recon, aux["loss"], cfg.loss, lpips, disc, core.last_layer(), gan_on)
                 if gan_on:
-                    g = g_loss_fn(disc(recon))
-                    w = cfg.loss.disc_weight * adaptive_weight(nll, g, core.last_layer(),
-                                                               max_weight=cfg.loss.adaptive_max)
-                    loss = loss + w * g
-                    logs["g"] += g.item() / cfg.grad_accum
-                    logs["d_weight"] += float(w) / cfg.grad_accum
+                    logs["g"] += parts["g"].item() / cfg.grad_accum
+                    logs["d_weight"] += float(parts["d_weight"]) / cfg.grad_accum
                     pairs.append((x, recon.detach()))
             check_finite(step, cfg.ckpt_dir, loss=loss)
             (loss / cfg.grad_accum).backward()
-            logs["rec"] += rec.item() / cfg.grad_accum
-            logs["lpips"] += float(p) / cfg.grad_accum
+            logs["rec"] += parts["rec"].item() / cfg.grad_accum
+            logs["lpips"] += float(parts["lpips"]) / cfg.grad_accum
             logs["q"] += aux["loss"].item() / cfg.grad_accum
         if gan_on:
             # The generator loss also reached D's weights; D's own update must not include that.
             opt_d.zero_grad(set_to_none=True)
             for x, fake in pairs:
                 with autocast(device, cfg.bf16):
-                    d = d_loss_fn(disc(x), disc(fake))
+                    d = discriminator_loss(disc, x, fake, cfg.loss)
                 check_finite(step, cfg.ckpt_dir, disc_loss=d)
                 (d / cfg.grad_accum).backward()
                 logs["d"] += d.item() / cfg.grad_accum
