@@ -27,7 +27,8 @@ from pipeline.atomic import check_replaceable, read_json
 from pipeline.config import check_dataset_name, from_dict, load_params
 from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError, main_guard
-from pipeline.runs import check_params, preset_overrides, run_with_overrides, validate_overrides
+from pipeline.runs import (check_params, preset_overrides, run_with_overrides, select, stage_names,
+                           validate_overrides)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 4200
@@ -67,6 +68,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     overrides = (preset_overrides(args.preset) if args.preset else []) + (args.set or [])
     validate_overrides(ROOT, overrides)  # before anything is written or started
     repair_rwlock(ROOT)
+    select(stage_names(ROOT), args.stage)  # a typo in --stage is one line, before anything runs
     if args.no_prefect:
         cmd = ["dvc", "repro", *(args.stage or [])] + (["--force"] if args.force else [])
         with run_with_overrides(ROOT, overrides):
@@ -87,6 +89,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_stage(args: argparse.Namespace) -> None:
     check_params(ROOT / "params.yaml", ROOT)
     repair_rwlock(ROOT)
+    if args.name not in stage_names(ROOT):
+        raise UserError(f"unknown stage {args.name!r} (dvc.yaml has: {', '.join(stage_names(ROOT))})")
     with run_with_overrides(ROOT, []):
         code = subprocess.call(["dvc", "repro", "--single-item", args.name] + (["--force"] if args.force else []),
                                cwd=ROOT)

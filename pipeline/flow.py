@@ -18,8 +18,7 @@ from prefect import flow, get_run_logger, task
 
 from pipeline import artifacts
 from pipeline.dvc_repair import repair_rwlock
-from pipeline.errors import UserError
-from pipeline.runs import run_with_overrides
+from pipeline.runs import run_with_overrides, select, stage_names
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 USER_ERROR_EXIT = 2  # stages exit 2 on a user mistake: retrying cannot help
@@ -31,29 +30,6 @@ class StageFailed(RuntimeError):
     def __init__(self, stage: str, returncode: int, tail: str):
         super().__init__(f"stage {stage} failed with exit code {returncode}: {tail}")
         self.stage, self.returncode = stage, returncode
-
-
-def dvc(args: list[str], root: Path) -> str:
-    """Run a dvc command and return stdout; raise with its stderr on failure."""
-    proc = subprocess.run(["dvc", *args], cwd=root, capture_output=True, text=True, env=os.environ.copy())
-    if proc.returncode != 0:
-        raise RuntimeError(f"dvc {' '.join(args)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout
-
-
-def stage_names(root: Path = PROJECT_ROOT) -> list[str]:
-    """All stages (foreach expanded, e.g. prepare@fashion_mnist), in dvc.yaml order."""
-    return [line.split()[0] for line in dvc(["stage", "list", "--name-only"], root).splitlines() if line.strip()]
-
-
-def select(names: list[str], wanted: list[str] | None) -> list[str]:
-    """Keep stages named in `wanted`, by full name or by base name (`prepare` selects every prepare@...)."""
-    if not wanted:
-        return names
-    unknown = [w for w in wanted if not any(n == w or n.split("@")[0] == w for n in names)]
-    if unknown:
-        raise UserError(f"unknown stage {unknown[0]!r} (dvc.yaml has: {', '.join(names)})")
-    return [n for n in names if n in wanted or n.split("@")[0] in wanted]
 
 
 def _user_error_not_retried(task, task_run, state) -> bool:

@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,6 +41,29 @@ def pipeline_stages(root: Path) -> list[str]:
     spec = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
     used = {stage_module(body).split(".")[1] for body in (spec.get("stages") or {}).values()}
     return [name for name in STAGE_MODULES if name in used]
+
+
+def dvc(args: list[str], root: Path) -> str:
+    """Run a dvc command and return stdout; raise with its stderr on failure."""
+    proc = subprocess.run(["dvc", *args], cwd=root, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def stage_names(root: Path) -> list[str]:
+    """All stages (foreach expanded, e.g. prepare@fashion_mnist), in dvc.yaml order."""
+    return [line.split()[0] for line in dvc(["stage", "list", "--name-only"], root).splitlines() if line.strip()]
+
+
+def select(names: list[str], wanted: list[str] | None) -> list[str]:
+    """Keep stages named in `wanted`, by full name or by base name (`prepare` selects every prepare@...)."""
+    if not wanted:
+        return names
+    unknown = [w for w in wanted if not any(n == w or n.split("@")[0] == w for n in names)]
+    if unknown:
+        raise UserError(f"unknown stage {unknown[0]!r} (dvc.yaml has: {', '.join(names)})")
+    return [n for n in names if n in wanted or n.split("@")[0] in wanted]
 
 
 def check_params_dict(params: dict[str, Any], source: str, root: Path) -> list[str]:
@@ -117,9 +141,8 @@ def _write_params_under_dvc_lock(root: Path, overrides: list[str]) -> None:
 def restore_outputs(root: Path) -> None:
     """Put every output back as dvc.lock records it (DVC removes a stage's outs before running it)."""
     proc = subprocess.run(["dvc", "checkout", "--force"], cwd=root, capture_output=True, text=True)
-    if proc.returncode != 0:
-        log.warning("dvc checkout could not restore every output: %s",
-                    (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:])
+    if proc.returncode != 0:  # e.g. outputs this project never made: nothing of them to restore
+        log.warning("dvc checkout restored what the cache holds; not every output recorded in dvc.lock is there")
 
 
 @contextlib.contextmanager
