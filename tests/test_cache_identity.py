@@ -326,3 +326,13 @@ def test_local_prefect_server_refuses_other_origins(tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
+
+
+def test_server_settings_pin_origin_and_pass_the_auth_string(monkeypatch):
+    from pipeline.cli import AUTH_ENV, server_env
+    monkeypatch.delenv(AUTH_ENV, raising=False)
+    env = server_env(4321)
+    assert env["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"] == "http://127.0.0.1:4321,http://localhost:4321"
+    assert env["PREFECT_SERVER_API_HOST"] == "127.0.0.1" and "PREFECT_SERVER_API_AUTH_STRING" not in env
+    monkeypatch.setenv(AUTH_ENV, "me:secret")
+    assert server_env(4321)["PREFECT_SERVER_API_AUTH_STRING"] == "me:secret"
