@@ -136,3 +136,99 @@ def test_checkpoint_crash_during_save_keeps_the_previous_checkpoint(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "step-00000001.pt"]
     state = checkpoint.load_latest(tmp_path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+def test_replace_dir_into_a_new_name(tmp_path):
+    new = tmp_path / ".out.partial"
+    new.mkdir()
+    (new / "a.txt").write_text("a")
+    replace_dir(new, tmp_path / "out")  # nothing to move aside first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (tmp_path / "out" / "a.txt").read_text() == "a"
+
+
+def test_json_is_canonical_and_reads_back(tmp_path):
+    write_json(tmp_path / "m.json", {"b": 1, "a": {"d": [1, 2], "c": None}})
+    assert (tmp_path / "m.json").read_bytes() == (
+        b'{\n  "a": {\n    "c": null,\n    "d": [\n      1,\n      2\n    ]\n  },\n  "b": 1\n}\n')
+    assert atomic.read_json(tmp_path / "m.json") == {"b": 1, "a": {"d": [1, 2], "c": None}}
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_sha256_file_hashes_the_whole_file(tmp_path, chunk):
+    import hashlib
+    data = bytes(range(256)) * 41  # 10496 bytes: many chunks of 7, one of 1 MiB
+    (tmp_path / "f").write_bytes(data)
+    assert atomic.sha256_file(tmp_path / "f", chunk=chunk) == hashlib.sha256(data).hexdigest()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_pid_alive(monkeypatch):
+    assert atomic.pid_alive(os.getpid()) and not atomic.pid_alive(dead_pid())
+
+    def not_ours(pid, sig):
+        raise PermissionError  # the process exists but belongs to another user
+
+    monkeypatch.setattr(atomic.os, "kill", not_ours)
+    assert atomic.pid_alive(12345)
+
+
+def test_writer_removes_temps_of_dead_writers_only(tmp_path):
+    """A killed writer leaves `.<name>.tmp-<pid>` (or a folder, or `.old-<pid>`); the next writer of the same name
+    removes those whose process is gone, and nothing else."""
+    final = tmp_path / "store"
+    gone, live = dead_pid(), os.getppid()
+    (tmp_path / f".store.tmp-{gone}").write_bytes(b"partial")
+    (tmp_path / f".store.old-{gone}").mkdir()
+    (tmp_path / f".store.old-{gone}" / "x").write_bytes(b"x")
+    (tmp_path / "target").mkdir()
+    (tmp_path / f".store.tmp-{gone}0").symlink_to(tmp_path / "target")  # another dead pid's temp, a symlink
+    keep = [f".store.tmp-{live}", f".store.tmp-{os.getpid()}", f".other.tmp-{gone}", f".store.tmp-{gone}.bak",
+            "store.tmp-1", "target"]
+    for name in keep[:-1]:
+        (tmp_path / name).write_bytes(b"not ours to remove")
+    removed = atomic.remove_stale_temps(final)
+    assert sorted(p.name for p in removed) == sorted([f".store.tmp-{gone}", f".store.old-{gone}",
+                                                       f".store.tmp-{gone}0"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+    assert (tmp_path / "target").is_dir()  # the symlink was removed, not followed
+    # a writer of `store` cleans up the same way before it writes
+    (tmp_path / f".store.tmp-{os.getpid()}").unlink()  # (this process's own temp name is the one it writes)
+    keep.remove(f".store.tmp-{os.getpid()}")
+    (tmp_path / f".store.tmp-{gone}").write_bytes(b"partial")
+    write_bytes(final, b"done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep + ["store"])
+
+
+def test_stale_temps_in_a_missing_folder():
+    assert atomic.remove_stale_temps(Path("/nonexistent-folder/x")) == []
+
+
+def test_two_cleaners_racing_for_the_same_stale_temps(tmp_path, monkeypatch):
+    """Another writer of the same name may remove a stale temp between our check and our removal: not an error.
+    The other cleaner strikes after our liveness check (the file) and just before our rmtree (the folder)."""
+    import shutil
+    gone = dead_pid()
+    (tmp_path / f".store.tmp-{gone}").write_bytes(b"partial")
+    (tmp_path / f".store.old-{gone}").mkdir()
+    (tmp_path / f".store.old-{gone}" / "part").write_bytes(b"x")
+    real_alive, real_rmtree = atomic.pid_alive, shutil.rmtree
+
+    def other_cleaner_took_the_file(pid: int) -> bool:
+        (tmp_path / f".store.tmp-{gone}").unlink(missing_ok=True)
+        return real_alive(pid)
+
+    def other_cleaner_took_the_folder(path, *args, **kwargs):
+        real_rmtree(path, ignore_errors=True)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic, "pid_alive", other_cleaner_took_the_file)
+    monkeypatch.setattr(shutil, "rmtree", other_cleaner_took_the_folder)
+    atomic.remove_stale_temps(tmp_path / "store")
+    assert list(tmp_path.iterdir()) == []
