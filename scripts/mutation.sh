@@ -25,6 +25,10 @@ declare -A TESTS=(
   [models/quantizer.py]="tests/test_vqgan_models.py tests/test_behaviour_quantizer.py"
   [pipeline/training.py]="tests/test_behaviour_determinism.py tests/test_behaviour_training.py"
 )
+# extra pytest arguments, one per line (the FID network tests take a minute each call: left to the main suite)
+declare -A ARGS=(
+  [pipeline/fid.py]=$'-k\nnot real_network'
+)
 ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py pipeline/training.py)
 
 [ -x .venv/bin/python ] || bash scripts/install.sh
@@ -52,7 +56,10 @@ for module in "${modules[@]}"; do
     echo "    models"
     echo "only_mutate = $module"
     echo "also_copy = stages"
-    echo "pytest_add_cli_args = -p no:cacheprovider -q"
+    echo "pytest_add_cli_args ="
+    printf '    %s\n' -p no:cacheprovider -q
+    [ -z "${ARGS[$module]:-}" ] || while IFS= read -r arg; do echo "    $arg"; done <<< "${ARGS[$module]}"
+    [ -z "${MUT_PYTEST_ARGS:-}" ] || printf '    %s\n' $MUT_PYTEST_ARGS  # e.g. --deselect <a failing test>
     echo "pytest_add_cli_args_test_selection ="
     for t in $tests; do echo "    $t"; done
   } > "$dir/setup.cfg"
