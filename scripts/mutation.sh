@@ -21,7 +21,7 @@ JOBS=${MUT_JOBS:-2}
 # module -> the fast tests that exercise it
 declare -A TESTS=(
   [pipeline/atomic.py]="tests/test_behaviour_atomic.py"
-  [pipeline/fid.py]="tests/test_fid.py tests/test_behaviour_metrics.py"
+  [pipeline/fid.py]="tests/test_fid.py tests/test_behaviour_metrics.py tests/test_behaviour_fid_contract.py"
   [models/quantizer.py]="tests/test_vqgan_models.py tests/test_behaviour_quantizer.py"
   [pipeline/training.py]="tests/test_behaviour_determinism.py tests/test_behaviour_training.py"
 )
