@@ -3,6 +3,7 @@ non-finite guard, the config hash and the step-batch schedule's limits."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ def test_cosine_lr_by_hand():
     assert cosine_lr(6, 2.0, warmup, total, floor) == pytest.approx(expected)
     assert cosine_lr(0, 1.0, 0, 1, 0.0) == 1.0  # no warm-up; a one-step decay does not divide by zero
     assert cosine_lr(5, 1.0, 5, 5, 0.0) == 1.0
+    assert cosine_lr(3, 1.0, 2, 3, 0.0) == 0.0  # a one-step decay ends at the floor after its one step
 
 
 class Net(nn.Module):
@@ -123,6 +125,20 @@ def test_step_batches_limits():
     assert b.per_epoch == 3 and b.epoch_of(2) == 0 and b.epoch_of(3) == 1
     assert all(len(b.indices(s)) == 3 for s in range(9))
     assert StepBatches(n=4, batch_size=4, seed=0).indices(0).sort().values.tolist() == [0, 1, 2, 3]
+    # a fresh schedule whose first request is in epoch 1 (a resume) draws epoch 1's permutation
+    assert StepBatches(n=4, batch_size=4, seed=0).indices(1).tolist() == b_perm(4, 0, 1)
+
+
+def b_perm(n: int, seed: int, epoch: int) -> list[int]:
+    """The documented order: torch.randperm seeded by seed * 1_000_003 + epoch. Pinned because checkpoints of
+    runs made by earlier versions resume into it: another formula would silently change a resumed run's batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def test_batch_order_is_the_documented_permutation():
+    b = StepBatches(n=6, batch_size=3, seed=2)
+    assert [b.indices(s).tolist() for s in range(4)] == [b_perm(6, 2, 0)[:3], b_perm(6, 2, 0)[3:],
+                                                         b_perm(6, 2, 1)[:3], b_perm(6, 2, 1)[3:]]
 
 
 def test_seed_everything_seeds_every_generator():
@@ -134,17 +150,28 @@ def test_seed_everything_seeds_every_generator():
     seed_everything(5)
     b = (torch.rand(2), random.random(), np.random.rand())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+    assert a[2] == np.random.RandomState(5).rand() and a[1] == random.Random(5).random()
     seed_everything(2**32 + 5)  # numpy takes the seed modulo 2**32
     assert np.random.rand() == a[2]
 
 
 def test_devices_and_single_process_helpers(monkeypatch):
     assert pick_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available():
-        assert pick_device("auto") == torch.device("cpu")
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
-            pick_device("cuda")
-    assert isinstance(autocast(torch.device("cpu")), type(__import__("contextlib").nullcontext()))
+    # denormals are flushed to zero (they make CPU kernels crawl late in training)
+    assert float(torch.tensor(1e-30) * torch.tensor(1e-10)) == 0.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="^device 'cuda' requested but CUDA is not available$"):
+        pick_device("cuda")
+    import contextlib
+    assert isinstance(autocast(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(autocast(torch.device("cuda"), enabled=False), contextlib.nullcontext)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available": the object is still built as asked
+        ac = autocast(torch.device("cuda"))
+    assert isinstance(ac, torch.autocast) and ac.device == "cuda" and ac.fast_dtype == torch.bfloat16
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     d = init_distributed(torch.device("cpu"))
     assert (d.rank, d.world, d.local_rank, d.main) == (0, 1, 0, True)
@@ -156,3 +183,17 @@ def test_devices_and_single_process_helpers(monkeypatch):
     wrapped = nn.Module()
     wrapped.module = net
     assert unwrap(wrapped) is net and unwrap(net) is net
+
+
+def test_all_reduce_mean_divides_the_sum_by_the_world_size(tmp_path):
+    """A one-process gloo group stands in for the ranks: the all-reduce sum is the tensor itself, so a Dist that
+    says world=2 must return half of it, in a new tensor."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        t = torch.tensor([2.0, 6.0])
+        out = Dist(rank=0, world=2).all_reduce_mean(t)
+        assert torch.equal(out, torch.tensor([1.0, 3.0])) and torch.equal(t, torch.tensor([2.0, 6.0]))
+        Dist(rank=0, world=2).barrier()
+    finally:
+        dist.destroy_process_group()
