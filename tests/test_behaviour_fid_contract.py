@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.fid import (Protocol, _rebatch, compute_metrics, frechet_distance, kid, precision_recall,
+from pipeline.fid import (Protocol, _rebatch, compute_metrics, frechet_distance, kid, precision_recall, stats,
                           to_inception_input)
 
 RNG = np.random.default_rng(11)
@@ -42,12 +42,26 @@ def test_kid_with_whole_sets_is_the_unbiased_mmd():
     assert mean > 0.01  # the sets differ, so the kernel and its constants matter
     # a subset size above the smaller set is clipped to it: still the whole smaller set
     assert kid(a, b, n_subsets=2, subset_size=500) == pytest.approx((mean, 0.0), abs=1e-12)
+    # sets of different sizes: clipped to the smaller one (40 and 30 -> 30)
+    assert kid(A, B, n_subsets=2, subset_size=35) == kid(A, B, n_subsets=2, subset_size=30)
+    # subsets smaller than the sets: estimates differ from subset to subset
+    assert kid(A, B, n_subsets=4, subset_size=10)[1] > 0
+
+
+def test_precision_recall_does_not_depend_on_the_batching():
+    real, fake = RNG.standard_normal((50, 5)), RNG.standard_normal((45, 5)) + 0.5
+    assert precision_recall(real, fake, k=2, batch_rows=7) == precision_recall(real, fake, k=2)
 
 
 def test_defaults_are_the_recorded_protocol():
     p = Protocol(n_gen=1, n_ref=1, ref_split="val", resize_mode="tf_bilinear", feature_network_hash="x", seed=0)
     defaults = {name: v.default for name, v in inspect.signature(kid).parameters.items()}
     assert (defaults["n_subsets"], defaults["subset_size"], defaults["seed"]) == (p.kid_subsets, p.kid_subset_size, 0)
+    # and by behaviour: each default changes the answer, so each is the one the protocol records
+    assert kid(A, B, subset_size=10) == kid(A, B, p.kid_subsets, 10, 0) != kid(A, B, p.kid_subsets + 1, 10, 0)
+    assert kid(A, B, p.kid_subsets, 10) != kid(A, B, p.kid_subsets, 10, seed=1)
+    big_a, big_b = RNG.standard_normal((p.kid_subset_size + 1, 2)), RNG.standard_normal((p.kid_subset_size + 1, 2))
+    assert kid(big_a, big_b, 1) == kid(big_a, big_b, 1, p.kid_subset_size) != kid(big_a, big_b, 1, len(big_a))
     assert precision_recall(A, B) == precision_recall(A, B, k=p.pr_k)
     assert precision_recall(A, B) != precision_recall(A, B, k=p.pr_k + 1)
 
@@ -73,6 +87,8 @@ def test_kid_and_precision_recall_limits_and_messages():
         precision_recall(A, B[:3], k=3)
     with pytest.raises(ValueError, match=r"^feat_a must be a 2-d array N x D, got shape \(6,\)$"):
         kid(A[0], B)
+    with pytest.raises(ValueError, match="^features needs at least 2 samples, got 1$"):
+        stats(A[:1])
 
 
 def protocol(n_ref: int, n_gen: int, **kw) -> Protocol:
@@ -107,8 +123,11 @@ def test_compute_metrics_limits_and_messages():
 
 
 def test_frechet_distance_runs_in_float64_whatever_the_input_dtype():
-    mu1, mu2 = A.mean(0).astype(np.float32), B.mean(0).astype(np.float32)
-    s1, s2 = np.cov(A, rowvar=False).astype(np.float32), np.cov(B, rowvar=False).astype(np.float32)
+    # 64 dimensions of float32 inputs: float32 arithmetic on them would differ from float64 in the last digits
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((200, 64)) + 3.0, 1.3 * rng.standard_normal((200, 64))
+    mu1, mu2 = x.mean(0).astype(np.float32), y.mean(0).astype(np.float32)
+    s1, s2 = np.cov(x, rowvar=False).astype(np.float32), np.cov(y, rowvar=False).astype(np.float32)
     as64 = [x.astype(np.float64) for x in (mu1, s1, mu2, s2)]
     assert frechet_distance(mu1, s1, mu2, s2) == frechet_distance(*as64)
     assert frechet_distance(mu1.tolist(), s1.tolist(), mu2, s2) == frechet_distance(*as64)
@@ -165,7 +184,8 @@ def test_image_input_contract():
 def test_rebatch_keeps_order_and_sizes_across_any_chunking():
     imgs = torch.arange(11 * 3 * 2 * 2, dtype=torch.int64).remainder(256).to(torch.uint8).view(11, 3, 2, 2)
     other = torch.zeros(2, 3, 5, 5, dtype=torch.uint8)
-    for chunks in ([imgs[:4], imgs[4:8], imgs[8:]], [imgs[:1], imgs[1:2], imgs[2:11]], [imgs]):
+    for chunks in ([imgs[:4], imgs[4:8], imgs[8:]], [imgs[:1], imgs[1:2], imgs[2:11]], [imgs],
+                   [imgs[:3], imgs[3:6], imgs[6:9], imgs[9:]]):
         out = list(_rebatch(chunks, 4))
         assert [len(b) for b in out] == [4, 4, 3] and torch.equal(torch.cat(out), imgs)
     # a change of image size flushes what is pending, then starts again from zero
@@ -173,5 +193,8 @@ def test_rebatch_keeps_order_and_sizes_across_any_chunking():
     assert [tuple(b.shape[:1] + b.shape[2:]) for b in out] == [(2, 2, 2), (1, 2, 2), (2, 5, 5), (2, 2, 2),
                                                                (2, 2, 2), (1, 2, 2)]
     assert torch.equal(torch.cat([b for b in out if b.shape[2] == 2]), imgs[:8])
-    out = list(_rebatch([imgs[:3], other, imgs[3:4]], 2))  # flushed pending count restarts at zero
+    out = list(_rebatch([imgs[:3], other, imgs[3:4]], 2))
     assert [len(b) for b in out] == [2, 1, 2, 1]
+    # the pending count restarts at zero after a flush and after a batch that used everything
+    assert [len(b) for b in _rebatch([imgs[:3], other[:1], other[1:]], 2)] == [2, 1, 2]
+    assert [len(b) for b in _rebatch([imgs[:2], imgs[2:3], imgs[3:4]], 2)] == [2, 2]
