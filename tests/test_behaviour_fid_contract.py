@@ -161,6 +161,8 @@ def test_image_input_contract():
     flipped = img[:, ::-1].copy()[:, ::-1]  # negative strides, same pixels
     assert torch.equal(to_inception_input(flipped, size=8), ref)
     assert to_inception_input(np.zeros((1, 3, 1, 2), np.uint8), size=4).shape == (1, 3, 4, 4)  # 1 pixel high
+    with pytest.raises(ValueError, match=r"^images must be a 4-d batch N x H x W x C or N x C x H x W, got shape \(\)"):
+        to_inception_input(np.array(7, np.uint8))  # a 0-d array: no strides to inspect
     with pytest.raises(ValueError, match="^images must be a torch.Tensor or numpy array, got list$"):
         to_inception_input([img])
     with pytest.raises(ValueError, match=r"^images have dtype torch.float32; expected uint8 images 0..255 \(convert"):
