@@ -197,3 +197,19 @@ def test_all_reduce_mean_divides_the_sum_by_the_world_size(tmp_path):
         Dist(rank=0, world=2).barrier()
     finally:
         dist.destroy_process_group()
+
+
+def test_init_distributed_reads_world_and_local_rank(tmp_path, monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) with the group already joined: world from WORLD_SIZE, local rank from
+    LOCAL_RANK, rank from the group (a one-process gloo group stands in for it)."""
+    import torch.distributed as dist
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        d = init_distributed(torch.device("cpu"))
+        assert (d.rank, d.world, d.local_rank) == (0, 2, 1)
+        monkeypatch.delenv("LOCAL_RANK")
+        assert init_distributed(torch.device("cpu")).local_rank == 0  # absent: 0
+    finally:
+        dist.destroy_process_group()
