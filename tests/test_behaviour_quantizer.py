@@ -3,6 +3,7 @@ decay that is not 0.5 (at 0.5, decay and 1 - decay are the same number and a swa
 steps and with both codes in use, so the running sums, the counts and the Laplace smoothing all matter."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,3 +50,20 @@ def test_ema_codebook_follows_the_formula(decay):
     # decay != 0.5 makes the two orders of the update differ by far more than that
     swapped = reference_ema(start, batches, 1 - decay, eps)
     assert (swapped - expected).abs().max() > 0.05
+
+
+def test_codebook_fingerprint_is_the_documented_hash():
+    """sha256 of the codebook as little-endian float32 bytes, then the config as compact, sorted, ASCII JSON.
+    Stores record this value: another byte layout would make every existing token store look foreign. A float64
+    codebook and a non-ASCII config value check the conversions."""
+    import hashlib
+
+    from models.quantizer import fingerprint_codebook
+    codebook = torch.tensor([[0.1, -2.5], [3.0, 1e-3]], dtype=torch.float64)
+    config = {"n_codes": 2, "name": "caf\u00e9", "dims": [2, 4]}
+    h = hashlib.sha256(np.array([[0.1, -2.5], [3.0, 1e-3]], dtype="<f4").tobytes())
+    h.update(b'{"dims":[2,4],"n_codes":2,"name":"caf\\u00e9"}')
+    assert fingerprint_codebook(codebook, config) == h.hexdigest()
+    vq = VectorQuantizer(n_codes=2, code_dim=2)
+    vq.codebook.data.copy_(codebook)
+    assert vq.codebook_fingerprint(config) == h.hexdigest()
