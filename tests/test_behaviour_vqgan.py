@@ -1,0 +1,76 @@
+"""The VQGAN step's discriminator update (stages/train_vqgan.py): the generator loss backpropagates through D
+into D's weights, so D's gradients must be cleared before D's own loss is backpropagated. The test spies on the
+gradients D's optimiser steps with and compares them with the gradient of D's loss alone."""
+from __future__ import annotations
+
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from conftest import make_idx_dataset
+from models.vqgan import VQGANConfig
+from stages import train_vqgan
+from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
+from stages.prepare import run as prepare
+from stages.train_vqgan import LossParams, TrainVQGANParams
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    base = tmp_path_factory.mktemp("vq_behaviour")
+    src = make_idx_dataset(base / "idx", n_train=16, n_val=4, seed=2)
+    prepare(PrepareConfig("tiny", DatasetSpec(source="idx", path=str(src), resolution=16),
+                          PrepareParams(out_dir=str(base / "prepared"))))
+    return base / "prepared"
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_discriminator_steps_with_the_gradient_of_its_own_loss_only(prepared, tmp_path, monkeypatch, grad_accum):
+    discs: list[torch.nn.Module] = []
+
+    class SpyDisc(train_vqgan.NLayerDiscriminator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            discs.append(self)
+
+    expected: list[list[torch.Tensor]] = []  # per step: sum over micro-batches of grad(D loss / grad_accum)
+    real_d_loss = train_vqgan.hinge_d_loss
+
+    def d_loss_spy(logits_real, logits_fake):
+        loss = real_d_loss(logits_real, logits_fake)
+        grads = torch.autograd.grad(loss / grad_accum, list(discs[0].parameters()), retain_graph=True)
+        if len(expected) == len(stepped):  # first micro-batch of this step
+            expected.append([g.clone() for g in grads])
+        else:
+            expected[-1] = [a + g for a, g in zip(expected[-1], grads)]
+        return loss
+
+    stepped: list[list[torch.Tensor]] = []  # the gradients D's optimiser stepped with
+
+    def before_step(optimizer, args, kwargs):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if discs and params and params[0] is next(discs[0].parameters()):
+            stepped.append([p.grad.clone() for p in params])
+
+    monkeypatch.setattr(train_vqgan, "NLayerDiscriminator", SpyDisc)
+    monkeypatch.setattr(train_vqgan, "hinge_d_loss", d_loss_spy)
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        cfg = TrainVQGANParams(
+            dataset="tiny", prepared_dir=str(prepared), out_dir=str(tmp_path / "vqgan"),
+            ckpt_dir=str(tmp_path / "ckpt"), metrics=str(tmp_path / "m.json"), plots=str(tmp_path / "log.tsv"),
+            steps=2, batch_size=8, grad_accum=grad_accum, ckpt_every=2, log_every=1, kmeans_init=False,
+            device="cpu", model=VQGANConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, n_codes=16,
+                                            code_dim=4, dead_code_steps=0),
+            loss=LossParams(lpips_weight=0.0, disc_start=0, disc_channels=8, disc_layers=1, disc_weight=1.0,
+                            disc_loss="hinge"))
+        train_vqgan.run(cfg)
+    finally:
+        handle.remove()
+    assert len(discs) == 1 and len(stepped) == len(expected) == 2  # D stepped at both steps, with the GAN on
+    for got, want in zip(stepped, expected):
+        # the same float32 sums in another order: agreement to rounding, while the generator loss's
+        # contribution is of the size of the gradients themselves
+        for g, w in zip(got, want):
+            assert torch.allclose(g, w, rtol=1e-5, atol=1e-9)
