@@ -7,14 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from conftest import ROOT
-from pipeline.training import StepBatches
+from helpers import ROOT
+from training.common import StepBatches
 
 PREPARE = """
 import json, sys

@@ -3,18 +3,17 @@ going down: R1 differentiates D at the real grids (spied), the EMA applies its w
 back from checkpoints), and every sampling batch draws its own noise (spied)."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_idx_dataset
+from helpers import make_idx_dataset
 from models.vqgan import VQGAN, VQGANConfig
 from pipeline import checkpoint as ckpt
-from pipeline import gan_training
-from pipeline.gan_training import GANParams, ema_decay_at
-from pipeline.training import EMA
+from training import gan as gan_training
+from training.gan import GANParams, ema_decay_at
+from training.common import EMA
 from pipeline.vqgan_io import load_vqgan, save_vqgan
 from stages import sample, train_transformer
 from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams

@@ -1,4 +1,4 @@
-"""Training helpers (pipeline/training.py) by hand values: the learning-rate schedule, the weight EMA, the
+"""Training helpers (training/common.py) by hand values: the learning-rate schedule, the weight EMA, the
 non-finite guard, the config hash and the step-batch schedule's limits."""
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 
 from pipeline import checkpoint
-from pipeline.training import (EMA, Dist, NonFiniteLoss, StepBatches, autocast, check_finite, config_hash,
+from pipeline.device import Dist, autocast
+from pipeline.errors import NonFiniteLoss
+from training.common import (EMA, StepBatches, check_finite, config_hash,
                                cosine_lr, init_distributed, pick_device, seed_everything, unwrap)
 
 

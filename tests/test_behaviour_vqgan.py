@@ -1,4 +1,4 @@
-"""The VQGAN step's discriminator update (stages/train_vqgan.py): the generator loss backpropagates through D
+"""The VQGAN step's discriminator update (training/vqgan.py, training/vq_loss.py): the generator loss backpropagates through D
 into D's weights, so D's gradients must be cleared before D's own loss is backpropagated. The test spies on the
 gradients D's optimiser steps with and compares them with the gradient of D's loss alone."""
 from __future__ import annotations
@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from conftest import make_idx_dataset
+from helpers import make_idx_dataset
 from models.vqgan import VQGANConfig
 from stages import train_vqgan
+from training import vq_loss
+from training import vqgan as vqgan_loop
 from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
 from stages.prepare import run as prepare
 from stages.train_vqgan import LossParams, TrainVQGANParams
@@ -29,13 +31,13 @@ def prepared(tmp_path_factory):
 def test_discriminator_steps_with_the_gradient_of_its_own_loss_only(prepared, tmp_path, monkeypatch, grad_accum):
     discs: list[torch.nn.Module] = []
 
-    class SpyDisc(train_vqgan.NLayerDiscriminator):
+    class SpyDisc(vqgan_loop.NLayerDiscriminator):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             discs.append(self)
 
     expected: list[list[torch.Tensor]] = []  # per step: sum over micro-batches of grad(D loss / grad_accum)
-    real_d_loss = train_vqgan.hinge_d_loss
+    real_d_loss = vq_loss.hinge_d_loss
 
     def d_loss_spy(logits_real, logits_fake):
         loss = real_d_loss(logits_real, logits_fake)
@@ -53,8 +55,8 @@ def test_discriminator_steps_with_the_gradient_of_its_own_loss_only(prepared, tm
         if discs and params and params[0] is next(discs[0].parameters()):
             stepped.append([p.grad.clone() for p in params])
 
-    monkeypatch.setattr(train_vqgan, "NLayerDiscriminator", SpyDisc)
-    monkeypatch.setattr(train_vqgan, "hinge_d_loss", d_loss_spy)
+    monkeypatch.setattr(vqgan_loop, "NLayerDiscriminator", SpyDisc)
+    monkeypatch.setattr(vq_loss, "hinge_d_loss", d_loss_spy)
     handle = register_optimizer_step_pre_hook(before_step)
     try:
         cfg = TrainVQGANParams(
