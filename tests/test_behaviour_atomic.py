@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline import atomic, checkpoint
-from pipeline.atomic import atomic_path, replace_dir, write_bytes, write_json
+from pipeline.atomic import OWNER_FILE, atomic_path, replace_dir, write_bytes, write_json
 
 
 class Crash(Exception):
@@ -111,11 +111,12 @@ def test_replace_dir_swaps_whole_folders(tmp_path):
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
+    (final / OWNER_FILE).write_text("prepare\n")  # an earlier output of the same stage
     new = tmp_path / ".out.partial"
     new.mkdir()
     (new / "new.txt").write_text("new")
-    replace_dir(new, final)
-    assert [p.name for p in final.iterdir()] == ["new.txt"]  # swapped, not merged
+    replace_dir(new, final, "prepare")
+    assert sorted(p.name for p in final.iterdir()) == [OWNER_FILE, "new.txt"]  # swapped, not merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .old-<pid> folder, no partial
 
 
@@ -142,7 +143,7 @@ def test_replace_dir_into_a_new_name(tmp_path):
     new = tmp_path / ".out.partial"
     new.mkdir()
     (new / "a.txt").write_text("a")
-    replace_dir(new, tmp_path / "out")  # nothing to move aside first
+    replace_dir(new, tmp_path / "out", "prepare")  # nothing to move aside first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (tmp_path / "out" / "a.txt").read_text() == "a"
 
 

@@ -10,10 +10,9 @@ import torch
 import torch.nn as nn
 
 from pipeline import checkpoint
-from pipeline.device import Dist, autocast
+from pipeline.device import Dist, autocast, init_distributed, pick_device
 from pipeline.errors import NonFiniteLoss
-from training.common import (EMA, StepBatches, check_finite, config_hash,
-                               cosine_lr, init_distributed, pick_device, seed_everything, unwrap)
+from training.common import EMA, StepBatches, check_finite, config_hash, cosine_lr, seed_everything, unwrap
 
 
 def test_cosine_lr_by_hand():
