@@ -50,10 +50,10 @@ def publish_evaluation(stage: str, root: Path) -> None:
 
     params_path = root / "params.yaml"
     cfg = importlib.import_module(f"stages.{stage}").check(load_params(params_path), str(params_path))
-    metrics = read_json(root / cfg.metrics)
+    report = root / cfg.report_dir
+    metrics = read_json(report / "metrics.json")  # the full record; cfg.metrics holds its headline columns
     create_table_artifact(metric_rows(metrics), key=artifact_key(stage, "metrics"),
                           description=f"{stage}: metrics and the protocol each was made with")
-    report = root / cfg.report_dir
     create_markdown_artifact(embed_images((report / "report.md").read_text(), report),
                              key=artifact_key(stage, "report"), description=f"{stage}: report")
 
@@ -64,8 +64,8 @@ def publish_tokenize(item: str, root: Path) -> None:
     from stages.tokenize import load_config
 
     cfg = load_config(str(root / "params.yaml"), item)
-    m = read_json(root / cfg.metrics)
-    run = read_run_facts(root / cfg.metrics)
+    m = read_json(root / cfg.out / "metrics.json")
+    run = read_run_facts(root / cfg.metrics) if cfg.metrics else {}
     rows = [{"metric": "records", "value": m["records"]},
             {"metric": "images/s (last run here)", "value": run.get("images_per_s", "restored from cache")},
             {"metric": "grid", "value": f"{m['grid'][0]}x{m['grid'][1]} {m['dtype']}"},
@@ -95,7 +95,7 @@ def publish_metrics(stage: str, metrics: dict[str, Any], folder: Path, headline:
 
 def publish_train_vqgan(item: str, root: Path) -> None:
     p = load_params(root / "params.yaml")["train_vqgan"]
-    m = read_json(root / p["metrics"]) | read_run_facts(root / p["metrics"])
+    m = read_json(root / p["out_dir"] / "metrics.json") | read_run_facts(root / p["metrics"])
     publish_metrics("train_vqgan", m, root / p["out_dir"],
                     f"val PSNR {m['val_psnr']:.2f} dB, L1 {m['val_l1']:.4f}, code usage {m['code_usage_pct']:.1f}% "
                     f"(perplexity {m['perplexity']:.0f}), fingerprint `{m['fingerprint'][:16]}`",
@@ -105,7 +105,7 @@ def publish_train_vqgan(item: str, root: Path) -> None:
 
 def publish_train_transformer(item: str, root: Path) -> None:
     p = load_params(root / "params.yaml")["train_transformer"]
-    m = read_json(root / p["metrics"]) | read_run_facts(root / p["metrics"])
+    m = read_json(root / p["out_dir"] / "metrics.json") | read_run_facts(root / p["metrics"])
     if m["kind"] == "ar":
         headline = (f"val {m['val_bits_per_token']:.3f} bits/token (unigram entropy "
                     f"{m['unigram_bits_per_token']:.3f}), {m['params_m']}M params, attention backend "

@@ -8,11 +8,14 @@
   serve        serve the flow as a deployment, so runs with parameters start from the UI
   add-dataset  add an image folder / WebDataset / IDX dataset to params.yaml and prepare it
   tokenize     tokenize any image folder or prepared dataset with a chosen VQGAN checkpoint
+  compare      experiments side by side: the params that differ, gFID, rFID, PSNR, recall, bits/token
+  tiny         the first run: every stage on a small Fashion-MNIST copy in runs/tiny/, a few minutes on a CPU
   doctor       what this machine runs: torch build, CUDA device, bf16, xformers kernels, faiss, threads
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -20,7 +23,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline import dvc_deps
 from pipeline.atomic import check_replaceable, read_json
@@ -158,12 +161,46 @@ def cmd_add_dataset(args: argparse.Namespace) -> None:
                 sys.exit(code)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def peek_images(source: Path, n: int = 64) -> tuple[bool, set[tuple[int, int]]]:
+    """(any colour image, sizes) of the first `n` images of a raw source (a folder or WebDataset tars): what
+    tokenizing it with a VQGAN would convert. An RGB image whose channels are all equal counts as grey."""
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    def opened() -> Iterator[Image.Image]:
+        tars = [source] if source.suffix == ".tar" else sorted(source.glob("*.tar"))
+        if tars:
+            for path in tars:
+                with tarfile.open(path) as tar:
+                    for member in tar:
+                        if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
+                            yield Image.open(io.BytesIO(tar.extractfile(member).read()))
+        else:
+            for path in sorted(source.rglob("*")):
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    yield Image.open(path)
+
+    colour, sizes = False, set()
+    for i, im in zip(range(n), opened()):
+        sizes.add(im.size)
+        if im.mode not in ("L", "1", "I", "I;16", "F", "LA"):
+            rgb = np.asarray(im.convert("RGB"))
+            colour = colour or bool((rgb != rgb[..., :1]).any())
+    return colour, sizes
+
+
 def tokenize_source(source: str | Path, vqgan: str | Path, out: str | Path, p: Any, *,
                     resolution: int | None = None, resize: str = "pad", background: int = 0,
-                    split: str = "random", metrics: str | Path | None = None) -> Path:
+                    split: str = "random", metrics: str | Path | None = None, convert_channels: bool = False) -> Path:
     """Tokenize a prepared dataset folder (with manifest.json), an image folder or WebDataset tar(s) of images
     with the VQGAN in `vqgan`, into the store folder `out`. Raw images are first prepared (the prepare stage) at
-    the VQGAN's resolution and channels into a work folder beside `out`, removed when done."""
+    the VQGAN's resolution and channels into a work folder beside `out`, removed when done. Images of the other
+    colour kind than the VQGAN's are refused unless `convert_channels`; what is converted is printed."""
     from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
     from stages.prepare import run as prepare_run
     from stages.tokenize import TokenizeConfig
@@ -185,13 +222,28 @@ def tokenize_source(source: str | Path, vqgan: str | Path, out: str | Path, p: A
         if resolution is None:
             raise UserError(f"{vqgan}: config.json has no training resolution; pass --resolution")
         kind = "webdataset" if source.suffix == ".tar" or any(source.glob("*.tar")) else "folder"
+        in_ch = vmeta["model"]["in_channels"]
+        colour, sizes = peek_images(source)
+        if not sizes:
+            raise UserError(f"{source}: no images found ({', '.join(IMAGE_SUFFIXES)})")
+        if colour != (in_ch == 3):
+            have, want = ("colour", "grey (1 channel)") if colour else ("grey", "colour (3 channels)")
+            if not convert_channels:
+                raise UserError(f"{source}: the images are {have}, the VQGAN in {vqgan} takes {want}; pass "
+                                f"--convert-channels to tokenize them as {want.split()[0]}")
+            print(f"tokenize: converting {have} images to {want} for the VQGAN", file=sys.stderr)
+        if sizes != {(resolution, resolution)}:
+            shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4]) + (", ..." if len(sizes) > 4 else "")
+            print(f"tokenize: images of {shown} made {resolution}x{resolution} (--resize {resize}), the VQGAN's "
+                  f"resolution", file=sys.stderr)
         staging = out.parent / f".{name}.prepared"
         spec = from_dict(DatasetSpec, {"source": kind, "path": str(source), "resolution": resolution,
-                                       "channels": vmeta["model"]["in_channels"], "resize": resize,
+                                       "channels": in_ch, "resize": resize,
                                        "background": background, "split": split}, f"tokenize {source}", "command line")
         prepare_run(PrepareConfig(name, spec, PrepareParams(out_dir=str(staging))))
         prepared = staging / name
-    tokenize_run(TokenizeConfig(name, prepared, vqgan, out, Path(metrics) if metrics else None, None, p))
+    tokenize_run(TokenizeConfig(name, prepared, vqgan, out, Path(metrics) if metrics else None, None, p,
+                                convert_channels))
     if staging is not None:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -205,12 +257,23 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     if not name.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"store name {name!r} must be letters, digits, - and _ (give --name)")
     p = from_dict(TokenizeParams, {"batch_size": args.batch_size, "shard_size": args.shard_size, "hflip": args.hflip,
-                                   "search": args.search, "device": args.device, "num_workers": args.num_workers,
-                                   "convert_channels": args.convert_channels}, "tokenize", "command line")
+                                   "search": args.search, "device": args.device, "num_workers": args.num_workers},
+                  "tokenize", "command line")
     out = Path(args.out) if args.out else ROOT / "data" / "tokens" / name
     tokenize_source(source, args.vqgan, out, p, resolution=args.resolution, resize=args.resize,
-                    background=args.background, split=args.split, metrics=args.metrics)
+                    background=args.background, split=args.split, metrics=args.metrics,
+                    convert_channels=args.convert_channels)
     print(f"token store: {out}", file=sys.stderr)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from pipeline.compare import compare
+    print(compare(ROOT, args.rev))
+
+
+def cmd_tiny(args: argparse.Namespace) -> None:
+    from pipeline.tiny import run
+    run(Path(args.dest))
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:
@@ -287,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background", type=int, default=0)
     p.add_argument("--split", default="random", choices=("keep", "random"))
     p.set_defaults(fn=cmd_tokenize)
+
+    p = sub.add_parser("compare", help="experiments side by side (params that differ, gFID, rFID, PSNR, recall)")
+    p.add_argument("--rev", action="append", help="git commit whose experiments to show (repeatable; default HEAD)")
+    p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("tiny", help="the first run: every stage on a small copy of the data, in its own project")
+    p.add_argument("--dest", default=str(ROOT / "runs" / "tiny"), help="project folder (default runs/tiny)")
+    p.set_defaults(fn=cmd_tiny)
 
     p = sub.add_parser("doctor", help="what this machine runs: torch/CUDA, bf16, xformers kernels, faiss, threads")
     p.set_defaults(fn=cmd_doctor)

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping
@@ -528,6 +530,13 @@ class Protocol:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def protocol_id(protocol: Mapping[str, Any]) -> str:
+    """A short hash of how a number was measured, leaving out `sampler` (what was measured): two gFIDs with equal
+    ids are comparable, whatever models made them."""
+    measured = {k: v for k, v in protocol.items() if k != "sampler"}
+    return hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def with_protocol(values: Mapping[str, float], protocol: Protocol) -> dict[str, dict[str, Any]]:

@@ -4,11 +4,15 @@ A stage's metrics file is a DVC out: it must be a function of the stage's code, 
 identity gives the same bytes on any machine and DVC's run cache and remotes can restore it. What the run measured
 about itself goes to `<metrics stem>.run.json` beside it: not an out, overwritten by every real run, read by the
 Prefect artifacts and by people.
+
+The metrics file itself holds only a few flat headline numbers (`headline`), so `dvc metrics show/diff` and
+`dvc exp show` fit a terminal; the full record (every value with its protocol, per-class numbers, counts) is a
+`metrics.json` in the stage's output folder, an out like the rest of it.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from pipeline.atomic import read_json, write_json
 
@@ -28,3 +32,20 @@ def read_run_facts(metrics: str | Path) -> dict[str, Any]:
     """The facts of the run that last executed the stage here ({} when DVC restored it from a cache)."""
     path = run_log_path(metrics)
     return read_json(path) if path.is_file() else {}
+
+
+def headline(record: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
+    """{column: record value} for the metrics file, `columns` mapping a column name to a dotted key of `record`.
+    An entry that carries a protocol ({"value", "protocol"}) gives its value; a missing key gives None. Only
+    scalars are allowed: a nested value would spread into many columns of `dvc metrics show`."""
+    out = {}
+    for column, dotted in columns.items():
+        value: Any = record
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if isinstance(value, Mapping) and "value" in value:
+            value = value["value"]
+        if value is not None and not isinstance(value, (int, float, str, bool)):
+            raise TypeError(f"metrics column {column!r} ({dotted}) is {type(value).__name__}, not a scalar")
+        out[column] = value
+    return out

@@ -5,8 +5,9 @@ The reconstructed images are exactly the reference's images (its first `n_images
 reference's order; all of them by default), so rFID compares each image set with its own reconstruction and
 per-image feature distances are paired: the report shows the reconstructions that moved furthest.
 
-Outputs: metrics JSON (every number with its protocol; keys rfid, rkid_mean, rkid_std, rprecision, rrecall)
-and `<report_dir>/`: report.md, grid.png (one original per class above its reconstruction), worst.png (the
+Outputs: the metrics JSON (headline columns fid, kid, precision, recall and the protocol's id) and
+`<report_dir>/`: metrics.json (every number with its full protocol: rfid, rkid_mean, rkid_std, rprecision,
+rrecall), report.md, grid.png (one original per class above its reconstruction), worst.png (the
 reconstructions furthest from their original in feature space), feature_distance.png (their histogram).
 """
 from __future__ import annotations
@@ -24,8 +25,9 @@ from pipeline.atomic import check_replaceable, new_partial_dir, replace_dir, sha
 from pipeline.config import param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
-from pipeline.fid import Protocol, compute_metrics
+from pipeline.fid import Protocol, compute_metrics, protocol_id
 from pipeline.prepared import PreparedImages, read_manifest
+from pipeline.runlog import headline
 from pipeline.report import (markdown_table, metric_rows, new_figure, protocol_lines, save_figure, save_rows_grid,
                              write_text)
 from pipeline.vqgan_io import load_vqgan, to_model_range, to_uint8
@@ -35,6 +37,7 @@ from pipeline.fid_reference import (NetworkParams, Reference, ResizeMode, check_
 log = logging.getLogger("tokenmill.eval_vqgan")
 SECTIONS = ("eval_vqgan",)
 N_WORST = 8
+HEADLINE = {"fid": "rfid", "kid": "rkid_mean", "precision": "rprecision", "recall": "rrecall"}
 
 
 @dataclass
@@ -113,10 +116,10 @@ def run(cfg: EvalVQGANParams) -> None:
         raise UserError(f"rFID: {exc}") from None
     # Paired: reconstruction i against original i, in the same feature space.
     distance = np.linalg.norm(fake - ref.features[:n].astype(np.float64), axis=1)
-    write_json(cfg.metrics, metrics)
     seconds = time.monotonic() - t_start
     write_report(cfg, ref, vqgan_meta, metrics, model, data, order, distance, device,
                  timing={"images": n, "feature_seconds": feature_seconds, "total_seconds": seconds})
+    write_json(cfg.metrics, {**headline(metrics, HEADLINE), "protocol": protocol_id(metrics["rfid"]["protocol"])})
     log.info("rFID %.3f  KID %.5f  precision %.3f  recall %.3f  (%d reconstructions vs %d reference images, "
              "%.0f s)", metrics["rfid"]["value"], metrics["rkid_mean"]["value"], metrics["rprecision"]["value"],
              metrics["rrecall"]["value"], n, n_ref, seconds)
@@ -169,6 +172,7 @@ def write_report(cfg: EvalVQGANParams, ref: Reference, vqgan_meta: dict, metrics
         f"{timing['feature_seconds']:.1f} s ({timing['images'] / max(timing['feature_seconds'], 1e-9):.1f} "
         f"images/s, {device}); whole stage {timing['total_seconds']:.1f} s.\n")
     write_text(out / "report.md", text)
+    write_json(out / "metrics.json", metrics)
     replace_dir(out, Path(cfg.report_dir), "eval_vqgan")
 
 

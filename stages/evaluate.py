@@ -14,11 +14,13 @@ Size and mode are read from the PNG header before any pixel is decoded, so a dec
 samples is refused unread.
 
 Compared with the `fid_ref` reference (checked: dataset fingerprint, resize mode, network hash, resolution,
-channels). Outputs: metrics JSON, every number with its protocol (counts, reference split and subset seed,
-dataset fingerprint, resize mode, network hash, and the sampler: kind, model and codebook fingerprints,
-sampler params, seed, sha256 of the evaluated samples; keys gfid, gkid_mean, gkid_std, gprecision,
-grecall, code_usage_pct, code_perplexity, per_class_gfid.<class>), and `<report_dir>/` with report.md,
-grid.png (a row per class when conditional), code_frequency.png and per_class_fid.png.
+channels). Outputs: the metrics JSON, a few flat columns for `dvc metrics show` (fid, kid, precision, recall,
+perplexity, usage_pct, and `protocol`: the id of the measurement protocol, equal ids = comparable numbers),
+and `<report_dir>/` with metrics.json (every number with its full protocol: counts, reference split and
+subset seed, dataset fingerprint, resize mode, network hash, and the sampler: kind, model and codebook
+fingerprints, sampler params, seed, sha256 of the evaluated samples; keys gfid, gkid_mean, gkid_std,
+gprecision, grecall, code_usage_pct, code_perplexity, per_class_gfid.<class>), report.md, grid.png (a row
+per class when conditional), code_frequency.png and per_class_fid.png.
 """
 from __future__ import annotations
 
@@ -42,10 +44,11 @@ from pipeline.atomic import check_replaceable, new_partial_dir, replace_dir, wri
 from pipeline.config import param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
-from pipeline.fid import Protocol, compute_metrics, frechet_distance_features, with_protocol
+from pipeline.fid import Protocol, compute_metrics, frechet_distance_features, protocol_id, with_protocol
 from pipeline.prepared import read_manifest
 from pipeline.report import (code_usage, markdown_table, metric_rows, new_figure, protocol_lines, save_figure,
                              save_rows_grid, write_text)
+from pipeline.runlog import headline
 from pipeline.shards import iter_tar_samples
 from pipeline.fid_reference import NetworkParams, Reference, ResizeMode, check_reference, features_of, load_network, \
     load_reference
@@ -57,6 +60,8 @@ MANIFEST_FIELDS = {"count": int, "grid": list, "token_dtype": str, "codebook_fin
                    "channels": int, "class_names": list, "conditional": bool, "n_codes": int, "seed": int,
                    "sampler": dict}
 READ_BATCH = 64
+HEADLINE = {"fid": "gfid", "kid": "gkid_mean", "precision": "gprecision", "recall": "grecall",
+            "perplexity": "code_perplexity", "usage_pct": "code_usage_pct"}
 
 
 @dataclass
@@ -280,10 +285,10 @@ def run(cfg: EvaluateParams) -> None:
     if sm["conditional"]:
         metrics["per_class_gfid"], skipped = per_class_fid(ref, fake, labels, sm["class_names"], used,
                                                            cfg.per_class_min)
-    write_json(cfg.metrics, metrics)
     write_report(cfg, sm, ref, metrics, stream, labels, skipped, device,
                  timing={"images": len(fake), "feature_seconds": feature_seconds,
                          "total_seconds": time.monotonic() - t_start})
+    write_json(cfg.metrics, {**headline(metrics, HEADLINE), "protocol": protocol_id(used.as_dict())})
     log.info("gFID %.3f  KID %.5f  precision %.3f  recall %.3f  code usage %.1f%%  (%d samples vs %d reference)",
              metrics["gfid"]["value"], metrics["gkid_mean"]["value"], metrics["gprecision"]["value"],
              metrics["grecall"]["value"], metrics["code_usage_pct"]["value"], len(fake), len(ref.features))
@@ -360,6 +365,7 @@ def write_report(cfg: EvaluateParams, sm: dict, ref: Reference, metrics: dict, s
         f"({timing['images'] / max(timing['feature_seconds'], 1e-9):.1f} images/s, {device}); whole stage "
         f"{timing['total_seconds']:.1f} s.\n")
     write_text(out / "report.md", text)
+    write_json(out / "metrics.json", metrics)
     replace_dir(out, Path(cfg.report_dir), "evaluate")
 
 

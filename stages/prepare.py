@@ -51,6 +51,7 @@ class DatasetSpec:
     val_fraction: float = param(0.1, min=0.0, max=0.9)  # for split: random
     class_names: list[str] | None = None
     max_per_split: int | None = param(None, min=1)  # cap for smoke runs; None = everything
+    convert_channels: bool = False  # read by tokenize@<name> only: grey <-> RGB to match the VQGAN's channels
 
 
 @dataclass
@@ -315,7 +316,7 @@ def run(cfg: PrepareConfig) -> None:
                 for s in SPLITS
             },
             "skipped": len(skipped),
-            "params": {"dataset": asdict(spec), "prepare": {k: v for k, v in asdict(pp).items() if k != "out_dir"}},
+            "params": {"dataset": {k: v for k, v in asdict(spec).items() if k != "convert_channels"}, "prepare": {k: v for k, v in asdict(pp).items() if k != "out_dir"}},
             "fingerprint": digest.hexdigest(),
         }
         write_json(tmp / "report.json", {

@@ -157,7 +157,7 @@ def run(cfg: SampleParams) -> None:
     write_json(tmp / "manifest.json", manifest)
     save_class_grid(tmp / "grid.png", grid_rows)
     replace_dir(tmp, final, "sample")
-    write_metrics(cfg.metrics, {"images": done, "batch_size": cfg.batch_size, "cfg_scale": cfg.cfg_scale},
+    write_metrics(cfg.metrics, {"images": done},
                   {"seconds": round(seconds, 2), "images_per_s": round(done / seconds, 2) if seconds > 0 else None,
                    "tokens_per_s": round(done * h * w / seconds, 1) if seconds > 0 else None,
                    "device": device.type})

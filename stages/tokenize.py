@@ -2,8 +2,9 @@
 
 One DVC stage per dataset (`tokenize@<name>`, a foreach over `datasets:`), so adding a dataset tokenizes only
 that dataset with the existing VQGAN. Output `<out_dir>/<name>/` (format: pipeline/tokens.py): tokens.lmdb,
-shards/<split>-%06d.tar + sizes.json, meta.json. Metrics `<metrics_dir>/tokenize_<name>.json` (images/s, bytes
-per image, round-trip check, code usage) and `<plots_dir>/tokenize_<name>_code_usage.png`.
+shards/<split>-%06d.tar + sizes.json, meta.json, metrics.json (bytes per image, round-trip check, code usage).
+Metrics `<metrics_dir>/tokenize_<name>.json` (the columns images, perplexity, usage_pct) and
+`<plots_dir>/tokenize_<name>_code_usage.png`.
 
 Resume. Work happens in `<out_dir>/.<name>.partial/`, which is not a DVC out, so DVC leaves it alone:
   run.json               what the parts are made from (VQGAN and dataset fingerprints, hflip, channels)
@@ -43,7 +44,7 @@ from pipeline.atomic import atomic_path, read_json, check_replaceable, replace_d
 from pipeline.config import check_dataset_name, load_params, param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
-from pipeline.runlog import write_metrics
+from pipeline.runlog import headline, write_metrics
 from pipeline.codegraph import code_fingerprint
 from pipeline.locks import exclusive
 from pipeline.prepared import PreparedImages, read_manifest
@@ -55,6 +56,7 @@ from pipeline.vqgan_io import load_vqgan, to_model_range
 
 log = logging.getLogger("tokenmill.tokenize")
 SECTIONS = ("tokenize",)
+HEADLINE = {"images": "images", "perplexity": "code_usage.perplexity"}  # + usage_pct, the share of codes in use
 # faiss and torch may round a distance differently in the last bit; where the two best codes are closer than
 # this, the torch lookup decides, so faiss tokens equal model.encode's exactly (ties -> lowest index, as argmin)
 TIE_TOL = 1e-5
@@ -76,7 +78,6 @@ class TokenizeParams:
     num_workers: int = param(1, min=0)  # image-decoding loader workers
     map_size_mb: int = param(64, min=1)  # initial LMDB map; it grows on demand
     max_map_mb: float | None = param(None, min=0.01)  # ceiling for the map (a quota, a shared disk); null: none
-    convert_channels: bool = False  # grey <-> RGB when the dataset's channels differ from the VQGAN's
     roundtrip_images: int = param(256, min=0)  # images whose decoded tokens must equal the VQGAN's reconstructions
 
 
@@ -89,6 +90,7 @@ class TokenizeConfig:
     metrics: Path | None = None
     plot: Path | None = None
     params: TokenizeParams = field(default_factory=TokenizeParams)
+    convert_channels: bool = False  # grey <-> RGB when the dataset's channels differ (datasets.<name>.convert_channels)
 
 
 def max_map(p: TokenizeParams) -> int | None:
@@ -96,6 +98,9 @@ def max_map(p: TokenizeParams) -> int | None:
 
 
 def check(params: dict, source: str) -> TokenizeParams:
+    if "convert_channels" in (params.get("tokenize") or {}):  # moved: one dataset's choice re-runs only its stage
+        raise UserError(f"{source}: tokenize.convert_channels is now per dataset: set datasets.<name>.convert_channels "
+                        f"on the dataset that needs it and remove it from tokenize")
     return section(params, "tokenize", TokenizeParams, source)
 
 
@@ -106,9 +111,12 @@ def load_config(params_path: str, name: str) -> TokenizeConfig:
     datasets = params.get("datasets") or {}
     if name not in datasets:
         raise UserError(f"{params_path}: no dataset '{name}' under datasets (have: {', '.join(datasets) or 'none'})")
+    convert = (datasets[name] or {}).get("convert_channels", False)
+    if not isinstance(convert, bool):
+        raise UserError(f"{params_path}: datasets.{name}.convert_channels = {convert!r} must be true or false")
     return TokenizeConfig(name, Path(p.prepared_dir) / name, Path(p.vqgan_dir), Path(p.out_dir) / name,
                           Path(p.metrics_dir) / f"tokenize_{name}.json",
-                          Path(p.plots_dir) / f"tokenize_{name}_code_usage.png", p)
+                          Path(p.plots_dir) / f"tokenize_{name}_code_usage.png", p, convert)
 
 
 # ---------------------------------------------------------------- encoding
@@ -217,7 +225,9 @@ def check_compat(manifest: dict, model: VQGAN, vqgan_meta: dict, convert_channel
         raise UserError(f"{prepared}: resolution {res} is not divisible by the VQGAN's downsampling {f}")
     if ch != in_ch and not convert_channels:
         raise UserError(f"{prepared}: images have {ch} channel(s), the VQGAN in {vqgan_dir} takes {in_ch}; set "
-                        f"tokenize.convert_channels: true (grey <-> RGB) or prepare the dataset with channels: {in_ch}")
+                        f"convert_channels: true in its datasets entry (grey <-> RGB; `pipeline tokenize "
+                        f"--convert-channels`) "
+                        f"or prepare the dataset with channels: {in_ch}")
 
 
 def encode_pending(model: VQGAN, search: CodeSearch, splits: list[PreparedImages], keys: list[list[bytes]],
@@ -384,7 +394,7 @@ def _run(cfg: TokenizeConfig) -> None:
     dist = init_distributed(device)
     model, vmeta = load_vqgan(cfg.vqgan, device)
     manifest = read_manifest(cfg.prepared)
-    check_compat(manifest, model, vmeta, p.convert_channels, cfg.prepared, cfg.vqgan)
+    check_compat(manifest, model, vmeta, cfg.convert_channels, cfg.prepared, cfg.vqgan)
     split_names = sorted(manifest["splits"])
     splits = [PreparedImages(cfg.prepared, s) for s in split_names]
     keys = [[e.key.encode() for e in d.entries] for d in splits]
@@ -464,9 +474,11 @@ def _run(cfg: TokenizeConfig) -> None:
     }
     if cfg.plot is not None:
         plot_usage(cfg.plot, counts, cfg.name)
-    if cfg.metrics is not None:
-        write_metrics(cfg.metrics, metrics, run_facts)
+    write_json(out / "metrics.json", metrics)
     replace_dir(out, cfg.out, "tokenize")
+    if cfg.metrics is not None:
+        write_metrics(cfg.metrics, {**headline(metrics, HEADLINE),
+                                    "usage_pct": 100 * metrics["code_usage"]["usage_fraction"]}, run_facts)
     shutil.rmtree(work)
     log.info("tokenized %s: %d records, grid %dx%d %s, %s images/s, code usage %.1f%%, round-trip %s -> %s",
              cfg.name, records, grid[0], grid[1], meta["dtype"], run_facts["images_per_s"],

@@ -82,8 +82,8 @@ def test_tokenized_rgb_equals_the_same_dataset_prepared_grey(colour_folder, tmp_
     for channels in (1, 3):
         out = tmp_path / "tokens" / f"c{channels}"
         tokenize(TokenizeConfig(f"c{channels}", tmp_path / "prepared" / f"c{channels}", tmp_path / "vqgan", out,
-                                params=TokenizeParams(batch_size=8, num_workers=0, roundtrip_images=0,
-                                                      convert_channels=channels == 3)))
+                                params=TokenizeParams(batch_size=8, num_workers=0, roundtrip_images=0),
+                                convert_channels=channels == 3))
         with read_txn(out / "tokens.lmdb") as txn:
             stores[channels] = {k: v for k, v in txn.cursor().iternext() if k != META_KEY}
     samples = [k for k in stores[1] if not k.startswith(b"__")]  # besides the per-split key lists

@@ -28,6 +28,7 @@ from pipeline.fid_reference import default_network_path
 from models.vqgan import VQGAN, VQGANConfig
 from pipeline import artifacts
 from pipeline.atomic import sha256_file
+from pipeline.fid import protocol_id
 from pipeline.errors import UserError
 from pipeline.prepared import PreparedImages
 from pipeline.shards import ShardWriter
@@ -190,8 +191,13 @@ def eval_cfg(world, vqgan_dir, tmp_path, **kw) -> EvalVQGANParams:
 def test_eval_vqgan_end_to_end(world, vqgan_dir, tmp_path, monkeypatch):
     cfg = eval_cfg(world, vqgan_dir, tmp_path, n_images=8)
     eval_vqgan.run(cfg)
-    metrics = json.loads(Path(cfg.metrics).read_text())
+    metrics = json.loads((Path(cfg.report_dir) / "metrics.json").read_text())  # the full record
     assert set(metrics) == {"rfid", "rkid_mean", "rkid_std", "rprecision", "rrecall"}
+    # The metrics file DVC shows: flat columns, the protocol as one id (not spread into columns).
+    columns = json.loads(Path(cfg.metrics).read_text())
+    assert columns == {"fid": metrics["rfid"]["value"], "kid": metrics["rkid_mean"]["value"],
+                       "precision": metrics["rprecision"]["value"], "recall": metrics["rrecall"]["value"],
+                       "protocol": protocol_id(metrics["rfid"]["protocol"])}
     for entry in metrics.values():
         assert set(entry["protocol"]) == PROTOCOL_KEYS
         assert (entry["protocol"]["n_gen"], entry["protocol"]["n_ref"], entry["protocol"]["ref_split"]) == (8, 12,
@@ -287,12 +293,16 @@ def test_evaluate_reference_images_against_themselves(world, tmp_path):
     samples = reference_samples(world, tmp_path / "samples")
     cfg = evaluate_cfg(world, samples, tmp_path)
     evaluate.run(cfg)
-    metrics = json.loads(Path(cfg.metrics).read_text())
+    metrics = json.loads((Path(cfg.report_dir) / "metrics.json").read_text())
     assert set(metrics) == {"gfid", "gkid_mean", "gkid_std", "gprecision", "grecall", "code_usage_pct",
                             "code_perplexity", "per_class_gfid"}
     trace = np.trace(load_reference(world["ref"]).sigma)
     assert metrics["gfid"]["value"] < 1e-6 * trace
     assert metrics["gprecision"]["value"] == metrics["grecall"]["value"] == 1.0
+    assert json.loads(Path(cfg.metrics).read_text()) == {
+        "fid": metrics["gfid"]["value"], "kid": metrics["gkid_mean"]["value"], "precision": 1.0, "recall": 1.0,
+        "perplexity": metrics["code_perplexity"]["value"], "usage_pct": metrics["code_usage_pct"]["value"],
+        "protocol": protocol_id(metrics["gfid"]["protocol"])}
     assert metrics["code_usage_pct"]["value"] == pytest.approx(100 * 10 / 64)
     assert 9.0 < metrics["code_perplexity"]["value"] <= 10.0
     for name in ("gfid", "code_usage_pct"):
@@ -366,7 +376,7 @@ def test_evaluate_unconditional_samples(stub_world, stub_net, tmp_path):
                             token_dtype="int32", shard_size=20)
     cfg = evaluate_cfg(stub_world, samples, tmp_path, n_samples=30)
     evaluate.run(cfg)
-    metrics = json.loads(Path(cfg.metrics).read_text())
+    metrics = json.loads((Path(cfg.report_dir) / "metrics.json").read_text())
     assert "per_class_gfid" not in metrics and metrics["gfid"]["protocol"]["n_gen"] == 30
     assert metrics["gfid"]["protocol"]["feature_network_hash"] == "stub"
     used = len(np.unique(tokens[:30]))
@@ -441,7 +451,7 @@ def test_protocol_names_reference_subset_dataset_and_sampler(stub_world, stub_ne
     samples = _bad(tmp_path, stub_world)
     cfg = evaluate_cfg(stub_world, samples, tmp_path)
     evaluate.run(cfg)
-    metrics = json.loads(Path(cfg.metrics).read_text())
+    metrics = json.loads((Path(cfg.report_dir) / "metrics.json").read_text())
     manifest = json.loads((samples / "manifest.json").read_text())
     fingerprint = json.loads((stub_world["prepared"] / "tiny" / "manifest.json").read_text())["fingerprint"]
     entries = [metrics["gfid"], metrics["gprecision"], metrics["code_usage_pct"], *metrics["per_class_gfid"].values()]
@@ -452,12 +462,20 @@ def test_protocol_names_reference_subset_dataset_and_sampler(stub_world, stub_ne
         assert p["sampler"]["seed"] == manifest["seed"] and p["sampler"]["params"] == manifest["sampler"]
         assert p["sampler"]["codebook_fingerprint"] == manifest["codebook_fingerprint"]
     first = metrics["gfid"]["protocol"]["sampler"]["samples_sha256"]
+    first_id = json.loads(Path(cfg.metrics).read_text())["protocol"]
     # Other samples (one image changed), another identity; the same samples, the same one.
     other = _bad(tmp_path / "other", stub_world, image=png(np.zeros((16, 16), np.uint8)))
     evaluate.run(evaluate_cfg(stub_world, other, tmp_path))
-    assert json.loads(Path(cfg.metrics).read_text())["gfid"]["protocol"]["sampler"]["samples_sha256"] != first
+    record = json.loads((Path(cfg.report_dir) / "metrics.json").read_text())
+    assert record["gfid"]["protocol"]["sampler"]["samples_sha256"] != first
+    # Other samples, the same measurement: the protocol id (what `pipeline compare` matches) stays the same...
+    assert json.loads(Path(cfg.metrics).read_text())["protocol"] == first_id
     evaluate.run(cfg)
-    assert json.loads(Path(cfg.metrics).read_text())["gfid"]["protocol"]["sampler"]["samples_sha256"] == first
+    record = json.loads((Path(cfg.report_dir) / "metrics.json").read_text())
+    assert record["gfid"]["protocol"]["sampler"]["samples_sha256"] == first
+    # ...while fewer samples measure differently: another id.
+    evaluate.run(evaluate_cfg(stub_world, samples, tmp_path, n_samples=N_VAL - 1))
+    assert json.loads(Path(cfg.metrics).read_text())["protocol"] != first_id
 
 
 def test_per_class_fid_takes_the_low_rank_route(stub_world, monkeypatch):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from helpers import ROOT, files_under, make_good_folder, make_idx_dataset, make_project, tiny_params, tiny_vqgan
 from models.vqgan import VQGAN, VQGANConfig
@@ -27,7 +28,7 @@ from pipeline.tokens import (FLAG_HFLIP, LMDBWriter, TokenLMDBDataset, decode_ba
 from pipeline.vqgan_io import fingerprint, load_vqgan, save_vqgan
 from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
 from stages.prepare import run as prepare
-from stages.tokenize import CodeSearch, TokenizeConfig, TokenizeParams, run, to_model_input
+from stages.tokenize import CodeSearch, TokenizeConfig, TokenizeParams, load_config, run, to_model_input
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -51,7 +52,7 @@ def tokenize(data: dict[str, Path], out: Path, **kw) -> dict:
     """Run the stage; its metrics merged with the run's own facts (resume counts, timing: read_run_facts)."""
     metrics = out.parent / f"metrics_{out.name}.json"
     run(TokenizeConfig("a", data["prepared"], data["vqgan"], out, metrics, None, params(**kw)))
-    return json.loads(metrics.read_text()) | read_run_facts(metrics)
+    return json.loads((out / "metrics.json").read_text()) | read_run_facts(metrics)
 
 
 def records(store: Path) -> dict[bytes, bytes]:
@@ -89,7 +90,10 @@ def test_record_layout_and_dtypes():
 # ---------------------------------------------------------------- round trip and contents
 
 def test_roundtrip_exact_and_flips_marked(data, store):
-    metrics = json.loads((store.parent / "metrics_a.json").read_text())
+    metrics = json.loads((store / "metrics.json").read_text())
+    assert json.loads((store.parent / "metrics_a.json").read_text()) == {
+        "images": 52, "perplexity": metrics["code_usage"]["perplexity"],
+        "usage_pct": 100 * metrics["code_usage"]["usage_fraction"]}
     assert metrics["roundtrip"]["exact"] is True and metrics["roundtrip"]["images"] == 52
     assert metrics["records"] == 104 and metrics["code_usage"]["used_codes"] >= 1
     model, meta = load_vqgan(data["vqgan"])
@@ -238,8 +242,8 @@ def test_refuses_other_resolution_and_channels(data, tmp_path):
     save_vqgan(tmp_path / "rgb", rgb, {"resolution": 16})
     with pytest.raises(UserError, match="convert_channels"):
         run(TokenizeConfig("a", data["prepared"], tmp_path / "rgb", tmp_path / "o", params=params()))
-    run(TokenizeConfig("a", data["prepared"], tmp_path / "rgb", tmp_path / "o",
-                       params=params(convert_channels=True)))
+    run(TokenizeConfig("a", data["prepared"], tmp_path / "rgb", tmp_path / "o", params=params(),
+                       convert_channels=True))
     grey = PreparedImages(data["prepared"], "train").load_all()[0][:8]
     with torch.no_grad():
         expected = rgb.encode(grey.expand(-1, 3, -1, -1).float() / 127.5 - 1)[1]
@@ -390,7 +394,32 @@ def test_new_dataset_is_tokenized_without_retraining(tmp_path):
     assert records(project / "data" / "tokens" / "a") == store_a
     meta_b = read_meta(project / "data" / "tokens" / "b")
     assert meta_b["fingerprint"] == fp and meta_b["counts"] == {"train": 12, "val": 4}
-    assert json.loads((project / "data" / "metrics" / "tokenize_b.json").read_text())["roundtrip"]["exact"]
+    assert json.loads((project / "data" / "tokens" / "b" / "metrics.json").read_text())["roundtrip"]["exact"]
+
+    # A per-dataset option (here channel conversion, a no-op for a grey dataset) re-runs only that dataset's stages.
+    set_params_file(project / "params.yaml", ["datasets.b.convert_channels=true"])
+    status = dvc("status")
+    assert "tokenize@b" in status and "tokenize@a" not in status and "prepare@a" not in status
+    out = dvc("repro")
+    assert "Running stage 'tokenize@b'" in out and "Running stage 'tokenize@a'" not in out
+    assert records(project / "data" / "tokens" / "a") == store_a
+
+
+def test_channel_conversion_is_a_per_dataset_option(tmp_path):
+    params = yaml.safe_load(tiny_params({"a": tmp_path, "b": tmp_path}) + TOKENIZE_PARAMS)
+    params["datasets"]["b"]["convert_channels"] = True
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert [load_config(str(path), n).convert_channels for n in ("a", "b")] == [False, True]
+    params["datasets"]["b"]["convert_channels"] = "yes"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(UserError, match="datasets.b.convert_channels = 'yes' must be true or false"):
+        load_config(str(path), "b")
+    params["datasets"]["b"].pop("convert_channels")
+    params["tokenize"]["convert_channels"] = True  # where it used to be: the error says where it went
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(UserError, match="now per dataset: set datasets.<name>.convert_channels"):
+        load_config(str(path), "a")
 
 
 # ---------------------------------------------------------------- CLI
@@ -407,6 +436,32 @@ def test_cli_tokenizes_an_image_folder(data, tmp_path):
     assert meta["fingerprint"] == fingerprint(rgb) and sum(meta["counts"].values()) == 10 and meta["hflip"]
     assert len(TokenLMDBDataset(out)) == 20
     assert not (tmp_path / "tok" / ".pets.prepared").exists()
+
+
+def test_cli_refuses_colour_images_for_a_grey_vqgan_unless_asked(tmp_path, capsys):
+    from pipeline.cli import main
+    save_vqgan(tmp_path / "vq", tiny_vqgan(in_channels=1), {"resolution": 16})
+    folder = make_good_folder(tmp_path / "imgs", per_class=2, size=(20, 24))  # colour noise
+    out = tmp_path / "tok" / "pets"
+    args = ["tokenize", str(folder), "--vqgan", str(tmp_path / "vq"), "--out", str(out), "--num-workers", "0"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "the images are colour" in err[0]
+    assert "--convert-channels" in err[0] and not out.exists()
+    main(args + ["--convert-channels"])
+    err = capsys.readouterr().err
+    assert "converting colour images to grey" in err and "images of 20x24 made 16x16 (--resize pad)" in err
+    assert read_meta(out)["channels"] == 1
+    # grey images for a colour VQGAN: refused the other way round
+    grey = tmp_path / "grey" / "c"
+    grey.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8), "L").save(grey / f"{i}.png")
+    save_vqgan(tmp_path / "vq3", tiny_vqgan(in_channels=3), {"resolution": 16})
+    with pytest.raises(SystemExit):
+        main(["tokenize", str(grey.parent), "--vqgan", str(tmp_path / "vq3"), "--out", str(tmp_path / "t3" / "g")])
+    assert "the images are grey, the VQGAN" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- damaged stores and resource limits

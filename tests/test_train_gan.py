@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from helpers import ROOT, crash_after_first_checkpoint
 from models.gan_common import FAMILIES
 from pipeline import checkpoint as ckpt
+from pipeline.fid import protocol_id
 from pipeline.runlog import read_run_facts
 from training import gan as gan_training
 from pipeline.errors import UserError
@@ -78,7 +79,7 @@ def test_family_trains_and_writes_outputs(world, tmp_path, family):
     assert [int(r["step"]) for r in rows] == [4, 8, 12, 16, 20, 24] and all(r["fid"] == "" for r in rows)
     d = [float(r["d_loss"]) for r in rows]
     assert all(math.isfinite(v) for v in d) and d[-1] < d[0] - 0.1, d
-    m = json.loads((tmp_path / "metrics.json").read_text())
+    m = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert m["kind"] == "gan" and m["family"] == family and m["steps"] == 24
     assert m["g_params_m"] > 0 and m["d_params_m"] > 0 and "step_time_s" not in m  # timing: the run log
     assert read_run_facts(tmp_path / "metrics.json")["step_time_s"] > 0
@@ -127,7 +128,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(world, tmp_path, monke
 def test_r1_runs_through_softmax_attention_in_d(world, tmp_path, family):
     # R1 is a double backward through D; fused attention kernels have none, so D must take the math backend
     train_transformer.run(gan_cfg(world, tmp_path, family, steps=2, gan={"attention_kind": "full", "r1_gamma": 0.1}))
-    m = json.loads((tmp_path / "metrics.json").read_text())
+    m = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert m["recipe"]["r1_gamma"] == 0.1 and m["r1"] > 0
 
 
@@ -250,9 +251,11 @@ def test_fid_over_training_is_logged_with_its_protocol(world, tmp_path, monkeypa
     monkeypatch.setattr(gan_training, "load_network", stub)
     cfg = gan_cfg(world, tmp_path, "lada", gan={"fid_every": 3, "fid_images": 10, "fid_reference": str(ref.folder)})
     train_transformer.run(cfg)
-    m = json.loads((tmp_path / "metrics.json").read_text())
+    m = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert [p["step"] for p in m["fid_curve"]] == [3, 6] and all(p["value"] > 0 for p in m["fid_curve"])
     assert m["fid"]["value"] == m["fid_curve"][-1]["value"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {
+        "fid": m["fid"]["value"], "protocol": protocol_id(m["fid"]["protocol"])}
     protocol = m["fid"]["protocol"]
     assert protocol["n_gen"] == 10 and protocol["n_ref"] == 12 and protocol["feature_network_hash"] == "stub"
     assert protocol["ref_split"] == "val" and protocol["sampler"]["generator"] == "ema"
@@ -307,7 +310,7 @@ def test_mode_seeking_term_is_logged_and_resumes_exactly(world, tmp_path, monkey
         return gan_cfg(world, out, "lada", gan={"ms_weight": 1.0})
 
     train_transformer.run(cfg(tmp_path / "a"))
-    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    m = json.loads((tmp_path / "a" / "model" / "metrics.json").read_text())
     assert m["recipe"]["ms_weight"] == 1.0 and m["ms_ratio"] > 0
     run_interrupted_then_resumed(cfg(tmp_path / "b"), monkeypatch)
     a, b = (load_file(str(tmp_path / x / "model" / "model.safetensors")) for x in "ab")

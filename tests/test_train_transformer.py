@@ -44,13 +44,20 @@ def test_interrupted_and_resumed_equals_uninterrupted(world, tmp_path, monkeypat
 
 def test_metrics_and_outputs(world, tmp_path):
     tt.run(ar_cfg(world, tmp_path))
-    m = json.loads((tmp_path / "metrics.json").read_text())
+    m = json.loads((tmp_path / "gpt" / "metrics.json").read_text())  # the full record, in the out folder
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"bits_per_token": m["val_bits_per_token"]}
     run = read_run_facts(tmp_path / "metrics.json")  # host facts live beside the hashed metrics
     assert m["kind"] == "ar" and run["attention_backend"] == "sdpa" and "attention_backend" not in m
     assert m["val_bits_per_token"] > 0 and 0 < m["unigram_bits_per_token"] <= 4.0  # 16 codes: <= 4 bits
     assert run["mfu"] is None  # no peak figure for a CPU
     cfg = json.loads((tmp_path / "gpt" / "config.json").read_text())
     assert cfg["model"]["n_classes"] == 10 and cfg["model"]["vocab_size"] == 16
+
+
+def test_batch_larger_than_the_store_is_one_line_before_training(world, tmp_path):
+    with pytest.raises(UserError, match=r"train_transformer.batch_size = 5000 is larger than the train split"):
+        tt.run(ar_cfg(world, tmp_path, batch_size=5000))
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_foreign_codebook_is_refused_by_training(world, tmp_path):

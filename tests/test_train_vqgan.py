@@ -11,7 +11,7 @@ from helpers import TINY_VQGAN_MODEL as TINY_MODEL
 from helpers import crash_after_first_checkpoint, make_idx_dataset, make_project, tiny_vqgan_params
 from models.vqgan import VQGANConfig
 from pipeline import checkpoint as ckpt
-from pipeline.errors import NonFiniteLoss
+from pipeline.errors import NonFiniteLoss, UserError
 from stages import train_vqgan
 from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
 from stages.prepare import run as prepare_run
@@ -54,7 +54,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(prepared, tmp_path, mo
     assert reference.keys() == resumed.keys()
     for k in reference:
         assert torch.equal(reference[k], resumed[k]), k
-    history = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    history = json.loads((tmp_path / "b" / "vqgan" / "metrics.json").read_text())
     assert history["steps"] == 6
 
 
@@ -99,7 +99,11 @@ def test_corrupt_last_checkpoint_falls_back_with_warning(prepared, tmp_path, cap
 
 def test_outputs_metrics_and_plots(prepared, tmp_path):
     train_vqgan.run(tiny_cfg(prepared, tmp_path))
-    m = json.loads((tmp_path / "metrics.json").read_text())
+    m = json.loads((tmp_path / "vqgan" / "metrics.json").read_text())  # the full record, in the out folder
+    # the metrics file holds flat columns for `dvc metrics show`
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {
+        "psnr": m["val_psnr"], "lpips": m.get("val_lpips"), "perplexity": m["perplexity"],
+        "usage_pct": m["code_usage_pct"]}
     for key in ("val_l1", "val_psnr", "code_usage_pct", "perplexity", "dead_codes", "fingerprint"):
         assert key in m
     assert 0 <= m["code_usage_pct"] <= 100 and m["grid"] == [8, 8]
@@ -122,7 +126,21 @@ def test_dvc_repro_trains_then_is_a_no_op(tmp_path):
     out = run("repro")
     assert "Running stage" not in out.stdout and out.returncode == 0
     shown = run("metrics", "show", "--json")
-    assert "val_psnr" in shown.stdout
+    assert '"psnr"' in shown.stdout
+
+
+def test_dataset_too_small_for_batch_or_codebook_is_one_line_before_training(prepared, tmp_path):
+    with pytest.raises(UserError, match=r"train_vqgan.batch_size = 500 is larger than the train split of tiny "
+                                        r"\(images\) \(\d+\)") as err:
+        train_vqgan.run(tiny_cfg(prepared, tmp_path, batch_size=500))
+    assert "\n" not in str(err.value)
+    # 2 images x 8x8 tokens = 128 encoder vectors for 512 codes: k-means cannot start
+    cfg = tiny_cfg(prepared, tmp_path, kmeans_images=2)
+    cfg.model.n_codes = 512
+    with pytest.raises(UserError, match=r"kmeans_init needs at least model.n_codes = 512 encoder vectors; 2 images "
+                                        r"give 128"):
+        train_vqgan.run(cfg)
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "vqgan").exists()
 
 
 def test_params_errors_are_one_line(prepared):
@@ -150,5 +168,5 @@ def test_two_gloo_ranks_under_torchrun(prepared, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [p.name for p in ckpt.step_files(tmp_path / "ckpt")] == ["step-00000006.pt", "step-00000003.pt"]
-    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 6
+    assert json.loads((tmp_path / "vqgan" / "metrics.json").read_text())["steps"] == 6
     assert (tmp_path / "vqgan" / "model.safetensors").exists()

@@ -29,10 +29,10 @@ from pipeline import doctor
 from pipeline.atomic import atomic_path, new_partial_dir, read_json, replace_dir, write_json
 from pipeline.device import Dist, autocast
 from pipeline.errors import UserError
-from pipeline.runlog import write_metrics
+from pipeline.runlog import headline, write_metrics
 from pipeline.tokens import TokenData
-from training.common import (EMA, StepBatches, check_finite, config_hash, cosine_lr, export_weights, seed_everything,
-                             unwrap, write_tsv)
+from training.common import (EMA, StepBatches, check_batch_fits, check_finite, config_hash, cosine_lr, export_weights,
+                             seed_everything, unwrap, write_tsv)
 
 log = logging.getLogger("tokenmill.train_transformer")
 # Dense bf16 peak of the GPUs we publish MFU for (TFLOP/s); other devices report achieved TFLOP/s only.
@@ -131,6 +131,8 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     log.info("GPT %.2fM parameters, attention backend %s, %d train sequences of %d tokens",
              core.num_params() / 1e6, backend, len(train.tokens), train.tokens.shape[1])
 
+    check_batch_fits("train_transformer.batch_size", cfg.batch_size, len(train.tokens),
+                     f"the train split of the token store of {cfg.dataset} (records)")
     batches = StepBatches(len(train.tokens), cfg.batch_size, cfg.seed, dist.rank, dist.world)
     micro = cfg.batch_size // dist.world // cfg.grad_accum
     tokens_per_step = cfg.batch_size * train.tokens.shape[1]
@@ -214,7 +216,8 @@ def finish(cfg: Any, model: GPT, gcfg: GPTConfig, history: list[dict], meta: dic
         "val_bits_per_token_first_eval": first_val.get("val_bits_per_token"),
         "unigram_bits_per_token": unigram, "fingerprint": fingerprint,
     }
-    write_metrics(cfg.metrics, metrics, {
+    write_json(out / "metrics.json", metrics)
+    write_metrics(cfg.metrics, headline(metrics, {"bits_per_token": "val_bits_per_token"}), {
         "tokens_per_s": tokens_per_s, "achieved_tflops": flops / 1e12,
         "mfu": flops / (peak * 1e12) if peak else None, "device": name, "attention_backend": backend})
     write_tsv(Path(cfg.plots), history, LOG_KEYS)

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from pipeline.atomic import atomic_path
 from pipeline.codegraph import code_fingerprint
-from pipeline.errors import NonFiniteLoss  # noqa: F401  (raised here; stages import it from this module)
+from pipeline.errors import NonFiniteLoss, UserError  # noqa: F401  (NonFiniteLoss: stages import it from here)
 
 log = logging.getLogger("tokenmill.training")
 
@@ -45,6 +45,12 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:
         pass
+
+
+def check_batch_fits(key: str, batch_size: int, n: int, what: str) -> None:
+    """A batch larger than the data is the user's to fix (params or data): one line before training starts."""
+    if batch_size > n:
+        raise UserError(f"{key} = {batch_size} is larger than {what} ({n}); lower it or add data")
 
 
 class StepBatches:

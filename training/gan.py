@@ -54,9 +54,10 @@ from pipeline import doctor
 from pipeline.atomic import new_partial_dir, replace_dir, write_json
 from pipeline.config import from_dict, param
 from pipeline.errors import UserError
-from pipeline.fid import Protocol, extract_features, frechet_distance_features
+from pipeline.fid import Protocol, extract_features, frechet_distance_features, protocol_id
 from pipeline.prepared import read_manifest
-from training.common import EMA, StepBatches, check_finite, config_hash, export_weights, seed_everything, write_tsv
+from training.common import (EMA, StepBatches, check_batch_fits, check_finite, config_hash, export_weights,
+                             seed_everything, write_tsv)
 from pipeline.device import Dist, autocast
 from pipeline.vqgan_io import load_vqgan, to_uint8
 from pipeline.fid_reference import NetworkParams, check_reference, load_network, load_reference
@@ -298,6 +299,8 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     fid = None
     if g.fid_every and dist.main:
         fid = FIDTracker(g, cfg.seed, gcfg.z_dim, gcfg.n_classes, manifest["fingerprint"], vqgan.cfg.in_channels)
+    check_batch_fits("train_transformer.batch_size", cfg.batch_size, len(train.tokens),
+                     f"the train split of the token store of {cfg.dataset} (records)")
     batches = StepBatches(len(train.tokens), cfg.batch_size, cfg.seed, dist.rank, dist.world)
     g_params, d_params = num_params(G), num_params(D)
     log.info("GAN %s (attention %s): G %.2fM, D %.2fM parameters; %s loss, R1 %g, lr G %g D %g, betas %s, "
@@ -419,7 +422,9 @@ def finish_gan(cfg: Any, G_ema: nn.Module, gcfg: GANConfig, history: list[dict],
         "fid": {"value": curve[-1]["value"], "protocol": fid_protocol} if curve else None,
         "fid_curve": curve,
     }
-    write_metrics(cfg.metrics, metrics, {
+    write_json(out / "metrics.json", metrics)
+    fid_columns = {"fid": curve[-1]["value"], "protocol": protocol_id(fid_protocol)} if curve else {}
+    write_metrics(cfg.metrics, fid_columns, {
         "step_time_s": round(step_seconds, 5),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
     write_tsv(Path(cfg.plots), history, LOG_KEYS)

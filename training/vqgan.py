@@ -29,17 +29,20 @@ from models.lpips import LPIPS
 from models.vqgan import VQGAN
 from pipeline import checkpoint as ckpt
 from pipeline import doctor
-from pipeline.atomic import atomic_path, new_partial_dir, replace_dir
+from pipeline.atomic import atomic_path, new_partial_dir, replace_dir, write_json
 from pipeline.device import autocast, init_distributed, pick_device
 from pipeline.errors import UserError
 from pipeline.prepared import PreparedImages
 from pipeline.report import save_rows_grid
-from pipeline.runlog import write_metrics
+from pipeline.runlog import headline, write_metrics
 from pipeline.vqgan_io import save_vqgan, to_model_range, to_uint8
-from training.common import EMA, StepBatches, check_finite, config_hash, cosine_lr, seed_everything, unwrap, write_tsv
+from training.common import (EMA, StepBatches, check_batch_fits, check_finite, config_hash, cosine_lr, seed_everything,
+                             unwrap, write_tsv)
 from training.vq_loss import discriminator_loss, generator_loss
 
 log = logging.getLogger("tokenmill.train_vqgan")
+# the metrics file's columns (`dvc metrics show`); the full record is <out_dir>/metrics.json
+HEADLINE = {"psnr": "val_psnr", "lpips": "val_lpips", "perplexity": "perplexity", "usage_pct": "code_usage_pct"}
 LOG_KEYS = ["step", "rec", "lpips", "q", "g", "d", "d_weight", "usage_pct", "perplexity", "lr"]
 
 
@@ -158,6 +161,12 @@ def train_vqgan(cfg: Any, code: str) -> None:
     opt_d = torch.optim.AdamW(disc.parameters(), lr=o.disc_lr, betas=(o.beta1, o.beta2),
                               weight_decay=o.weight_decay)
     ema = EMA(model, cfg.ema) if cfg.ema is not None else None
+    check_batch_fits("train_vqgan.batch_size", cfg.batch_size, len(train), f"the train split of {cfg.dataset} (images)")
+    vectors = min(cfg.kmeans_images, len(train)) * (manifest["resolution"] // model.cfg.downsample) ** 2
+    if cfg.kmeans_init and vectors < model.cfg.n_codes:
+        raise UserError(f"train_vqgan.kmeans_init needs at least model.n_codes = {model.cfg.n_codes} encoder vectors; "
+                        f"{min(cfg.kmeans_images, len(train))} images give {vectors}: raise kmeans_images, add images, "
+                        f"or set kmeans_init: false")
     batches = Batches(train, cfg, dist.rank, dist.world)
 
     state = ckpt.load_latest(cfg.ckpt_dir, device, expect={"run_id": run_id, "code": code})
@@ -306,9 +315,10 @@ def finish(cfg: Any, model: VQGAN, ema: EMA | None, lpips: LPIPS | None, device:
     pick = pick if len(pick) >= 4 else list(range(min(10, len(images))))
     save_rows_grid(out / "recon_grid.png", [images[pick], recons[pick]], scale=3)
     plot_curves(out / "curves.png", history)
+    write_json(out / "metrics.json", metrics)
     replace_dir(out, Path(cfg.out_dir), "train_vqgan")
     write_tsv(Path(cfg.plots), history, LOG_KEYS)
-    write_metrics(cfg.metrics, metrics, {"train_images_per_s": images_per_s, "device": device.type})
+    write_metrics(cfg.metrics, headline(metrics, HEADLINE), {"train_images_per_s": images_per_s, "device": device.type})
     log.info("val: L1 %.4f  PSNR %.2f dB  usage %.1f%%  perplexity %.1f  dead %d", metrics["val_l1"],
              metrics["val_psnr"], metrics["code_usage_pct"], metrics["perplexity"], metrics["dead_codes"])
 

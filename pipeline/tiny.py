@@ -1,0 +1,81 @@
+"""The first run: every stage of the pipeline on a small copy of Fashion-MNIST, in a few minutes on a CPU.
+
+`python -m pipeline tiny` (also `bash scripts/run.sh --tiny`) builds a throwaway project at runs/tiny/ (this
+checkout's code and dvc.yaml, its own git + DVC repository, params.yaml = the project's params with the tiny preset
+configs/tiny.yaml and the dataset pointed at the small copy), runs `dvc repro` there and says where the results
+are. The checkout's params.yaml, dvc.lock and data/ are never touched. A second run refreshes the code and
+re-runs only what changed, like any DVC project. 16x16 images, 4x4 tokens, tiny models: the numbers show that
+everything works, not what the models can do.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import apply_overrides, load_params
+from pipeline.errors import UserError
+from pipeline.runs import check_params_dict, preset_overrides
+from pipeline.sandbox import PROJECT_FILES, ROOT, fashion_mnist_subset, make_project
+
+MARKER = ".tokenmill-tiny"
+PRESET = ROOT / "configs" / "tiny.yaml"
+N_TRAIN, N_VAL = 2000, 400  # the first images of each Fashion-MNIST split
+RESULTS = (("report of the samples (gFID, per class, grids)", "data/reports/evaluate/report.md"),
+           ("report of the VQGAN (rFID, worst reconstructions)", "data/reports/eval_vqgan/report.md"),
+           ("samples, a row per class", "data/samples/default/grid.png"),
+           ("VQGAN reconstructions", "data/vqgan/recon_grid.png"),
+           ("training curves", "data/vqgan/curves.png, data/transformer/curves.png"))
+
+
+def tiny_params(dataset: Path) -> dict:
+    params = apply_overrides(load_params(ROOT / "params.yaml"), preset_overrides(str(PRESET)))
+    params["datasets"] = {"fashion_mnist": {**params["datasets"]["fashion_mnist"], "path": str(dataset)}}
+    return params
+
+
+def build(dest: Path) -> Path:
+    """Make (or refresh the code of) the tiny project at `dest`; refuse a folder this command did not make."""
+    if dest.exists() and not (dest / MARKER).is_file():
+        if not dest.is_dir() or any(dest.iterdir()):
+            raise UserError(f"{dest}: exists and was not made by `pipeline tiny`; give another --dest")
+    dataset = fashion_mnist_subset(dest / "fashion-mnist-small", N_TRAIN, N_VAL)
+    params = tiny_params(dataset)
+    check_params_dict(params, str(dest / "params.yaml"), ROOT)  # same dvc.yaml, same relative out paths
+    text = ("# made by `python -m pipeline tiny`: the project's params.yaml + configs/tiny.yaml, small dataset\n"
+            + yaml.safe_dump(params, sort_keys=False))
+    if (dest / MARKER).is_file():  # refresh: this checkout's code, same DVC repository and cache
+        for name in PROJECT_FILES:
+            src, dst = ROOT / name, dest / name
+            if src.is_dir():
+                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+            elif src.exists():
+                shutil.copy2(src, dst)
+        (dest / "params.yaml").write_text(text)
+    else:
+        make_project(dest, text)
+        (dest / ".gitignore").write_text("/data/\n/fashion-mnist-small/\n")
+        (dest / MARKER).write_text(json.dumps({"made_by": "python -m pipeline tiny", "source": str(ROOT)}) + "\n")
+    return dest
+
+
+def run(dest: Path) -> None:
+    dest = dest.resolve()
+    start = time.monotonic()
+    build(dest)
+    print(f"tiny: project at {dest} (every stage on {N_TRAIN}+{N_VAL} Fashion-MNIST images at 16x16)",
+          file=sys.stderr)
+    code = subprocess.call(["dvc", "repro"], cwd=dest)
+    if code:
+        raise UserError(f"tiny: `dvc repro` in {dest} failed (exit {code}); the lines above say which stage")
+    shown = subprocess.run(["dvc", "metrics", "show"], cwd=dest, capture_output=True, text=True)
+    print(shown.stdout.rstrip())
+    print(f"\ntiny: done in {time.monotonic() - start:.0f} s. Look at:")
+    for what, where in RESULTS:
+        print(f"  {what:<50} {', '.join(str(dest / p.strip()) for p in where.split(','))}")
+    print(f"  all metrics: cd {dest} && dvc metrics show")
