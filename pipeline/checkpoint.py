@@ -8,9 +8,11 @@ the run.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,15 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], step: int, keep: int = 2) 
     path = ckpt_dir / f"step-{step:08d}.pt"
     tmp = tmp_name(path)
     try:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError:
+            # torch reports a full disk as an internal "enforce fail": say what it is, naming the file
+            free, needed = shutil.disk_usage(ckpt_dir).free, _tensor_bytes(state)
+            if free < needed + (1 << 20):
+                raise OSError(errno.ENOSPC, f"no space left on device for a {needed / 2**20:.1f} MB checkpoint "
+                              f"({free / 2**20:.1f} MB free)", str(path)) from None
+            raise
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -53,6 +63,16 @@ def save(ckpt_dir: str | Path, state: dict[str, Any], step: int, keep: int = 2) 
     for old in step_files(ckpt_dir)[keep:]:
         old.unlink(missing_ok=True)
     return path
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

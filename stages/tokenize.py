@@ -21,6 +21,7 @@ order, so the store has the same bytes whatever the number of ranks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import lmdb
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,7 @@ HEADLINE = {"images": "images", "perplexity": "code_usage.perplexity"}  # + usag
 # faiss and torch may round a distance differently in the last bit; where the two best codes are closer than
 # this, the torch lookup decides, so faiss tokens equal model.encode's exactly (ties -> lowest index, as argmin)
 TIE_TOL = 1e-5
+DISK_FULL_BYTES = 16 << 20  # a write that failed with less free space than this failed for want of space
 
 
 @dataclass
@@ -384,7 +387,16 @@ def run(cfg: TokenizeConfig) -> None:
     main_rank = int(os.environ.get("RANK", "0")) == 0
     with exclusive(cfg.out.parent / f".{cfg.out.name}.lock", f"token store {cfg.out}") if main_rank \
             else contextlib.nullcontext():
-        _run(cfg)
+        try:
+            _run(cfg)
+        except (lmdb.Error, OSError) as exc:
+            # LMDB reports a full disk as "Input/output error" and some writes name no file: say where, and why
+            free = shutil.disk_usage(cfg.out.parent).free
+            if free < DISK_FULL_BYTES or getattr(exc, "errno", None) == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"no space left on device while writing the token store "
+                              f"({free / 2**20:.1f} MB free; the finished batches are kept and a re-run resumes)",
+                              str(cfg.out.parent / f".{cfg.out.name}.partial")) from None
+            raise
 
 
 def _run(cfg: TokenizeConfig) -> None:

@@ -6,7 +6,9 @@ Import them from here (`from helpers import ...`); conftest.py only holds fixtur
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -140,3 +142,13 @@ def fake_tree(root: Path, files: dict[str, str]) -> Path:
     for rel, text in files.items():
         (root / rel).write_text(text)
     return root
+
+
+def small_disk_prefix(folder: Path, kib: int) -> list[str] | None:
+    """A command prefix under which `folder` is an empty tmpfs of `kib` KiB: a disk that fills up on demand. Needs
+    root and `unshare` (a private mount namespace); None where that cannot be arranged."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={kib}k tmpfs "{folder}" && exec "$@"', "sh"]
+    return prefix if subprocess.run(prefix + ["true"], capture_output=True).returncode == 0 else None

@@ -16,7 +16,8 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers import ROOT, files_under, make_good_folder, make_idx_dataset, make_project, tiny_params, tiny_vqgan
+from helpers import (ROOT, files_under, make_good_folder, make_idx_dataset, make_project, small_disk_prefix, tiny_params,
+                     tiny_vqgan)
 from models.vqgan import VQGAN, VQGANConfig
 from pipeline.config import set_params_file
 from pipeline.errors import UserError
@@ -491,3 +492,20 @@ def test_map_ceiling_stops_clearly_and_keeps_the_existing_store(data, tmp_path):
     assert files_under(out) == before  # the previous store is untouched
     tokenize(data, out, hflip=True)  # without the ceiling the same run completes
     assert len(records(out)) > n_records  # the flipped copies
+
+
+def test_full_disk_is_one_line_naming_the_work_folder(data, tmp_path):
+    """LMDB calls a full disk "Input/output error" and names no file: the stage says what and where."""
+    disk = tmp_path / "disk"
+    prefix = small_disk_prefix(disk, 48)
+    if prefix is None:
+        pytest.skip("needs root and unshare for a small tmpfs")
+    script = ("import sys; from pathlib import Path; from pipeline.errors import main_guard; "
+              "from stages.tokenize import TokenizeConfig, TokenizeParams, run; "
+              f"main_guard(lambda: run(TokenizeConfig('a', Path('{data['prepared']}'), Path('{data['vqgan']}'), "
+              f"Path('{disk}/tok/a'), None, None, TokenizeParams(num_workers=0, map_size_mb=1, batch_size=8))))")
+    proc = subprocess.run(prefix + [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=ENV)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith(f"error: {disk}/tok/.a.partial") and "space left on device" in last
+    assert "free some space" in last
