@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # One command: set up (if needed) and run the default pipeline with DVC, then push outputs to the DVC remote.
+# --tiny: instead, every stage on a small copy of the data in runs/tiny/ (python -m pipeline tiny), ~2 minutes.
 # Stages whose inputs and params are unchanged are skipped, so a second run is a no-op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 source .venv/bin/activate
+if [ "${1:-}" = "--tiny" ]; then  # the first run: every stage on a small copy, in its own project (runs/tiny)
+  shift
+  exec python -m pipeline tiny "$@"
+fi
 python -m pipeline check
 python -c 'from pipeline.dvc_repair import repair_rwlock; repair_rwlock(".")'  # after a killed run
 dvc repro "$@"
