@@ -27,6 +27,7 @@ from pipeline.config import check_dataset_name, from_dict, load_params
 from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError, main_guard
 from pipeline.prefect_server import project_server, same_path, server_home, supervise
+from pipeline.presets import resolve_overrides
 from pipeline.runs import (check_params, run_with_overrides, select, stage_names,
                            validate_overrides)
 
@@ -106,8 +107,6 @@ def _repro_keep_going(cmd: list[str]) -> list[tuple[str, int, str]]:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from pipeline.flow import resolve_overrides
-
     preset = _preset_param(args.preset)
     overrides = resolve_overrides(ROOT, preset, args.set)
     validate_overrides(ROOT, overrides)  # before anything is written or started

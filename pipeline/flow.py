@@ -25,7 +25,8 @@ from prefect.states import Failed, State
 from pipeline import artifacts
 from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError
-from pipeline.runs import preset_overrides, run_with_overrides, select, stage_names
+from pipeline.presets import resolve_overrides
+from pipeline.runs import run_with_overrides, select, stage_names
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 USER_ERROR_EXIT = 2  # stages exit 2 on a user mistake: retrying cannot help
@@ -159,20 +160,6 @@ def upstream_stages(root: Path) -> dict[str, set[str]]:
         return seen
 
     return {name: ancestors(name, set()) for name in parents}
-
-
-def resolve_overrides(root: Path, preset: str | None, overrides: list[str] | None) -> list[str]:
-    """The preset's settings (a file under the project's configs/), then the explicit overrides: the second win."""
-    if not preset:
-        return list(overrides or [])
-    configs = (root / "configs").resolve()
-    path = (root / preset).resolve()
-    if not path.is_relative_to(configs) or path.suffix not in (".yaml", ".yml"):
-        raise UserError(f"preset {preset}: must be a .yaml file under {configs}")
-    if not path.is_file():
-        raise UserError(f"preset {preset}: file not found (presets live in configs/: "
-                        f"{', '.join(sorted(p.name for p in configs.glob('*.yaml')))})")
-    return preset_overrides(path) + list(overrides or [])
 
 
 def run_name() -> str:

@@ -8,5 +8,6 @@ export DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 source .venv/bin/activate
 python -m pipeline check
 python -c 'from pipeline.dvc_repair import repair_rwlock; repair_rwlock(".")'  # after a killed run
-dvc repro "$@"
+# --keep-going: a failing stage (one dataset's) skips only the stages that need it; DVC names it at the end
+dvc repro --keep-going "$@"
 dvc push -q || echo "run: dvc push to the default remote failed (outputs are still in the local cache)" >&2
