@@ -141,5 +141,25 @@ def publish_stage(name: str, root: Path) -> None:
 
 
 def publish_summary(results: list[dict[str, Any]]) -> None:
+    """A row per stage: ran / skipped (unchanged) / failed / skipped because a stage it needs failed."""
     if results:
-        create_table_artifact(results, key="pipeline-stages", description="stages of this run: status and seconds")
+        rows = [{"stage": r["stage"], "status": r["status"], "seconds": r["seconds"], "error": r.get("error", "")}
+                for r in results]
+        create_table_artifact(rows, key="pipeline-stages",
+                              description="stages of this run: status, seconds and the error of a failed one")
+
+
+def publish_parameters(preset: str | None, overrides: list[str], applied: list[str], stages: list[str] | None,
+                       force: bool) -> None:
+    """What the run was started with (the run list shows only names): the preset, the overrides, the stages, and
+    every params.yaml setting they applied."""
+    lines = ["### tokenmill run", "",
+             f"- preset: `{preset}`" if preset else "- preset: none",
+             "- overrides: " + (", ".join(f"`{o}`" for o in overrides) if overrides else "none"),
+             "- stages: " + (", ".join(f"`{s}`" for s in stages) if stages else "all"),
+             f"- force: {'yes' if force else 'no'}"]
+    if applied:
+        lines += ["", "params.yaml settings applied (the preset's first, the overrides win):", ""]
+        lines += [f"    {o}" for o in applied]
+    create_markdown_artifact("\n".join(lines) + "\n", key="run-parameters",
+                             description="the preset, overrides and stages this run was started with")

@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +29,9 @@ from pipeline.atomic import check_replaceable, read_json
 from pipeline.config import check_dataset_name, from_dict, load_params
 from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError, main_guard
-from pipeline.runs import (check_params, preset_overrides, run_with_overrides, select, stage_names,
+from pipeline.prefect_server import project_server, same_path, server_home, supervise
+from pipeline.presets import resolve_overrides
+from pipeline.runs import (check_params, run_with_overrides, select, stage_names,
                            validate_overrides)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,42 +52,103 @@ def server_env(port: int) -> dict[str, str]:
     return env
 
 
-def _prefect_env(port: int) -> None:
-    """Point Prefect at the project's local server when one runs; otherwise Prefect runs ephemerally."""
+def _prefect_env(port: int, temp_server: bool = False) -> None:
+    """Point Prefect at this project's local server when one runs on `port`; with none there (or with
+    `temp_server`) Prefect runs with a temporary one. A server of another project on the port is refused with
+    one line (its PREFECT_HOME differs from ours): runs never land silently in another project's UI."""
     os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
     if os.environ.get(AUTH_ENV):
         os.environ.setdefault("PREFECT_API_AUTH_STRING", os.environ[AUTH_ENV])
-    if "PREFECT_API_URL" not in os.environ:
-        url = f"http://127.0.0.1:{port}/api"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                os.environ["PREFECT_API_URL"] = url
-        except OSError:  # Prefect starts a temporary server: no browser UI needs it, so no origin may call it
+    if "PREFECT_API_URL" not in os.environ:  # a URL the user set (e.g. Prefect Cloud) is theirs to choose
+        url = None if temp_server else project_server(port, os.environ["PREFECT_HOME"], os.environ.get(AUTH_ENV))
+        if url:
+            os.environ["PREFECT_API_URL"] = url
+        else:  # Prefect starts a temporary server: no browser UI needs it, so no origin may call it
             os.environ.setdefault("PREFECT_SERVER_CORS_ALLOWED_ORIGINS", "http://127.0.0.1")
 
 
+def _preset_param(preset: str | None) -> str | None:
+    """The preset as the flow records it: its path relative to the project (it must lie under configs/)."""
+    if not preset:
+        return None
+    path = Path(preset).resolve()
+    if not path.is_relative_to(ROOT):
+        raise UserError(f"preset {preset}: must be a .yaml file under {ROOT / 'configs'}")
+    return path.relative_to(ROOT).as_posix()
+
+
+def _print_results(results: list[dict[str, Any]]) -> None:
+    width = max([len(r["status"]) for r in results] + [22])
+    for r in results:
+        print(f"{r['stage']:<32} {r['status']:<{width}} {r['seconds']:>8.1f} s")
+
+
+def _repro_keep_going(cmd: list[str]) -> list[tuple[str, int, str]]:
+    """`dvc repro --keep-going`, its output passed through as it comes; returns the failed stages as
+    (stage, exit code, its last `error:` line or '')."""
+    import re
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    failed, current, error, text = [], "", "", b""
+    for chunk in iter(lambda: os.read(proc.stdout.fileno(), 4096), b""):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        text += chunk
+        *done, text = text.split(b"\n")
+        for raw in done:
+            line = raw.decode(errors="replace").split("\r")[-1].strip()
+            if m := re.match(r"Running stage '([^']+)'", line):
+                current, error = m.group(1), ""
+            elif line.startswith("error: "):
+                error = line
+            elif m := re.search(r"failed to run: .*, exited with (\d+)", line):
+                failed.append((current, int(m.group(1)), error))
+    code = proc.wait()
+    if code and not failed:  # DVC itself failed (a missing dependency, a lock): nothing to attribute
+        failed.append(("dvc repro", code, ""))
+    return failed
+
+
 def cmd_run(args: argparse.Namespace) -> None:
-    if args.preset and not Path(args.preset).is_file():
-        raise UserError(f"preset {args.preset}: file not found (presets live in configs/)")
-    overrides = (preset_overrides(args.preset) if args.preset else []) + (args.set or [])
+    preset = _preset_param(args.preset)
+    overrides = resolve_overrides(ROOT, preset, args.set)
     validate_overrides(ROOT, overrides)  # before anything is written or started
     repair_rwlock(ROOT)
     select(stage_names(ROOT), args.stage)  # a typo in --stage is one line, before anything runs
     if args.no_prefect:
-        cmd = ["dvc", "repro", *(args.stage or [])] + (["--force"] if args.force else [])
-        with run_with_overrides(ROOT, overrides):
-            code = subprocess.call(cmd, cwd=ROOT)
-            if code:
-                sys.exit(code)
+        cmd = ["dvc", "repro", "--keep-going", *(args.stage or [])] + (["--force"] if args.force else [])
+        failed: list[tuple[str, int, str]] = []
+        try:
+            with run_with_overrides(ROOT, overrides):  # a failed run is undone: raise inside
+                failed = _repro_keep_going(cmd)
+                if failed:
+                    raise SystemExit(2 if all(code == 2 and error for _, code, error in failed) else 1)
+        finally:
+            if failed:  # last, after DVC's and the rollback's messages
+                print("failed stages (the stages that need them were skipped; everything else ran):", file=sys.stderr)
+                for stage, code, error in failed:
+                    print(f"  {stage:<32} exit {code}  {error}", file=sys.stderr)
         return
-    _prefect_env(args.port)
+    _prefect_env(args.port, args.temp_server)
     if "PREFECT_API_URL" not in os.environ:
-        print(f"note: no Prefect server on 127.0.0.1:{args.port}; running with a temporary one "
+        print(f"note: no Prefect server of this project on 127.0.0.1:{args.port}; running with a temporary one "
               f"(start `python -m pipeline ui` to keep runs in the UI)", file=sys.stderr)
-    from pipeline.flow import tokenmill_pipeline
-    results = tokenmill_pipeline(stages=args.stage, force=args.force, overrides=overrides, root=str(ROOT))
-    for r in results:
-        print(f"{r['stage']:<32} {r['status']:<22} {r['seconds']:>8.1f} s")
+    from pipeline.flow import PipelineFailed, tokenmill_pipeline
+    state = tokenmill_pipeline(stages=args.stage, force=args.force, overrides=args.set or [], preset=preset,
+                               root=str(ROOT), return_state=True)
+    if state.is_completed():
+        _print_results(state.result())
+        return
+    exc = state.result(raise_on_failure=False)
+    if isinstance(exc, PipelineFailed):  # some stages failed, the rest ran: the table, then one line
+        _print_results(exc.results)
+        for r in exc.results:
+            if r["status"] == "failed":
+                print(r["error"], file=sys.stderr)
+        sys.exit(2 if exc.user_error else 1)
+    if isinstance(exc, UserError):
+        raise exc
+    raise SystemExit(f"error: the flow run ended {state.name}: {state.message}")
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
@@ -125,19 +187,29 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 def cmd_ui(args: argparse.Namespace) -> None:
     os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
-    print(f"Prefect UI on http://127.0.0.1:{args.port}  (runs reach it when started from this project)",
-          file=sys.stderr)
-    sys.exit(subprocess.call(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(args.port)],
-                             env={**os.environ, **server_env(args.port)}))
+    home = server_home(args.port)
+    if home is not None:
+        mine = bool(home) and same_path(home, os.environ["PREFECT_HOME"])
+        raise UserError(f"port {args.port} already holds " + ("this project's Prefect server: open "
+                        f"http://127.0.0.1:{args.port}" if mine else f"another Prefect server (state in "
+                        f"{home or 'an unknown folder'}); use --port"))
+    print(f"Prefect UI on http://127.0.0.1:{args.port}  (runs reach it when started from this project; "
+          f"Ctrl-C stops it)", file=sys.stderr)
+    sys.exit(supervise(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(args.port)],
+                       env={**os.environ, **server_env(args.port)}))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     _prefect_env(args.port)
     if "PREFECT_API_URL" not in os.environ:
-        raise UserError(f"no Prefect server on 127.0.0.1:{args.port}: start `python -m pipeline ui` first")
-    from pipeline.flow import deployment_flow
-    deployment_flow(ROOT).serve(name=args.name, description="tokenmill pipeline in " + str(ROOT)
-                                + "; set stages / force / overrides when starting a run")
+        raise UserError(f"no Prefect server of this project on 127.0.0.1:{args.port}: "
+                        f"start `python -m pipeline ui` first")
+    # in a child we can always stop: Prefect's runner ignores an inherited SIGINT-ignore and can hang on SIGTERM
+    code = supervise([sys.executable, "-c", "import sys; from pathlib import Path; from pipeline.flow import serve; "
+                      "serve(Path(sys.argv[1]), sys.argv[2])", str(ROOT), args.name],
+                     env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                                    os.environ.get("PYTHONPATH")]))})
+    sys.exit(code)
 
 
 def cmd_add_dataset(args: argparse.Namespace) -> None:
@@ -291,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-run even when up to date")
     p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="edit params.yaml first")
     p.add_argument("--preset", help="a configs/*.yaml file merged into params.yaml first")
-    p.add_argument("--no-prefect", action="store_true", help="plain `dvc repro`, no flow")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--no-prefect", action="store_true", help="plain `dvc repro --keep-going`, no flow")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="this project's Prefect server (`ui`) port")
+    p.add_argument("--temp-server", action="store_true",
+                   help="run with a temporary Prefect server even when this project's UI runs")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("stage", help="run one stage through DVC (no Prefect)")

@@ -4,6 +4,11 @@ There is no second implementation of any stage: each task runs `dvc repro --sing
 decides what is stale and the flow skips exactly what `dvc repro` would skip. Prefect adds the UI, per-stage
 logs and durations, retries for transient failures, artifacts (manifests, metrics, images) and a deployment
 that starts runs with parameters from the UI.
+
+Failures, as `dvc repro --keep-going` treats them: a failed stage skips only the stages that depend on it, every
+other stage still runs, and the run ends Failed with a summary. A user error (a stage exits 2 with its one
+`error:` line) is a Failed state whose message is that line: no retry and no traceback in the logs. Any other
+failure is raised as usual (its traceback and the stage output stay in the log) and retried.
 """
 from __future__ import annotations
 
@@ -15,36 +20,90 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.states import Failed, State
 
 from pipeline import artifacts
 from pipeline.dvc_repair import repair_rwlock
+from pipeline.errors import UserError
+from pipeline.presets import resolve_overrides
 from pipeline.runs import run_with_overrides, select, stage_names
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 USER_ERROR_EXIT = 2  # stages exit 2 on a user mistake: retrying cannot help
 _STAGE_EXIT = re.compile(r"exited with (\d+)")
 _PROGRESS = re.compile(r"\d+(\.\d+)?(it|img|step|tok|s)/s")
+_DVC_ERROR = re.compile(r"^ERROR: failed to reproduce '[^']+': (.*)$")
+_MISSING = re.compile(r"No such file or directory: '([^']+)'|'([^']+)' does not exist")
+_EDGE = re.compile(r'^"([^"]+)"\s*->\s*"([^"]+)"')
 
 
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, returncode: int, tail: str):
-        super().__init__(f"stage {stage} failed with exit code {returncode}: {tail}")
-        self.stage, self.returncode = stage, returncode
+    """A stage's `dvc repro` failed. `user_error`: the stage said why in one `error:` line (exit 2)."""
+
+    def __init__(self, stage: str, returncode: int, tail: str, error_line: str | None = None):
+        self.stage, self.returncode, self.tail, self.error_line = stage, returncode, tail, error_line
+        super().__init__(self.summary)
+
+    def __reduce__(self):  # picklable with all its fields (Prefect may persist a failed state's data)
+        return StageFailed, (self.stage, self.returncode, self.tail, self.error_line)
+
+    @property
+    def user_error(self) -> bool:
+        return self.returncode == USER_ERROR_EXIT and self.error_line is not None
+
+    @property
+    def summary(self) -> str:
+        """One line: `error: <stage>: <message>` for a user error, else the exit code and the output's tail."""
+        if self.user_error:
+            return f"error: {self.stage}: {self.error_line[len('error: '):]}"
+        return f"stage {self.stage} failed with exit code {self.returncode}: {self.tail}"
 
 
-def _user_error_not_retried(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except StageFailed as exc:
+class PipelineFailed(RuntimeError):
+    """Some stages failed (others may have run). `results` has a row per selected stage."""
+
+    def __init__(self, results: list[dict[str, Any]]):
+        self.results = results
+        failed = [r for r in results if r["status"] == "failed"]
+        self.user_error = all(r.get("user_error") for r in failed)
+        skipped = sum(r["status"].startswith("skipped: needs") for r in results)
+        if len(failed) == 1:
+            head = failed[0]["error"]
+        else:
+            head = f"{len(failed)} stages failed: " + ", ".join(r["stage"] for r in failed)
+        super().__init__(head + (f" ({skipped} stage(s) that need it skipped)" if skipped else ""))
+
+    def __reduce__(self):
+        return PipelineFailed, (self.results,)
+
+
+def _classify(name: str, code: int, lines: list[str], error_line: str | None) -> StageFailed:
+    """DVC exits 255 for any failed command: the stage's own exit code is in DVC's last message. A dependency
+    DVC cannot find (an earlier stage never ran) is the user's to fix too: one line saying so."""
+    m = _STAGE_EXIT.search(" ".join(lines[-5:]))
+    returncode = int(m.group(1)) if m else code
+    if not m:
+        dvc_error = next((x for x in reversed(lines) if _DVC_ERROR.match(x)), None)
+        missing = _MISSING.search(dvc_error or "")
+        if missing:
+            path = missing.group(1) or missing.group(2)
+            error_line = f"error: {path} does not exist: run the stages that make it first (python -m pipeline run)"
+            returncode = USER_ERROR_EXIT
+    return StageFailed(name, returncode, " | ".join(lines[-5:]), error_line)
+
+
+def _not_a_user_error(task, task_run, state) -> bool:
+    """The retry condition: retry a failure unless it is a user error (a stage's `error:` line, exit 2)."""
+    exc = state.result(raise_on_failure=False) if state.is_failed() else None
+    if isinstance(exc, StageFailed):
         return exc.returncode != USER_ERROR_EXIT
-    except Exception:
-        return True
-    return False
+    return not isinstance(exc, UserError)
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_user_error_not_retried, task_run_name="{name}")
-def run_stage(name: str, force: bool = False, root: str = str(PROJECT_ROOT)) -> dict[str, Any]:
-    """`dvc repro --single-item <name>`, streaming its output into the task log."""
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_not_a_user_error, task_run_name="{name}")
+def run_stage(name: str, force: bool = False, root: str = str(PROJECT_ROOT)) -> dict[str, Any] | State:
+    """`dvc repro --single-item <name>`, streaming its output into the task log. A user error returns a Failed
+    state whose message is the stage's `error:` line; other failures raise StageFailed (retried)."""
     logger = get_run_logger()
     cmd = ["dvc", "repro", "--single-item", name] + (["--force"] if force else [])
     if repair_rwlock(root):  # a killed earlier run can leave DVC's lock table corrupt
@@ -53,7 +112,8 @@ def run_stage(name: str, force: bool = False, root: str = str(PROJECT_ROOT)) -> 
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ.copy(), bufsize=1)
-    tail: list[str] = []
+    lines: list[str] = []
+    error_line = None
     ran = False
     last_progress = 0.0
     for raw in proc.stdout:
@@ -61,43 +121,116 @@ def run_stage(name: str, force: bool = False, root: str = str(PROJECT_ROOT)) -> 
         line = raw.rstrip("\n").split("\r")[-1].rstrip()
         if not line:
             continue
+        if line.startswith("error: "):  # the stage's own one-line message (pipeline.errors.main_guard)
+            error_line = line
         if _PROGRESS.search(line) and time.monotonic() - last_progress < 10:
             continue
         last_progress = time.monotonic() if _PROGRESS.search(line) else last_progress
         ran = ran or line.startswith("Running stage")
-        tail = (tail + [line])[-5:]
+        lines = (lines + [line])[-20:]
         logger.info(line)
     code = proc.wait()
     seconds = round(time.monotonic() - start, 2)
     if code != 0:
-        # DVC exits 255 for any failed command; the stage's own exit code is in its last message.
-        m = _STAGE_EXIT.search(" ".join(tail))
-        raise StageFailed(name, int(m.group(1)) if m else code, " | ".join(tail))
+        failure = _classify(name, code, lines, error_line)
+        if failure.user_error:
+            logger.error(failure.summary)
+            return Failed(message=failure.summary, data=failure)
+        raise failure
     status = "ran" if ran else "skipped (unchanged)"
     logger.info("%s: %s in %.1f s", name, status, seconds)
     return {"stage": name, "status": status, "seconds": seconds}
 
 
-def _run_pipeline(stages: list[str] | None, force: bool, overrides: list[str] | None,
+def upstream_stages(root: Path) -> dict[str, set[str]]:
+    """For each stage, every stage it depends on, directly or not (DVC's own graph: `dvc dag --dot`, whose edges
+    run from a stage to the stages that read its outputs)."""
+    proc = subprocess.run(["dvc", "dag", "--dot"], cwd=root, capture_output=True, text=True, env=os.environ.copy())
+    parents: dict[str, set[str]] = {}
+    for line in proc.stdout.splitlines():
+        m = _EDGE.match(line.strip())
+        if m:
+            parents.setdefault(m.group(2), set()).add(m.group(1))
+
+    def ancestors(name: str, seen: set[str]) -> set[str]:
+        for p in parents.get(name, ()):
+            if p not in seen:
+                seen.add(p)
+                ancestors(p, seen)
+        return seen
+
+    return {name: ancestors(name, set()) for name in parents}
+
+
+def run_name() -> str:
+    """The flow run's name says what the run was: the preset, the overrides and the stages it was started with."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    parts = ([Path(p["preset"]).stem] if p.get("preset") else []) + list(p.get("overrides") or [])
+    parts += [f"stages {','.join(p['stages'])}"] if p.get("stages") else []
+    parts += ["force"] if p.get("force") else []
+    name = " ".join(parts) or "params.yaml as is"
+    return name if len(name) <= 120 else name[:117] + "..."
+
+
+def _run_pipeline(stages: list[str] | None, force: bool, overrides: list[str] | None, preset: str | None,
                   root: Path) -> list[dict[str, Any]]:
     logger = get_run_logger()
-    overrides = list(overrides or [])
-    with run_with_overrides(root, overrides):  # validated before anything is written; undone if the run fails
-        if overrides:
-            logger.info("params.yaml updated: %s", ", ".join(overrides))
+    applied = resolve_overrides(root, preset, overrides)
+    with run_with_overrides(root, applied):  # validated before anything is written; undone if the run fails
+        artifacts.publish_parameters(preset, list(overrides or []), applied, stages, force)
+        if applied:
+            logger.info("params.yaml updated: %s", ", ".join(applied))
         names = select(stage_names(root), stages)
-        results = []
+        results: list[dict[str, Any]] = []
+        failed: list[str] = []
+        graph: dict[str, set[str]] | None = None
         for name in names:
-            result = run_stage(name, force=force, root=str(root))
+            blocked = [f for f in failed if f in (graph or {}).get(name, ())]
+            if blocked:  # as `dvc repro --keep-going`: what depends on a failed stage is skipped
+                logger.warning("%s: skipped, it needs %s which failed", name, blocked[0])
+                results.append({"stage": name, "status": f"skipped: needs {blocked[0]}", "seconds": 0.0})
+                continue
+            state = run_stage(name, force=force, root=str(root), return_state=True)
+            if state.is_failed():
+                exc = state.result(raise_on_failure=False)
+                failure = exc if isinstance(exc, StageFailed) else None
+                results.append({"stage": name, "status": "failed", "seconds": 0.0,
+                                "error": failure.summary if failure else f"{name}: {exc}",
+                                "user_error": bool(failure and failure.user_error)})
+                failed.append(name)
+                graph = graph if graph is not None else upstream_stages(root)
+                continue
+            result = state.result()
             artifacts.publish_stage(name, root)
             results.append(result)
-    artifacts.publish_summary(results)
+        artifacts.publish_summary(results)
+        if failed:
+            raise PipelineFailed(results)  # inside: params.yaml, dvc.lock and the outputs go back
     return results
 
 
-@flow(name="tokenmill")
+def _as_state(fn) -> list[dict[str, Any]] | State:
+    """Run the pipeline; a user error or failed stages become a Failed state with a one-line message (what the UI
+    shows), so no traceback is logged for them. Anything unexpected is raised as usual."""
+    try:
+        return fn()
+    except UserError as exc:
+        get_run_logger().error("error: %s", exc)
+        return Failed(message=f"error: {exc}", data=exc)
+    except PipelineFailed as exc:
+        logger = get_run_logger()
+        for r in exc.results:
+            if r["status"] == "failed" or r["status"].startswith("skipped: needs"):
+                logger.error("%-32s %s", r["stage"], r.get("error") or r["status"])
+        return Failed(message=str(exc), data=exc)
+
+
+@flow(name="tokenmill", flow_run_name=run_name)
 def tokenmill_pipeline(stages: list[str] | None = None, force: bool = False,
-                       overrides: list[str] | None = None, root: str = str(PROJECT_ROOT)) -> list[dict[str, Any]]:
+                       overrides: list[str] | None = None, preset: str | None = None,
+                       root: str = str(PROJECT_ROOT)) -> list[dict[str, Any]]:
     """Run the tokenmill pipeline.
 
     Args:
@@ -105,9 +238,10 @@ def tokenmill_pipeline(stages: list[str] | None = None, force: bool = False,
         force: re-run the selected stages even when DVC says they are up to date.
         overrides: params.yaml edits applied first, `key.path=value` as in `dvc exp run -S`; validated before
             anything is written, undone when the run fails.
+        preset: a file under configs/ (e.g. `configs/tiny.yaml`) applied before `overrides`.
         root: the project folder (holding dvc.yaml and params.yaml).
     """
-    return _run_pipeline(stages, force, overrides, Path(root))
+    return _as_state(lambda: _run_pipeline(stages, force, overrides, preset, Path(root)))
 
 
 def deployment_flow(root: Path):
@@ -115,9 +249,9 @@ def deployment_flow(root: Path):
     run started from the UI (or any client of the API) could point elsewhere."""
     root = Path(root).resolve()
 
-    @flow(name="tokenmill")
+    @flow(name="tokenmill", flow_run_name=run_name)
     def tokenmill(stages: list[str] | None = None, force: bool = False,
-                  overrides: list[str] | None = None) -> list[dict[str, Any]]:
+                  overrides: list[str] | None = None, preset: str | None = None) -> list[dict[str, Any]]:
         """Run the tokenmill pipeline in the served project.
 
         Args:
@@ -125,7 +259,14 @@ def deployment_flow(root: Path):
             force: re-run the selected stages even when DVC says they are up to date.
             overrides: params.yaml edits, `key.path=value` as in `dvc exp run -S`; validated before anything is
                 written, undone when the run fails.
+            preset: a file under configs/ (e.g. `configs/tiny.yaml`) applied before `overrides`.
         """
-        return _run_pipeline(stages, force, overrides, root)
+        return _as_state(lambda: _run_pipeline(stages, force, overrides, preset, root))
 
     return tokenmill
+
+
+def serve(root: Path, name: str) -> None:
+    """Serve the deployment (`python -m pipeline serve` runs this in a child process it can always stop)."""
+    deployment_flow(root).serve(name=name, description="tokenmill pipeline in " + str(root)
+                                + "; set stages / force / overrides / preset when starting a run")

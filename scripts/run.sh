@@ -13,5 +13,6 @@ if [ "${1:-}" = "--tiny" ]; then  # the first run: every stage on a small copy, 
 fi
 python -m pipeline check
 python -c 'from pipeline.dvc_repair import repair_rwlock; repair_rwlock(".")'  # after a killed run
-dvc repro "$@"
+# --keep-going: a failing stage (one dataset's) skips only the stages that need it; DVC names it at the end
+dvc repro --keep-going "$@"
 dvc push -q || echo "run: dvc push to the default remote failed (outputs are still in the local cache)" >&2

@@ -7,7 +7,11 @@ that runs it, and forked DataLoader workers in later tests would inherit them. U
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +19,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
 from pipeline.errors import UserError
-from pipeline.flow import StageFailed, run_stage, tokenmill_pipeline
+from pipeline.flow import run_stage, tokenmill_pipeline
 
 
 def flow_runs(project: str) -> dict:
@@ -36,17 +40,6 @@ def flow_runs(project: str) -> dict:
             "refused": refused, "params_unchanged": (Path(project) / "params.yaml").read_bytes() == before}
 
 
-def user_error(project: str) -> dict:
-    state = run_stage("prepare@a", root=project, return_state=True)
-    try:
-        state.result()
-        error = None
-    except StageFailed as exc:
-        error = {"returncode": exc.returncode, "message": str(exc)}
-    task_run = httpx.get(f"{PREFECT_API_URL.value()}/task_runs/{state.state_details.task_run_id}").json()
-    return {"failed": state.is_failed(), "error": error, "run_count": task_run["run_count"]}
-
-
 def transient(project: str) -> dict:
     state = run_stage("prepare@a", root=project, return_state=True)
     task_run = httpx.get(f"{PREFECT_API_URL.value()}/task_runs/{state.state_details.task_run_id}").json()
@@ -54,8 +47,80 @@ def transient(project: str) -> dict:
             "run_count": task_run["run_count"]}
 
 
+def api(method: str, path: str, **body) -> dict | list:
+    resp = httpx.request(method, f"{PREFECT_API_URL.value()}{path}", **({"json": body} if body else {}))
+    resp.raise_for_status()
+    return resp.json()
+
+
+def flow_run_facts(flow_run_id: str) -> dict:
+    """What the UI shows of a flow run: name, parameters, state and message, its task runs, logs and artifacts."""
+    run = api("GET", f"/flow_runs/{flow_run_id}")
+    tasks = api("POST", "/task_runs/filter", task_runs={"flow_run_id": {"any_": [flow_run_id]}})
+    logs = api("POST", "/logs/filter", logs={"flow_run_id": {"any_": [flow_run_id]}}, limit=200)
+    arts = api("POST", "/artifacts/filter", artifacts={"flow_run_id": {"any_": [flow_run_id]}})
+    return {"name": run["name"], "parameters": run["parameters"], "state": run["state"]["type"],
+            "message": run["state"]["message"],
+            "tasks": {t["name"]: {"state": t["state"]["type"], "message": t["state"]["message"],
+                                  "run_count": t["run_count"]} for t in tasks},
+            "logs": [x["message"] for x in logs], "artifacts": {a["key"]: a["data"] for a in arts if a["key"]}}
+
+
+def cli(project: str, *args: str, env: dict | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=project, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+    return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def stop_time(project: str, command: list[str], sig: int) -> float | None:
+    """Seconds a `python -m pipeline <command>` takes to exit after `sig`, started with SIGINT ignored (as `cmd &`
+    in a script starts it); None when it still runs 30 s later (it is killed then)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *command], cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    for line in proc.stdout:  # until it serves
+        if "being served" in line:
+            break
+    time.sleep(1)
+    start = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=30)
+        return time.monotonic() - start
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return None
+
+
+def keep_going(project: str) -> dict:
+    """Dataset a's prepare fails with a user error; the rest runs. Started as a user would (the CLI, with a preset
+    and an override) and read back from the API; then bad parameters, a foreign server and stopping `serve`."""
+    from pipeline.prefect_server import server_home
+
+    url = PREFECT_API_URL.value()
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    out = {"cli": cli(project, "run", "--preset", "configs/small.yaml", "-S", "prepare.shard_size=7",
+                      env={"PREFECT_API_URL": url})}
+    runs = api("POST", "/flow_runs/filter", sort="EXPECTED_START_TIME_DESC", limit=1)
+    out["run"] = flow_run_facts(runs[0]["id"])
+    # bad parameters as a run started from the UI would pass them: a one-line Failed state, nothing written
+    before = (Path(project) / "params.yaml").read_bytes()
+    for key, kwargs in {"typo": {"overrides": ["prepare.shard_sizee=5"]},
+                        "outside": {"preset": "../params.yaml"},
+                        "stage": {"stages": ["prepare", "tokenise"]}}.items():
+        state = tokenmill_pipeline(root=project, return_state=True, **kwargs)
+        out[key] = flow_run_facts(str(state.state_details.flow_run_id))
+    out["params_unchanged"] = (Path(project) / "params.yaml").read_bytes() == before
+    # whose server is on the port: this project's (the same PREFECT_HOME) or another's
+    out["home"] = server_home(port)
+    out["foreign"] = cli(project, "run", "--port", str(port), env={"PREFECT_HOME": str(Path(project) / "other")})
+    out["serve_stop_s"] = {name: stop_time(project, ["serve", "--port", str(port)], sig)
+                           for name, sig in (("SIGINT", signal.SIGINT), ("SIGTERM", signal.SIGTERM))}
+    return out
+
+
 if __name__ == "__main__":
     scenario, project = sys.argv[1], sys.argv[2]
     with prefect_test_harness(server_startup_timeout=120):
-        result = {"flow_runs": flow_runs, "user_error": user_error, "transient": transient}[scenario](project)
+        result = {"flow_runs": flow_runs, "transient": transient, "keep_going": keep_going}[scenario](project)
     print("RESULT " + json.dumps(result))

@@ -81,15 +81,123 @@ def test_prefect_flow_runs_stages_through_dvc_and_publishes_artifacts(project, t
     assert r["params_unchanged"]
 
 
-def test_flow_does_not_retry_user_errors(project, tmp_path):
-    set_params_file(project / "params.yaml", ["datasets.a.resolution=2"])
-    try:
-        r = prefect_session("user_error", project, tmp_path)
-    finally:
-        set_params_file(project / "params.yaml", ["datasets.a.resolution=20"])
-    assert r["failed"] and r["error"]["returncode"] == 2
-    assert "datasets.a.resolution = 2 is out of range" in r["error"]["message"]
-    assert r["run_count"] == 1  # a user error is not retried
+COUNT_STAGE = """
+  count:
+    foreach: ${datasets}
+    do:
+      cmd: python count.py -m stages.prepare data/prepared/${key} data/counts/${key}.json
+      deps:
+        - data/prepared/${key}
+      outs:
+        - data/counts/${key}.json
+"""
+COUNT_PY = """import json, sys
+from pathlib import Path
+src, out = Path(sys.argv[3]), Path(sys.argv[4])
+out.parent.mkdir(parents=True, exist_ok=True)
+out.write_text(json.dumps(json.loads((src / "manifest.json").read_text())["splits"]["train"]["count"]))
+"""
+IDX_ERROR = "train-images-idx3-ubyte.gz: cannot read IDX file"
+
+
+@pytest.fixture(scope="module")
+def broken_a(tmp_path_factory):
+    """Datasets a (its images file is not gzip: prepare@a fails with a user error) and b, each with a stage after
+    prepare (count@<dataset>, reading data/prepared/<dataset>), and a preset configs/small.yaml."""
+    base = tmp_path_factory.mktemp("broken")
+    a = make_idx_dataset(base / "src_a", n_train=30, n_val=5, seed=1)
+    (a / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    b = make_idx_dataset(base / "src_b", n_train=20, n_val=5, seed=2)
+    project = make_project(base / "project", tiny_params({"a": a, "b": b}), stages=("prepare",))
+    with open(project / "dvc.yaml", "a") as f:
+        f.write(COUNT_STAGE)
+    (project / "count.py").write_text(COUNT_PY)
+    (project / "configs").mkdir()
+    (project / "configs/small.yaml").write_text("prepare:\n  shard_size: 5\ndatasets:\n  b:\n    resolution: 20\n")
+    return project
+
+
+@pytest.fixture(scope="module")
+def keep_going(broken_a, tmp_path_factory):
+    return prefect_session("keep_going", broken_a, tmp_path_factory.mktemp("kg"))
+
+
+def no_traceback(text: str) -> bool:
+    return "Traceback" not in text and "^^^^" not in text
+
+
+def test_cli_run_one_line_user_error_and_keep_going(keep_going):
+    r = keep_going["cli"]
+    assert r["rc"] == 2, r["stderr"][-3000:]
+    errors = [x for x in r["stderr"].splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: prepare@a: ") and IDX_ERROR in errors[0], errors
+    assert no_traceback(r["stdout"] + r["stderr"])
+    table = {line.split()[0]: line.split(None, 1)[1] for line in r["stdout"].splitlines()}
+    assert table["prepare@a"].startswith("failed") and table["count@a"].startswith("skipped: needs prepare@a")
+    assert table["prepare@b"].startswith("ran") and table["count@b"].startswith("ran")
+
+
+def test_flow_run_failed_state_is_the_stage_error_line_without_retries(keep_going):
+    run = keep_going["run"]
+    assert run["state"] == "FAILED" and run["message"].startswith("error: prepare@a: ") and IDX_ERROR in run["message"]
+    assert "\n" not in run["message"]
+    task = run["tasks"]["prepare@a"]
+    assert task["state"] == "FAILED" and task["run_count"] == 1  # a user error is not retried
+    assert task["message"].startswith("error: prepare@a: ") and task["message"].endswith("(Not a gzipped file (b'no'))")
+    assert "count@a" not in run["tasks"]  # skipped: it needs prepare@a
+    assert {run["tasks"][n]["state"] for n in ("prepare@b", "count@b")} == {"COMPLETED"}
+    assert all(no_traceback(line) for line in run["logs"]), [x for x in run["logs"] if not no_traceback(x)]
+    assert "count@a" in run["artifacts"]["pipeline-stages"] and "skipped: needs prepare@a" in run["artifacts"][
+        "pipeline-stages"]
+
+
+def test_flow_run_records_preset_and_overrides_from_the_cli(keep_going):
+    run = keep_going["run"]
+    assert run["parameters"]["preset"] == "configs/small.yaml"
+    assert run["parameters"]["overrides"] == ["prepare.shard_size=7"]
+    assert run["name"].startswith("small prepare.shard_size=7")
+    md = run["artifacts"]["run-parameters"]
+    assert "`configs/small.yaml`" in md and "`prepare.shard_size=7`" in md
+    # the preset's settings are applied first and the -S override wins
+    applied = md[md.index("settings applied"):].split()
+    assert applied.index("prepare.shard_size=5") < applied.index("prepare.shard_size=7")
+    assert "datasets.b.resolution=20" in applied
+
+
+@pytest.mark.parametrize("case, message", [
+    ("typo", "error: params.yaml with prepare.shard_sizee=5: unknown key 'prepare.shard_sizee'"),
+    ("outside", "error: preset ../params.yaml: must be a .yaml file under"),
+    ("stage", "error: unknown stage 'tokenise'"),
+])
+def test_bad_flow_parameters_fail_in_one_line(keep_going, case, message):
+    run = keep_going[case]
+    assert run["state"] == "FAILED" and run["message"].startswith(message) and "\n" not in run["message"]
+    assert run["tasks"] == {}  # refused before any stage
+    assert all(no_traceback(line) for line in run["logs"])
+    assert keep_going["params_unchanged"]
+
+
+def test_run_refuses_a_prefect_server_of_another_project(keep_going):
+    assert keep_going["home"]  # the server says where it keeps its state
+    r = keep_going["foreign"]
+    assert r["rc"] == 2 and r["stdout"] == ""
+    assert r["stderr"].strip().splitlines() == [r["stderr"].strip()]
+    assert "holds a Prefect server that is not this project's" in r["stderr"] and keep_going["home"] in r["stderr"]
+
+
+def test_serve_stops_within_seconds(keep_going):
+    # started with SIGINT ignored (as `cmd &` in a script does): before, SIGINT never stopped it
+    assert keep_going["serve_stop_s"]["SIGINT"] is not None and keep_going["serve_stop_s"]["SIGINT"] < 15
+    assert keep_going["serve_stop_s"]["SIGTERM"] is not None and keep_going["serve_stop_s"]["SIGTERM"] < 15
+
+
+def test_no_prefect_run_keeps_going_and_names_the_failed_stage(broken_a):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--no-prefect"], cwd=broken_a,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Running stage 'count@b'" in proc.stdout and "Running stage 'count@a'" not in proc.stdout
+    summary = proc.stderr[proc.stderr.index("failed stages"):].splitlines()  # the last lines
+    assert len(summary) == 2 and summary[1].split()[:3] == ["prepare@a", "exit", "2"] and IDX_ERROR in summary[1]
 
 
 def test_transient_failure_is_retried_without_duplicated_output(tmp_path):
