@@ -83,6 +83,7 @@ def main() -> int:
     ap.add_argument("--base", help="a tiny project to copy (default: build one with `python -m pipeline tiny`)")
     ap.add_argument("--only", default=",".join(ENTRY_POINTS))
     ap.add_argument("--json")
+    ap.add_argument("--from", dest="first", type=int, default=0, help="start at this mistake (0-based)")
     args = ap.parse_args()
     work_root = Path(tempfile.mkdtemp(prefix="tokenmill-mistakes-"))
     base = Path(args.base).resolve() if args.base else work_root / "base"
@@ -96,7 +97,7 @@ def main() -> int:
     params_path = project / "params.yaml"
     clean = params_path.read_text()
     results = []
-    for stage, override, needle in MISTAKES:
+    for stage, override, needle in MISTAKES[args.first:]:
         for entry in args.only.split(","):
             params_path.write_text(clean)
             start = time.monotonic()
@@ -112,6 +113,14 @@ def main() -> int:
                     # DVC ends with its own "ERROR: failed to reproduce ... exited with 2": one `error:` line
                     # of the stage's own before it
                     ok, (what, line) = one_line_verdict(2 if "exited with 2" in out else rc, out, needle)
+                    dvc_line = next((x for x in out.splitlines() if x.startswith("ERROR: failed to reproduce")), "")
+                    if not ok and "No such file or directory" in dvc_line and needle in dvc_line \
+                            and "Traceback" not in out:
+                        # a dep path that does not exist: DVC refuses before the stage starts, in one line
+                        ok, what, line = True, f"DVC's own ERROR (exit {rc})", dvc_line
+                    # a failed `dvc repro` removes the stage's old outputs; they are in the cache
+                    params_path.write_text(clean)
+                    run(["dvc", "checkout", "--force", "-q"], project, env)
                 else:
                     alt = project / "params-mistake.yaml"
                     alt.write_text(yaml.safe_dump(broken, sort_keys=False))
@@ -126,7 +135,7 @@ def main() -> int:
     params_path.write_text(clean)
     bad = [r for r in results if not r["ok"]]
     print(f"\n{len(results) - len(bad)} of {len(results)} gave one `error:` line, exit 2, no traceback, no retry "
-          f"({len(MISTAKES)} mistakes x {len(args.only.split(','))} entry points)")
+          f"({len(MISTAKES) - args.first} mistakes x {len(args.only.split(','))} entry points)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     shutil.rmtree(work_root, ignore_errors=True)
