@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from models.gpt import GPT, GPTConfig
+from models.maskgit import MaskGIT, MaskGITConfig
 from pipeline.atomic import check_replaceable, replace_dir, sha256_file, write_json
 from pipeline.config import param, section
 from pipeline.errors import UserError
@@ -52,6 +53,8 @@ class SampleParams:
     top_k: int | None = param(None, min=1)
     top_p: float | None = param(None, min=0.0, max=1.0)
     cfg_scale: float = param(1.5, min=0.0)  # 1.0: plain conditional sampling
+    maskgit_steps: int = param(8, min=1)  # kind maskgit: decoding steps T (forward passes per batch)
+    choice_temperature: float = param(4.5, min=0.0)  # kind maskgit: Gumbel noise on confidences, annealed to 0
     seed: int = param(0, min=0)
     shard_size: int = param(1000, min=1)
     grid_per_class: int = param(10, min=1)  # images per row of grid.png
@@ -64,20 +67,21 @@ def check(params: dict, source: str) -> SampleParams:
 
 
 def load_stage2(folder: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The stage-2 model and its config.json: a GPT (kind ar) or a GAN generator, the EMA weights (kind gan)."""
+    """The stage-2 model and its config.json: a GPT (kind ar), a MaskGIT (kind maskgit) or a GAN generator, the EMA
+    weights (kind gan)."""
     cfg_path, weights = folder / "config.json", folder / "model.safetensors"
     for p in (cfg_path, weights):
         if not p.is_file():
             raise UserError(f"{p}: not found (run train_transformer first)")
     meta = json.loads(cfg_path.read_text())
-    if meta["kind"] == "ar":
+    if meta["kind"] in ("ar", "maskgit"):
         raw = dict(meta["model"])
         raw["grid"] = tuple(raw["grid"])
-        model = GPT(GPTConfig(**raw))
+        model = GPT(GPTConfig(**raw)) if meta["kind"] == "ar" else MaskGIT(MaskGITConfig(**raw))
     elif meta["kind"] == "gan":
         model = generator_from_config(meta["model"])
     else:
-        raise UserError(f"{cfg_path}: kind {meta['kind']!r} cannot be sampled (allowed: 'ar', 'gan')")
+        raise UserError(f"{cfg_path}: kind {meta['kind']!r} cannot be sampled (allowed: 'ar', 'maskgit', 'gan')")
     model.load_state_dict(load_file(str(weights)))
     return model.to(device).eval(), meta
 
@@ -122,6 +126,10 @@ def run(cfg: SampleParams) -> None:
                 if gan:  # the generator's latent grid, each vector snapped to its nearest code
                     z = torch.randn(n, model.z_dim, generator=g, device=device)
                     tokens = snap_to_codes(model(z, y), codebook, l2_norm).view(n, h * w)
+                elif meta["kind"] == "maskgit":  # T parallel decoding steps
+                    tokens = model.generate(n, y, steps=cfg.maskgit_steps, temperature=cfg.temperature,
+                                            top_k=cfg.top_k, top_p=cfg.top_p, choice_temperature=cfg.choice_temperature,
+                                            cfg_scale=cfg.cfg_scale if y is not None else 1.0, generator=g)
                 else:
                     tokens = model.generate(n, y, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                             cfg_scale=cfg.cfg_scale if y is not None else 1.0, generator=g)
@@ -141,6 +149,10 @@ def run(cfg: SampleParams) -> None:
     if gan:
         snap = "nearest code by cosine (vectors and codes l2-normalised)" if l2_norm else "nearest code by squared L2"
         sampler = {"generator": "ema", "z": "standard normal", "snap": snap, "batch_size": cfg.batch_size}
+    elif meta["kind"] == "maskgit":
+        sampler = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
+                   "cfg_scale": cfg.cfg_scale, "batch_size": cfg.batch_size, "steps": cfg.maskgit_steps,
+                   "choice_temperature": cfg.choice_temperature}
     else:
         sampler = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
                    "cfg_scale": cfg.cfg_scale, "batch_size": cfg.batch_size, "kv_cache": True}

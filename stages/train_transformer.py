@@ -3,8 +3,10 @@
 kind `ar`: a GPT over the token grid in raster order (Taming Transformers' second stage with LlamaGen's
 practice: class-token prefix with label dropout for classifier-free guidance, RMSNorm, SwiGLU, 2D rotary
 positions), trained with AdamW, warm-up + cosine decay, optional EMA, exact resume, NaN guard.
+kind `maskgit`: the same transformer without the causal mask, trained to fill in masked tokens and sampled by
+iterative parallel decoding (MaskGIT, Chang et al. 2022); the `ar` section sizes it too.
 kind `gan`: a transformer GAN in the VQGAN latent space.
-This module holds the params, their check and `run`; the loops are training/ar.py and training/gan.py.
+This module holds the params, their check and `run`; the loops are training/ar.py (ar, maskgit) and training/gan.py.
 
 Outputs: `<out_dir>/model.safetensors` + `config.json` (kind, model config, codebook fingerprint), curves.png;
 metrics JSON (train/val loss, bits per token vs the unigram entropy of the codes; tokens/s and the attention
@@ -44,6 +46,11 @@ class ARParams:
 
 
 @dataclass
+class MaskGITParams:
+    label_smoothing: float = param(0.1, min=0.0, max=0.9)  # on the masked-token targets (the MaskGIT recipe's 0.1)
+
+
+@dataclass
 class OptimParams:
     lr: float = param(1e-3, min=0.0)
     beta1: float = param(0.9, min=0.0, max=1.0)
@@ -56,7 +63,7 @@ class OptimParams:
 
 @dataclass
 class TrainTransformerParams:
-    kind: Literal["ar", "gan"] = "ar"
+    kind: Literal["ar", "maskgit", "gan"] = "ar"
     dataset: str = param("fashion_mnist", kind="name")
     tokens_dir: str = "data/tokens"
     prepared_dir: str = "data/prepared"  # for class names
@@ -78,9 +85,10 @@ class TrainTransformerParams:
     seed: int = param(0, min=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True
-    ar: ARParams = field(default_factory=ARParams)
+    ar: ARParams = field(default_factory=ARParams)  # the transformer of kinds ar and maskgit
+    maskgit: MaskGITParams = field(default_factory=MaskGITParams)
     optim: OptimParams = field(default_factory=OptimParams)
-    gan: GANParams = field(default_factory=GANParams)  # kind gan (ar, optim and ema are kind ar's)
+    gan: GANParams = field(default_factory=GANParams)  # kind gan (ar, optim and ema are kinds ar's and maskgit's)
 
 
 def check(params: dict, source: str) -> TrainTransformerParams:
@@ -108,7 +116,7 @@ def run(cfg: TrainTransformerParams) -> None:
     check_replaceable(cfg.out_dir, "train_transformer")
     device = pick_device(cfg.device)
     dist = init_distributed(device)
-    train = train_gan if cfg.kind == "gan" else train_ar
+    train = train_gan if cfg.kind == "gan" else train_ar  # train_ar: kinds ar and maskgit
     train(cfg, device, dist, code=code_id("stages.train_transformer"))
 
 

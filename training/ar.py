@@ -1,12 +1,17 @@
-"""Kind `ar` of `train_transformer`: a GPT over the token grid in raster order, trained top to bottom here.
+"""Kinds `ar` and `maskgit` of `train_transformer`: a transformer over the token grid, trained top to bottom here.
 
-Taming Transformers' second stage with LlamaGen's practice (class-token prefix with label dropout for
-classifier-free guidance, RMSNorm, SwiGLU, 2D rotary positions): AdamW, warm-up + cosine decay, optional EMA,
-step-indexed batches (exact resume under the same identity), NaN guard, DDP.
+ar: a GPT in raster order, Taming Transformers' second stage with LlamaGen's practice (class-token prefix with label
+dropout for classifier-free guidance, RMSNorm, SwiGLU, 2D rotary positions). maskgit: the same blocks without the
+causal mask (models/maskgit.py, Chang et al. 2022), trained to predict the tokens hidden by a mask whose ratio is
+drawn per sample from the cosine schedule, the loss on masked positions only. Both: AdamW, warm-up + cosine decay,
+optional EMA, step-indexed batches (exact resume under the same identity; maskgit's mask generator state is
+checkpointed too), NaN guard, DDP. The two kinds differ in three places only: the model class, `objective` (the
+loss of a batch) and what the val metric is called.
 
-1. unigram_bits / val_loss   what a context-free model pays per token; the fixed val batches' loss
-2. train_ar                   resume, then one loop: forward, loss, backward, clip, step; logs, evals, checkpoints
-3. finish                     exported weights + config, metrics, TSV log, curves
+1. unigram_bits / objective / val_loss   context-free bits per token; a batch's loss; the fixed val batches' loss
+2. train_ar                               resume, then one loop: forward, loss, backward, clip, step; logs, evals,
+                                          checkpoints
+3. finish                                 exported weights + config, metrics, TSV log, curves
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from tqdm import tqdm
 
 from models.attention import active_backend
 from models.gpt import GPT, GPTConfig
+from models.maskgit import MaskGIT, MaskGITConfig, masked_loss, random_mask
 from pipeline import checkpoint as ckpt
 from pipeline import doctor
 from pipeline.atomic import atomic_path, new_partial_dir, read_json, replace_dir, write_json
@@ -38,6 +44,8 @@ log = logging.getLogger("tokenmill.train_transformer")
 # Dense bf16 peak of the GPUs we publish MFU for (TFLOP/s); other devices report achieved TFLOP/s only.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 LOG_KEYS = ["step", "train_loss", "val_loss", "val_bits_per_token", "lr"]  # no timing: the TSV is a DVC out
+MASKGIT_LOG_KEYS = ["step", "train_loss", "val_loss", "val_bits_per_token", "val_masked_accuracy", "lr"]
+VAL_MASK_SEED = 12345  # maskgit's val masks: the same for every eval, so the curve compares like with like
 
 
 def unigram_bits(tokens: torch.Tensor, n_codes: int) -> float:
@@ -47,25 +55,41 @@ def unigram_bits(tokens: torch.Tensor, n_codes: int) -> float:
     return float(-(p * p.log2()).sum())
 
 
+def objective(model: torch.nn.Module, mask_id: int | None, x: torch.Tensor, y: torch.Tensor | None,
+              masks: torch.Generator | None, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, masked-token accuracy or None) of one batch of token grids x (B, h*w). ar (mask_id None): next-token
+    cross-entropy. maskgit: mask at a cosine-schedule ratio drawn from `masks`, predict the masked codes. `model`
+    may be the DDP wrapper: the forward goes through it, so DDP sees it and syncs the gradients."""
+    if mask_id is None:
+        return model(x[:, :-1], y, targets=x)[1], None
+    mask = random_mask(x.shape[0], x.shape[1], generator=masks, device=x.device)
+    logits = model(x.masked_fill(mask, mask_id), y, generator=masks)
+    return masked_loss(logits, x, mask, label_smoothing)
+
+
 @torch.no_grad()
-def val_loss(model: GPT, data: TokenData, batch_size: int, n_batches: int, device: torch.device,
-             conditional: bool, bf16: bool) -> float:
-    """Mean token cross-entropy (nats) over fixed val batches (the first n_batches * batch_size samples)."""
+def val_loss(model: GPT | MaskGIT, data: TokenData, batch_size: int, n_batches: int, device: torch.device,
+             conditional: bool, bf16: bool) -> tuple[float, float | None]:
+    """(mean token cross-entropy in nats, maskgit's masked-token accuracy or None) over fixed val batches (the first
+    n_batches * batch_size samples; maskgit's masks from a fixed seed)."""
     model.eval()
-    total, count = 0.0, 0
+    mask_id = model.mask_id if isinstance(model, MaskGIT) else None
+    masks = torch.Generator(device=device).manual_seed(VAL_MASK_SEED) if mask_id is not None else None
+    total, correct, count = 0.0, 0.0, 0
     n = min(len(data.tokens), batch_size * n_batches)
     for start in range(0, n, batch_size):
         x = data.tokens[start:start + batch_size].to(device)
         y = data.labels[start:start + batch_size].to(device) if conditional else None
         with autocast(device, bf16):
-            _, loss = model(x[:, :-1], y, targets=x)
+            loss, accuracy = objective(model, mask_id, x, y, masks)
         total += float(loss) * len(x)
+        correct += float(accuracy) * len(x) if accuracy is not None else 0.0
         count += len(x)
     model.train()
-    return total / max(1, count)
+    return total / max(1, count), (correct / max(1, count) if mask_id is not None else None)
 
 
-def plot_curves(path: Path, history: list[dict], unigram: float) -> None:
+def plot_curves(path: Path, history: list[dict], unigram: float, kind: str = "ar") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -77,7 +101,7 @@ def plot_curves(path: Path, history: list[dict], unigram: float) -> None:
     if val:
         ax.plot(*zip(*val), "o-", label="val bits/token")
     ax.axhline(unigram, color="grey", ls="--", label=f"unigram entropy {unigram:.2f}")
-    ax.set_xlabel("step"), ax.legend(), ax.set_title("train_transformer (ar)")
+    ax.set_xlabel("step"), ax.legend(), ax.set_title(f"train_transformer ({kind})")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
@@ -85,7 +109,8 @@ def plot_curves(path: Path, history: list[dict], unigram: float) -> None:
 
 
 def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
-    """The loop of kind `ar`: `cfg` is the validated `train_transformer` section, `code` the stage's code hash."""
+    """The loop of kinds `ar` and `maskgit`: `cfg` is the validated `train_transformer` section, `code` the stage's
+    code hash."""
     vq_cfg_path = Path(cfg.vqgan_dir) / "config.json"
     if not vq_cfg_path.is_file():
         raise UserError(f"{vq_cfg_path}: not found (train the VQGAN first)")
@@ -97,13 +122,17 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     class_names = json.loads((Path(cfg.prepared_dir) / cfg.dataset / "manifest.json").read_text())["class_names"] \
         if cfg.ar.conditional else []
     a = cfg.ar
-    gcfg = GPTConfig(vocab_size=meta["n_codes"], grid=tuple(meta["grid"]), n_layer=a.n_layer, n_head=a.n_head,
+    maskgit = cfg.kind == "maskgit"
+    Model, Config = (MaskGIT, MaskGITConfig) if maskgit else (GPT, GPTConfig)
+    gcfg = Config(vocab_size=meta["n_codes"], grid=tuple(meta["grid"]), n_layer=a.n_layer, n_head=a.n_head,
                      n_embd=a.n_embd, dropout=a.dropout, n_classes=len(class_names), class_dropout=a.class_dropout,
                      norm=a.norm, mlp=a.mlp, pos=a.pos, bias=a.bias, tie_head=a.tie_head)
     run_id = config_hash({"cfg": dataclasses.asdict(cfg) | {"device": None}, "tokens": fingerprint,
                           "count": meta["count"], "world": dist.world})
     seed_everything(cfg.seed)
-    model = GPT(gcfg).to(device)
+    model = Model(gcfg).to(device)
+    # maskgit's masks and label dropout: one generator, its state checkpointed (other ranks draw other masks)
+    masks = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + dist.rank) if maskgit else None
     o = cfg.optim
     # weight decay on matrices only (norm gains, biases and embeddings excluded), as in nanoGPT
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n and "prefix" not in n]
@@ -120,6 +149,8 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
         if ema is not None:
             ema.load_state_dict(state["ema"])
         ckpt.set_rng_state(state["rng"])
+        if masks is not None:
+            masks.set_state(state["masks"].cpu())  # a generator state is a CPU byte tensor on any device
         history, start = list(state["history"]), int(state["step"])
         log.info("resuming from %s at step %d", cfg.ckpt_dir, start)
     if dist.world > 1:
@@ -128,7 +159,7 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     core = unwrap(model)
     backend = active_backend(device)
     log.info("%s", doctor.summary(device))  # what this machine runs, in the stage's own log
-    log.info("GPT %.2fM parameters, attention backend %s, %d train sequences of %d tokens",
+    log.info("%s %.2fM parameters, attention backend %s, %d train sequences of %d tokens", Model.__name__,
              core.num_params() / 1e6, backend, len(train.tokens), train.tokens.shape[1])
 
     check_batch_fits("train_transformer.batch_size", cfg.batch_size, len(train.tokens),
@@ -143,7 +174,9 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
         if dist.main:
             ckpt.save(cfg.ckpt_dir, {"step": step, "run_id": run_id, "code": code, "model": core.state_dict(),
                                      "opt": opt.state_dict(), "ema": ema.state_dict() if ema else {},
-                                     "rng": ckpt.rng_state(), "history": history}, step, keep=cfg.ckpt_keep)
+                                     "rng": ckpt.rng_state(), "history": history,
+                                     **({"masks": masks.get_state()} if masks is not None else {})},
+                      step, keep=cfg.ckpt_keep)
         dist.barrier()
 
     model.train()
@@ -161,7 +194,8 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
             x = train.tokens[chunk].to(device, non_blocking=True)
             y = train.labels[chunk].to(device) if conditional else None
             with autocast(device, cfg.bf16):
-                _, loss = model(x[:, :-1], y, targets=x)
+                loss, _ = objective(model, core.mask_id if maskgit else None, x, y, masks,
+                                    cfg.maskgit.label_smoothing)
             check_finite(step, cfg.ckpt_dir, loss=loss)
             (loss / cfg.grad_accum).backward()
             step_loss += float(loss.detach()) / cfg.grad_accum
@@ -179,9 +213,12 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
             row = {"step": done, "train_loss": sum(window) / len(window), "lr": lr, "tokens_per_s": rate}
             window = []
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            vl = val_loss(ema.averaged() if ema else core, val, micro, cfg.val_batches, device, conditional, cfg.bf16)
+            vl, acc = val_loss(ema.averaged() if ema else core, val, micro, cfg.val_batches, device, conditional,
+                               cfg.bf16)
             row = row or {"step": done, "train_loss": step_loss, "lr": lr, "tokens_per_s": None}
             row.update(val_loss=vl, val_bits_per_token=vl / math.log(2))
+            if maskgit:
+                row["val_masked_accuracy"] = acc
         if row is not None:
             history.append(row)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s'] or 0:.0f}", refresh=False)
@@ -195,33 +232,39 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
                tokens_per_s=done_tokens / seconds if done_tokens else None, device=device, class_names=class_names)
 
 
-def finish(cfg: Any, model: GPT, gcfg: GPTConfig, history: list[dict], meta: dict,
+def finish(cfg: Any, model: GPT | MaskGIT, gcfg: GPTConfig, history: list[dict], meta: dict,
            fingerprint: str, unigram: float, backend: str, tokens_per_s: float | None, device: torch.device,
            class_names: list[str]) -> None:
     out = new_partial_dir(cfg.out_dir)
     export_weights(out, model)
     gdict = dataclasses.asdict(gcfg)
     gdict["grid"] = list(gdict["grid"])
-    write_json(out / "config.json", {"kind": "ar", "model": gdict, "fingerprint": fingerprint,
+    write_json(out / "config.json", {"kind": cfg.kind, "model": gdict, "fingerprint": fingerprint,
                                      "dataset": cfg.dataset, "class_names": class_names, "steps": cfg.steps})
     last_val = next((h for h in reversed(history) if h.get("val_loss") is not None), {})
     first_val = next((h for h in history if h.get("val_loss") is not None), {})
-    flops = model.flops_per_token() * (tokens_per_s or 0)
+    flops = model.flops_per_token() * (tokens_per_s or 0) if isinstance(model, GPT) else None
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     metrics = {
-        "kind": "ar", "params_m": round(model.num_params() / 1e6, 3), "steps": cfg.steps,
+        "kind": cfg.kind, "params_m": round(model.num_params() / 1e6, 3), "steps": cfg.steps,
         "train_loss": history[-1]["train_loss"] if history else None,
         "val_loss": last_val.get("val_loss"), "val_bits_per_token": last_val.get("val_bits_per_token"),
         "val_bits_per_token_first_eval": first_val.get("val_bits_per_token"),
         "unigram_bits_per_token": unigram, "fingerprint": fingerprint,
     }
+    # maskgit's val loss is per masked token (a mask ratio drawn from the cosine schedule), not per token of a grid
+    columns = {"masked_bits": "val_bits_per_token", "masked_acc": "val_masked_accuracy"} if cfg.kind == "maskgit" \
+        else {"bits_per_token": "val_bits_per_token"}
+    if cfg.kind == "maskgit":
+        metrics["val_masked_accuracy"] = last_val.get("val_masked_accuracy")
     write_json(out / "metrics.json", metrics)
-    write_metrics(cfg.metrics, headline(metrics, {"bits_per_token": "val_bits_per_token"}), {
-        "tokens_per_s": tokens_per_s, "achieved_tflops": flops / 1e12,
-        "mfu": flops / (peak * 1e12) if peak else None, "device": name, "attention_backend": backend})
-    write_tsv(Path(cfg.plots), history, LOG_KEYS)
-    plot_curves(out / "curves.png", history, unigram)
+    write_metrics(cfg.metrics, headline(metrics, columns), {
+        "tokens_per_s": tokens_per_s, "achieved_tflops": flops / 1e12 if flops is not None else None,
+        "mfu": flops / (peak * 1e12) if peak and flops is not None else None, "device": name,
+        "attention_backend": backend})
+    write_tsv(Path(cfg.plots), history, MASKGIT_LOG_KEYS if cfg.kind == "maskgit" else LOG_KEYS)
+    plot_curves(out / "curves.png", history, unigram, cfg.kind)
     replace_dir(out, Path(cfg.out_dir), "train_transformer")
     log.info("val %.3f bits/token (unigram entropy %.3f); %.0f tokens/s", metrics["val_bits_per_token"] or float("nan"),
              unigram, tokens_per_s or 0)

@@ -1,0 +1,103 @@
+"""Kind `maskgit` of train_transformer and its sampling: the AR loop with the masked objective, exact resume
+(the mask generator's state is checkpointed), and samples through the same contract as AR's."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import crash_after_first_checkpoint
+from models.maskgit import MaskGIT, MaskGITConfig, masked_loss
+from pipeline.shards import iter_tar_samples
+from stages import sample as sample_stage
+from stages import train_transformer as tt
+from training.ar import objective
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world):
+    return tiny_world["base"]
+
+
+def mg_cfg(base, out, **kw) -> tt.TrainTransformerParams:
+    cfg = tt.TrainTransformerParams(
+        kind="maskgit", dataset="a", tokens_dir=str(base / "tokens"), prepared_dir=str(base / "prepared"),
+        vqgan_dir=str(base / "vqgan"), out_dir=str(out / "model"), ckpt_dir=str(out / "ckpt"),
+        metrics=str(out / "metrics.json"), plots=str(out / "log.tsv"), steps=6, batch_size=8, ckpt_every=3,
+        log_every=2, eval_every=3, val_batches=2, device="cpu",
+        ar=tt.ARParams(n_layer=1, n_head=2, n_embd=16, class_dropout=0.2),
+        optim=tt.OptimParams(lr=3e-3, warmup_steps=2))
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_objective_is_the_masked_loss_of_a_mask_drawn_from_the_generator():
+    torch.manual_seed(0)
+    model = MaskGIT(MaskGITConfig(vocab_size=16, grid=(4, 4), n_layer=1, n_head=2, n_embd=16, n_classes=0)).eval()
+    x = torch.randint(0, 16, (5, 16))
+    loss, acc = objective(model, model.mask_id, x, None, torch.Generator().manual_seed(3), 0.0)
+    again = torch.Generator().manual_seed(3)  # the same draws, by hand: the mask first
+    from models.maskgit import random_mask
+    mask = random_mask(5, 16, generator=again)
+    want, want_acc = masked_loss(model(x.masked_fill(mask, model.mask_id)), x, mask)
+    assert torch.equal(loss, want) and torch.equal(acc, want_acc)
+    # ar (mask_id None): the GPT's next-token loss, no accuracy
+    from models.gpt import GPT, GPTConfig
+    gpt = GPT(GPTConfig(vocab_size=16, grid=(4, 4), n_layer=1, n_head=2, n_embd=16)).eval()
+    loss, acc = objective(gpt, None, x, None, None)
+    assert acc is None and torch.equal(loss, gpt(x[:, :-1], None, targets=x)[1])
+
+
+@pytest.mark.parametrize("ema", [None, 0.5])
+def test_interrupted_and_resumed_equals_uninterrupted(world, tmp_path, monkeypatch, ema):
+    tt.run(mg_cfg(world, tmp_path / "a", ema=ema))
+    reference = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    crash_after_first_checkpoint(lambda: tt.run(mg_cfg(world, tmp_path / "b", ema=ema)), monkeypatch)
+    tt.run(mg_cfg(world, tmp_path / "b", ema=ema))
+    resumed = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    # masks and label dropout after the checkpoint come from the restored generator state
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("maskgit")
+    tt.run(mg_cfg(world, out))
+    return out
+
+
+def test_metrics_config_and_log(trained):
+    config = json.loads((trained / "model" / "config.json").read_text())
+    assert config["kind"] == "maskgit" and config["model"]["vocab_size"] == 16
+    m = json.loads((trained / "model" / "metrics.json").read_text())
+    assert m["kind"] == "maskgit" and 0 <= m["val_masked_accuracy"] <= 1
+    assert json.loads((trained / "metrics.json").read_text()) == {
+        "masked_bits": m["val_bits_per_token"], "masked_acc": m["val_masked_accuracy"]}
+    rows = list(csv.DictReader((trained / "log.tsv").open(), delimiter="\t"))
+    assert [r["step"] for r in rows if r["val_masked_accuracy"]] == ["3", "6"]
+    # the same weights are a MaskGIT (bidirectional), not a GPT
+    model = MaskGIT(MaskGITConfig(**{**config["model"], "grid": tuple(config["model"]["grid"])}))
+    model.load_state_dict(load_file(str(trained / "model" / "model.safetensors")))
+
+
+def sample_cfg(world, model_dir, out, **kw):
+    return sample_stage.SampleParams(model_dir=str(model_dir), vqgan_dir=str(world / "vqgan"),
+                                     out_dir=str(out / "samples"), metrics=str(out / "sample.json"), n=13,
+                                     batch_size=5, shard_size=6, cfg_scale=2.0, device="cpu", **kw)
+
+
+def test_samples_have_no_mask_left_and_are_seeded(world, trained, tmp_path):
+    sample_stage.run(sample_cfg(world, trained / "model", tmp_path / "a", maskgit_steps=4))
+    m = json.loads((tmp_path / "a" / "samples" / "manifest.json").read_text())
+    assert m["kind"] == "maskgit" and m["sampler"]["steps"] == 4 and m["sampler"]["choice_temperature"] == 4.5
+    tokens = [np.frombuffer(files["tok"], "<u2") for shard in m["shards"]
+              for _, files, _ in iter_tar_samples(tmp_path / "a" / "samples" / shard)]
+    assert len(tokens) == 13 and max(int(t.max()) for t in tokens) < 16  # 16 = [MASK]: none left
+    sample_stage.run(sample_cfg(world, trained / "model", tmp_path / "b", maskgit_steps=4))
+    sample_stage.run(sample_cfg(world, trained / "model", tmp_path / "c", maskgit_steps=2))
+    read = lambda d: (d / "samples" / "samples-000000.tar").read_bytes()  # noqa: E731
+    assert read(tmp_path / "a") == read(tmp_path / "b") and read(tmp_path / "a") != read(tmp_path / "c")
