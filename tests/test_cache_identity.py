@@ -272,7 +272,7 @@ def test_deployment_has_no_root_parameter(tmp_path):
 
     from pipeline.flow import deployment_flow
     params = inspect.signature(deployment_flow(tmp_path).fn).parameters
-    assert set(params) == {"stages", "force", "overrides"}
+    assert set(params) == {"stages", "force", "overrides", "preset"}
 
 
 # ----------------------------------------------------------------------------- 7. stale readers, one writer
