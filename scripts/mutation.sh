@@ -25,12 +25,13 @@ declare -A TESTS=(
   [pipeline/fid.py]="tests/test_fid.py tests/test_behaviour_metrics.py tests/test_behaviour_fid_contract.py"
   [models/quantizer.py]="tests/test_vqgan_models.py tests/test_behaviour_quantizer.py"
   [training/common.py]="tests/test_behaviour_determinism.py tests/test_behaviour_training.py"
+  [pipeline/device.py]="tests/test_behaviour_training.py"
 )
 # extra pytest arguments, one per line (the FID network tests take a minute each call: left to the main suite)
 declare -A ARGS=(
   [pipeline/fid.py]=$'-k\nnot real_network'
 )
-ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py)
+ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py)
 
 [ -x .venv/bin/python ] || bash scripts/install.sh
 if [ ! -x "$VENV/bin/mutmut" ]; then
