@@ -4,6 +4,7 @@ of the project (pipeline/sandbox.py)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,11 +154,23 @@ def test_code_edit_retrains_run_cache_restores_and_remote_round_trip(tmp_path):
 
 # ----------------------------------------------------------------------------- 3./4. overrides and the run lock
 
-@pytest.fixture
-def prepare_project(tmp_path):
-    a = make_idx_dataset(tmp_path / "src_a", n_train=30, n_val=5, seed=1)
-    project = make_project(tmp_path / "project", tiny_params({"a": a}), stages=("prepare",))
+@pytest.fixture(scope="module")
+def prepared_template(tmp_path_factory):
+    base = tmp_path_factory.mktemp("prepared")
+    a = make_idx_dataset(base / "src_a", n_train=30, n_val=5, seed=1)
+    project = make_project(base / "project", tiny_params({"a": a}), stages=("prepare",))
     dvc_ok(project, "repro")
+    return project
+
+
+@pytest.fixture
+def prepare_project(prepared_template, tmp_path):
+    """A prepared project of its own for each test (they edit params, take its locks, fail its runs): a copy of one
+    made once, git and DVC repositories included, without DVC's per-checkout temp folder."""
+    project = tmp_path / "project"
+    shutil.copytree(prepared_template, project, symlinks=True,
+                    ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else [])
+    (project / ".dvc" / "tmp").mkdir()
     return project
 
 
