@@ -51,24 +51,51 @@ def test_bad_params_stop_stage_with_one_line(project):
         set_params_file(project / "params.yaml", ["prepare.shard_size=25"])
 
 
-def prefect_session(scenario: str, project, tmp_path) -> dict:
-    """Run a scenario of tests/prefect_session.py (a temporary Prefect server) in a child process."""
+def prefect_sessions(runs: list[tuple[str, Path]], tmp_path) -> dict:
+    """Run scenarios of tests/prefect_session.py in one temporary Prefect server, in a child process; returns
+    {scenario: its result}."""
     import json
     import os
-    from pathlib import Path
 
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("prefect_session.py")), scenario,
-                           str(project)], capture_output=True, text=True, env=env, timeout=400)
+    args = [str(x) for scenario, project in runs for x in (scenario, project)]
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("prefect_session.py")), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(line[len("RESULT "):])
 
 
-def test_prefect_flow_runs_stages_through_dvc_and_publishes_artifacts(project, tmp_path):
+def transient_projects(base: Path) -> tuple[Path, Path]:
+    """(flaky, clean): the same prepare stage, the flaky one failing its first attempt (tests/flaky_stage.py)."""
+    import shutil
+
+    import yaml
+    src = make_idx_dataset(base / "src", n_train=60, n_val=5, seed=4)  # 3 train shards of 25
+    clean = make_project(base / "clean", tiny_params({"a": src}), stages=("prepare",))
+    dvc(clean, "repro")
+    flaky = make_project(base / "flaky", tiny_params({"a": src}), stages=("prepare",))
+    shutil.copy2(Path(__file__).with_name("flaky_stage.py"), flaky / "flaky_stage.py")
+    spec = yaml.safe_load((flaky / "dvc.yaml").read_text())
+    spec["stages"]["prepare"]["do"]["cmd"] = "python flaky_stage.py .failed-once stages.prepare --dataset ${key}"
+    (flaky / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return flaky, clean
+
+
+@pytest.fixture(scope="module")
+def prefect_results(project, broken_a, tmp_path_factory) -> dict:
+    """The three Prefect scenarios (flow runs, a transient failure, keep-going with user errors) in one temporary
+    server: each server start costs ~15 s of the suite."""
     dvc(project, "repro")
-    r = prefect_session("flow_runs", project, tmp_path)
+    flaky, clean = transient_projects(tmp_path_factory.mktemp("transient"))
+    results = prefect_sessions([("flow_runs", project), ("transient", flaky), ("keep_going", broken_a)],
+                               tmp_path_factory.mktemp("prefect"))
+    return {**results, "flaky": flaky, "clean": clean}
+
+
+def test_prefect_flow_runs_stages_through_dvc_and_publishes_artifacts(prefect_results):
+    r = prefect_results["flow_runs"]
     # Everything was up to date: the flow skips exactly what DVC skips.
     assert [x["stage"] for x in r["skipped"]] == ["prepare@a", "prepare@b"]
     assert all(x["status"] == "skipped (unchanged)" for x in r["skipped"])
@@ -118,8 +145,8 @@ def broken_a(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def keep_going(broken_a, tmp_path_factory):
-    return prefect_session("keep_going", broken_a, tmp_path_factory.mktemp("kg"))
+def keep_going(prefect_results):
+    return prefect_results["keep_going"]
 
 
 def no_traceback(text: str) -> bool:
@@ -200,20 +227,8 @@ def test_no_prefect_run_keeps_going_and_names_the_failed_stage(broken_a):
     assert len(summary) == 2 and summary[1].split()[:3] == ["prepare@a", "exit", "2"] and IDX_ERROR in summary[1]
 
 
-def test_transient_failure_is_retried_without_duplicated_output(tmp_path):
-    import shutil
-
-    import yaml
-    src = make_idx_dataset(tmp_path / "src", n_train=60, n_val=5, seed=4)  # 3 train shards of 25
-    clean = make_project(tmp_path / "clean", tiny_params({"a": src}), stages=("prepare",))
-    dvc(clean, "repro")
-    flaky = make_project(tmp_path / "flaky", tiny_params({"a": src}), stages=("prepare",))
-    shutil.copy2(Path(__file__).with_name("flaky_stage.py"), flaky / "flaky_stage.py")
-    spec = yaml.safe_load((flaky / "dvc.yaml").read_text())
-    spec["stages"]["prepare"]["do"]["cmd"] = "python flaky_stage.py .failed-once stages.prepare --dataset ${key}"
-    (flaky / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-
-    r = prefect_session("transient", flaky, tmp_path)
+def test_transient_failure_is_retried_without_duplicated_output(prefect_results):
+    r, flaky, clean = prefect_results["transient"], prefect_results["flaky"], prefect_results["clean"]
     assert (flaky / ".failed-once").is_file()  # the first run did fail
     assert r["completed"] and r["run_count"] == 2 and r["result"]["status"] == "ran"
     # the retry's output is the clean run's, file for file: no duplicated or partial shard, no temp file
