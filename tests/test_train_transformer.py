@@ -32,14 +32,16 @@ def ar_cfg(base, out, **kw) -> tt.TrainTransformerParams:
     return dataclasses.replace(cfg, **kw)
 
 
+@pytest.mark.parametrize("kind", ["ar", "maskgit"])
 @pytest.mark.parametrize("ema", [None, 0.5])
-def test_interrupted_and_resumed_equals_uninterrupted(world, tmp_path, monkeypatch, ema):
-    tt.run(ar_cfg(world, tmp_path / "a", ema=ema))
+def test_interrupted_and_resumed_equals_uninterrupted(world, tmp_path, monkeypatch, ema, kind):
+    tt.run(ar_cfg(world, tmp_path / "a", ema=ema, kind=kind))
     reference = load_file(str(tmp_path / "a" / "gpt" / "model.safetensors"))
-    crash_after_first_checkpoint(lambda: tt.run(ar_cfg(world, tmp_path / "b", ema=ema)), monkeypatch)
-    tt.run(ar_cfg(world, tmp_path / "b", ema=ema))
+    crash_after_first_checkpoint(lambda: tt.run(ar_cfg(world, tmp_path / "b", ema=ema, kind=kind)), monkeypatch)
+    tt.run(ar_cfg(world, tmp_path / "b", ema=ema, kind=kind))
     resumed = load_file(str(tmp_path / "b" / "gpt" / "model.safetensors"))
-    assert all(torch.equal(reference[k], resumed[k]) for k in reference)  # label dropout used the restored RNG
+    # label dropout (ar: the global RNG) and maskgit's masks (its generator) came from the restored states
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
 
 
 def test_metrics_and_outputs(world, tmp_path):
