@@ -27,7 +27,7 @@ def _runs(entries: list[dict], name: str | None = None) -> Iterator[dict]:
         data = entry.get("data") or {}
         if data.get("params") is not None or data.get("metrics") is not None:
             label = entry.get("name") or name or entry.get("rev", "?")
-            yield {"name": label if label == "workspace" else f"{label}"[:24], "rev": entry.get("rev", ""),
+            yield {"name": str(label)[:24], "rev": entry.get("rev", ""),
                    "timestamp": data.get("timestamp"), "params": data.get("params") or {},
                    "metrics": data.get("metrics") or {}}
         for exp in entry.get("experiments") or []:

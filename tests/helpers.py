@@ -152,3 +152,19 @@ def small_disk_prefix(folder: Path, kib: int) -> list[str] | None:
     folder.mkdir(parents=True, exist_ok=True)
     prefix = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={kib}k tmpfs "{folder}" && exec "$@"', "sh"]
     return prefix if subprocess.run(prefix + ["true"], capture_output=True).returncode == 0 else None
+
+
+def transformer_cfg(base: Path, out: Path, **kw):
+    """train_transformer params for the tiny world at `base` (kind ar unless kw says otherwise), outputs under
+    `out` (model in out/gpt): 6 steps of a 1-layer width-16 transformer, checkpoints at 3 and 6."""
+    import dataclasses
+
+    from stages import train_transformer as tt
+    cfg = tt.TrainTransformerParams(
+        dataset="a", tokens_dir=str(base / "tokens"), prepared_dir=str(base / "prepared"),
+        vqgan_dir=str(base / "vqgan"), out_dir=str(out / "gpt"), ckpt_dir=str(out / "ckpt"),
+        metrics=str(out / "metrics.json"), plots=str(out / "log.tsv"), steps=6, batch_size=8, ckpt_every=3,
+        log_every=2, eval_every=3, val_batches=2, device="cpu",
+        ar=tt.ARParams(n_layer=1, n_head=2, n_embd=16, class_dropout=0.2),
+        optim=tt.OptimParams(lr=3e-3, warmup_steps=2))
+    return dataclasses.replace(cfg, **kw)

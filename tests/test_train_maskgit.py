@@ -4,7 +4,6 @@ and samples through the same contract as AR's."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import transformer_cfg
 from models.maskgit import MaskGIT, MaskGITConfig, masked_loss
 from pipeline.shards import iter_tar_samples
 from stages import sample as sample_stage
@@ -25,14 +25,7 @@ def world(tiny_world):
 
 
 def mg_cfg(base, out, **kw) -> tt.TrainTransformerParams:
-    cfg = tt.TrainTransformerParams(
-        kind="maskgit", dataset="a", tokens_dir=str(base / "tokens"), prepared_dir=str(base / "prepared"),
-        vqgan_dir=str(base / "vqgan"), out_dir=str(out / "model"), ckpt_dir=str(out / "ckpt"),
-        metrics=str(out / "metrics.json"), plots=str(out / "log.tsv"), steps=6, batch_size=8, ckpt_every=3,
-        log_every=2, eval_every=3, val_batches=2, device="cpu",
-        ar=tt.ARParams(n_layer=1, n_head=2, n_embd=16, class_dropout=0.2),
-        optim=tt.OptimParams(lr=3e-3, warmup_steps=2))
-    return dataclasses.replace(cfg, **kw)
+    return transformer_cfg(base, out, kind="maskgit", **kw)
 
 
 def test_objective_is_the_masked_loss_of_a_mask_drawn_from_the_generator():
@@ -60,9 +53,9 @@ def trained(world, tmp_path_factory):
 
 
 def test_metrics_config_and_log(trained):
-    config = json.loads((trained / "model" / "config.json").read_text())
+    config = json.loads((trained / "gpt" / "config.json").read_text())
     assert config["kind"] == "maskgit" and config["model"]["vocab_size"] == 16
-    m = json.loads((trained / "model" / "metrics.json").read_text())
+    m = json.loads((trained / "gpt" / "metrics.json").read_text())
     assert m["kind"] == "maskgit" and 0 <= m["val_masked_accuracy"] <= 1
     assert json.loads((trained / "metrics.json").read_text()) == {
         "masked_bits": m["val_bits_per_token"], "masked_acc": m["val_masked_accuracy"]}
@@ -70,7 +63,7 @@ def test_metrics_config_and_log(trained):
     assert [r["step"] for r in rows if r["val_masked_accuracy"]] == ["3", "6"]
     # the same weights are a MaskGIT (bidirectional), not a GPT
     model = MaskGIT(MaskGITConfig(**{**config["model"], "grid": tuple(config["model"]["grid"])}))
-    model.load_state_dict(load_file(str(trained / "model" / "model.safetensors")))
+    model.load_state_dict(load_file(str(trained / "gpt" / "model.safetensors")))
 
 
 def sample_cfg(world, model_dir, out, **kw):
@@ -80,13 +73,13 @@ def sample_cfg(world, model_dir, out, **kw):
 
 
 def test_samples_have_no_mask_left_and_are_seeded(world, trained, tmp_path):
-    sample_stage.run(sample_cfg(world, trained / "model", tmp_path / "a", maskgit_steps=4))
+    sample_stage.run(sample_cfg(world, trained / "gpt", tmp_path / "a", maskgit_steps=4))
     m = json.loads((tmp_path / "a" / "samples" / "manifest.json").read_text())
     assert m["kind"] == "maskgit" and m["sampler"]["steps"] == 4 and m["sampler"]["choice_temperature"] == 4.5
     tokens = [np.frombuffer(files["tok"], "<u2") for shard in m["shards"]
               for _, files, _ in iter_tar_samples(tmp_path / "a" / "samples" / shard)]
     assert len(tokens) == 13 and max(int(t.max()) for t in tokens) < 16  # 16 = [MASK]: none left
-    sample_stage.run(sample_cfg(world, trained / "model", tmp_path / "b", maskgit_steps=4))
-    sample_stage.run(sample_cfg(world, trained / "model", tmp_path / "c", maskgit_steps=2))
+    sample_stage.run(sample_cfg(world, trained / "gpt", tmp_path / "b", maskgit_steps=4))
+    sample_stage.run(sample_cfg(world, trained / "gpt", tmp_path / "c", maskgit_steps=2))
     read = lambda d: (d / "samples" / "samples-000000.tar").read_bytes()  # noqa: E731
     assert read(tmp_path / "a") == read(tmp_path / "b") and read(tmp_path / "a") != read(tmp_path / "c")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import crash_after_first_checkpoint
+from helpers import crash_after_first_checkpoint, transformer_cfg
 from pipeline.errors import UserError
 from pipeline.shards import iter_tar_samples
 from pipeline.images import decode_png
@@ -22,14 +22,7 @@ def world(tiny_world):
 
 
 def ar_cfg(base, out, **kw) -> tt.TrainTransformerParams:
-    cfg = tt.TrainTransformerParams(
-        dataset="a", tokens_dir=str(base / "tokens"), prepared_dir=str(base / "prepared"),
-        vqgan_dir=str(base / "vqgan"), out_dir=str(out / "gpt"), ckpt_dir=str(out / "ckpt"),
-        metrics=str(out / "metrics.json"), plots=str(out / "log.tsv"), steps=6, batch_size=8, ckpt_every=3,
-        log_every=2, eval_every=3, val_batches=2, device="cpu",
-        ar=tt.ARParams(n_layer=1, n_head=2, n_embd=16, class_dropout=0.2),
-        optim=tt.OptimParams(lr=3e-3, warmup_steps=2))
-    return dataclasses.replace(cfg, **kw)
+    return transformer_cfg(base, out, **kw)
 
 
 @pytest.mark.parametrize("kind", ["ar", "maskgit"])
