@@ -1,26 +1,29 @@
-"""Benchmark of the tokenize stage, one run, as ratios against the targets of issue 4:
+"""Benchmark of the tokenize stage, one run, as ratios against the targets of issues 4 and 19:
 
 (a) nearest-code search alone: the torch matmul-argmin (`nearest_codes`, what the quantizer runs) against a
     faiss flat index (k=2, as `CodeSearch` uses it) on the same l2-normalised vectors;
-(b) tokenization throughput against the bare encoder+quantizer forward (`model.encode` on ready float
-    batches) at the same batch size: the stage's encode loop (shards -> PNG decode in a loader worker ->
-    encode -> LMDB part) with the torch lookup (the pure I/O + storage cost) and with the auto choice. Each loop
-    pass is paired with a bare pass run right before it and the median of the paired ratios is reported, so
-    load from other processes that drifts during the run hits both alike. Target: >= 0.85. Then the whole
-    stage once (`run`: + setup, merge, shards, round-trip check, metrics), whose fixed costs only amortise on
-    a real dataset;
+(b) the encode loop bound by its real costs (issue 19): three figures measured back to back in each round, the
+    bare read + decode rate (the stage's loader alone: PNG shards -> uint8 batches in the auto-sized workers),
+    the bare encode rate (encoder + the auto lookup on ready float batches) and the stage's encode loop (loader ->
+    encode -> records written on the writer thread), and the ratio stage / min(read+decode, encode), median over
+    rounds. Target >= 0.85. Run twice: with the default VQGAN (the encoder is the bound on a CPU) and with the
+    tiny preset's encoder (ch 8), which stands in for a fast GPU encoder, so reading and decoding become the
+    bound. Then the whole default stage once (`run`: + setup, merge, shards, round-trip check, metrics), whose
+    fixed costs only amortise on a real dataset;
 (c) readers over a 70k-record store of the default 8x8 grid: LMDB random reads (TokenLMDBDataset) and
     WebDataset streaming (token_webdataset). Target: >= 50k samples/s each.
 
 Uses data/vqgan when it exists, else a random-init VQGAN with params.yaml's model config (throughput does not
 depend on the weights), and the Fashion-MNIST IDX files when installed, else random images.
 
-Usage: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/bench_tokenize.py [--images 512] [--rounds 5] [--batch-size 256]
+Usage: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/bench_tokenize.py [--images 4096] [--rounds 5] [--batch-size 256]
+(one torch thread + one decode worker + the writer thread: the work spread over a 2-core machine's cores)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -43,8 +46,8 @@ from pipeline.vqgan_io import load_vqgan, save_vqgan  # noqa: E402
 from pipeline.runlog import read_run_facts  # noqa: E402
 from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams  # noqa: E402
 from stages.prepare import run as prepare  # noqa: E402
-from stages.tokenize import (CodeSearch, TokenizeConfig, TokenizeParams, assemble, encode_pending,  # noqa: E402
-                             resolve_search, run, to_model_input)
+from stages.tokenize import (CodeSearch, ImageBatches, TokenizeConfig, TokenizeParams, assemble,  # noqa: E402
+                             encode_pending, loader_workers, resolve_search, run, to_model_input)
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -76,14 +79,19 @@ def bench_search(code_sizes: list[tuple[int, int]], n_vectors: int) -> None:
         print(f"    {k:>6} x {d:<2} {1e3 * t_torch:9.1f} {1e3 * t_faiss:9.1f} {t_torch / t_faiss:8.1f}x {agree:6.3f}")
 
 
-def make_vqgan(folder: Path) -> tuple[Path, str]:
-    if (ROOT / "data" / "vqgan" / "config.json").is_file():
-        return ROOT / "data" / "vqgan", "trained (data/vqgan)"
+def make_vqgan(folder: Path, tiny: bool) -> tuple[Path, str]:
+    """The trained default VQGAN (data/vqgan) when there is one, else a random init of params.yaml's model config
+    (throughput does not depend on the weights); tiny: the tiny preset's 4x smaller encoder (ch 8), which stands
+    in for a fast (GPU) encoder so that reading and decoding become the bound."""
+    if not tiny and (ROOT / "data" / "vqgan" / "config.json").is_file():
+        return ROOT / "data" / "vqgan", "the trained default (data/vqgan)"
     raw = dict(load_params(ROOT / "params.yaml")["train_vqgan"]["model"])
+    if tiny:
+        raw.update(load_params(ROOT / "configs" / "tiny.yaml")["train_vqgan"]["model"])
     raw["ch_mult"] = tuple(raw["ch_mult"])
     torch.manual_seed(0)
     save_vqgan(folder, VQGAN(VQGANConfig(**raw)), {"resolution": 32})
-    return folder, "random init, params.yaml model config"
+    return folder, ("the tiny preset's (ch 8)" if tiny else "params.yaml's") + " config, random init"
 
 
 def make_prepared(root: Path, n: int) -> Path:
@@ -98,9 +106,9 @@ def make_prepared(root: Path, n: int) -> Path:
     return root / "prepared" / "bench"
 
 
-def bench_throughput(root: Path, n: int, batch: int, rounds: int) -> None:
-    vqgan_dir, which = make_vqgan(root / "vqgan")
-    prepared = make_prepared(root, n)
+def bench_throughput(root: Path, prepared: Path, batch: int, rounds: int, tiny: bool) -> None:
+    """The three costs of the encode loop, each alone, and the loop itself, in paired rounds."""
+    vqgan_dir, which = make_vqgan(root / ("vqgan-tiny" if tiny else "vqgan"), tiny)
     model, _ = load_vqgan(vqgan_dir)
     cpu = torch.device("cpu")
     splits = [PreparedImages(prepared, s) for s in ("train", "val")]
@@ -108,51 +116,57 @@ def bench_throughput(root: Path, n: int, batch: int, rounds: int) -> None:
     items = [(s, i) for s, d in enumerate(splits) for i in range(len(d))]
     images = torch.cat([d.load_all()[0] for d in splits])
     inputs = [to_model_input(chunk, model.cfg.in_channels, cpu) for chunk in images.split(batch)]
-    auto = resolve_search("auto", cpu)
-    print(f"(b) throughput, {len(items)} images 32x32, batch {batch}, VQGAN {which}; "
-          f"torch threads {torch.get_num_threads()}, loader workers 1")
+    method = resolve_search("auto", cpu)
+    search = CodeSearch(model, method, cpu)
+    workers = loader_workers("auto", cpu)
+    print(f"(b) encode loop, {len(items)} images 32x32, batch {batch}, VQGAN: {which}; {method} lookup, "
+          f"torch threads {torch.get_num_threads()}, loader workers {workers} (auto), {os.cpu_count()} cores")
 
-    def bare() -> float:
+    def read_decode() -> float:  # the loader alone: the same workers, prefetch and batches as the stage
         t = time.perf_counter()
-        with torch.no_grad():
-            for x in inputs:
-                model.encode(x)
-        return time.perf_counter() - t
+        loader = torch.utils.data.DataLoader(ImageBatches(splits, items, batch), batch_size=None,
+                                             num_workers=workers, prefetch_factor=4 if workers else None)
+        assert sum(len(x) for x, _ in loader) == len(items)
+        return len(items) / (time.perf_counter() - t)
 
-    def loop(method: str, tag: str) -> float:
-        p = TokenizeParams(batch_size=batch, num_workers=1)
-        n_done, seconds = encode_pending(model, CodeSearch(model, method, cpu), splits, keys, items,
-                                         root / f"part-{tag}.lmdb", p, cpu, show=False)
+    def encode() -> float:  # the encoder + lookup alone, on ready float batches
+        t = time.perf_counter()
+        for x in inputs:
+            search(x)
+        return len(items) / (time.perf_counter() - t)
+
+    def stage_loop(tag: str) -> float:
+        p = TokenizeParams(batch_size=batch, num_workers="auto")
+        n_done, seconds = encode_pending(model, search, splits, keys, items, root / f"part-{tag}.lmdb", p, cpu,
+                                         show=False)
         (root / f"part-{tag}.lmdb").unlink()
         assert n_done == len(items)
-        return seconds
+        return len(items) / seconds
 
-    bare()  # warm-up
-    ratios: dict[str, list[float]] = {"torch": [], auto: []}
-    rates: dict[str, list[float]] = {"bare": [], "torch": [], auto: []}
-    for r in range(rounds):  # each loop pass is paired with a bare pass right before it: drifting load hits both
-        for method in ("torch", auto):
-            t_bare, t_loop = bare(), loop(method, f"{method}{r}")
-            ratios[method].append(t_bare / t_loop)
-            rates["bare"].append(len(items) / t_bare)
-            rates[method].append(len(items) / t_loop)
-    med = {k: float(np.median(v)) for k, v in rates.items()}
-    print(f"    bare model.encode forward          {med['bare']:8.1f} images/s (median of {len(rates['bare'])} passes)")
-    for method, note in (("torch", "  (the same lookup: I/O + storage cost alone)"), (auto, "")):
-        r = ratios[method]
-        print(f"    stage encode loop, {method + ' lookup':<15} {med[method]:8.1f} images/s   ratio to bare: "
-              f"median {np.median(r):.3f} (paired passes: {', '.join(f'{x:.2f}' for x in r)}){note}")
+    encode(), read_decode()  # warm-up
+    rows = []
+    for r in range(rounds):  # each round measures all three back to back: drifting load hits them alike
+        d, e, st = read_decode(), encode(), stage_loop(f"{int(tiny)}-{r}")
+        rows.append((d, e, st, st / min(d, e)))
+    d, e, st, ratio = (float(np.median(c)) for c in zip(*rows))
+    print(f"    bare read + decode ({workers} worker{'s' * (workers != 1)})   {d:9.1f} images/s")
+    print(f"    bare encode + lookup               {e:9.1f} images/s")
+    print(f"    stage encode loop                  {st:9.1f} images/s")
+    print(f"    ratio stage / min(read+decode, encode): median {ratio:.3f} (rounds: "
+          f"{', '.join(f'{x[3]:.2f}' for x in rows)}; target >= 0.85); bound: "
+          f"{'read + decode' if d < e else 'encode'}")
+    if tiny:
+        return
     metrics = root / "metrics.json"
     t = time.perf_counter()
     run(TokenizeConfig("bench", prepared, vqgan_dir, root / "tokens" / "bench", metrics, root / "usage.png",
-                        TokenizeParams(batch_size=batch, num_workers=1)))
+                       TokenizeParams(batch_size=batch)))
     whole = time.perf_counter() - t
-    m = json.loads(metrics.read_text()) | read_run_facts(metrics)
-    print(f"    whole stage (run: + merge, shards, round trip of {m['roundtrip']['images']}, metrics) "
-          f"{len(items) / whole:8.1f} images/s   ratio {len(items) / whole / med['bare']:.3f}")
-    print(f"    whole-stage seconds by phase: {m['seconds']} (plot + metrics: the rest of {whole:.1f} s); "
-          f"fixed costs shrink with the dataset")
-    print(f"    stored: {m['bytes_per_image']} bytes per image; round trip exact: {m['roundtrip']['exact']}")
+    m = json.loads((root / "tokens" / "bench" / "metrics.json").read_text())
+    facts = read_run_facts(metrics)
+    print(f"    whole stage (run: + setup, merge, shards, round trip of {m['roundtrip']['images']}, metrics) "
+          f"{len(items) / whole:8.1f} images/s; seconds by phase: {facts['seconds']} of {whole:.1f} s: the fixed "
+          f"costs shrink with the dataset")
 
 
 def build_store(root: Path, n: int, grid: int, n_codes: int) -> Path:
@@ -203,9 +217,9 @@ def bench_readers(root: Path, n: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=512, help="images per throughput pass")
+    ap.add_argument("--images", type=int, default=4096, help="images per throughput pass")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=5, help="rounds of paired bare/loop passes per lookup")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of (read+decode, encode, stage loop) passes")
     ap.add_argument("--records", type=int, default=70000, help="records in the reader benchmark store")
     args = ap.parse_args()
     import logging
@@ -213,7 +227,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         bench_search([(512, 8), (1024, 16), (4096, 8)], n_vectors=args.batch_size * 64)
-        bench_throughput(root, args.images, args.batch_size, args.rounds)
+        prepared = make_prepared(root, args.images)
+        for tiny in (False, True):
+            bench_throughput(root, prepared, args.batch_size, args.rounds, tiny)
         bench_readers(root, args.records)
 
 

@@ -321,16 +321,24 @@ def tokenize_source(source: str | Path, vqgan: str | Path, out: str | Path, p: A
     return out
 
 
+def workers_option(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not 'auto' or a number of processes") from None
+
+
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    from stages.tokenize import TokenizeParams
+    from stages.tokenize import params_from
 
     source = Path(args.source)
     name = args.name or source.name
     if not name.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"store name {name!r} must be letters, digits, - and _ (give --name)")
-    p = from_dict(TokenizeParams, {"batch_size": args.batch_size, "shard_size": args.shard_size, "hflip": args.hflip,
-                                   "search": args.search, "device": args.device, "num_workers": args.num_workers},
-                  "tokenize", "command line")
+    p = params_from({"batch_size": args.batch_size, "shard_size": args.shard_size, "hflip": args.hflip,
+                     "search": args.search, "device": args.device, "num_workers": args.num_workers}, "command line")
     out = Path(args.out) if args.out else ROOT / "data" / "tokens" / name
     tokenize_source(source, args.vqgan, out, p, resolution=args.resolution, resize=args.resize,
                     background=args.background, split=args.split, metrics=args.metrics,
@@ -417,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=10000)
     p.add_argument("--search", default="auto", choices=("auto", "faiss", "torch"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=workers_option, default="auto",
+                   help="image-decoding processes (default auto: sized to the device)")
     p.add_argument("--convert-channels", action="store_true", help="grey <-> RGB to match the VQGAN")
     p.add_argument("--resolution", type=int, help="for raw images: default the VQGAN's training resolution")
     p.add_argument("--resize", default="pad", choices=("pad", "resize", "center_crop"))

@@ -29,6 +29,8 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -43,8 +45,9 @@ from tqdm import tqdm
 from models.quantizer import nearest_codes
 from models.vqgan import VQGAN
 from pipeline.atomic import atomic_path, read_json, check_replaceable, replace_dir, write_json
-from pipeline.config import check_dataset_name, load_params, param, section
+from pipeline.config import check_dataset_name, from_dict, load_params, param
 from pipeline.errors import UserError
+from pipeline.images import decode_png
 from pipeline.stage_cli import run_stage_cli
 from pipeline.runlog import headline, write_metrics
 from pipeline.codegraph import code_fingerprint
@@ -78,7 +81,7 @@ class TokenizeParams:
     hflip: bool = False  # also store a horizontally flipped copy of every image (key suffix _hflip)
     search: Literal["auto", "faiss", "torch"] = "auto"  # nearest-code lookup; auto: the faster on this device
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = param(1, min=0)  # image-decoding loader workers
+    num_workers: int | Literal["auto"] = "auto"  # image-decoding loader processes; auto: sized to the device
     map_size_mb: int = param(64, min=1)  # initial LMDB map; it grows on demand
     max_map_mb: float | None = param(None, min=0.01)  # ceiling for the map (a quota, a shared disk); null: none
     roundtrip_images: int = param(256, min=0)  # images whose decoded tokens must equal the VQGAN's reconstructions
@@ -104,7 +107,17 @@ def check(params: dict, source: str) -> TokenizeParams:
     if "convert_channels" in (params.get("tokenize") or {}):  # moved: one dataset's choice re-runs only its stage
         raise UserError(f"{source}: tokenize.convert_channels is now per dataset: set datasets.<name>.convert_channels "
                         f"on the dataset that needs it and remove it from tokenize")
-    return section(params, "tokenize", TokenizeParams, source)
+    if "tokenize" not in params:
+        raise UserError(f"{source}: missing section 'tokenize'")
+    return params_from(params["tokenize"], source)
+
+
+def params_from(raw: dict, source: str) -> TokenizeParams:
+    """The `tokenize` section (or the same keys from `pipeline tokenize`'s options), validated."""
+    p = from_dict(TokenizeParams, raw, "tokenize", source)
+    if p.num_workers != "auto" and p.num_workers < 0:
+        raise UserError(f"{source}: tokenize.num_workers = {p.num_workers} is out of range (allowed: 'auto' or >= 0)")
+    return p
 
 
 def load_config(params_path: str, name: str) -> TokenizeConfig:
@@ -202,18 +215,76 @@ class CodeSearch:
         return best.view(B, h, w)
 
 
-class _ImageItems(Dataset):
-    """Images of (split code, index) pairs, decoded in loader workers; yields (uint8 image, position)."""
+class ImageBatches(Dataset):
+    """Batch b of `items` (consecutive (split, index) pairs), read and decoded in a loader worker into one uint8
+    tensor [B, C, H, W]: one transfer per batch instead of one per image plus a collate in the main process."""
 
-    def __init__(self, splits: list[PreparedImages], items: list[tuple[int, int]]):
-        self.splits, self.items = splits, items
+    def __init__(self, splits: list[PreparedImages], items: list[tuple[int, int]], batch_size: int):
+        self.splits, self.items, self.batch_size = splits, items, batch_size
+        m = splits[0].manifest
+        self.shape = (m["channels"], m["resolution"], m["resolution"])
 
     def __len__(self) -> int:
-        return len(self.items)
+        return math.ceil(len(self.items) / self.batch_size)
 
-    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
-        s, i = self.items[j]
-        return self.splits[s][i][0], j
+    def __getitem__(self, b: int) -> tuple[torch.Tensor, int]:
+        chunk = self.items[b * self.batch_size:(b + 1) * self.batch_size]
+        out = np.empty((len(chunk), *self.shape), np.uint8)
+        for k, (s, i) in enumerate(chunk):
+            out[k] = decode_png(self.splits[s].read_png(i)).transpose(2, 0, 1)  # (H, W, C); a wrong size fails
+        # plain NCHW strides, as torch.stack of single images gives: with C = 1, a batch built by permuting an
+        # NHWC array is also "contiguous" but carries channels-last strides, and the convolutions then take
+        # another kernel whose rounding moves a few near-tie tokens (15 of 70k on Fashion-MNIST)
+        return torch.from_numpy(out), b * self.batch_size
+
+
+def loader_workers(setting: int | str, device: torch.device) -> int:
+    """auto: on CUDA the encoder waits on decoding, so every core but one decodes (at most 8); on the CPU the
+    encoder takes the cores and PNG decoding costs ~10% of its time (bench/bench_tokenize.py), so one worker keeps
+    decoding off the encoder's thread without taking a core from it."""
+    if setting != "auto":
+        return int(setting)
+    if device.type == "cuda":
+        return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return 1
+
+
+class BackgroundWriter:
+    """Packs records and writes them to an LMDB part on one thread while the next batch encodes (LMDB and the
+    fsync release the GIL). Each batch stays one transaction, in order; at most `depth` batches wait. An error on
+    the thread is raised in the caller at the next put or at the end, and nothing after it is written."""
+
+    def __init__(self, writer: LMDBWriter, depth: int = 2):
+        self.writer, self.depth = writer, depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmdb-writer")
+        self.pending: deque[Future] = deque()
+        self.failed = False
+
+    def put(self, make_records, *args) -> None:
+        while len(self.pending) >= self.depth:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self._write, make_records, args))
+
+    def _write(self, make_records, args) -> None:
+        if self.failed:  # batches queued behind a failed one are not written: the store ends at the failure
+            return
+        try:
+            self.writer.put_batch(make_records(*args))
+        except BaseException:
+            self.failed = True
+            raise
+
+    def finish(self, raise_errors: bool = True) -> None:
+        """Wait for the queued batches; raise_errors=False when the caller is already failing (its error wins)."""
+        try:
+            while self.pending:
+                future = self.pending.popleft()
+                if raise_errors:
+                    future.result()
+                else:
+                    future.exception()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def check_compat(manifest: dict, model: VQGAN, vqgan_meta: dict, convert_channels: bool, prepared: Path,
@@ -236,33 +307,46 @@ def check_compat(manifest: dict, model: VQGAN, vqgan_meta: dict, convert_channel
 def encode_pending(model: VQGAN, search: CodeSearch, splits: list[PreparedImages], keys: list[list[bytes]],
                    items: list[tuple[int, int]], part: Path, p: TokenizeParams, device: torch.device,
                    show: bool) -> tuple[int, float]:
-    """Encode `items` into the LMDB file `part`, one transaction per batch. Returns (images, seconds)."""
+    """Encode `items` into the LMDB file `part`, one transaction per batch. Returns (images, seconds).
+
+    Three things overlap: loader workers read and decode the next batches, this thread encodes, and a writer
+    thread packs and stores the previous batch."""
     if not items:
         return 0, 0.0
     in_ch, code = model.cfg.in_channels, dtype_code(model.cfg.n_codes)
     labels = [[e.label for e in d.entries] for d in splits]
-    loader = DataLoader(_ImageItems(splits, items), batch_size=p.batch_size, num_workers=p.num_workers,
-                        pin_memory=device.type == "cuda")
+    workers = loader_workers(p.num_workers, device)
+    loader = DataLoader(ImageBatches(splits, items, p.batch_size), batch_size=None, num_workers=workers,
+                        prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
     batches = iter(loader)  # workers fork here, before this process opens its LMDB writer
+
+    def records(grids: np.ndarray, batch: list[tuple[int, int]]) -> list[tuple[bytes, bytes]]:
+        n = len(batch)
+        split_codes = [s for s, _ in batch]
+        batch_labels = [labels[s][i] for s, i in batch]
+        batch_keys = [keys[s][i] for s, i in batch]
+        out = list(zip(batch_keys, encode_records(grids[:n], batch_labels, split_codes, [0] * n, code)))
+        if p.hflip:
+            flipped = encode_records(grids[n:], batch_labels, split_codes, [FLAG_HFLIP] * n, code)
+            out += zip((k + HFLIP_SUFFIX.encode() for k in batch_keys), flipped)
+        return out
+
     bar = tqdm(total=len(items), desc="tokenize", unit="img", disable=not show, mininterval=2.0, file=sys.stderr)
     t0 = time.monotonic()
-    with LMDBWriter(part, p.map_size_mb << 20, max_map_size=max_map(p)) as writer:
-        for images, pos in batches:
-            x = to_model_input(images, in_ch, device)
-            if p.hflip:
-                x = torch.cat([x, x.flip(-1)])
-            grids = search(x).cpu().numpy()
-            batch = [items[j] for j in pos.tolist()]
-            n = len(batch)
-            split_codes = [s for s, _ in batch]
-            batch_labels = [labels[s][i] for s, i in batch]
-            batch_keys = [keys[s][i] for s, i in batch]
-            records = list(zip(batch_keys, encode_records(grids[:n], batch_labels, split_codes, [0] * n, code)))
-            if p.hflip:
-                flipped = encode_records(grids[n:], batch_labels, split_codes, [FLAG_HFLIP] * n, code)
-                records += zip((k + HFLIP_SUFFIX.encode() for k in batch_keys), flipped)
-            writer.put_batch(records)
-            bar.update(n)
+    with LMDBWriter(part, p.map_size_mb << 20, max_map_size=max_map(p)) as lmdb_writer:
+        writer = BackgroundWriter(lmdb_writer)
+        try:
+            for images, start in batches:
+                x = to_model_input(images, in_ch, device)
+                if p.hflip:
+                    x = torch.cat([x, x.flip(-1)])
+                batch = items[start:start + len(images)]
+                writer.put(records, search(x).cpu().numpy(), batch)
+                bar.update(len(batch))
+        except BaseException:
+            writer.finish(raise_errors=False)
+            raise
+        writer.finish()
     bar.close()
     return len(items), time.monotonic() - t0
 

@@ -29,7 +29,8 @@ from pipeline.tokens import (FLAG_HFLIP, LMDBWriter, TokenLMDBDataset, decode_ba
 from pipeline.vqgan_io import fingerprint, load_vqgan, save_vqgan
 from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
 from stages.prepare import run as prepare
-from stages.tokenize import CodeSearch, TokenizeConfig, TokenizeParams, load_config, run, to_model_input
+from stages.tokenize import (CodeSearch, ImageBatches, TokenizeConfig, TokenizeParams, encode_pending, load_config,
+                             loader_workers, params_from, run, to_model_input)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -161,6 +162,75 @@ def test_faiss_search_equals_torch_even_on_tied_codes():
     model_l2 = VQGAN(VQGANConfig(ch=8, ch_mult=(1, 2), z_channels=8, n_codes=32, code_dim=4, l2_norm=False,
                                  dead_code_steps=0)).eval()
     assert torch.equal(CodeSearch(model_l2, "faiss", cpu)(x), model_l2.encode(x)[1])  # IndexFlatL2 path
+
+
+# ---------------------------------------------------------------- the encode loop: decode workers, writer thread
+
+def test_loader_batches_are_the_stacked_images_with_plain_strides(data):
+    """One worker item is one batch; it must equal torch.stack of the single images, strides included: a grey
+    batch with channels-last strides is also 'contiguous' but sends the encoder down another conv kernel, whose
+    rounding moved 15 of 70k Fashion-MNIST tokens."""
+    splits = [PreparedImages(data["prepared"], s) for s in ("train", "val")]
+    items = [(s, i) for s, d in enumerate(splits) for i in range(len(d))][::-1]  # any order, across splits
+    ds = ImageBatches(splits, items, 7)
+    assert len(ds) == 8  # 52 items: 7 full batches and one of 3
+    for b in range(len(ds)):
+        x, start = ds[b]
+        want = torch.stack([splits[s][i][0] for s, i in items[start:start + 7]])
+        assert start == 7 * b and torch.equal(x, want) and x.stride() == want.stride()
+
+
+def test_decode_workers_and_writer_thread_make_the_same_store(data, store, tmp_path):
+    out = tmp_path / "tokens" / "a"
+    tokenize(data, out, hflip=True, num_workers=2, batch_size=5)
+    assert records(out) == records(store)  # the fixture's store: no workers, batches of 8
+
+
+def test_a_failed_write_stops_the_loop_and_keeps_the_batches_before_it(data, tmp_path, monkeypatch):
+    model, _ = load_vqgan(data["vqgan"])
+    splits = [PreparedImages(data["prepared"], s) for s in ("train", "val")]
+    keys = [[e.key.encode() for e in d.entries] for d in splits]
+    items = [(s, i) for s, d in enumerate(splits) for i in range(len(d))]
+    calls = []
+    real = LMDBWriter.put_batch
+
+    def put_batch(self, batch, append=False):
+        calls.append(len(batch))
+        if len(calls) == 3:
+            raise UserError("disk refused batch 3")
+        real(self, batch, append)
+    monkeypatch.setattr(LMDBWriter, "put_batch", put_batch)
+    part = tmp_path / "part.lmdb"
+    with pytest.raises(UserError, match="batch 3"):
+        encode_pending(model, CodeSearch(model, "torch", torch.device("cpu")), splits, keys, items, part,
+                       params(), torch.device("cpu"), show=False)
+    assert calls == [8, 8, 8]  # nothing was written after the failure
+    monkeypatch.setattr(LMDBWriter, "put_batch", real)
+    assert sorted(_part_keys(part)) == sorted(keys[0][:16])  # the two batches before it, committed in order
+
+    def failing_search(x):  # the loop's own error wins over the writes still queued
+        if len(calls) >= 5:
+            raise RuntimeError("encoder failed")
+        calls.append(len(x))
+        return model.encode(x)[1]
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        encode_pending(model, failing_search, splits, keys, items, tmp_path / "part2.lmdb", params(),
+                       torch.device("cpu"), show=False)
+    assert len(_part_keys(tmp_path / "part2.lmdb")) == 2 * 8  # the batches encoded before the error are stored
+
+
+def _part_keys(part: Path) -> list[bytes]:
+    with read_txn(part) as txn:
+        return list(txn.cursor().iternext(values=False))
+
+
+def test_num_workers_is_auto_or_a_count():
+    assert params_from({"num_workers": 3}, "p.yaml").num_workers == 3
+    assert loader_workers("auto", torch.device("cpu")) == 1 and loader_workers(0, torch.device("cpu")) == 0
+    assert 1 <= loader_workers("auto", torch.device("cuda")) <= 8
+    for bad, msg in ((-1, "out of range"), ("many", "wrong type"), (1.5, "wrong type")):
+        with pytest.raises(UserError, match=f"p.yaml: tokenize.num_workers = .* {msg}"):
+            params_from({"num_workers": bad}, "p.yaml")
 
 
 # ---------------------------------------------------------------- resume
