@@ -10,6 +10,8 @@ Needs the default pipeline's VQGAN, token store and FID reference (dvc repro fid
   python bench/compare_stage2.py                       # lada, transgan, stransgan; 300 steps each
   python bench/compare_stage2.py --families lada --steps 600
   python bench/compare_stage2.py --reuse                # only the table, from earlier runs
+  python bench/compare_stage2.py --families lada --steps 1000 --tag image-recon \
+      --set train_transformer.gan.d_space=image --set train_transformer.gan.snap=true   # a variant, its own rows
 Prints a markdown table (gFID on the evaluate protocol, parameters, step time) and writes
 data/compare/summary.json and data/compare/fid_over_training.png.
 """
@@ -80,32 +82,37 @@ def main() -> None:
     ap.add_argument("--fid-images", type=int, default=256)
     ap.add_argument("--out", default=str(ROOT / "data" / "compare"))
     ap.add_argument("--reuse", action="store_true", help="keep families already evaluated under --out")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a params override for every family of this run (e.g. train_transformer.gan.d_space=image)")
+    ap.add_argument("--tag", default="", help="names this variant: rows 'family (tag)', folders <out>/family-tag")
     args = ap.parse_args()
     out = Path(args.out)
     base = load_params(ROOT / "params.yaml")
     rows = []
-    ar_train, ar_eval = ROOT / base["train_transformer"]["metrics"], ROOT / base["evaluate"]["metrics"]
+    # the full records: metrics.json in each out folder (the metrics files hold only the headline columns)
+    ar_train = ROOT / base["train_transformer"]["out_dir"] / "metrics.json"
+    ar_eval = ROOT / base["evaluate"]["report_dir"] / "metrics.json"
     if ar_train.is_file() and ar_eval.is_file():
-        train = json.loads(ar_train.read_text()) | read_run_facts(ar_train)
+        train = json.loads(ar_train.read_text()) | read_run_facts(ROOT / base["train_transformer"]["metrics"])
         r = row("ar (default pipeline)", train, json.loads(ar_eval.read_text()))
         r["step_time_s"] = round(base["train_transformer"]["batch_size"] * 64 / train["tokens_per_s"], 3) \
             if train.get("tokens_per_s") else None
         rows.append(r)
     for family in args.families:
-        d = out / family
-        if args.reuse and (d / "evaluate.json").is_file():
-            rows.append(row(family, json.loads((d / "train.json").read_text()) | read_run_facts(d / "train.json"),
-                            json.loads((d / "evaluate.json").read_text())))
-            continue
-        res = run_model(family, ["train_transformer.kind=gan", f"train_transformer.gan.family={family}",
-                                 f"train_transformer.steps={args.steps}",
-                                 f"train_transformer.gan.fid_every={args.fid_every}",
-                                 f"train_transformer.gan.fid_images={args.fid_images}"], base, out)
-        d = Path(res["dir"])
-        rows.append(row(family, json.loads((d / "train.json").read_text()) | read_run_facts(d / "train.json"),
-                        json.loads((d / "evaluate.json").read_text())) | {"stage_seconds": res["seconds"]})
-    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    plot(out / "fid_over_training.png", rows)
+        name = f"{family}-{args.tag}" if args.tag else family
+        label = f"{family} ({args.tag})" if args.tag else family
+        d = out / name
+        if not (args.reuse and (d / "report" / "metrics.json").is_file()):
+            res = run_model(name, ["train_transformer.kind=gan", f"train_transformer.gan.family={family}",
+                                   f"train_transformer.steps={args.steps}",
+                                   f"train_transformer.gan.fid_every={args.fid_every}",
+                                   f"train_transformer.gan.fid_images={args.fid_images}", *args.set], base, out)
+            print(f"{label}: stage seconds {res['seconds']}", file=sys.stderr)
+        rows.append(row(label, json.loads((d / "model" / "metrics.json").read_text()) | read_run_facts(d / "train.json"),
+                        json.loads((d / "report" / "metrics.json").read_text())))
+    suffix = f"-{args.tag}" if args.tag else ""
+    (out / f"summary{suffix}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot(out / f"fid_over_training{suffix}.png", rows)
     cols = ["model", "gFID", "n_gen", "n_ref", "precision", "recall", "code_usage_pct", "params", "steps",
             "step_time_s", "fid_over_training"]
     print("| " + " | ".join(cols) + " |")

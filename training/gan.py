@@ -6,10 +6,14 @@ quantizer's lookup space (unit vectors when the codebook is l2-normalised). The 
 Sampling snaps every generated vector to its nearest code (`snap_to_codes`), which gives a token grid that the
 VQGAN decodes exactly like an AR sample, so `sample` and `evaluate` treat both kinds the same.
 
-Where the discriminator looks. Every discriminator call goes through `d_logits` on latent grids. A discriminator on
-decoded images would be added there: decode the grids with the VQGAN's decoder (differentiable from the latent
-grid on), build an image discriminator next to the latent one, and add its loss terms in `train_gan`'s D and G
-steps. Nothing else (data, checkpoints, sampling) depends on what D looks at.
+Where the discriminator looks (`gan.d_space`). latent: the family's own D judges latent grids. A real grid is
+made of exact codewords and G's grids are continuous, so such a D can tell them apart by the distance to the nearest
+codeword alone, without looking at the image; `gan.snap` removes that shortcut by giving D G's grids snapped to their
+nearest codes (straight-through gradient), i.e. codewords like every real grid and every sample. image: G's grids
+go through the frozen VQGAN decoder (differentiable) and a conv discriminator (models/gan_pixel_d.py) judges the
+pixels, with DiffAugment in pixel space; the real images are the decoder's reconstructions of the real grids
+(`gan.image_reals: recon`, like with like: both sides carry the decoder's artifacts) or the dataset's own images
+(`dataset`). Every D input is made in `TrainingInputs`; nothing else (data, checkpoints, sampling) depends on it.
 
 Recipe. Each family config carries its paper's recipe (loss, R1 gamma, Adam learning rates and betas, EMA decay,
 DiffAugment policy); `gan:` params may override the optimisation fields and any architecture field. One step:
@@ -48,6 +52,7 @@ from tqdm import tqdm
 
 from models.gan_common import GANConfig, d_loss, diff_augment, g_loss, gan_config, r1_penalty
 from models.gan import build_discriminator, build_generator, embed_tokens, project_to_codes_space, snap_to_codes
+from models.gan_pixel_d import PixelDiscriminator, straight_through_snap
 from models.gan_transgan import sr_loss
 from pipeline import checkpoint as ckpt
 from pipeline import doctor
@@ -55,11 +60,11 @@ from pipeline.atomic import new_partial_dir, replace_dir, write_json
 from pipeline.config import from_dict, param
 from pipeline.errors import UserError
 from pipeline.fid import Protocol, extract_features, frechet_distance_features, protocol_id
-from pipeline.prepared import read_manifest
+from pipeline.prepared import PreparedImages, read_manifest
 from training.common import (EMA, StepBatches, check_batch_fits, check_finite, config_hash, export_weights,
                              seed_everything, write_tsv)
 from pipeline.device import Dist, autocast
-from pipeline.vqgan_io import load_vqgan, to_uint8
+from pipeline.vqgan_io import load_vqgan, to_model_range, to_uint8
 from pipeline.fid_reference import NetworkParams, check_reference, load_network, load_reference
 from pipeline.runlog import write_metrics
 from pipeline.tokens import TokenData
@@ -103,6 +108,11 @@ class GANParams:
     fid_images: int = param(256, min=2)  # generated images per FID point (the reference's count is its own)
     fid_reference: str = "data/fid_ref/fashion_mnist-val-tf_bilinear"  # a fid_ref output folder
     fid_network: NetworkParams = field(default_factory=NetworkParams)
+    # what D judges: latent grids (the family's D) or images decoded by the frozen VQGAN decoder (a conv D)
+    d_space: Literal["latent", "image"] = "latent"
+    image_reals: Literal["recon", "dataset"] = "recon"  # d_space image: real images are the VQGAN's reconstructions
+    image_d_channels: int = param(32, min=1)  # d_space image: the conv D's first width (doubling per halving)
+    snap: bool = False  # D sees G's grids snapped to their nearest codes (straight-through), as real grids are
 
 
 def check_gan(g: GANParams, source: str) -> None:
@@ -169,7 +179,7 @@ NOISE, AUGMENT, FID_NOISE, MS_NOISE = 0, 1, 2, 3
 
 
 def d_logits(D: nn.Module, grids: Tensor, y: Tensor | None, policy: str, aug: torch.Generator) -> Tensor:
-    """D's logits for latent grids after DiffAugment (the single place where D sees its input)."""
+    """D's logits for its inputs (latent grids or images) after DiffAugment (the single place where D sees them)."""
     return D(diff_augment(grids, policy, aug), y)
 
 
@@ -242,6 +252,56 @@ class FIDTracker:
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# What D sees
+
+class TrainingInputs:
+    """The discriminator's inputs for a step: real and fake grids mapped into `gan.d_space` (see the docstring)."""
+
+    def __init__(self, g: GANParams, vqgan: "VQGAN", codebook: Tensor, l2_norm: bool, prepared: Path, meta: dict,
+                 hflip: bool):
+        self.g, self.vqgan, self.codebook, self.l2_norm = g, vqgan, codebook, l2_norm
+        self.images: PreparedImages | None = None
+        if g.d_space == "image" and g.image_reals == "dataset":
+            manifest = read_manifest(prepared)
+            if manifest["fingerprint"] != meta.get("dataset_fingerprint"):
+                raise UserError(f"{prepared}: not the prepared dataset the token store was made from (fingerprints "
+                                f"differ); train_transformer.gan.image_reals: dataset needs that one, or use recon")
+            if manifest["channels"] != vqgan.cfg.in_channels:
+                raise UserError(f"{prepared}: images have {manifest['channels']} channel(s), the VQGAN decodes "
+                                f"{vqgan.cfg.in_channels}; use train_transformer.gan.image_reals: recon")
+            self.images = PreparedImages(prepared, "train")
+            self.n = meta["counts"]["train"]  # store index i >= n: the flipped copy of image i - n
+            if len(self.images) != self.n:
+                raise UserError(f"{prepared}: the train split has {len(self.images)} images, the token store "
+                                f"{self.n}; re-run tokenize")
+        self.hflip = hflip
+
+    def real(self, grids: Tensor, idx: Tensor) -> Tensor:
+        if self.g.d_space == "latent":
+            return grids
+        if self.images is None:
+            with torch.no_grad():
+                return self.vqgan.decode(grids)
+        ids = idx.tolist()
+        x = torch.stack([self.images[i % self.n][0] for i in ids]).to(grids.device)
+        flip = torch.tensor([i >= self.n for i in ids], device=grids.device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return to_model_range(x)
+
+    def fake(self, grids: Tensor) -> Tensor:
+        if self.g.snap:
+            grids = straight_through_snap(grids, self.codebook, snap_to_codes(grids.detach(), self.codebook,
+                                                                               self.l2_norm))
+        return self.vqgan.decode(grids) if self.g.d_space == "image" else grids
+
+
+def build_d(g: GANParams, gcfg: GANConfig, vqgan: "VQGAN", resolution: int) -> nn.Module:
+    if g.d_space == "image":
+        return PixelDiscriminator(vqgan.cfg.in_channels, resolution, g.image_d_channels, gcfg.n_classes)
+    return build_discriminator(d_config(gcfg))
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # The training run
 
 def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
@@ -253,6 +313,7 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     g = cfg.gan
     vq_dir = Path(cfg.vqgan_dir)
     vqgan, vmeta = load_vqgan(vq_dir, device)
+    vqgan.eval().requires_grad_(False)  # frozen: with d_space image, D's gradient reaches G through its decoder
     fingerprint = vmeta["fingerprint"]
     store = Path(cfg.tokens_dir) / cfg.dataset
     train = TokenData.load(store, "train", cfg.hflip, fingerprint, str(vq_dir / "config.json"))
@@ -267,7 +328,7 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     try:
         gcfg = family_config(g, code_dim=codebook.shape[1], grid=h, n_classes=len(class_names))
         seed_everything(cfg.seed)
-        G, D = build_generator(gcfg).to(device), build_discriminator(d_config(gcfg)).to(device)
+        G, D = build_generator(gcfg).to(device), build_d(g, gcfg, vqgan, h * vqgan.cfg.downsample).to(device)
     except ValueError as exc:
         raise UserError(f"train_transformer.gan ({g.family}, {h}x{h}x{codebook.shape[1]} latent grid): {exc}") \
             from None
@@ -296,6 +357,7 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
         log.info("resuming from %s at step %d", cfg.ckpt_dir, start)
 
     conditional = gcfg.n_classes > 0
+    inputs = TrainingInputs(g, vqgan, codebook, l2_norm, Path(cfg.prepared_dir) / cfg.dataset, meta, cfg.hflip)
     fid = None
     if g.fid_every and dist.main:
         fid = FIDTracker(g, cfg.seed, gcfg.z_dim, gcfg.n_classes, manifest["fingerprint"], vqgan.cfg.in_channels)
@@ -303,9 +365,10 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
                      f"the train split of the token store of {cfg.dataset} (records)")
     batches = StepBatches(len(train.tokens), cfg.batch_size, cfg.seed, dist.rank, dist.world)
     g_params, d_params = num_params(G), num_params(D)
-    log.info("GAN %s (attention %s): G %.2fM, D %.2fM parameters; %s loss, R1 %g, lr G %g D %g, betas %s, "
-             "diffaug %r; %d train grids of %dx%dx%d%s", g.family, g.attention_kind, g_params / 1e6, d_params / 1e6,
-             gcfg.loss, gcfg.r1_gamma, gcfg.lr_g, gcfg.lr_d, gcfg.betas, gcfg.diffaug, len(train.tokens), h, w,
+    log.info("GAN %s (attention %s): G %.2fM, D %.2fM parameters (D on %s%s%s); %s loss, R1 %g, lr G %g D %g, "
+             "betas %s, diffaug %r; %d train grids of %dx%dx%d%s", g.family, g.attention_kind, g_params / 1e6,
+             d_params / 1e6, g.d_space, f", {g.image_reals} reals" if g.d_space == "image" else "",
+             ", snapped fakes" if g.snap else "", gcfg.loss, gcfg.r1_gamma, gcfg.lr_g, gcfg.lr_d, gcfg.betas, gcfg.diffaug, len(train.tokens), h, w,
              codebook.shape[1], f", {gcfg.n_classes} classes" if conditional else "")
 
     def save_checkpoint(step: int) -> None:
@@ -335,9 +398,10 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
         # D step: the fake batch is made once; D learns on it detached, then G learns through it
         with autocast(device, cfg.bf16):
             fake = project_to_codes_space(G(z, y), l2_norm)
-            real_in = real.requires_grad_(gcfg.r1_gamma > 0)
+            fake_in = inputs.fake(fake)
+            real_in = inputs.real(real, idx).requires_grad_(gcfg.r1_gamma > 0)
             logits_real = d_logits(D, real_in, y, gcfg.diffaug, aug)
-            logits_fake = d_logits(D, fake.detach(), y, gcfg.diffaug, aug)
+            logits_fake = d_logits(D, fake_in.detach(), y, gcfg.diffaug, aug)
             loss_d = d_loss(gcfg.loss, logits_real.float(), logits_fake.float())
             r1 = r1_penalty(logits_real.float(), real_in, gcfg.r1_gamma) if gcfg.r1_gamma > 0 else loss_d.new_zeros(())
         check_finite(step, cfg.ckpt_dir, d_loss=loss_d.detach(), r1=r1.detach())
@@ -349,7 +413,7 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
         # G step: D frozen (its gradients are not needed)
         D.requires_grad_(False)
         with autocast(device, cfg.bf16):
-            loss_g = g_loss(gcfg.loss, d_logits(D, fake, y, gcfg.diffaug, aug).float())
+            loss_g = g_loss(gcfg.loss, d_logits(D, fake_in, y, gcfg.diffaug, aug).float())
             if gcfg.family == "transgan" and gcfg.sr_weight > 0:
                 loss_g = loss_g + gcfg.sr_weight * sr_loss(G, real.detach())
             if gcfg.ms_weight > 0:
@@ -416,7 +480,8 @@ def finish_gan(cfg: Any, G_ema: nn.Module, gcfg: GANConfig, history: list[dict],
         "fingerprint": fingerprint,
         "recipe": {"loss": gcfg.loss, "r1_gamma": gcfg.r1_gamma, "lr_g": gcfg.lr_g, "lr_d": gcfg.lr_d,
                    "betas": list(gcfg.betas), "ema_decay": gcfg.ema_decay, "diffaug": gcfg.diffaug,
-                   "ms_weight": gcfg.ms_weight},
+                   "ms_weight": gcfg.ms_weight, "d_space": cfg.gan.d_space, "snap": cfg.gan.snap,
+                   "image_reals": cfg.gan.image_reals if cfg.gan.d_space == "image" else None},
         "ms_ratio": last["ms_ratio"],
         # every FID carries its protocol (sample counts, reference split, resize, network hash, seed)
         "fid": {"value": curve[-1]["value"], "protocol": fid_protocol} if curve else None,
