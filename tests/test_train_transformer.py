@@ -107,3 +107,19 @@ def test_sample_refuses_a_foreign_codebook(world, trained, tmp_path):
     with pytest.raises(UserError, match=r"codebook mismatch: tokens in .* have fingerprint [0-9a-f]{16}, the VQGAN"):
         sample_stage.run(cfg)
     assert not (tmp_path / "samples").exists()
+
+
+def test_weight_decay_groups_are_every_matrix_but_the_class_prefix():
+    from models.gpt import GPT, GPTConfig
+    from models.maskgit import MaskGIT, MaskGITConfig
+    from training.ar import param_groups
+    for model in (GPT(GPTConfig(vocab_size=16, grid=(2, 2), n_layer=1, n_head=1, n_embd=8, n_classes=3, pos="learned")),
+                  MaskGIT(MaskGITConfig(vocab_size=16, grid=(2, 2), n_layer=1, n_head=1, n_embd=8, n_classes=3))):
+        names = {id(p): n for n, p in model.named_parameters()}
+        decayed, free = ([names[id(p)] for p in g["params"]] for g in param_groups(model, 0.1))
+        assert "wte.weight" in decayed and "head.weight" in decayed  # the token embedding is decayed, as in nanoGPT
+        assert "prefix.weight" in free and all(n.endswith(("norm1.weight", "norm2.weight", "norm_f.weight"))
+                                               or n == "prefix.weight" for n in free), free
+        assert sorted(decayed + free) == sorted(names.values())
+        if isinstance(model, GPT):
+            assert "wpe.weight" in decayed

@@ -108,6 +108,14 @@ def plot_curves(path: Path, history: list[dict], unigram: float, kind: str = "ar
     plt.close(fig)
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on every matrix, the token (and learned position) embeddings wte/wpe included,
+    as nanoGPT decays every 2-D parameter; none on norm gains, biases and the class-prefix table."""
+    decayed = {n for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("prefix")}
+    return [{"params": [p for n, p in model.named_parameters() if n in decayed], "weight_decay": weight_decay},
+            {"params": [p for n, p in model.named_parameters() if n not in decayed], "weight_decay": 0.0}]
+
+
 def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     """The loop of kinds `ar` and `maskgit`: `cfg` is the validated `train_transformer` section, `code` the stage's
     code hash."""
@@ -134,11 +142,7 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     # maskgit's masks and label dropout: one generator, its state checkpointed (other ranks draw other masks)
     masks = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + dist.rank) if maskgit else None
     o = cfg.optim
-    # weight decay on matrices only (norm gains, biases and embeddings excluded), as in nanoGPT
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n and "prefix" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n and "prefix" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=(o.beta1, o.beta2))
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2))
     ema = EMA(model, cfg.ema) if cfg.ema is not None else None
     state = ckpt.load_latest(cfg.ckpt_dir, device, expect={"run_id": run_id, "code": code})
     history: list[dict] = []
