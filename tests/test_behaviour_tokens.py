@@ -57,9 +57,11 @@ def make_store(root: Path, hflip: bool = True, shard_size: int = 3) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return make_store(tmp_path_factory.mktemp("tokens") / "a")
+@pytest.fixture
+def store(tmp_path) -> Path:
+    # per test (30 ms), not per module: mutmut credits a function to the tests that call it, and a module fixture
+    # calls write_token_shards during the first test only
+    return make_store(tmp_path / "a")
 
 
 # ---------------------------------------------------------------- record bytes
@@ -391,7 +393,7 @@ def test_webdataset_streams_a_split(store):
 
 def test_webdataset_needs_the_sizes_file(store, tmp_path):
     import shutil
-    copy = tmp_path / "a"
+    copy = tmp_path / "copy"
     shutil.copytree(store, copy)
     (copy / "shards" / "sizes.json").unlink()
     with pytest.raises(UserError) as err:
@@ -486,3 +488,254 @@ def test_environments_of_another_process_are_dropped(tmp_path, monkeypatch):
     child_env = T.shared_reader(path)
     assert child_env is not parent_env and T._READERS[(-7, *T._file_id(path))] is child_env
     assert T._file_id(tmp_path / "none") is None
+
+
+# ---------------------------------------------------------------- what the first mutation run left alive
+
+def test_a_record_of_an_empty_grid_is_the_header_alone():
+    value = encode_records(np.zeros((1, 0, 0), np.int64), [4], [0], [0], 1)[0]
+    assert len(value) == 16
+    rec = decode_record(value)
+    assert rec.grid.shape == (0, 0) and rec.label == 4
+
+
+def test_environments_are_opened_as_the_module_says(store, tmp_path):
+    """Readers: read-only, no lock file, no readahead. The writer: no lock file, no readahead, synced writes."""
+    env = T.open_readonly(store / "tokens.lmdb")
+    flags = env.flags()
+    assert (flags["readonly"], flags["lock"], flags["readahead"]) == (True, False, False)
+    with pytest.raises(lmdb.ReadonlyError):
+        env.begin(write=True)
+    env.close()
+    w = LMDBWriter(tmp_path / "w.lmdb")
+    flags = w.env.flags()
+    assert (flags["lock"], flags["readahead"], flags["sync"], flags["metasync"], flags["subdir"]) == \
+        (False, False, True, True, False)
+    w.close()
+    w = LMDBWriter(tmp_path / "n.lmdb", sync=False)
+    assert (w.env.flags()["sync"], w.env.flags()["metasync"]) == (False, False)
+    w.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "n.lmdb", "w.lmdb"]  # no -lock files beside them
+    assert sorted(p.name for p in store.iterdir()) == ["meta.json", "shards", "tokens.lmdb"]
+
+
+def test_a_file_that_is_not_lmdb_is_one_line(tmp_path):
+    path = tmp_path / "tokens.lmdb"
+    path.write_bytes(b"not an lmdb file\n" * 512)
+    with pytest.raises(UserError) as err:
+        T.open_readonly(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: not a readable token store (") and msg.endswith("); re-run the tokenize stage")
+
+
+def test_writer_creates_missing_folders_and_doubles_its_map(tmp_path):
+    path = tmp_path / "a" / "b" / "c.lmdb"
+    with LMDBWriter(path, map_size=32 << 10) as w:
+        w.put_batch([(b"k%05d" % i, b"v" * 1500) for i in range(60)])
+        assert w.grows >= 2 and w.env.info()["map_size"] == (32 << 10) * 2 ** w.grows
+    assert len(read_keys(path)) == 60
+
+
+class RefusingEnv:
+    """Stands in for an Environment whose writes the file system refuses with `exc`."""
+
+    def __init__(self, exc: Exception):
+        self.exc = exc
+
+    def begin(self, write: bool = False):
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc, refused", [
+    (lmdb.DiskError("mdb_txn_commit: Input/output error"), True),
+    (lmdb.Error("mdb_put: No space left on device"), True),
+    (lmdb.Error("mdb_put: Disk quota exceeded (quota)"), True),
+    (lmdb.Error("mdb_put: something else"), False),
+])
+def test_a_full_disk_is_a_user_error_and_other_lmdb_errors_are_not(tmp_path, exc, refused):
+    w = LMDBWriter(tmp_path / "x.lmdb")
+    real, w.env = w.env, RefusingEnv(exc)
+    try:
+        if refused:
+            with pytest.raises(UserError) as err:
+                w.put_batch([(b"a", b"1")])
+            assert str(err.value) == f"{tmp_path / 'x.lmdb'}: the disk refused the LMDB write ({exc}); free some space"
+        else:
+            with pytest.raises(lmdb.Error) as err:
+                w.put_batch([(b"a", b"1")])
+            assert err.value is exc and not isinstance(err.value, UserError)
+    finally:
+        w.env = real
+        w.close()
+
+
+def test_default_places_in_messages(store):
+    with pytest.raises(UserError) as err:
+        T.check_store({"fingerprint": "a" * 20}, "x", "b" * 20)
+    assert str(err.value).endswith("the VQGAN in the VQGAN in use has bbbbbbbbbbbbbbbb; re-tokenize with this VQGAN")
+    with pytest.raises(UserError) as err:
+        token_webdataset(store, "train", vqgan_fingerprint="0" * 64)
+    assert str(err.value) == (f"codebook mismatch: tokens in {store} have fingerprint {FP[:16]}, the VQGAN in the "
+                              f"VQGAN in use has {'0' * 16}; re-tokenize with this VQGAN")
+    with pytest.raises(UserError) as err:
+        token_webdataset(store, "train", vqgan_fingerprint="0" * 64, vqgan_where="vq")
+    assert str(err.value).endswith(f"the VQGAN in vq has {'0' * 16}; re-tokenize with this VQGAN")
+    with pytest.raises(UserError) as err:
+        TokenData.load(store, "train", True, "0" * 64, "vq/y")
+    assert str(err.value).startswith(f"codebook mismatch: tokens in {store / 'tokens.lmdb'} have") and \
+        "the VQGAN in vq/y has" in str(err.value)
+    data = TokenData.load(store, "val", True, FP, "vq")
+    assert data.labels.tolist() == [7, 5, 7, 5]  # with the flipped copies
+    assert data.tokens.tolist()[2:] == [grid_of(5, True).flatten().tolist(), grid_of(6, True).flatten().tolist()]
+    (store / "meta.json").write_text(json.dumps({"format": "x"}))
+    with pytest.raises(UserError) as err:
+        read_store_json(store)
+    assert str(err.value) == f"{store}: token store format 'x' is not 'tokenmill.tokens/1'; re-tokenize"
+
+
+def test_keys_are_any_bytes_but_newline(tmp_path):
+    root = tmp_path / "k"
+    root.mkdir()
+    meta = {"format": FORMAT, "fingerprint": FP, "grid": [1, 1], "dtype_code": 1, "splits": ["train"], "hflip": False}
+    keys = [b"a b", b"c\td"]  # a space and a tab inside keys
+    recs = encode_records(np.array([[[1]], [[2]]]), [0, 1], [0, 0], [0, 0], 1)
+    with LMDBWriter(root / "tokens.lmdb") as w:
+        w.put_batch([(KEYS_PREFIX + b"train", b"\n".join(keys)), (META_KEY, json.dumps(meta).encode()),
+                     *zip(keys, recs)])
+    ds = TokenLMDBDataset(root, "train")
+    assert ds.keys == keys and ds.get_batch([0, 1])[0].tolist() == [[[1]], [[2]]]
+
+
+def test_a_store_without_meta_names_its_file(tmp_path):
+    path = tmp_path / "tokens.lmdb"
+    with LMDBWriter(path) as w:
+        w.put_batch([(b"x", b"1")])
+    with pytest.raises(UserError) as err:
+        TokenLMDBDataset(tmp_path)
+    assert str(err.value) == f"{path}: no __meta__ record; not a finished token store"
+
+
+def test_a_store_replaced_after_the_check_is_refused_by_name(store, tmp_path):
+    import shutil
+    ds = TokenLMDBDataset(store, "train")
+    moved = tmp_path / "b"
+    shutil.copytree(store, moved)
+    shutil.rmtree(store)
+    moved.rename(store)
+    with pytest.raises(UserError) as err:
+        ds[0]
+    assert str(err.value) == (f"{store}: the token store was replaced after this reader checked it (codebook "
+                              f"fingerprint {FP[:16]}); open it again")
+
+
+def test_a_reader_ends_its_transaction_when_dropped_in_its_own_process_only(store):
+    import gc
+    ds = TokenLMDBDataset(store, "val")
+    ds[0]
+    txn = ds._txn
+    del ds
+    gc.collect()
+    with pytest.raises(lmdb.Error):  # aborted: the reader no longer pins the pages it read
+        txn.get(b"v0")
+    inherited = TokenLMDBDataset(store, "val")
+    inherited[0]
+    txn = inherited._txn
+    inherited._pid = -1  # as a forked child sees its parent's reader: the transaction is not this process's
+    del inherited
+    gc.collect()
+    assert txn.get(b"v0") is not None  # left alone
+    txn.abort()
+    never_read = TokenLMDBDataset(store, "val")
+    never_read._pid = T.os.getpid()
+    del never_read  # no transaction to end: nothing fails
+    gc.collect()
+
+
+def raw_tar(members: list[tuple[str, bytes]], end: bool = True, typeflag: bytes = b"0", linkname: str = "") -> bytes:
+    """A ustar archive written by hand: each member's header then its data padded to 512; end blocks if `end`."""
+    out = b""
+    for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+        if typeflag != b"0":
+            block[156:157] = typeflag
+            block[157:257] = linkname.encode().ljust(100, b"\0")
+        out += bytes(block) + data + b"\0" * (-len(data) % 512)
+    return out + (b"\0" * 1024 if end else b"")
+
+
+def test_shard_reader_edge_cases(tmp_path):
+    p = tmp_path / "s.tar"
+    # no end-of-archive blocks; the last member's data ends exactly at the end of the file
+    p.write_bytes(raw_tar([("a.cls", b"1"), ("a.tok", b"t" * 512)], end=False))
+    assert list(iter_token_shard(p)) == [(b"t" * 512, 1)]
+    # ... or the last member is a header alone (an empty grid) at the very end
+    p.write_bytes(raw_tar([("a.cls", b"1"), ("a.tok", b"")], end=False))
+    assert list(iter_token_shard(p)) == [(b"", 1)]
+    # a one-letter member first: its name's second byte is NUL, which is not the end of the archive
+    p.write_bytes(raw_tar([("j", b"junk"), ("a.cls", b"2"), ("a.tok", b"u")]))
+    assert list(iter_token_shard(p)) == [(b"u", 2)]
+    # a size field of NULs only is size 0
+    raw = bytearray(raw_tar([("a.cls", b"3"), ("a.tok", b"")]))
+    raw[1024 + 124:1024 + 136] = b"\0" * 12
+    p.write_bytes(bytes(raw))
+    assert list(iter_token_shard(p)) == [(b"", 3)]
+    # an old-style regular member (type flag NUL) is a file; a link is skipped whatever its target
+    p.write_bytes(raw_tar([("a.cls", b"4")], end=False, typeflag=b"\0") + raw_tar([("a.tok", b"v")], typeflag=b"\0"))
+    assert list(iter_token_shard(p)) == [(b"v", 4)]
+    p.write_bytes(raw_tar([("z.cls", b"")], end=False, typeflag=b"2") + raw_tar([("a.cls", b"5"), ("a.tok", b"w")]))
+    assert list(iter_token_shard(p)) == [(b"w", 5)]
+    # a name that fills the 100-byte field (no NUL after it) ends at the field's end
+    key = "k" * 96
+    p.write_bytes(raw_tar([(key + ".cls", b"6"), (key + ".tok", b"x")]))
+    assert list(iter_token_shard(p)) == [(b"x", 6)]
+
+
+def test_webdataset_shuffles_whole_shards_then_samples_in_a_bounded_buffer(tmp_path, store):
+    shards = [[3, 3, -1], [-1, 0, 0], [9, 9, 2], [2]]  # train's labels, shard by shard (originals and flips)
+
+    def labels(s, **kw):
+        return [label for _, label in token_webdataset(s, "train", **kw)]
+
+    def as_shards(seq):  # the shard order, if seq is whole shards one after another, else None
+        order, pos = [], 0
+        while pos < len(seq):
+            hit = [i for i, sh in enumerate(shards) if i not in order and seq[pos:pos + len(sh)] == sh]
+            if not hit:
+                return None
+            order.append(hit[0])
+            pos += len(shards[hit[0]])
+        return order
+
+    # shuffle=1: a one-sample buffer keeps each shard's samples together; the shard order follows the seed
+    orders = {seed: as_shards(labels(store, shuffle=1, seed=seed)) for seed in range(4)}
+    assert all(o is not None and sorted(o) == [0, 1, 2, 3] for o in orders.values())
+    assert len({tuple(o) for o in orders.values()}) > 1  # the seed changes the shard order
+    assert as_shards(labels(store, shuffle=1, seed=1)) == orders[1]  # reproducible
+    assert labels(store, shuffle=0, seed=1) == sum(shards, [])  # shuffle=0: file order, shards included
+    # a bigger buffer mixes samples across shards
+    assert any(as_shards(labels(store, shuffle=4, seed=s)) is None for s in range(4))
+    # one shard: only the sample buffer reorders; with `shuffle` samples buffered, output i is one of the first
+    # i + shuffle + 1 samples of the shard (a buffer of 1000 could hand out any of them first)
+    one = make_store(tmp_path / "one", shard_size=100)
+    file_order = [LABELS[k] * 100 + f for k in SPLITS["train"] for f in (0, 1)]  # unique per sample
+    for seed in range(6):
+        out = [label * 100 + int(g[0, 0] != grid_of(INDEX[_key_of(label)])[0, 0])
+               for g, label in token_webdataset(one, "train", shuffle=2, seed=seed)]
+        assert sorted(out) == sorted(file_order)
+        assert all(file_order.index(x) <= i + 3 for i, x in enumerate(out)), (seed, out)
+
+
+def _key_of(label: int) -> bytes:
+    return next(k for k, v in LABELS.items() if v == label)
+
+
+@pytest.mark.xfail(strict=True, reason="pipeline/tokens.py token_webdataset: wds.ResampledShards(urls, seed=seed) "
+                   "without deterministic=True mixes the pid, the time and os.urandom into its seed, so the same "
+                   "seed draws different shards on every run")
+def test_resampled_streams_follow_their_seed(store):
+    def draw(seed):
+        return [label for _, label in token_webdataset(store, "train", resampled=True, epoch_length=60, shuffle=0,
+                                                       seed=seed)]
+    assert draw(3) == draw(3)  # ~25 shard draws out of 4: equal by chance with probability ~4**-24
