@@ -739,3 +739,37 @@ def test_resampled_streams_follow_their_seed(store):
         return [label for _, label in token_webdataset(store, "train", resampled=True, epoch_length=60, shuffle=0,
                                                        seed=seed)]
     assert draw(3) == draw(3)  # ~25 shard draws out of 4: equal by chance with probability ~4**-24
+
+
+def test_a_reader_that_failed_to_open_leaves_nothing_to_clean_up(tmp_path, monkeypatch):
+    """__init__ stopped before any attribute was set: __del__ must not raise (Python would print "Exception
+    ignored in ... __del__" on stderr)."""
+    import gc
+    import sys
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(UserError):
+        TokenLMDBDataset(tmp_path / "none")
+    gc.collect()
+    assert unraisable == []
+
+
+def test_a_size_field_with_a_stray_letter_is_corrupt(tmp_path):
+    p = tmp_path / "s.tar"
+    raw = bytearray(raw_tar([("a.cls", b"1"), ("a.tok", b"t")]))
+    raw[1024 + 124:1024 + 136] = b"0000000001X\0"
+    p.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="corrupt tar header at byte 1024"):
+        list(iter_token_shard(p))
+
+
+def test_webdataset_seed_batches_and_default_seed(tmp_path, store):
+    one = make_store(tmp_path / "one", shard_size=100)  # one shard: only the sample buffer reorders
+
+    def labels(s, **kw):
+        return [label for _, label in token_webdataset(s, "train", **kw)]
+    assert len({tuple(labels(one, shuffle=4, seed=s)) for s in range(4)}) > 1  # the sample buffer's seed counts
+    assert labels(store, shuffle=4) == labels(store, shuffle=4, seed=0)  # the default seed is 0
+    assert labels(store, shuffle=4, seed=0) != labels(store, shuffle=4, seed=1)
+    sizes = [len(labels_) for _, labels_ in token_webdataset(store, "train", shuffle=0, batch_size=4)]
+    assert sizes == [4, 4, 2]  # batches of batch_size, the last one partial
