@@ -30,7 +30,7 @@ declare -A TESTS=(
   # paid again by every mutant) and are left to the main suite
   [pipeline/tokens.py]="tests/test_behaviour_tokens.py tests/test_tokenize.py::test_record_layout_and_dtypes
     tests/test_tokenize.py::test_lmdb_map_grows_from_a_tiny_map"
-  [models/attention.py]="tests/test_attention.py"
+  [models/attention.py]="tests/test_attention.py tests/test_behaviour_attention_modules.py tests/test_behaviour_attention_xformers.py"
   [pipeline/config.py]="tests/test_config.py tests/test_behaviour_config.py"
 )
 # extra pytest arguments, one per line (the FID network tests take a minute each call: left to the main suite)
