@@ -9,8 +9,9 @@
 # Each module runs in its own scratch copy of the code ($MUT_WORK/<module>, default under /tmp), so the checkout
 # is never touched; `mutmut results` / `mutmut show <name>` work inside that folder afterwards. mutmut lives in its
 # own venv ($MUT_VENV, default .venv-mut): the project venv's packages are visible to it through a .pth file, and
-# only mutmut (and its own dependencies) are installed there. On 2 busy cores: atomic.py ~1 min, fid.py ~5 min,
-# training.py ~1 min (docs/mutation.md has the scores and the triage).
+# only mutmut (and its own dependencies) are installed there. With one worker on 2 busy cores: atomic.py ~1 min,
+# fid.py ~5 min, training/common.py ~1 min, device.py 0.5 min, tokens.py ~8 min, config.py ~2 min,
+# attention.py ~11 min (docs/mutation.md has the scores and the triage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
