@@ -9,8 +9,9 @@
 # Each module runs in its own scratch copy of the code ($MUT_WORK/<module>, default under /tmp), so the checkout
 # is never touched; `mutmut results` / `mutmut show <name>` work inside that folder afterwards. mutmut lives in its
 # own venv ($MUT_VENV, default .venv-mut): the project venv's packages are visible to it through a .pth file, and
-# only mutmut (and its own dependencies) are installed there. On 2 busy cores: atomic.py ~1 min, fid.py ~5 min,
-# training.py ~1 min (docs/mutation.md has the scores and the triage).
+# only mutmut (and its own dependencies) are installed there. With one worker on 2 busy cores: atomic.py ~1 min,
+# fid.py ~5 min, training/common.py ~1 min, device.py 0.5 min, tokens.py ~8 min, config.py ~2 min,
+# attention.py ~11 min (docs/mutation.md has the scores and the triage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -25,13 +26,20 @@ declare -A TESTS=(
   [pipeline/fid.py]="tests/test_fid.py tests/test_behaviour_metrics.py tests/test_behaviour_fid_contract.py"
   [models/quantizer.py]="tests/test_vqgan_models.py tests/test_behaviour_quantizer.py"
   [training/common.py]="tests/test_behaviour_determinism.py tests/test_behaviour_training.py"
-  [pipeline/device.py]="tests/test_behaviour_training.py"
+  [pipeline/device.py]="tests/test_behaviour_training.py tests/test_behaviour_device.py"
+  # tokens: the store's own tests; test_tokenize.py's other tests run the tokenize stage in a fixture (1-30 s each,
+  # paid again by every mutant) and are left to the main suite
+  [pipeline/tokens.py]="tests/test_behaviour_tokens.py tests/test_tokenize.py::test_record_layout_and_dtypes
+    tests/test_tokenize.py::test_lmdb_map_grows_from_a_tiny_map"
+  [models/attention.py]="tests/test_attention.py tests/test_behaviour_attention_modules.py tests/test_behaviour_attention_xformers.py"
+  [pipeline/config.py]="tests/test_config.py tests/test_behaviour_config.py"
 )
 # extra pytest arguments, one per line (the FID network tests take a minute each call: left to the main suite)
 declare -A ARGS=(
   [pipeline/fid.py]=$'-k\nnot real_network'
 )
-ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py)
+ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py pipeline/tokens.py
+       models/attention.py pipeline/config.py)
 
 [ -x .venv/bin/python ] || bash scripts/install.sh
 if [ ! -x "$VENV/bin/mutmut" ]; then
@@ -50,14 +58,17 @@ for module in "${modules[@]}"; do
   [ -n "$tests" ] || { echo "error: no test list for $module (known: ${ORDER[*]})" >&2; exit 2; }
   dir="$WORK/$(echo "$module" | tr / _)"
   rm -rf "$dir" && mkdir -p "$dir"
-  cp -r pipeline models stages tests pyproject.toml "$dir/"
+  # params.yaml, dvc.yaml, configs/: the config tests validate the project's own params against every stage
+  cp -r pipeline models training stages tests configs pyproject.toml params.yaml dvc.yaml "$dir/"
   {
     echo "[mutmut]"
     echo "source_paths ="
     echo "    pipeline"
     echo "    models"
+    echo "    training"
     echo "only_mutate = $module"
-    echo "also_copy = stages"
+    echo "also_copy ="
+    printf '    %s\n' stages configs params.yaml dvc.yaml
     echo "pytest_add_cli_args ="
     printf '    %s\n' -p no:cacheprovider -q
     [ -z "${ARGS[$module]:-}" ] || while IFS= read -r arg; do echo "    $arg"; done <<< "${ARGS[$module]}"
