@@ -48,12 +48,16 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: params file not found (run from the project root or pass --params)")
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        # a parser/scanner error carries a mark and a problem; a reader error (a control character) a position
+        mark, pos = getattr(exc, "problem_mark", None), getattr(exc, "position", None)
+        line = mark.line + 1 if mark else text.count("\n", 0, pos) + 1 if isinstance(pos, int) else None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where = f" line {line}" if line else ""
+        raise UserError(f"{path}:{where} is not valid YAML ({problem})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

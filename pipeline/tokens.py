@@ -491,8 +491,9 @@ def token_webdataset(path: str | Path, split: str, *, batch_size: int | None = N
     urls = [str(root / SHARDS_DIR / name) for name in sorted(sizes) if name.startswith(f"{split}-")]
     if not urls:
         raise UserError(f"{sizes_path}: no shards for split {split!r} (have {meta['splits']})")
-    stages: list[Any] = [wds.ResampledShards(urls, seed=seed) if resampled else wds.SimpleShardList(urls),
-                         wds.split_by_node, wds.split_by_worker]
+    # deterministic: without it ResampledShards mixes the pid, the time and os.urandom into the seed
+    shards = wds.ResampledShards(urls, seed=seed, deterministic=True) if resampled else wds.SimpleShardList(urls)
+    stages: list[Any] = [shards, wds.split_by_node, wds.split_by_worker]
     if shuffle and not resampled:
         stages.append(wds.detshuffle(len(urls), seed=seed))  # shard order; seed + epoch: reproducible
     stages.append(wds.pipelinefilter(_samples_of_shards)(hflip))

@@ -27,6 +27,7 @@ SECTIONS = ("train_vqgan",)
 class LossParams:
     rec: Literal["l1", "l2"] = "l1"
     lpips_weight: float = param(0.0, min=0.0)
+    lpips_start: int = param(0, min=0)  # step from which the LPIPS term is on (a cheaper schedule: LPIPS late)
     lpips_path: str | None = None  # standard LPIPS weights instead of the shipped shift-tolerant ones
     lpips_vgg_path: str | None = None  # VGG16 trunk weights, when lpips_path holds only the LPIPS heads
     disc_weight: float = param(0.1, min=0.0)

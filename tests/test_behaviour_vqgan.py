@@ -76,3 +76,49 @@ def test_discriminator_steps_with_the_gradient_of_its_own_loss_only(prepared, tm
         # contribution is of the size of the gradients themselves
         for g, w in zip(got, want):
             assert torch.allclose(g, w, rtol=1e-5, atol=1e-9)
+
+
+class ConstLPIPS(torch.nn.Module):
+    """An LPIPS stand-in whose value is known (0.25 per image), counting its calls."""
+    variant = "standard"  # the shipped shift-tolerant variant refuses 16 px images
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, y):
+        self.calls += 1
+        return torch.full((x.shape[0],), 0.25) + 0 * y.sum()
+
+    def variant_info(self):
+        return {"variant": self.variant}
+
+
+def test_the_lpips_term_is_weighted_and_off_before_lpips_start():
+    x, recon = torch.zeros(2, 1, 4, 4), torch.full((2, 1, 4, 4), 0.5)
+    q = torch.tensor(0.125)
+    loss = LossParams(lpips_weight=2.0, lpips_start=3)
+    on, parts_on = vq_loss.generator_loss(x, recon, q, loss, ConstLPIPS(), None, None, False, lpips_on=True)
+    off, parts_off = vq_loss.generator_loss(x, recon, q, loss, ConstLPIPS(), None, None, False, lpips_on=False)
+    assert float(on) == 0.5 + 2.0 * 0.25 + 0.125 and float(parts_on["lpips"]) == 0.25
+    assert float(off) == 0.5 + 0.125 and float(parts_off["lpips"]) == 0.0
+
+
+def test_the_loop_calls_lpips_from_lpips_start_on(prepared, tmp_path, monkeypatch):
+    made: list[ConstLPIPS] = []
+
+    def make(*args, **kwargs):
+        made.append(ConstLPIPS())
+        return made[-1]
+
+    monkeypatch.setattr(vqgan_loop, "LPIPS", make)
+    cfg = TrainVQGANParams(
+        dataset="tiny", prepared_dir=str(prepared), out_dir=str(tmp_path / "vqgan"), ckpt_dir=str(tmp_path / "ckpt"),
+        metrics=str(tmp_path / "m.json"), plots=str(tmp_path / "log.tsv"), steps=5, batch_size=4, grad_accum=2,
+        ckpt_every=5, log_every=1, kmeans_init=False, device="cpu", val_images=4,
+        model=VQGANConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, n_codes=16, code_dim=4,
+                          dead_code_steps=0),
+        loss=LossParams(lpips_weight=1.0, lpips_start=3, disc_weight=0.0))
+    monkeypatch.setattr(vqgan_loop, "finish", lambda *a, **k: None)  # only the loop is under test
+    train_vqgan.run(cfg)
+    assert len(made) == 1 and made[0].calls == 2 * 2  # steps 3 and 4, two micro-batches each

@@ -1,7 +1,7 @@
 """The VQGAN's losses (Taming Transformers), one function per side, beside the loop that calls them
 (training/vqgan.py), as LlamaGen keeps `vq_loss.py` beside its tokenizer training.
 
-Generator side: reconstruction (L1 or L2) + lpips_weight * LPIPS + quantizer loss + lambda * GAN, where the GAN
+Generator side: reconstruction (L1 or L2) + lpips_weight * LPIPS (from `lpips_start`) + quantizer loss + lambda * GAN, where the GAN
 term is on only from `disc_start` and lambda = disc_weight * |grad L_rec| / (|grad L_GAN| + delta) at the decoder's
 last layer (clamped to adaptive_max). Discriminator side: the chosen pair's D loss on reals against detached fakes.
 """
@@ -23,11 +23,13 @@ def gan_losses(kind: str) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[
 
 
 def generator_loss(x: Tensor, recon: Tensor, q_loss: Tensor, loss: Any, lpips: nn.Module | None,
-                   disc: nn.Module, last_layer: Tensor, gan_on: bool) -> tuple[Tensor, dict[str, Tensor]]:
+                   disc: nn.Module, last_layer: Tensor, gan_on: bool,
+                   lpips_on: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """The autoencoder's loss for one micro-batch and its parts (rec, lpips, q, and g, d_weight when the GAN term
-    is on). `loss` is the `train_vqgan.loss` section."""
+    is on). `loss` is the `train_vqgan.loss` section; `lpips_on` is False before `loss.lpips_start`."""
     rec = (recon - x).abs().mean() if loss.rec == "l1" else (recon - x).pow(2).mean()
-    p = lpips(x, recon).mean() if lpips is not None and loss.lpips_weight > 0 else recon.new_zeros(())
+    use_lpips = lpips_on and lpips is not None and loss.lpips_weight > 0
+    p = lpips(x, recon).mean() if use_lpips else recon.new_zeros(())
     nll = rec + loss.lpips_weight * p
     total = nll + q_loss
     parts = {"rec": rec, "lpips": p, "q": q_loss}

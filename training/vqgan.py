@@ -221,6 +221,7 @@ def train_vqgan(cfg: Any, code: str) -> None:
         for group in opt_d.param_groups:
             group["lr"] = lr * o.disc_lr / o.lr if o.lr > 0 else o.disc_lr
         gan_on = step >= cfg.loss.disc_start and cfg.loss.disc_weight > 0
+        lpips_on = step >= cfg.loss.lpips_start and cfg.loss.lpips_weight > 0
         opt_g.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)
         logs = {"rec": 0.0, "lpips": 0.0, "q": 0.0, "g": 0.0, "d": 0.0, "d_weight": 0.0}
@@ -230,7 +231,8 @@ def train_vqgan(cfg: Any, code: str) -> None:
             with autocast(device, cfg.bf16):
                 recon, aux = model(x)
                 recon = recon.float()
-                loss, parts = generator_loss(x, recon, aux["loss"], cfg.loss, lpips, disc, core.last_layer(), gan_on)
+                loss, parts = generator_loss(x, recon, aux["loss"], cfg.loss, lpips, disc, core.last_layer(), gan_on,
+                                             lpips_on)
                 if gan_on:
                     logs["g"] += parts["g"].item() / cfg.grad_accum
                     logs["d_weight"] += float(parts["d_weight"]) / cfg.grad_accum
@@ -269,7 +271,7 @@ def train_vqgan(cfg: Any, code: str) -> None:
                    "usage_pct": 100 * usage["usage_fraction"], "perplexity": usage["perplexity"]}
             if not gan_on:
                 row["g"] = row["d"] = None
-            if cfg.loss.lpips_weight == 0:
+            if not lpips_on:
                 row["lpips"] = None
             history.append(row)
             window = {}
