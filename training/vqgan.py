@@ -240,7 +240,7 @@ def train_vqgan(cfg: Any, code: str) -> None:
             check_finite(step, cfg.ckpt_dir, loss=loss)
             (loss / cfg.grad_accum).backward()
             logs["rec"] += parts["rec"].item() / cfg.grad_accum
-            logs["lpips"] += float(parts["lpips"]) / cfg.grad_accum
+            logs["lpips"] += float(parts["lpips"].detach()) / cfg.grad_accum
             logs["q"] += aux["loss"].item() / cfg.grad_accum
         if gan_on:
             # The generator loss also reached D's weights; D's own update must not include that.
