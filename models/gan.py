@@ -1,7 +1,8 @@
 """The GAN family table: which generator and discriminator class each `gan.family` builds, and the latent-grid
 <-> token conversions that training and sampling share.
 
-A family's config class (models/gan_common.py) carries its paper's architecture and recipe; its modules live in
+A family's config class (models/gan_common.py) carries its architecture and the tokenmill recipe (PAPER_RECIPES
+beside it holds the paper recipe; docs/gan_recipes.md); its modules live in
 models/gan_lada.py (LadaGAN), models/gan_transgan.py (TransGAN), models/gan_stransgan.py (STransGAN).
 """
 from __future__ import annotations

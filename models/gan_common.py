@@ -6,12 +6,13 @@ Frame: a real sample is the codebook embedding of a stored token grid, a (B, d, 
 sample stage, not here. The family table (which class a config builds) is models/gan.py.
 
 Read top to bottom:
-  1. configs        one dataclass per family with plain fields (GANConfig holds the shared ones), `gan_config`
+  1. configs        one dataclass per family with plain fields (GANConfig holds the shared ones), `gan_config`;
+                    the two labelled recipes (`tokenmill`: the class defaults; `paper`: PAPER_RECIPES), `recipe_fields`
   2. layers         token <-> grid reshapes, pixel shuffle on tokens, the attention factory (`attention_kind`),
                     a pre-norm transformer block, the noise+class input, the projection-discriminator term
   3. (the generator EMA lives in training/common.py: one EMA for every training stage)
   4. DiffAugment    translation (zero padding) and cutout of latent grids, deterministic given a torch.Generator
-  5. losses         non-saturating logistic and hinge (the VQGAN's own implementations), R1
+  5. losses         non-saturating logistic and hinge (the VQGAN's own implementations), R1, WGAN-GP
 """
 from __future__ import annotations
 
@@ -30,15 +31,18 @@ from models.discriminator import hinge_d_loss, hinge_g_loss, nonsaturating_d_los
 
 FAMILIES = ("lada", "transgan", "stransgan")
 ATTENTION_KINDS = ("native", "ylg", "full")
-LOSSES = ("nonsat", "hinge")
+LOSSES = ("nonsat", "hinge", "wgan-gp")
+RECIPES = ("paper", "tokenmill")
 AUGMENTS = ("translation", "cutout")
 
 # -----------------------------------------------------------------------------------------------------------------
 # 1. Configs
 #
 # Plain fields only, so a config round-trips through params.yaml / JSON. The optimisation fields (lr, betas, loss,
-# r1_gamma, ema_decay, diffaug) are read by the training stage; each family's defaults are its paper's recipe where
-# one exists (noted per field), scaled down to run on a CPU.
+# r1_gamma, gp_lambda, n_critic, grad_clip, ema_decay, diffaug) are read by the training stage. Each family's class
+# defaults are the `tokenmill` recipe (what measures best here, model sizes scaled down to run on a CPU); the `paper`
+# recipe is the family's defaults with PAPER_RECIPES[family] on top (below the classes, with the source of each value;
+# docs/gan_recipes.md has the table and the deviations the latent grid forces).
 
 
 @dataclass
@@ -54,8 +58,12 @@ class GANConfig:
     mlp_ratio: float = 2.0
     backend: str | None = None   # attention backend (models.attention.BACKENDS); None = the device's default
     # training recipe
-    loss: str = "nonsat"         # "nonsat" (logistic) | "hinge"
+    loss: str = "nonsat"         # "nonsat" (logistic) | "hinge" | "wgan-gp" (critic; see wgan_gp_penalty)
     r1_gamma: float = 0.0        # R1 weight: gamma / 2 * E ||grad D(x_real)||^2; 0 = off
+    gp_lambda: float = 10.0      # loss "wgan-gp": weight of the gradient penalty on real/fake interpolates
+    wgan_drift: float = 0.0      # loss "wgan-gp": + drift * (E[D(real)])^2 in the critic loss (TransGAN's "eps" term)
+    n_critic: int = 1            # D steps per G step: G (and its EMA) is updated on steps where step % n_critic == 0
+    grad_clip: float = 0.0       # > 0: clip the total gradient norm of G and of D to this before each Adam step
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     betas: tuple[float, float] = (0.0, 0.99)
@@ -77,6 +85,10 @@ class GANConfig:
             raise ValueError(f"YLG attention needs n_heads to be a multiple of 4, got {self.n_heads}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.n_critic < 1:
+            raise ValueError(f"n_critic must be >= 1, got {self.n_critic}")
+        if min(self.gp_lambda, self.wgan_drift, self.grad_clip) < 0:
+            raise ValueError("gp_lambda, wgan_drift and grad_clip must be >= 0")
         for name in filter(None, self.diffaug.split(",")):
             if name.strip() not in AUGMENTS:
                 raise ValueError(f"diffaug entries must be in {AUGMENTS}, got {name!r}")
@@ -91,9 +103,10 @@ class GANConfig:
 
 @dataclass
 class LadaConfig(GANConfig):
-    """LadaGAN (Morales-Juarez & Fuentes-Pineda, 2024). Recipe from the paper's code: logistic loss + R1, Adam
-    lr 2e-4, betas (0.5, 0.99), EMA 0.999, DiffAugment translation (its colour augmentation means nothing for
-    latent channels)."""
+    """LadaGAN (Morales-Juarez & Fuentes-Pineda, 2024). Defaults = its paper's code (milmor/LadaGAN, config.py and
+    train.py): logistic loss + R1 gamma 0.01, Adam lr 2e-4 for G and D, betas (0.5, 0.99), EMA 0.999, DiffAugment
+    translation (its colour augmentation means nothing for latent channels). The two recipes differ only in the
+    mode-seeking term."""
     family: str = "lada"
     g_dims: tuple[int, ...] = (128, 64, 32)  # embedding per generator stage; stage i runs at grid / 2^(S-1-i)
     g_depth: int = 1                          # Ladaformer blocks per stage (the paper uses one)
@@ -108,8 +121,10 @@ class LadaConfig(GANConfig):
 
 @dataclass
 class TransGANConfig(GANConfig):
-    """TransGAN (Jiang et al., 2021). Recipe: Adam lr 1e-4 for G and D, betas (0, 0.99), DiffAugment translation +
-    cutout (the paper's loss is WGAN-GP; hinge is used here, as the project has no WGAN critic)."""
+    """TransGAN (Jiang et al., 2021). tokenmill defaults: hinge loss, Adam lr 1e-4 for G and D, betas (0, 0.99),
+    DiffAugment translation + cutout, grid attention on the 8x8 stage, locality masks on every full-attention layer.
+    The paper's recipe (PAPER_RECIPES["transgan"]) adds WGAN-GP with 4 critic steps, gradient clipping, the
+    super-resolution co-training, relative positions and full attention at these grid sizes."""
     family: str = "transgan"
     g_dim: int = 256                       # embedding of the first stage; each pixel shuffle divides it by 4
     g_depths: tuple[int, ...] = (2, 2, 2)  # blocks per stage; the number of stages sets the start grid
@@ -117,6 +132,10 @@ class TransGANConfig(GANConfig):
     grid_cell: int = 4                     # ... inside cell x cell squares; smaller grids use full attention
     locality_radius: int = 1               # locality-aware init: start radius of the neighbourhood (Chebyshev)
     locality_until: float = 0.5            # training progress at which the mask has widened to full attention
+    locality_layers: str = "all"           # which G full-attention layers start local: "all" | "last" (the last
+                                           # block of the last stage, as TransGAN's code does)
+    rel_pos: bool = False                  # learned relative-position bias in G's and D's full-attention layers
+                                           # (grid-attention layers always have one)
     sr_weight: float = 0.0                 # > 0 enables the super-resolution co-training loss (see gan_transgan)
     d_dim: int = 64
     d_depth: int = 3
@@ -127,11 +146,17 @@ class TransGANConfig(GANConfig):
     betas: tuple[float, float] = (0.0, 0.99)
     diffaug: str = "translation,cutout"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.locality_layers not in ("all", "last"):
+            raise ValueError(f"locality_layers must be 'all' or 'last', got {self.locality_layers!r}")
+
 
 @dataclass
 class STransGANConfig(GANConfig):
-    """STransGAN (Xu et al., 2021). Recipe (ours where the paper gives none for this setting): hinge loss,
-    Adam lr 2e-4, betas (0, 0.99) as usual with equalized learning rate."""
+    """STransGAN (Xu et al., 2021). tokenmill defaults: hinge loss, Adam lr 2e-4 for G and D, betas (0, 0.99),
+    equalized learning rate in D's convs, skip projections, MLPs and head. The paper recipe (PAPER_RECIPES) also
+    equalizes D's attention projections, ends every D block with a LeakyReLU and raises D's learning rate."""
     family: str = "stransgan"
     g_dims: tuple[int, ...] = (128, 64, 32)
     g_depth: int = 2        # Swin blocks per stage; odd blocks use shifted windows
@@ -139,9 +164,63 @@ class STransGANConfig(GANConfig):
     d_dim: int = 32         # discriminator tokens after the conv tokenizer; doubles at each patch merge
     d_depth: int = 2        # blocks per discriminator stage
     d_grid: int = 4         # the discriminator merges patches down to this grid side
+    equalized_attention: bool = False  # D's attention projections (qkv, out) use equalized learning rate too
+    block_act: bool = False            # every D block ends with LeakyReLU(0.2)
     loss: str = "hinge"
     betas: tuple[float, float] = (0.0, 0.99)
     diffaug: str = "translation"
+
+
+# The two labelled recipes. `tokenmill` = the class defaults above + TOKENMILL_RECIPE; `paper` = the class defaults +
+# PAPER_RECIPES[family]. Explicit `gan:` params (model.*, lr_g, lr_d, r1_gamma, diffaug, ema_decay, ms_weight) are
+# applied after either. Sources: "code" = the authors' repository, "text" = the paper; "chosen" = found in neither
+# (docs/gan_recipes.md gives the reasons). Model sizes are not part of a recipe: they are scaled to the latent grid.
+
+TOKENMILL_RECIPE: dict[str, object] = {
+    "ms_weight": 0.2,  # mode-seeking term: without it the conditional generators collapse within a class
+}
+
+PAPER_RECIPES: dict[str, dict[str, object]] = {
+    # LadaGAN: the class defaults are already its code's recipe (milmor/LadaGAN pytorch/config.py, train.py)
+    "lada": {"ms_weight": 0.0},
+    # TransGAN: VITA-Group/TransGAN exps/cifar_train.py + functions.py (NeurIPS version), and the v1 paper/code for
+    # the two techniques the NeurIPS code no longer carries (super-resolution co-training, locality-aware init)
+    "transgan": {
+        "loss": "wgan-gp",            # code: --loss wgangp-eps
+        "gp_lambda": 10.0,            # code: gradient_penalty * 10 / phi^2, phi = 1
+        "wgan_drift": 1e-3,           # code: + (mean D(real))^2 * 1e-3 (the "eps" of wgangp-eps)
+        "n_critic": 4,                # code: --n_critic 4 (CIFAR-10)
+        "grad_clip": 5.0,             # code: clip_grad_norm_(..., 5.) on G and D
+        "lr_g": 1e-4, "lr_d": 1e-4,   # code: --g_lr 0.0001 --d_lr 0.0001, constant (no --lr_decay)
+        "betas": (0.0, 0.99),         # code: --beta1 0 --beta2 0.99
+        "ema_decay": 0.9999,          # code: --ema 0.9999; its 500-kimg half-life at batch 64 is 0.99991 per step
+        "diffaug": "translation,cutout",  # code: translation,cutout,color (colour has no meaning on latent channels)
+        "sr_weight": 50.0,            # v1 text: lambda = 50 for the super-resolution co-training loss
+        "locality_layers": "last",    # v1 code: the mask sits on the last block of the last generator stage only
+        "rel_pos": True,              # code: every G attention and D's patch-token attention has a relative bias
+        "grid_attention_min": 64,     # code: full attention up to 32x32, grid attention from 64x64 on ...
+        "grid_cell": 16,              # ... inside 16x16 cells (--g_window_size 16)
+        "ms_weight": 0.0,
+    },
+    # STransGAN: no code is public and the text could not be read here; values per the issue and chosen (see docs)
+    "stransgan": {
+        "equalized_attention": True,  # issue: equalized LR in every D layer, attention projections included
+        "block_act": True,            # issue: activations at the end of the blocks
+        "lr_d": 2e-3,                 # chosen: StyleGAN2's rate for equalized-LR layers (the D is equalized throughout)
+        "ms_weight": 0.0,
+    },
+}
+
+
+def recipe_fields(family: str, recipe: str) -> dict[str, object]:
+    """The config fields `recipe` sets on top of `family`'s class defaults."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if recipe == "tokenmill":
+        return dict(TOKENMILL_RECIPE)
+    elif recipe == "paper":
+        return dict(PAPER_RECIPES[family])
+    raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
 
 
 def gan_config(family: str, **fields) -> GANConfig:
@@ -306,13 +385,16 @@ def _cutout(x: Tensor, ratio: float, generator: torch.Generator | None) -> Tenso
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# 5. Losses. d_loss / g_loss pick the pair by name (cfg.loss); r1_penalty regularises D on real data.
+# 5. Losses. d_loss / g_loss pick the pair by name (cfg.loss); r1_penalty regularises D on real data; WGAN-GP's
+# critic adds wgan_gp_penalty on random interpolates (random_interpolates).
 
 def d_loss(kind: str, logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     if kind == "nonsat":
         return nonsaturating_d_loss(logits_real, logits_fake)
     elif kind == "hinge":
         return hinge_d_loss(logits_real, logits_fake)
+    elif kind == "wgan-gp":  # the critic's part of WGAN-GP: E[D(fake)] - E[D(real)] (no 0.5: Gulrajani et al.'s form)
+        return logits_fake.mean() - logits_real.mean()
     raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
 
 
@@ -321,7 +403,25 @@ def g_loss(kind: str, logits_fake: Tensor) -> Tensor:
         return nonsaturating_g_loss(logits_fake)
     elif kind == "hinge":
         return hinge_g_loss(logits_fake)
+    elif kind == "wgan-gp":
+        return -logits_fake.mean()
     raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+
+
+def random_interpolates(real: Tensor, fake: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """x_hat = a * real + (1 - a) * fake with one a ~ U[0, 1) per sample, drawn from `generator` (a CPU generator,
+    so a seeded run draws the same a on any device). The result is a leaf that requires grad."""
+    a = torch.rand(real.shape[0], generator=generator).to(device=real.device, dtype=real.dtype)
+    a = a.view(-1, *([1] * (real.dim() - 1)))
+    return (a * real.detach() + (1 - a) * fake.detach()).requires_grad_(True)
+
+
+def wgan_gp_penalty(logits_hat: Tensor, x_hat: Tensor, lam: float) -> Tensor:
+    """WGAN-GP (Gulrajani et al., 2017): lam * E_x_hat (||grad_x_hat D(x_hat)||_2 - 1)^2, the norm taken over all of a
+    sample's entries. `logits_hat = D(x_hat)` with x_hat from random_interpolates; the graph is kept (create_graph)
+    so the penalty trains D."""
+    (grad,) = torch.autograd.grad(logits_hat.sum(), x_hat, create_graph=True)
+    return lam * (grad.flatten(1).norm(dim=1) - 1.0).pow(2).mean()
 
 
 def r1_penalty(logits_real: Tensor, x_real: Tensor, gamma: float) -> Tensor:
@@ -334,9 +434,9 @@ def r1_penalty(logits_real: Tensor, x_real: Tensor, gamma: float) -> Tensor:
 
 
 __all__ = [
-    "FAMILIES", "ATTENTION_KINDS", "LOSSES", "AUGMENTS", "GANConfig", "LadaConfig", "TransGANConfig",
-    "STransGANConfig", "gan_config", "grid_to_tokens", "tokens_to_grid",
+    "FAMILIES", "ATTENTION_KINDS", "LOSSES", "AUGMENTS", "RECIPES", "GANConfig", "LadaConfig", "TransGANConfig",
+    "STransGANConfig", "TOKENMILL_RECIPE", "PAPER_RECIPES", "recipe_fields", "gan_config", "grid_to_tokens", "tokens_to_grid",
     "pixel_shuffle_tokens", "make_attention", "mlp", "TransformerBlock", "NoiseAndClass", "ClassProjection",
-    "diff_augment", "d_loss", "g_loss", "r1_penalty", "hinge_d_loss", "hinge_g_loss", "nonsaturating_d_loss",
+    "diff_augment", "d_loss", "g_loss", "r1_penalty", "random_interpolates", "wgan_gp_penalty", "hinge_d_loss", "hinge_g_loss", "nonsaturating_d_loss",
     "nonsaturating_g_loss",
 ]

@@ -6,7 +6,8 @@ Generator (STrans-G, convolution-free): z (+ class) -> linear -> small token gri
     to code_dim. Conditioning enters through trunk AdaNorm (below).
 Discriminator (STrans-D): a convolutional tokenizer, then Swin blocks whose residual connections are replaced by
     skip projections, patch merging down to a small grid, a LeakyReLU MLP head; its own linear and conv layers use
-    equalized learning rate.
+    equalized learning rate, and with cfg.equalized_attention its attention projections too (`equalize_linears`);
+    cfg.block_act ends every block with a LeakyReLU.
 
 Trunk AdaNorm, as we read the paper: with the usual pre-norm block x + Attn(AdaNorm(x, c)) the class only reaches the
     branch inputs; the identity path carries the unmodulated trunk forward, and the paper finds the class signal
@@ -153,13 +154,23 @@ class STransGenerator(nn.Module):
 # Discriminator
 
 
+def equalize_linears(module: nn.Module) -> nn.Module:
+    """Replace every nn.Linear directly inside `module` (e.g. an attention's qkv and output projections) by an
+    EqualLinear of the same shape, in place, so the attention's own forward runs on equalized weights. Returns it."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, EqualLinear(child.in_features, child.out_features, bias=child.bias is not None))
+    return module
+
+
 class SkipProjectionBlock(nn.Module):
-    """Discriminator Swin block with skip projections: x <- Attn(LN(x)) + P1 x; x <- MLP(LN(x)) + P2 x.
+    """Discriminator Swin block with skip projections: x <- Attn(LN(x)) + P1 x; x <- MLP(LN(x)) + P2 x
+    [; x <- LeakyReLU(x) with `end_act`].
 
     The paper finds that with identity residuals a transformer D routes most of its signal around the attention
     branches; a learned (equalized) projection on the skip path replaces the identity. LeakyReLU in the MLP."""
 
-    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float):
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, end_act: bool = False):
         super().__init__()
         hidden = max(1, int(dim * mlp_ratio))
         self.norm1 = nn.LayerNorm(dim)
@@ -168,10 +179,12 @@ class SkipProjectionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(EqualLinear(dim, hidden), nn.LeakyReLU(0.2), EqualLinear(hidden, dim))
         self.skip2 = EqualLinear(dim, dim, bias=False)
+        self.end_act = nn.LeakyReLU(0.2) if end_act else None  # no parameters: the state dict is the same either way
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.attn(self.norm1(x)) + self.skip1(x)
-        return self.mlp(self.norm2(x)) + self.skip2(x)
+        x = self.mlp(self.norm2(x)) + self.skip2(x)
+        return self.end_act(x) if self.end_act is not None else x
 
 
 class STransDiscriminator(nn.Module):
@@ -196,12 +209,17 @@ class STransDiscriminator(nn.Module):
                 self.merges.append(EqualLinear(4 * c, 2 * c))
                 c *= 2
             self.stages.append(nn.Sequential(*(
-                SkipProjectionBlock(c, swin_attention(cfg.attention_kind, c, cfg.n_heads, side, cfg.window, b,
-                                                      cfg.backend), cfg.mlp_ratio)
+                SkipProjectionBlock(c, self._attention(cfg, c, side, b), cfg.mlp_ratio, end_act=cfg.block_act)
                 for b in range(cfg.d_depth))))
         self.norm = nn.LayerNorm(c)
         self.head = nn.Sequential(EqualLinear(c, c), nn.LeakyReLU(0.2), EqualLinear(c, 1))
         self.project = ClassProjection(cfg.n_classes, c)
+
+    @staticmethod
+    def _attention(cfg: STransGANConfig, dim: int, side: int, index: int) -> nn.Module:
+        attn = swin_attention(cfg.attention_kind, dim, cfg.n_heads, side, cfg.window, index, cfg.backend)
+        # off: the same modules and the same RNG draws as before the option existed (the tokenmill D is unchanged)
+        return equalize_linears(attn) if cfg.equalized_attention else attn
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         t = grid_to_tokens(self.tokenizer(x))

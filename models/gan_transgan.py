@@ -8,10 +8,15 @@ Generator (memory-friendly): z (+ class) -> linear -> small token grid with a wi
 Locality-aware initialisation: the generator's full-attention layers start restricted to a neighbourhood of radius
     `locality_radius` cells (Chebyshev distance) that widens linearly with the training progress (`set_progress`)
     and becomes full attention at progress `locality_until`. Grid-attention layers are local by construction and
-    YLG has its own sparse pattern, so the mask applies to the MultiHeadAttention layers only.
+    YLG has its own sparse pattern, so the mask applies to the MultiHeadAttention layers only: all of them
+    (`locality_layers: all`) or only the last block of the last stage (`last`, where TransGAN's v1 code puts it).
+Relative positions (cfg.rel_pos): every full-attention layer of G, and D's blocks, add a learned bias per head and
+    2-D offset between two tokens to the attention logits (TransGAN's code has one in every attention layer; the
+    grid-attention layers carry theirs in models.attention.GridAttention).
 Super-resolution co-training (optional, cfg.sr_weight > 0): see `sr_loss`.
 Discriminator: patch-level ViT: non-overlapping d_patch x d_patch latent patches -> tokens, a learned class token,
-    learned positions, pre-norm blocks, the logit read from the class token (plus the class projection).
+    learned positions (+ relative ones with cfg.rel_pos), pre-norm blocks, the logit read from the class token (plus
+    the class projection).
 """
 from __future__ import annotations
 
@@ -47,6 +52,37 @@ def locality_radius(progress: float, side: int, start_radius: int, until: float)
         return None
     radius = start_radius + math.floor((full - start_radius) * progress / until)
     return None if radius >= full else radius
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Relative position bias
+
+
+def relative_position_index(side: int) -> Tensor:
+    """(N, N) index into a (2 side - 1)^2-entry table over a raster-ordered side x side grid: one entry per 2-D
+    offset (row_i - row_j, col_i - col_j)."""
+    rows = torch.arange(side).repeat_interleave(side)
+    cols = torch.arange(side).repeat(side)
+    d_row = rows[:, None] - rows[None, :] + side - 1  # each in [0, 2 side - 2]
+    d_col = cols[:, None] - cols[None, :] + side - 1
+    return d_row * (2 * side - 1) + d_col
+
+
+class RelativePositionBias(nn.Module):
+    """A learned additive attention bias per head for each 2-D offset between two tokens of a side x side grid:
+    forward() -> (H, P + N, P + N) float logits bias. `prefix` tokens ahead of the grid (D's class token) have no
+    position: their rows and columns are zero."""
+
+    def __init__(self, side: int, n_heads: int, prefix: int = 0):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros((2 * side - 1) ** 2, n_heads))
+        nn.init.trunc_normal_(self.table, std=0.02)
+        self.register_buffer("index", relative_position_index(side), persistent=False)
+        self.prefix = prefix
+
+    def forward(self) -> Tensor:
+        bias = self.table[self.index].permute(2, 0, 1)  # (H, N, N)
+        return F.pad(bias, (self.prefix, 0, self.prefix, 0)) if self.prefix else bias
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -86,6 +122,12 @@ class TransGANGenerator(nn.Module):
         # training progress in [0, 1]: a persistent buffer, so checkpoints and the EMA copy carry it
         self.register_buffer("progress", torch.zeros(()))
         self._masks: dict[tuple, Tensor] = {}
+        # relative position tables, "stage_block" -> table, for the full-attention blocks (built last and only when
+        # used, so a config without them builds, and draws its initial weights, exactly as before)
+        self.rel_bias = nn.ModuleDict({
+            f"{i}_{j}": RelativePositionBias(self.start << i, cfg.n_heads)
+            for i, stage in enumerate(self.stages) for j, block in enumerate(stage)
+            if isinstance(block.attn, MultiHeadAttention) and cfg.attention_kind == "native"}) if cfg.rel_pos else None
 
     def _native_attention(self, dim: int, side: int) -> nn.Module:
         cfg = self.cfg
@@ -98,10 +140,14 @@ class TransGANGenerator(nn.Module):
         """Tell the generator how far training is (step / total steps, clamped to [0, 1]); widens the locality mask."""
         self.progress.fill_(min(max(float(progress), 0.0), 1.0))
 
-    def attention_mask(self, stage: int, progress: float | None = None) -> Tensor | None:
-        """The locality mask of `stage` at `progress` (default: the stored one), or None (full attention, or a stage
-        whose attention is not MultiHeadAttention)."""
+    def attention_mask(self, stage: int, progress: float | None = None, block: int | None = None) -> Tensor | None:
+        """The locality mask of `stage` (of its block `block`; None: the stage's masked blocks) at `progress`
+        (default: the stored one), or None (full attention, a layer the mask does not apply to, or a stage whose
+        attention is not MultiHeadAttention)."""
         if not isinstance(self.stages[stage][0].attn, MultiHeadAttention):
+            return None
+        if self.cfg.locality_layers == "last" and (
+                stage != len(self.stages) - 1 or (block is not None and block != len(self.stages[stage]) - 1)):
             return None
         side = self.start << stage
         progress = float(self.progress) if progress is None else progress
@@ -122,10 +168,19 @@ class TransGANGenerator(nn.Module):
             if i > first:
                 x = pixel_shuffle_tokens(x, side, side) + self.pos[i]  # 2x the side, 1/4 of the embedding
                 side *= 2
-            mask = self.attention_mask(i, progress)
-            for block in self.stages[i]:
-                x = block(x, mask)
+            for j, block in enumerate(self.stages[i]):
+                x = block(x, self.attention_bias(i, j, progress))
         return tokens_to_grid(self.out(x), side, side)
+
+    def attention_bias(self, stage: int, block: int, progress: float) -> Tensor | None:
+        """What block `block` of `stage` adds to its attention: the locality mask (bool), the relative position bias
+        (float), both (the bias with -inf outside the mask), or None."""
+        mask = self.attention_mask(stage, progress, block)
+        key = f"{stage}_{block}"
+        if self.rel_bias is None or key not in self.rel_bias:
+            return mask
+        bias = self.rel_bias[key]()
+        return bias if mask is None else bias.masked_fill(~mask, float("-inf"))
 
     def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         w = self.cond(z, y)
@@ -183,6 +238,10 @@ class TransGANDiscriminator(nn.Module):
         self.norm = nn.LayerNorm(c)
         self.head = nn.Linear(c, 1)
         self.project = ClassProjection(cfg.n_classes, c)
+        # relative positions of the patch tokens (the class token, first, has none); built last, as in the generator
+        self.rel_bias = nn.ModuleList(RelativePositionBias(self.side, cfg.n_heads, prefix=1)
+                                      for _ in self.blocks) \
+            if cfg.rel_pos and cfg.attention_kind == "native" else None
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         t = grid_to_tokens(self.embed(x))
@@ -190,8 +249,8 @@ class TransGANDiscriminator(nn.Module):
         t = t + self.pos[:, 1:]
         if self.cls_block is None:
             t = torch.cat([cls, t], dim=1)
-        for block in self.blocks:
-            t = block(t)
+        for i, block in enumerate(self.blocks):
+            t = block(t) if self.rel_bias is None else block(t, self.rel_bias[i]())
         if self.cls_block is not None:
             t = self.cls_block(torch.cat([cls, t], dim=1))
         f = self.norm(t[:, 0])

@@ -15,19 +15,23 @@ pixels, with DiffAugment in pixel space; the real images are the decoder's recon
 (`gan.image_reals: recon`, like with like: both sides carry the decoder's artifacts) or the dataset's own images
 (`dataset`). Every D input is made in `TrainingInputs`; nothing else (data, checkpoints, sampling) depends on it.
 
-Recipe. Each family config carries its paper's recipe (loss, R1 gamma, Adam learning rates and betas, EMA decay,
-DiffAugment policy); `gan:` params may override the optimisation fields and any architecture field. One step:
-  D: loss_D(D(aug(real)), D(aug(G(z).detach()))) + R1 on the reals             -> Adam step on D
-  G: loss_G(D(aug(G(z)))) [+ TransGAN's super-resolution loss]                 -> Adam step on G, EMA update
+Recipe. `gan.recipe` picks one of two labelled recipes per family (models/gan_common.py): `tokenmill` (the family
+config's defaults + the mode-seeking term: what measures best here) or `paper` (the family's paper/code: loss,
+gradient penalty, learning rates, betas, n_critic, EMA, augmentation, SR co-training, locality init and the
+architecture switches; docs/gan_recipes.md). `gan:` params override either: `model.*` any config field, and the
+explicit lr_g, lr_d, r1_gamma, diffaug, ema_decay, ms_weight. One step:
+  D: loss_D(D(aug(real)), D(aug(G(z).detach()))) + R1 on the reals | + WGAN-GP on interpolates -> Adam step on D
+  G (when step % n_critic == 0): loss_G(D(aug(G(z)))) [+ TransGAN's super-resolution loss]     -> Adam step on G, EMA
 R1 differentiates D(aug(x)) with respect to the un-augmented x, as StyleGAN2-ADA does with its augmentation inside
-D. TransGAN's locality masks widen with `G.set_progress(step / steps)`. With an l2-normalised codebook the generator's
+D; the gradient penalty likewise differentiates D(aug(x_hat)) at the un-augmented interpolate x_hat (TransGAN's D
+augments its input inside, the interpolates too). TransGAN's locality masks widen with `G.set_progress(step / steps)`. With an l2-normalised codebook the generator's
 vectors are normalised before D (real codes all have norm 1; otherwise D could tell real from fake by the norm
 alone and G would spend its first steps learning the norm). The EMA decay ramps up as min(decay, (1 + s) / (10 + s))
 (TensorFlow's num_updates rule): with a fixed 0.999 a run of a few hundred steps would export mostly the initial
 weights.
 
-Exact resume. Batches come from StepBatches and the noise and augmentation draws from CPU generators seeded by
-(seed, step), so nothing depends on a data loader or the global RNG stream; the checkpoint holds G, D, both
+Exact resume. Batches come from StepBatches and the noise, augmentation and interpolation draws from CPU generators
+seeded by (seed, step), so nothing depends on a data loader or the global RNG stream; the checkpoint holds G, D, both
 optimisers, the EMA and the RNG state. An interrupted-and-resumed CPU run ends with bitwise the same weights.
 
 DDP (torchrun). G and D are not wrapped in DistributedDataParallel: R1 needs a double backward through D and the G
@@ -50,7 +54,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.gan_common import GANConfig, d_loss, diff_augment, g_loss, gan_config, r1_penalty
+from models.gan_common import (GANConfig, d_loss, diff_augment, g_loss, gan_config, r1_penalty, random_interpolates,
+                               recipe_fields, wgan_gp_penalty)
 from models.gan import build_discriminator, build_generator, embed_tokens, project_to_codes_space, snap_to_codes
 from models.gan_pixel_d import PixelDiscriminator, straight_through_snap
 from models.gan_transgan import sr_loss
@@ -95,6 +100,7 @@ LOG_KEYS = ["step", "g_loss", "d_loss", "r1", "d_acc_real", "d_acc_fake", "ms_ra
 class GANParams:
     """params.yaml `train_transformer.gan:` (read when kind is 'gan')."""
     family: Literal["lada", "transgan", "stransgan"] = "lada"
+    recipe: Literal["paper", "tokenmill"] = "tokenmill"  # the family's labelled recipe (docs/gan_recipes.md)
     attention_kind: Literal["native", "ylg", "full"] = "native"  # native: the family's own attention
     conditional: bool = True  # class-conditional G and D (classes from the prepared dataset's manifest)
     model: dict[str, Any] = field(default_factory=dict)  # family config overrides (models/gan_common.py)
@@ -103,7 +109,7 @@ class GANParams:
     r1_gamma: float | None = param(None, min=0.0)
     diffaug: str | None = None  # comma-separated subset of translation, cutout; "" = off
     ema_decay: float | None = param(None, min=0.0, max=1.0)
-    ms_weight: float | None = param(0.2, min=0.0)  # mode-seeking term (MSGAN) in G's loss; null or 0: off
+    ms_weight: float | None = param(None, min=0.0)  # mode-seeking term (MSGAN) in G's loss; null: the recipe's
     fid_every: int = param(0, min=0)  # FID of the EMA generator every this many steps; 0 = off
     fid_images: int = param(256, min=2)  # generated images per FID point (the reference's count is its own)
     fid_reference: str = "data/fid_ref/fashion_mnist-val-tf_bilinear"  # a fid_ref output folder
@@ -130,10 +136,10 @@ def check_gan(g: GANParams, source: str) -> None:
 
 
 def family_config(g: GANParams, code_dim: int, grid: int, n_classes: int) -> GANConfig:
-    """The family config for a latent grid of (code_dim, grid, grid): the family's recipe, then `gan.model`, then
-    the explicit overrides."""
-    fields: dict[str, Any] = {**g.model, "code_dim": code_dim, "grid": grid, "n_classes": n_classes,
-                              "attention_kind": g.attention_kind}
+    """The family config for a latent grid of (code_dim, grid, grid): the family's defaults, then its `gan.recipe`,
+    then `gan.model`, then the explicit overrides."""
+    fields: dict[str, Any] = {**recipe_fields(g.family, g.recipe), **g.model, "code_dim": code_dim, "grid": grid,
+                              "n_classes": n_classes, "attention_kind": g.attention_kind}
     for name in ("lr_g", "lr_d", "r1_gamma", "diffaug", "ema_decay", "ms_weight"):
         if getattr(g, name) is not None:
             fields[name] = getattr(g, name)
@@ -144,10 +150,11 @@ def family_config(g: GANParams, code_dim: int, grid: int, n_classes: int) -> GAN
 
 
 def d_config(cfg: GANConfig) -> GANConfig:
-    """The config D is built from. R1 differentiates D's input gradient once more (a double backward), which the
-    fused attention kernels (SDPA's flash / memory-efficient kernels, xformers) do not implement, so with R1 on and
-    no backend chosen D's softmax attention runs on the written-out "math" backend; G keeps the fast kernels."""
-    if cfg.r1_gamma > 0 and cfg.backend is None:
+    """The config D is built from. R1 and WGAN-GP differentiate D's input gradient once more (a double backward),
+    which the fused attention kernels (SDPA's flash / memory-efficient kernels, xformers) do not implement, so with
+    either on and no backend chosen D's softmax attention runs on the written-out "math" backend; G keeps the fast
+    kernels."""
+    if (cfg.r1_gamma > 0 or cfg.loss == "wgan-gp") and cfg.backend is None:
         return dataclasses.replace(cfg, backend="math")
     return cfg
 
@@ -175,7 +182,13 @@ def step_generator(seed: int, step: int, stream: int, rank: int = 0) -> torch.Ge
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 8 + stream) * 4096 + rank)
 
 
-NOISE, AUGMENT, FID_NOISE, MS_NOISE = 0, 1, 2, 3
+NOISE, AUGMENT, FID_NOISE, MS_NOISE, INTERPOLATE = 0, 1, 2, 3, 4  # INTERPOLATE: WGAN-GP's mixing weights (+ their aug)
+
+
+def log_keys(gcfg: GANConfig) -> list[str]:
+    """Columns of the training log: a "gp" column only when the loss has a gradient penalty (so the tokenmill log
+    keeps its columns)."""
+    return LOG_KEYS[:4] + ["gp"] + LOG_KEYS[4:] if gcfg.loss == "wgan-gp" else list(LOG_KEYS)
 
 
 def d_logits(D: nn.Module, grids: Tensor, y: Tensor | None, policy: str, aug: torch.Generator) -> Tensor:
@@ -195,6 +208,19 @@ def average_gradients(module: nn.Module, dist: Dist) -> None:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def clip_gradients(module: nn.Module, max_norm: float) -> None:
+    """Clip the total gradient norm of `module` to max_norm (after the ranks' average, so every rank clips alike);
+    0 = off."""
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
+
+
+def _no_grad(G: nn.Module, z: Tensor, y: Tensor | None) -> Tensor:
+    """G's output on a critic-only step (no G update follows, so no graph is kept)."""
+    with torch.no_grad():
+        return G(z, y)
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -341,8 +367,9 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
 
     state = ckpt.load_latest(cfg.ckpt_dir, device, expect={"run_id": run_id, "code": code})
     history: list[dict] = []
+    keys = log_keys(gcfg)
     # per-step values since the last log row (checkpointed, so a resumed run logs the same rows)
-    window: dict[str, list[float]] = {k: [] for k in LOG_KEYS[1:-1]}
+    window: dict[str, list[float]] = {k: [] for k in keys[1:-1]}
     start, train_seconds = 0, 0.0
     if state is not None:
         G.load_state_dict(state["G"])
@@ -365,11 +392,13 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
                      f"the train split of the token store of {cfg.dataset} (records)")
     batches = StepBatches(len(train.tokens), cfg.batch_size, cfg.seed, dist.rank, dist.world)
     g_params, d_params = num_params(G), num_params(D)
-    log.info("GAN %s (attention %s): G %.2fM, D %.2fM parameters (D on %s%s%s); %s loss, R1 %g, lr G %g D %g, "
-             "betas %s, diffaug %r; %d train grids of %dx%dx%d%s", g.family, g.attention_kind, g_params / 1e6,
-             d_params / 1e6, g.d_space, f", {g.image_reals} reals" if g.d_space == "image" else "",
-             ", snapped fakes" if g.snap else "", gcfg.loss, gcfg.r1_gamma, gcfg.lr_g, gcfg.lr_d, gcfg.betas, gcfg.diffaug, len(train.tokens), h, w,
-             codebook.shape[1], f", {gcfg.n_classes} classes" if conditional else "")
+    log.info("GAN %s (attention %s, %s recipe): G %.2fM, D %.2fM parameters (D on %s%s%s); %s loss%s, R1 %g, "
+             "n_critic %d, lr G %g D %g, betas %s, diffaug %r, ms_weight %g; %d train grids of %dx%dx%d%s", g.family,
+             g.attention_kind, g.recipe, g_params / 1e6, d_params / 1e6, g.d_space,
+             f", {g.image_reals} reals" if g.d_space == "image" else "", ", snapped fakes" if g.snap else "",
+             gcfg.loss, f" (lambda {gcfg.gp_lambda:g}, drift {gcfg.wgan_drift:g})" if gcfg.loss == "wgan-gp" else "",
+             gcfg.r1_gamma, gcfg.n_critic, gcfg.lr_g, gcfg.lr_d, gcfg.betas, gcfg.diffaug, gcfg.ms_weight,
+             len(train.tokens), h, w, codebook.shape[1], f", {gcfg.n_classes} classes" if conditional else "")
 
     def save_checkpoint(step: int) -> None:
         if dist.main:
@@ -396,44 +425,57 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
         aug = step_generator(cfg.seed, step, AUGMENT, dist.rank)
 
         # D step: the fake batch is made once; D learns on it detached, then G learns through it
+        g_step = step % gcfg.n_critic == 0  # TransGAN's code: G steps at global_steps % n_critic == 0
         with autocast(device, cfg.bf16):
-            fake = project_to_codes_space(G(z, y), l2_norm)
+            fake = project_to_codes_space(G(z, y) if g_step else _no_grad(G, z, y), l2_norm)
             fake_in = inputs.fake(fake)
             real_in = inputs.real(real, idx).requires_grad_(gcfg.r1_gamma > 0)
             logits_real = d_logits(D, real_in, y, gcfg.diffaug, aug)
             logits_fake = d_logits(D, fake_in.detach(), y, gcfg.diffaug, aug)
             loss_d = d_loss(gcfg.loss, logits_real.float(), logits_fake.float())
             r1 = r1_penalty(logits_real.float(), real_in, gcfg.r1_gamma) if gcfg.r1_gamma > 0 else loss_d.new_zeros(())
-        check_finite(step, cfg.ckpt_dir, d_loss=loss_d.detach(), r1=r1.detach())
+            gp = None
+            if gcfg.loss == "wgan-gp":
+                # interpolates and their augmentation draw from their own stream: the other streams are untouched
+                mix = step_generator(cfg.seed, step, INTERPOLATE, dist.rank)
+                x_hat = random_interpolates(real_in, fake_in, mix)
+                gp = wgan_gp_penalty(d_logits(D, x_hat, y, gcfg.diffaug, mix).float(), x_hat, gcfg.gp_lambda)
+                if gcfg.wgan_drift > 0:  # keeps the critic's real scores near 0 (TransGAN's "eps")
+                    loss_d = loss_d + gcfg.wgan_drift * logits_real.float().mean() ** 2
+        check_finite(step, cfg.ckpt_dir, d_loss=loss_d.detach(), r1=r1.detach(),
+                     **({"gp": gp.detach()} if gp is not None else {}))
         opt_d.zero_grad(set_to_none=True)
-        (loss_d + r1).backward()
+        (loss_d + r1 if gp is None else loss_d + r1 + gp).backward()
         average_gradients(D, dist)
+        clip_gradients(D, gcfg.grad_clip)
         opt_d.step()
 
-        # G step: D frozen (its gradients are not needed)
-        D.requires_grad_(False)
-        with autocast(device, cfg.bf16):
-            loss_g = g_loss(gcfg.loss, d_logits(D, fake_in, y, gcfg.diffaug, aug).float())
-            if gcfg.family == "transgan" and gcfg.sr_weight > 0:
-                loss_g = loss_g + gcfg.sr_weight * sr_loss(G, real.detach())
-            if gcfg.ms_weight > 0:
-                z2 = torch.randn(cfg.batch_size, gcfg.z_dim, generator=step_generator(cfg.seed, step, MS_NOISE))
-                z2 = z2[dist.rank::dist.world].to(device)
-                ratio = mode_seeking_ratio(fake, project_to_codes_space(G(z2, y), l2_norm), z, z2)
-                loss_g = loss_g + gcfg.ms_weight / (ratio + 1e-5)
-        check_finite(step, cfg.ckpt_dir, g_loss=loss_g.detach())
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        average_gradients(G, dist)
-        opt_g.step()
-        D.requires_grad_(True)
-        ema.decay = ema_decay_at(step, gcfg.ema_decay)
-        ema.update()
+        if g_step:  # G step: D frozen (its gradients are not needed)
+            D.requires_grad_(False)
+            with autocast(device, cfg.bf16):
+                loss_g = g_loss(gcfg.loss, d_logits(D, fake_in, y, gcfg.diffaug, aug).float())
+                if gcfg.family == "transgan" and gcfg.sr_weight > 0:
+                    loss_g = loss_g + gcfg.sr_weight * sr_loss(G, real.detach())
+                if gcfg.ms_weight > 0:
+                    z2 = torch.randn(cfg.batch_size, gcfg.z_dim, generator=step_generator(cfg.seed, step, MS_NOISE))
+                    z2 = z2[dist.rank::dist.world].to(device)
+                    ratio = mode_seeking_ratio(fake, project_to_codes_space(G(z2, y), l2_norm), z, z2)
+                    loss_g = loss_g + gcfg.ms_weight / (ratio + 1e-5)
+            check_finite(step, cfg.ckpt_dir, g_loss=loss_g.detach())
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            average_gradients(G, dist)
+            clip_gradients(G, gcfg.grad_clip)
+            opt_g.step()
+            D.requires_grad_(True)
+            ema.decay = ema_decay_at(step // gcfg.n_critic, gcfg.ema_decay)  # the ramp counts G updates
+            ema.update()
         train_seconds += time.monotonic() - t_step
 
-        extra = (("ms_ratio", ratio),) if gcfg.ms_weight > 0 else ()
-        for key, value in (("g_loss", loss_g), ("d_loss", loss_d), ("r1", r1), *extra,
-                           ("d_acc_real", (logits_real > 0).float().mean()),
+        values: list[tuple[str, Tensor]] = [("d_loss", loss_d), ("r1", r1)] + ([("gp", gp)] if gp is not None else [])
+        if g_step:
+            values = [("g_loss", loss_g), *values] + ([("ms_ratio", ratio)] if gcfg.ms_weight > 0 else [])
+        for key, value in (*values, ("d_acc_real", (logits_real > 0).float().mean()),
                            ("d_acc_fake", (logits_fake < 0).float().mean())):
             window[key].append(float(value.detach()))
         done = step + 1
@@ -470,15 +512,18 @@ def finish_gan(cfg: Any, G_ema: nn.Module, gcfg: GANConfig, history: list[dict],
         "kind": "gan", "family": gcfg.family, "model": config_dict(gcfg), "fingerprint": fingerprint,
         "dataset": cfg.dataset, "class_names": class_names, "steps": cfg.steps,
         "latent": {"code_dim": gcfg.code_dim, "grid": gcfg.grid, "l2_norm": l2_norm}})
-    last = {k: next((h[k] for h in reversed(history) if h.get(k) is not None), None) for k in LOG_KEYS[1:]}
+    last = {k: next((h[k] for h in reversed(history) if h.get(k) is not None), None) for k in log_keys(gcfg)[1:]}
     curve = [{"step": h["step"], "value": h["fid"]} for h in history if h.get("fid") is not None]
     metrics = {
         "kind": "gan", "family": gcfg.family, "attention_kind": gcfg.attention_kind, "steps": cfg.steps,
         "batch_size": cfg.batch_size, "g_params_m": round(g_params / 1e6, 3), "d_params_m": round(d_params / 1e6, 3),
         "g_loss": last["g_loss"], "d_loss": last["d_loss"], "r1": last["r1"],
+        **({"gp": last["gp"]} if "gp" in last else {}),
         "d_acc_real": last["d_acc_real"], "d_acc_fake": last["d_acc_fake"],
         "fingerprint": fingerprint,
-        "recipe": {"loss": gcfg.loss, "r1_gamma": gcfg.r1_gamma, "lr_g": gcfg.lr_g, "lr_d": gcfg.lr_d,
+        "recipe": {"name": cfg.gan.recipe, "loss": gcfg.loss, "r1_gamma": gcfg.r1_gamma,
+                   **({"gp_lambda": gcfg.gp_lambda, "wgan_drift": gcfg.wgan_drift} if gcfg.loss == "wgan-gp" else {}),
+                   "n_critic": gcfg.n_critic, "grad_clip": gcfg.grad_clip, "lr_g": gcfg.lr_g, "lr_d": gcfg.lr_d,
                    "betas": list(gcfg.betas), "ema_decay": gcfg.ema_decay, "diffaug": gcfg.diffaug,
                    "ms_weight": gcfg.ms_weight, "d_space": cfg.gan.d_space, "snap": cfg.gan.snap,
                    "image_reals": cfg.gan.image_reals if cfg.gan.d_space == "image" else None},
@@ -492,7 +537,7 @@ def finish_gan(cfg: Any, G_ema: nn.Module, gcfg: GANConfig, history: list[dict],
     write_metrics(cfg.metrics, fid_columns, {
         "step_time_s": round(step_seconds, 5),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
-    write_tsv(Path(cfg.plots), history, LOG_KEYS)
+    write_tsv(Path(cfg.plots), history, log_keys(gcfg))
     plot_gan_curves(out / "curves.png", history, gcfg.family)
     replace_dir(out, Path(cfg.out_dir), "train_transformer")
     log.info("GAN %s: D loss %.3f, G loss %.3f, D acc real %.2f fake %.2f, %.3f s/step%s", gcfg.family,
