@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -32,15 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import apply_overrides, load_params  # noqa: E402
 from pipeline.runlog import read_run_facts  # noqa: E402
-
-
-def stage(name: str, params: Path) -> float:
-    t = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", f"stages.{name}", "--params", str(params)], cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if proc.returncode != 0:
-        raise SystemExit(f"stage {name} failed with {params} (exit {proc.returncode})")
-    return time.monotonic() - t
+from stage_run import stage  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
 
 def run_model(name: str, overrides: list[str], base: dict, out: Path) -> dict:

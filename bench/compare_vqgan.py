@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -30,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import apply_overrides, load_params  # noqa: E402
 from pipeline.runlog import read_run_facts  # noqa: E402
+from stage_run import stage  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
 # recipe -> (lpips_weight, lpips_start fraction, disc_weight, disc_start fraction); None: that term is off
 RECIPES: dict[str, tuple[float, float | None, float, float | None]] = {
@@ -43,15 +42,6 @@ RECIPES: dict[str, tuple[float, float | None, float, float | None]] = {
     "gan_early": (0.0, None, 0.8, 0.2),
 }
 PHASES = {"plain": (False, False), "gan": (False, True), "lpips": (True, False), "lpips_gan": (True, True)}
-
-
-def stage(name: str, params: Path) -> float:
-    t = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", f"stages.{name}", "--params", str(params)], cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if proc.returncode != 0:
-        raise SystemExit(f"stage {name} failed with {params} (exit {proc.returncode})")
-    return time.monotonic() - t
 
 
 def vqgan_paths(d: Path) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,12 +17,11 @@ from torch import nn
 from helpers import ROOT
 from models.attention import MultiHeadAttention
 from models.gan_common import PAPER_RECIPES, d_loss, g_loss, gan_config, random_interpolates, wgan_gp_penalty
-from models.gan_stransgan import EqualLinear, SkipProjectionBlock, STransDiscriminator
+from models.gan_stransgan import EqualLinear, STransDiscriminator
 from models.gan_transgan import TransGANGenerator, locality_mask, relative_position_index
-from pipeline import checkpoint as ckpt
 from pipeline.errors import UserError
 from stages import train_transformer
-from test_train_gan import TINY, gan_cfg, one_line, run_interrupted_then_resumed, world  # noqa: F401
+from test_train_gan import TINY, assert_runs_equal, gan_cfg, one_line, run_interrupted_then_resumed, world  # noqa: F401
 from training.gan import GANParams, config_dict, d_config, family_config
 
 # Every family's resolved config before the recipes existed (commit 838cf13, default GANParams, an 8x8x8 grid, 10
@@ -221,12 +219,7 @@ def test_paper_transgan_run_resumes_exactly(world, tmp_path, monkeypatch):
     # WGAN-GP interpolates, 4 critic steps per G step, clipping, SR co-training, locality mask, relative positions
     train_transformer.run(paper_cfg(world, tmp_path / "a"))
     run_interrupted_then_resumed(paper_cfg(world, tmp_path / "b"), monkeypatch)
-    a, b = (load_file(str(tmp_path / x / "model" / "model.safetensors")) for x in "ab")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = (ckpt.read(tmp_path / x / "ckpt" / "last.pt") for x in "ab")
-    for part in ("G", "D"):
-        assert all(torch.equal(sa[part][k], sb[part][k]) for k in sa[part]), part
-    assert sa["history"] == sb["history"]
+    a = assert_runs_equal(tmp_path / "a", tmp_path / "b")
     m = json.loads((tmp_path / "a" / "model" / "metrics.json").read_text())
     assert m["recipe"]["name"] == "paper" and m["recipe"]["loss"] == "wgan-gp" and m["recipe"]["n_critic"] == 4
     assert m["gp"] > 0 and any(k.startswith("rel_bias.") for k in a)

@@ -107,17 +107,23 @@ def run_interrupted_then_resumed(cfg: TrainTransformerParams, monkeypatch) -> No
     train_transformer.run(cfg)
 
 
+def assert_runs_equal(a_dir: Path, b_dir: Path) -> dict[str, torch.Tensor]:
+    """Two runs' exported weights, last G and D and logs are bitwise equal; returns the first's exported weights."""
+    a, b = (load_file(str(d / "model" / "model.safetensors")) for d in (a_dir, b_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (ckpt.read(d / "ckpt" / "last.pt") for d in (a_dir, b_dir))
+    for part in ("G", "D"):
+        assert all(torch.equal(sa[part][k], sb[part][k]) for k in sa[part]), part
+    assert sa["history"] == sb["history"]
+    return a
+
+
 @pytest.mark.parametrize("family", ["transgan", "lada"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(world, tmp_path, monkeypatch, family):
     # transgan: locality progress, super-resolution, cutout; lada: batch-norm D, R1
     train_transformer.run(gan_cfg(world, tmp_path / "a", family))
     run_interrupted_then_resumed(gan_cfg(world, tmp_path / "b", family), monkeypatch)
-    a, b = (load_file(str(tmp_path / x / "model" / "model.safetensors")) for x in "ab")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = (ckpt.read(tmp_path / x / "ckpt" / "last.pt") for x in "ab")
-    for part in ("G", "D"):
-        assert all(torch.equal(sa[part][k], sb[part][k]) for k in sa[part]), part
-    assert sa["history"] == sb["history"]
+    a = assert_runs_equal(tmp_path / "a", tmp_path / "b")
     # and a run with another seed ends elsewhere (the comparison above can fail)
     train_transformer.run(gan_cfg(world, tmp_path / "c", family, seed=1))
     c = load_file(str(tmp_path / "c" / "model" / "model.safetensors"))
