@@ -8,11 +8,6 @@ import pytest
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# One torch thread per test process (and per stage subprocess) unless the caller sets its own: the tests' models
-# are tiny, so a second thread only adds synchronisation, and on a shared 2-core machine two 2-thread processes
-# made a 24-step GAN test 11x slower (70 s against 6 s). Set before torch loads (helpers imports it).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
 # The venv's bin (dvc, prefect) must be on PATH for subprocesses even when pytest runs without activation.
 os.environ["PATH"] = f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
