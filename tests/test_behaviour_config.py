@@ -357,3 +357,18 @@ def test_a_source_that_is_not_a_file_means_the_working_directory(tmp_path, monke
     with pytest.raises(UserError) as err:
         check_out_path("../x", "out", source)
     assert f"inside the project {tmp_path.resolve()}, e.g." in str(err.value)
+
+
+def test_override_errors_name_the_key_and_list_only_a_few_overrides():
+    from pipeline.runs import preset_overrides, validate_overrides
+    from pipeline.sandbox import ROOT
+
+    with pytest.raises(UserError) as err:
+        validate_overrides(ROOT, ["train_transformer.kind=gan", "train_transformer.gan.recipe=papr"])
+    assert str(err.value) == ("params.yaml with train_transformer.kind=gan, train_transformer.gan.recipe=papr: "
+                              "train_transformer.gan.recipe = 'papr' is not allowed (allowed: 'paper' | 'tokenmill')")
+    # the tiny preset is dozens of overrides: the line counts them instead of repeating them
+    many = preset_overrides(ROOT / "configs" / "tiny.yaml") + ["train_transformer.gan.recipe=papr"]
+    with pytest.raises(UserError) as err:
+        validate_overrides(ROOT, many)
+    assert str(err.value).startswith(f"params.yaml with {len(many)} overrides: train_transformer.gan.recipe = 'papr'")
