@@ -113,9 +113,10 @@ def validate_overrides(root: Path, overrides: list[str]) -> None:
         if not key or any(not part for part in key.split(".")):
             raise UserError(f"override {text!r}: the key must look like section.key (got {key!r})")
     params = apply_overrides(load_params(root / "params.yaml"), overrides)
-    # a preset flattens to dozens of overrides: past three the error names the key alone, not the whole list
-    where = (str(root / "params.yaml") if not overrides else f"params.yaml with {', '.join(overrides)}"
-             if len(overrides) <= 3 else f"params.yaml with {len(overrides)} overrides")
+    where = str(root / "params.yaml")
+    if overrides:  # a preset flattens to dozens of overrides: past three, the error's key and value say enough
+        shown = ", ".join(overrides) if len(overrides) <= 3 else f"{len(overrides)} overrides"
+        where = f"params.yaml with {shown}"
     check_params_dict(params, where, root)
 
 
