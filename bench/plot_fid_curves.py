@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--dir", default=str(ROOT / "data" / "compare"), help="where compare_stage2.py wrote")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if not Path(args.out).parent.is_dir():
+        sys.exit(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
     data = curves(Path(args.dir), args.tags)
     if not data:
         sys.exit(f"{args.dir}: no FID-over-training curves in the summaries of {args.tags}")
