@@ -27,7 +27,7 @@ from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
 from pipeline.fid import Protocol, compute_metrics, protocol_id
 from pipeline.prepared import PreparedImages, read_manifest
-from pipeline.runlog import headline
+from pipeline.runlog import headline, run_timing, write_metrics
 from pipeline.report import (markdown_table, metric_rows, new_figure, protocol_lines, save_figure, save_rows_grid,
                              write_text)
 from pipeline.vqgan_io import load_vqgan, to_model_range, to_uint8
@@ -117,17 +117,17 @@ def run(cfg: EvalVQGANParams) -> None:
     # Paired: reconstruction i against original i, in the same feature space.
     distance = np.linalg.norm(fake - ref.features[:n].astype(np.float64), axis=1)
     seconds = time.monotonic() - t_start
-    write_report(cfg, ref, vqgan_meta, metrics, model, data, order, distance, device,
-                 timing={"images": n, "feature_seconds": feature_seconds, "total_seconds": seconds})
-    write_json(cfg.metrics, {**headline(metrics, HEADLINE), "protocol": protocol_id(metrics["rfid"]["protocol"])})
+    write_report(cfg, ref, vqgan_meta, metrics, model, data, order, distance, device)
+    write_metrics(cfg.metrics, {**headline(metrics, HEADLINE), "protocol": protocol_id(metrics["rfid"]["protocol"])},
+                  run_timing(n, feature_seconds, seconds, device))
     log.info("rFID %.3f  KID %.5f  precision %.3f  recall %.3f  (%d reconstructions vs %d reference images, "
              "%.0f s)", metrics["rfid"]["value"], metrics["rkid_mean"]["value"], metrics["rprecision"]["value"],
              metrics["rrecall"]["value"], n, n_ref, seconds)
 
 
 def write_report(cfg: EvalVQGANParams, ref: Reference, vqgan_meta: dict, metrics: dict, model: torch.nn.Module,
-                 data: PreparedImages, order: list[int], distance: np.ndarray, device: torch.device,
-                 timing: dict) -> None:
+                 data: PreparedImages, order: list[int], distance: np.ndarray,
+                 device: torch.device) -> None:
     out = new_partial_dir(cfg.report_dir)
     labels = [data.entries[i].label for i in order]
     class_names = ref.meta["class_names"]
@@ -167,10 +167,7 @@ def write_report(cfg: EvalVQGANParams, ref: Reference, vqgan_meta: dict, metrics
         f"The {len(worst)} reconstructions furthest from their original in feature space:\n\n"
         f"![worst](worst.png)\n\n![feature distance](feature_distance.png)\n\n"
         f"Median paired feature distance {np.median(distance):.3f}, 90th percentile "
-        f"{np.quantile(distance, 0.9):.3f}.\n\n"
-        f"## Timing\n\n{timing['images']} images; reconstruction + feature extraction "
-        f"{timing['feature_seconds']:.1f} s ({timing['images'] / max(timing['feature_seconds'], 1e-9):.1f} "
-        f"images/s, {device}); whole stage {timing['total_seconds']:.1f} s.\n")
+        f"{np.quantile(distance, 0.9):.3f}.\n")
     write_text(out / "report.md", text)
     write_json(out / "metrics.json", metrics)
     replace_dir(out, Path(cfg.report_dir), "eval_vqgan")

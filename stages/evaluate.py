@@ -48,7 +48,7 @@ from pipeline.fid import Protocol, compute_metrics, frechet_distance_features, p
 from pipeline.prepared import read_manifest
 from pipeline.report import (code_usage, markdown_table, metric_rows, new_figure, protocol_lines, save_figure,
                              save_rows_grid, write_text)
-from pipeline.runlog import headline
+from pipeline.runlog import headline, run_timing, write_metrics
 from pipeline.shards import iter_tar_samples
 from pipeline.fid_reference import NetworkParams, Reference, ResizeMode, check_reference, features_of, load_network, \
     load_reference
@@ -285,10 +285,9 @@ def run(cfg: EvaluateParams) -> None:
     if sm["conditional"]:
         metrics["per_class_gfid"], skipped = per_class_fid(ref, fake, labels, sm["class_names"], used,
                                                            cfg.per_class_min)
-    write_report(cfg, sm, ref, metrics, stream, labels, skipped, device,
-                 timing={"images": len(fake), "feature_seconds": feature_seconds,
-                         "total_seconds": time.monotonic() - t_start})
-    write_json(cfg.metrics, {**headline(metrics, HEADLINE), "protocol": protocol_id(used.as_dict())})
+    write_report(cfg, sm, ref, metrics, stream, labels, skipped)
+    write_metrics(cfg.metrics, {**headline(metrics, HEADLINE), "protocol": protocol_id(used.as_dict())},
+                  run_timing(len(fake), feature_seconds, time.monotonic() - t_start, device))
     log.info("gFID %.3f  KID %.5f  precision %.3f  recall %.3f  code usage %.1f%%  (%d samples vs %d reference)",
              metrics["gfid"]["value"], metrics["gkid_mean"]["value"], metrics["gprecision"]["value"],
              metrics["grecall"]["value"], metrics["code_usage_pct"]["value"], len(fake), len(ref.features))
@@ -297,7 +296,7 @@ def run(cfg: EvaluateParams) -> None:
 # ----------------------------------------------------------------------------- report
 
 def write_report(cfg: EvaluateParams, sm: dict, ref: Reference, metrics: dict, stream: SampleStream,
-                 labels: np.ndarray, skipped: list[str], device: torch.device, timing: dict) -> None:
+                 labels: np.ndarray, skipped: list[str]) -> None:
     out = new_partial_dir(cfg.report_dir)
     names = sm["class_names"]
     if sm["conditional"]:
@@ -360,10 +359,7 @@ def write_report(cfg: EvaluateParams, sm: dict, ref: Reference, metrics: dict, s
         f"FID and KID from fewer than 50k samples are biased (FID upward): compare numbers only when their "
         f"protocols agree.\n\n## Protocol\n\n{protocol_lines(protocol)}\n"
         f"## Samples\n\n{grid_note}:\n\n![samples](grid.png)\n\n"
-        f"## Code usage\n\n![code frequency](code_frequency.png)\n\n{class_section}"
-        f"## Timing\n\n{timing['images']} samples; decoding + feature extraction {timing['feature_seconds']:.1f} s "
-        f"({timing['images'] / max(timing['feature_seconds'], 1e-9):.1f} images/s, {device}); whole stage "
-        f"{timing['total_seconds']:.1f} s.\n")
+        f"## Code usage\n\n![code frequency](code_frequency.png)\n\n{class_section}")
     write_text(out / "report.md", text)
     write_json(out / "metrics.json", metrics)
     replace_dir(out, Path(cfg.report_dir), "evaluate")

@@ -31,6 +31,7 @@ from pipeline.atomic import sha256_file
 from pipeline.fid import protocol_id
 from pipeline.errors import UserError
 from pipeline.prepared import PreparedImages
+from pipeline.runlog import read_run_facts
 from pipeline.shards import ShardWriter
 from pipeline.vqgan_io import save_vqgan
 from stages import eval_vqgan, evaluate, fid_ref
@@ -227,6 +228,9 @@ def test_eval_vqgan_end_to_end(world, vqgan_dir, tmp_path, monkeypatch):
     artifacts.publish_stage("eval_vqgan", tmp_path)
     assert [r["metric"] for r in created["eval-vqgan-metrics"]][0] == "rfid"
     assert created["eval-vqgan-report"].count("data:image/png;base64,") == 3
+    # This run's timing reaches the UI from the run facts; the report itself (a DVC out) holds none.
+    assert "Timing" not in text and f"whole stage {read_run_facts(cfg.metrics)['seconds']} s" in created[
+        "eval-vqgan-report"]
 
 
 def test_eval_vqgan_stops_on_mismatched_reference(world, vqgan_dir, tmp_path):
@@ -386,6 +390,25 @@ def test_evaluate_unconditional_samples(stub_world, stub_net, tmp_path):
     # 30 samples shown as 3 rows of 10
     assert Image.open(Path(cfg.report_dir) / "grid.png").size == (2 * (2 + 10 * 18), 2 * (2 + 3 * 18))
 
+
+
+def test_evaluate_outputs_do_not_depend_on_the_run_time(stub_world, stub_net, tmp_path, monkeypatch):
+    """The report folder and the metrics file are DVC outs: a slower run must write the same bytes (the timing
+    goes to the run facts beside the metrics file, which DVC does not hash)."""
+    samples = reference_samples(stub_world, tmp_path / "samples")
+    cfg = evaluate_cfg(stub_world, samples, tmp_path)
+    outs = []
+    for tick in (1.0, 7.0):  # every clock reading advances by `tick` seconds: the second run is 7x slower
+        clock = iter(np.arange(1, 10_000) * tick)
+        monkeypatch.setattr(evaluate.time, "monotonic", lambda: float(next(clock)))
+        evaluate.run(cfg)
+        report = Path(cfg.report_dir)
+        outs.append(({f.name: f.read_bytes() for f in report.iterdir()}, Path(cfg.metrics).read_bytes(),
+                     read_run_facts(cfg.metrics)))
+    assert outs[0][:2] == outs[1][:2]
+    first, second = outs[0][2], outs[1][2]
+    assert second["seconds"] == pytest.approx(7 * first["seconds"]) and first["images"] == N_VAL
+    assert second["images_per_s"] == pytest.approx(first["images_per_s"] / 7, abs=0.01)  # rounded to 0.01
 
 def _bad(tmp_path, world, **change):
     """Reference samples with one thing broken in sample 0 (images / labels / tokens) or in the manifest."""
