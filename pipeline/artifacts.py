@@ -55,8 +55,9 @@ def publish_evaluation(stage: str, root: Path) -> None:
     create_table_artifact(metric_rows(metrics), key=artifact_key(stage, "metrics"),
                           description=f"{stage}: metrics and the protocol each was made with")
     run = read_run_facts(root / cfg.metrics)  # timing is not in the report: it would change the out's hash
-    timing = (f"{run['images']} images; networks {run['feature_seconds']} s ({run['images_per_s']} images/s, "
-              f"{run['device']}); whole stage {run['seconds']} s" if run else "restored from the cache: no run here")
+    timing = (f"{run['images']} images; networks {run['feature_seconds']} s "
+              f"({run['images'] / max(run['feature_seconds'], 1e-9):.1f} images/s, {run['device']}); whole stage "
+              f"{run['seconds']} s" if run else "restored from the cache: no run here")
     create_markdown_artifact(embed_images((report / "report.md").read_text(), report)
                              + f"\n## Timing (the last run here)\n\n{timing}.\n",
                              key=artifact_key(stage, "report"), description=f"{stage}: report")

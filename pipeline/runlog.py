@@ -49,10 +49,3 @@ def headline(record: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str,
             raise TypeError(f"metrics column {column!r} ({dotted}) is {type(value).__name__}, not a scalar")
         out[column] = value
     return out
-
-
-def run_timing(images: int, feature_seconds: float, total_seconds: float, device: Any) -> dict[str, Any]:
-    """An evaluation stage's run facts: its timing would make the report (a DVC out) differ on every run."""
-    return {"images": images, "feature_seconds": round(feature_seconds, 2),
-            "images_per_s": round(images / feature_seconds, 2) if feature_seconds > 0 else None,
-            "seconds": round(total_seconds, 2), "device": str(device)}

@@ -48,7 +48,7 @@ from pipeline.fid import Protocol, compute_metrics, frechet_distance_features, p
 from pipeline.prepared import read_manifest
 from pipeline.report import (code_usage, markdown_table, metric_rows, new_figure, protocol_lines, save_figure,
                              save_rows_grid, write_text)
-from pipeline.runlog import headline, run_timing, write_metrics
+from pipeline.runlog import headline, write_metrics
 from pipeline.shards import iter_tar_samples
 from pipeline.fid_reference import NetworkParams, Reference, ResizeMode, check_reference, features_of, load_network, \
     load_reference
@@ -287,7 +287,8 @@ def run(cfg: EvaluateParams) -> None:
                                                            cfg.per_class_min)
     write_report(cfg, sm, ref, metrics, stream, labels, skipped)
     write_metrics(cfg.metrics, {**headline(metrics, HEADLINE), "protocol": protocol_id(used.as_dict())},
-                  run_timing(len(fake), feature_seconds, time.monotonic() - t_start, device))
+                  {"images": len(fake), "feature_seconds": round(feature_seconds, 2),  # run facts: not in the outs
+                   "seconds": round(time.monotonic() - t_start, 2), "device": device.type})
     log.info("gFID %.3f  KID %.5f  precision %.3f  recall %.3f  code usage %.1f%%  (%d samples vs %d reference)",
              metrics["gfid"]["value"], metrics["gkid_mean"]["value"], metrics["gprecision"]["value"],
              metrics["grecall"]["value"], metrics["code_usage_pct"]["value"], len(fake), len(ref.features))
