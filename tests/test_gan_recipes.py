@@ -44,6 +44,8 @@ TODAY = {
                   'diffaug': 'translation', 'ms_weight': 0.2, 'g_dims': [128, 64, 32], 'g_depth': 2, 'window': 4,
                   'd_dim': 32, 'd_depth': 2, 'd_grid': 4},
 }
+# What the tokenmill recipe has changed since then, by measurement (docs/results.md): TransGAN's learning rates.
+TOKENMILL_SINCE = {"lada": {}, "transgan": {"lr_g": 3e-4, "lr_d": 3e-4}, "stransgan": {}}
 NEUTRAL = {"gp_lambda": 10.0, "wgan_drift": 0.0, "n_critic": 1, "grad_clip": 0.0}
 NEUTRAL_FAMILY = {"lada": {}, "transgan": {"locality_layers": "all", "rel_pos": False},
                   "stransgan": {"equalized_attention": False, "block_act": False}}
@@ -98,7 +100,7 @@ def test_a_wgan_critic_runs_on_the_math_backend():
 
 @pytest.mark.parametrize("family", TODAY)
 def test_tokenmill_recipe_is_todays_config(family):
-    assert resolved(family) == {**TODAY[family], **NEUTRAL, **NEUTRAL_FAMILY[family]}
+    assert resolved(family) == {**TODAY[family], **NEUTRAL, **NEUTRAL_FAMILY[family], **TOKENMILL_SINCE[family]}
     # and params.yaml's gan section resolves to it (ms_weight: null there = the recipe's 0.2)
     section = yaml.safe_load((ROOT / "params.yaml").read_text())["train_transformer"]
     cfg = train_transformer.check({"train_transformer": {**section, "kind": "gan",
@@ -239,7 +241,7 @@ def test_tokenmill_run_writes_todays_config(world, tmp_path):
     saved = json.loads((tmp_path / "model" / "config.json").read_text())["model"]
     today = {**TODAY["transgan"], **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY["transgan"].items()},
              "code_dim": 4, "grid": 4, "n_classes": 10}
-    assert saved == {**today, **NEUTRAL, **NEUTRAL_FAMILY["transgan"]}
+    assert saved == {**today, **NEUTRAL, **NEUTRAL_FAMILY["transgan"], **TOKENMILL_SINCE["transgan"]}
     m = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert m["recipe"]["name"] == "tokenmill" and m["recipe"]["ms_weight"] == 0.2 and "gp" not in m
     assert (tmp_path / "log.tsv").read_text().splitlines()[0].split("\t")[4] == "d_acc_real"  # today's columns
