@@ -26,6 +26,24 @@ PARAMS_FILE = "params.yaml"
 _MISSING = dataclasses.MISSING
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats without a dot or an exponent sign (`5e-4`, `1E3`).
+
+    PyYAML follows YAML 1.1, where `5e-4` is a string, while DVC (ruamel, YAML 1.2) reads it as a float: a
+    learning rate written that way in params.yaml or `-S` must not become "wrong type" here only."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse params YAML: safe (no objects), with YAML 1.2 floats."""
+    return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 # Top-level folders an output path may never point into.
 RESERVED_TOPS = {".git", ".dvc", "models", "pipeline", "training", "stages", "tests", "configs", "scripts", "bench"}
@@ -50,7 +68,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         raise UserError(f"{path}: params file not found (run from the project root or pass --params)")
     text = path.read_text()
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         # a parser/scanner error carries a mark and a problem; a reader error (a control character) a position
         mark, pos = getattr(exc, "problem_mark", None), getattr(exc, "position", None)
@@ -228,7 +246,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     raw = raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

@@ -86,3 +86,20 @@ def test_overrides_keep_comments_and_parse_types(tmp_path):
     assert params["prepare"]["shard_size"] == 7
     assert params["datasets"]["d1"]["class_names"] == ["a", "b"]
     assert apply_overrides(params, ["new.deep.key=1.5"])["new"]["deep"]["key"] == 1.5
+
+
+def test_floats_in_yaml_1_2_form_are_floats_as_in_dvc(tmp_path):
+    # PyYAML (YAML 1.1) reads `5e-4` as a string; DVC writes and reads params with YAML 1.2, where it is a float.
+    # A learning rate written that way, in the file or as an override, must validate as the float it is.
+    p = write(tmp_path, BASE + "lr: 5e-4\nbig: 1E3\nsigned: -2.5e-3\nquoted: '5e-4'\nword: 1e\n")
+    params = load_params(p)
+    assert (params["lr"], params["big"], params["signed"]) == (0.0005, 1000.0, -0.0025)
+    assert (params["quoted"], params["word"]) == ("5e-4", "1e")
+    repo = apply_overrides(load_params(ROOT / "params.yaml"), ["train_transformer.gan.lr_g=5e-4"])
+    assert repo["train_transformer"]["gan"]["lr_g"] == 0.0005
+    out = tmp_path / "repo.yaml"
+    out.write_text((ROOT / "params.yaml").read_text())
+    set_params_file(out, ["train_transformer.gan.lr_d=3e-4"])
+    assert load_params(out)["train_transformer"]["gan"]["lr_d"] == 0.0003
+    from stages.train_transformer import check
+    assert check(repo, "params.yaml").gan.lr_g == 0.0005
