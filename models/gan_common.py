@@ -155,8 +155,8 @@ class TransGANConfig(GANConfig):
 
 @dataclass
 class STransGANConfig(GANConfig):
-    """STransGAN (Xu et al., 2021). tokenmill defaults: hinge loss, Adam lr 2e-4 for G and D, betas (0, 0.99),
-    equalized learning rate in D's convs, skip projections, MLPs and head. The paper recipe (PAPER_RECIPES) also
+    """STransGAN (Xu et al., 2021). Class defaults: hinge loss, Adam lr 2e-4 for G and D (tokenmill: 4e-4),
+    betas (0, 0.99), equalized learning rate in D's convs, skip projections, MLPs and head. The paper recipe (PAPER_RECIPES) also
     equalizes D's attention projections, ends every D block with a LeakyReLU and raises D's learning rate."""
     family: str = "stransgan"
     g_dims: tuple[int, ...] = (128, 64, 32)
@@ -183,7 +183,8 @@ TOKENMILL_RECIPES: dict[str, dict[str, object]] = {
     "lada": dict(MODE_SEEKING),       # lr 4e-4 and a 4x wider G traded recall for precision: not taken
     "transgan": {**MODE_SEEKING,
                  "lr_g": 3e-4, "lr_d": 3e-4},  # measured: gFID 85.3 vs 125.5 at the paper's 1e-4 (still falling)
-    "stransgan": dict(MODE_SEEKING),
+    "stransgan": {**MODE_SEEKING,
+                  "lr_g": 4e-4, "lr_d": 4e-4},  # measured: gFID 86.8 vs 93.0 at 2e-4, better at every FID point
 }
 
 PAPER_RECIPES: dict[str, dict[str, object]] = {
@@ -212,6 +213,7 @@ PAPER_RECIPES: dict[str, dict[str, object]] = {
     "stransgan": {
         "equalized_attention": True,  # issue: equalized LR in every D layer, attention projections included
         "block_act": True,            # issue: activations at the end of the blocks
+        "lr_g": 2e-4,                 # chosen: the rate the family trained with before tokenmill measured 4e-4
         "lr_d": 2e-3,                 # chosen: StyleGAN2's rate for equalized-LR layers (the D is equalized throughout)
         "ms_weight": 0.0,
     },
