@@ -70,6 +70,7 @@ class GANConfig:
     ema_decay: float = 0.999
     diffaug: str = ""            # comma-separated subset of AUGMENTS, applied to real and fake grids before D
     ms_weight: float = 0.0       # mode-seeking term (MSGAN, Mao et al. 2019) in G's loss; 0 = off (see train_gan)
+    mbstd_group: int = 0         # D's minibatch standard deviation over groups of this many samples; 0 = off
 
     def __post_init__(self) -> None:
         for f in fields(self):  # YAML / JSON give lists; tuples keep configs comparable and hashable
@@ -87,6 +88,8 @@ class GANConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {self.n_critic}")
+        if self.mbstd_group < 0 or self.mbstd_group == 1:
+            raise ValueError(f"mbstd_group must be 0 (off) or >= 2, got {self.mbstd_group}")
         if min(self.gp_lambda, self.wgan_drift, self.grad_clip) < 0:
             raise ValueError("gp_lambda, wgan_drift and grad_clip must be >= 0")
         for name in filter(None, self.diffaug.split(",")):
@@ -431,6 +434,31 @@ def wgan_gp_penalty(logits_hat: Tensor, x_hat: Tensor, lam: float) -> Tensor:
     return lam * (grad.flatten(1).norm(dim=1) - 1.0).pow(2).mean()
 
 
+def minibatch_std(features: Tensor, group: int) -> Tensor:
+    """(B, ...) -> (B, 1): the standard deviation of each feature across a group of samples, averaged over the
+    features (Karras et al. 2018, "minibatch standard deviation"; groups of strided samples as in StyleGAN2).
+
+    Appended to D's last features it lets D see how varied a batch is, which a per-sample D cannot: a generator
+    that maps a class to a few images is then penalised for it. Sample i is in group i % (B / g), where g is the
+    largest divisor of B not above `group`."""
+    b = features.shape[0]
+    g = max(d for d in range(1, min(group, b) + 1) if b % d == 0)
+    x = features.float().reshape(g, b // g, -1)
+    std = (x.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=1)  # (B / g,)
+    return std.repeat(g).unsqueeze(1).to(features.dtype)
+
+
+def with_minibatch_std(features: Tensor, group: int) -> Tensor:
+    """Channel-last features (B, C) or channel-first maps (B, C, H, W) with minibatch_std appended as one more
+    channel (broadcast over H, W); unchanged when group is 0."""
+    if not group:
+        return features
+    std = minibatch_std(features, group)
+    if features.dim() == 4:
+        std = std[:, :, None, None].expand(-1, 1, *features.shape[2:])
+    return torch.cat([features, std], dim=1)
+
+
 def r1_penalty(logits_real: Tensor, x_real: Tensor, gamma: float) -> Tensor:
     """R1 (Mescheder et al., 2018): gamma / 2 * E_x ||grad_x D(x)||^2 on real samples.
 
@@ -444,6 +472,7 @@ __all__ = [
     "FAMILIES", "ATTENTION_KINDS", "LOSSES", "AUGMENTS", "RECIPES", "GANConfig", "LadaConfig", "TransGANConfig",
     "STransGANConfig", "TOKENMILL_RECIPES", "PAPER_RECIPES", "recipe_fields", "gan_config", "grid_to_tokens", "tokens_to_grid",
     "pixel_shuffle_tokens", "make_attention", "mlp", "TransformerBlock", "NoiseAndClass", "ClassProjection",
-    "diff_augment", "d_loss", "g_loss", "r1_penalty", "random_interpolates", "wgan_gp_penalty", "hinge_d_loss", "hinge_g_loss", "nonsaturating_d_loss",
+    "diff_augment", "d_loss", "g_loss", "minibatch_std", "with_minibatch_std", "r1_penalty", "random_interpolates",
+    "wgan_gp_penalty", "hinge_d_loss", "hinge_g_loss", "nonsaturating_d_loss",
     "nonsaturating_g_loss",
 ]

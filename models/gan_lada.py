@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from models.attention import LadaAttention
 from models.gan_common import (ClassProjection, LadaConfig, NoiseAndClass, TransformerBlock, grid_to_tokens,
-                               make_attention, mlp, tokens_to_grid)
+                               make_attention, mlp, tokens_to_grid, with_minibatch_std)
 
 # -----------------------------------------------------------------------------------------------------------------
 # Generator
@@ -157,7 +157,8 @@ class LadaDiscriminator(nn.Module):
             for _ in range(cfg.d_depth))
         c_out = 2 * c
         self.post = nn.Sequential(nn.Conv2d(4 * c, c_out, 3, padding=1), nn.LeakyReLU(0.2))  # after SpaceToDepth
-        self.head = nn.Conv2d(c_out, 1, 3, stride=2, padding=1)
+        self.mbstd_group = cfg.mbstd_group
+        self.head = nn.Conv2d(c_out + (1 if cfg.mbstd_group else 0), 1, 3, stride=2, padding=1)
         self.project = ClassProjection(cfg.n_classes, c_out)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -166,4 +167,5 @@ class LadaDiscriminator(nn.Module):
         for block in self.blocks:
             t = block(t)
         h = self.post(F.pixel_unshuffle(tokens_to_grid(t, self.side, self.side), 2))
-        return self.head(h).mean(dim=(1, 2, 3)) + self.project(h.mean(dim=(2, 3)), y)
+        logit = self.head(with_minibatch_std(h, self.mbstd_group)).mean(dim=(1, 2, 3))
+        return logit + self.project(h.mean(dim=(2, 3)), y)

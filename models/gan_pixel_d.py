@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from models.gan_common import with_minibatch_std
+
 
 class PixelDiscriminator(nn.Module):
-    def __init__(self, in_channels: int, resolution: int, base: int = 32, n_classes: int = 0):
+    def __init__(self, in_channels: int, resolution: int, base: int = 32, n_classes: int = 0, mbstd_group: int = 0):
         super().__init__()
         if resolution < 8 or resolution & (resolution - 1):
             raise ValueError(f"the image discriminator needs a power-of-two resolution >= 8, got {resolution}")
@@ -27,12 +29,13 @@ class PixelDiscriminator(nn.Module):
             c, side = c_out, side // 2
         layers += [nn.Conv2d(c, c, 3, padding=1), nn.LeakyReLU(0.2)]
         self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(c, 1)
+        self.mbstd_group = mbstd_group  # the family config's: see models.gan_common.minibatch_std
+        self.head = nn.Linear(c + (1 if mbstd_group else 0), 1)
         self.embed = nn.Embedding(n_classes, c) if n_classes else None
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         h = self.body(x).sum(dim=(2, 3))  # (B, c)
-        logit = self.head(h).squeeze(1)
+        logit = self.head(with_minibatch_std(h, self.mbstd_group)).squeeze(1)
         if self.embed is not None:
             if y is None:
                 raise ValueError("a conditional discriminator needs class labels")

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from models.attention import WindowAttention
 from models.gan_common import (ClassProjection, NoiseAndClass, STransGANConfig, grid_to_tokens, make_attention,
-                               pixel_shuffle_tokens, tokens_to_grid)
+                               pixel_shuffle_tokens, tokens_to_grid, with_minibatch_std)
 
 # -----------------------------------------------------------------------------------------------------------------
 # Equalized learning rate (Karras et al., 2018): weights are stored N(0, 1) and scaled at every forward by
@@ -212,7 +212,9 @@ class STransDiscriminator(nn.Module):
                 SkipProjectionBlock(c, self._attention(cfg, c, side, b), cfg.mlp_ratio, end_act=cfg.block_act)
                 for b in range(cfg.d_depth))))
         self.norm = nn.LayerNorm(c)
-        self.head = nn.Sequential(EqualLinear(c, c), nn.LeakyReLU(0.2), EqualLinear(c, 1))
+        self.mbstd_group = cfg.mbstd_group
+        self.head = nn.Sequential(EqualLinear(c + (1 if cfg.mbstd_group else 0), c), nn.LeakyReLU(0.2),
+                                  EqualLinear(c, 1))
         self.project = ClassProjection(cfg.n_classes, c)
 
     @staticmethod
@@ -229,4 +231,4 @@ class STransDiscriminator(nn.Module):
                 t = self.merges[i - 1](grid_to_tokens(F.pixel_unshuffle(tokens_to_grid(t, prev, prev), 2)))
             t = blocks(t)
         f = self.norm(t).mean(dim=1)
-        return self.head(f).squeeze(1) + self.project(f, y)
+        return self.head(with_minibatch_std(f, self.mbstd_group)).squeeze(1) + self.project(f, y)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from models.attention import GridAttention, MultiHeadAttention
 from models.gan_common import (ClassProjection, NoiseAndClass, TransformerBlock, TransGANConfig, grid_to_tokens,
-                               make_attention, pixel_shuffle_tokens, tokens_to_grid)
+                               make_attention, pixel_shuffle_tokens, tokens_to_grid, with_minibatch_std)
 
 # -----------------------------------------------------------------------------------------------------------------
 # Locality-aware initialisation
@@ -236,7 +236,8 @@ class TransGANDiscriminator(nn.Module):
             for _ in range(cfg.d_depth))
         self.cls_block = TransformerBlock(c, full(), cfg.mlp_ratio) if cfg.attention_kind == "ylg" else None
         self.norm = nn.LayerNorm(c)
-        self.head = nn.Linear(c, 1)
+        self.mbstd_group = cfg.mbstd_group
+        self.head = nn.Linear(c + (1 if cfg.mbstd_group else 0), 1)
         self.project = ClassProjection(cfg.n_classes, c)
         # relative positions of the patch tokens (the class token, first, has none); built last, as in the generator
         self.rel_bias = nn.ModuleList(RelativePositionBias(self.side, cfg.n_heads, prefix=1)
@@ -254,4 +255,4 @@ class TransGANDiscriminator(nn.Module):
         if self.cls_block is not None:
             t = self.cls_block(torch.cat([cls, t], dim=1))
         f = self.norm(t[:, 0])
-        return self.head(f).squeeze(1) + self.project(f, y)
+        return self.head(with_minibatch_std(f, self.mbstd_group)).squeeze(1) + self.project(f, y)

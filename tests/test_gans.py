@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from models.attention import GridAttention, LadaAttention, MultiHeadAttention, WindowAttention, YLGAttention
 from models.gan_common import (FAMILIES, LadaConfig, STransGANConfig, TransGANConfig, d_loss, diff_augment, g_loss,
-                               gan_config, r1_penalty)
+                               gan_config, minibatch_std, r1_penalty)
 from models.gan import build_discriminator, build_generator
 from training.common import EMA
 from models.gan_lada import LadaDiscriminator, LadaGenerator, LadaGeneratorBlock, SelfModulatedLayerNorm
@@ -256,6 +256,50 @@ def test_transgan_discriminator_reads_the_class_token():
     D(torch.randn(2, 8, 4, 4))
     assert seen[0].shape == (2, 16)  # the normalised feature is the class token alone
     assert D.pos.shape[1] == 4 * 4 + 1
+
+
+# --- minibatch standard deviation (gan.model.mbstd_group) -----------------------------------------------------------
+
+def test_minibatch_std_by_hand():
+    # groups of 2 strided samples: {0, 2} are equal (std 0), {1, 3} differ by 2 in every feature (std 1); grouping
+    # consecutive samples would give 0.5 and 1.5, and the unbiased estimate sqrt(2)
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [3.0, 3.0]])
+    assert torch.allclose(minibatch_std(x, 2).squeeze(1), torch.tensor([1e-4, 1.0, 1e-4, 1.0]), atol=1e-6)
+    # group larger than the batch: the whole batch; a group that does not divide it: the largest divisor below
+    assert torch.allclose(minibatch_std(x, 8), minibatch_std(x, 4))
+    x6 = torch.arange(12.0).view(6, 2)
+    # group 4 on 6 samples: groups of 3, {0, 2, 4} and {1, 3, 5}; each feature runs 0, 4, 8 (+1): std sqrt(32 / 3)
+    assert torch.allclose(minibatch_std(x6, 4).squeeze(1), torch.full((6,), math.sqrt(32 / 3)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_minibatch_std_lets_d_see_the_rest_of_the_batch(family):
+    """With the layer, one sample's logit depends on the others in its group (D sees the batch's variety); without
+    it, not (eval mode: LadaGAN's down block batch-norms with its running statistics)."""
+    x = torch.randn(4, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    varied = x.clone()
+    varied[2] = 5 * torch.randn(8, 4, 4, generator=torch.Generator().manual_seed(1))  # sample 0's group: {0, 2}
+    for group, depends in ((0, False), (2, True)):
+        _, D = models(tiny(family, mbstd_group=group))
+        D.eval()
+        with torch.no_grad():
+            a, b = D(x), D(varied)
+        assert torch.equal(a[1], b[1]) and torch.equal(a[3], b[3])  # the other group {1, 3} is untouched
+        assert (not torch.allclose(a[0], b[0])) == depends
+    with pytest.raises(ValueError, match="mbstd_group"):
+        tiny("lada", mbstd_group=1)
+
+
+def test_image_discriminator_takes_the_familys_minibatch_std():
+    from models.gan_pixel_d import PixelDiscriminator
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    varied = torch.cat([x[:2], x[2:3] + 3, x[3:]])
+    for group, depends in ((0, False), (2, True)):
+        torch.manual_seed(0)
+        D = PixelDiscriminator(1, 8, base=4, n_classes=0, mbstd_group=group)
+        with torch.no_grad():
+            a, b = D(x), D(varied)
+        assert torch.equal(a[1], b[1]) and (not torch.allclose(a[0], b[0])) == depends
 
 
 # --- STransGAN: equalized lr, skip projections ----------------------------------------------------------------------

@@ -323,7 +323,8 @@ class TrainingInputs:
 
 def build_d(g: GANParams, gcfg: GANConfig, vqgan: "VQGAN", resolution: int) -> nn.Module:
     if g.d_space == "image":
-        return PixelDiscriminator(vqgan.cfg.in_channels, resolution, g.image_d_channels, gcfg.n_classes)
+        return PixelDiscriminator(vqgan.cfg.in_channels, resolution, g.image_d_channels, gcfg.n_classes,
+                                  gcfg.mbstd_group)
     return build_discriminator(d_config(gcfg))
 
 
