@@ -393,10 +393,11 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
                      f"the train split of the token store of {cfg.dataset} (records)")
     batches = StepBatches(len(train.tokens), cfg.batch_size, cfg.seed, dist.rank, dist.world)
     g_params, d_params = num_params(G), num_params(D)
-    log.info("GAN %s (attention %s, %s recipe): G %.2fM, D %.2fM parameters (D on %s%s%s); %s loss%s, R1 %g, "
+    log.info("GAN %s (attention %s, %s recipe): G %.2fM, D %.2fM parameters (D on %s%s%s%s); %s loss%s, R1 %g, "
              "n_critic %d, lr G %g D %g, betas %s, diffaug %r, ms_weight %g; %d train grids of %dx%dx%d%s", g.family,
              g.attention_kind, g.recipe, g_params / 1e6, d_params / 1e6, g.d_space,
              f", {g.image_reals} reals" if g.d_space == "image" else "", ", snapped fakes" if g.snap else "",
+             f", minibatch std over groups of {gcfg.mbstd_group}" if gcfg.mbstd_group else "",
              gcfg.loss, f" (lambda {gcfg.gp_lambda:g}, drift {gcfg.wgan_drift:g})" if gcfg.loss == "wgan-gp" else "",
              gcfg.r1_gamma, gcfg.n_critic, gcfg.lr_g, gcfg.lr_d, gcfg.betas, gcfg.diffaug, gcfg.ms_weight,
              len(train.tokens), h, w, codebook.shape[1], f", {gcfg.n_classes} classes" if conditional else "")
