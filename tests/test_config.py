@@ -103,3 +103,11 @@ def test_floats_in_yaml_1_2_form_are_floats_as_in_dvc(tmp_path):
     assert load_params(out)["train_transformer"]["gan"]["lr_d"] == 0.0003
     from stages.train_transformer import check
     assert check(repo, "params.yaml").gan.lr_g == 0.0005
+
+
+def test_params_loader_builds_no_objects(tmp_path):
+    # the YAML 1.2 loader is still a safe one: a python tag is refused, and nothing runs
+    p = write(tmp_path, BASE + f"x: !!python/object/apply:os.system ['touch {tmp_path}/ran']\n")
+    with pytest.raises(UserError, match=r"params.yaml: line 9 is not valid YAML"):
+        load_params(p)
+    assert not (tmp_path / "ran").exists()
