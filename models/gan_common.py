@@ -125,7 +125,8 @@ class LadaConfig(GANConfig):
 @dataclass
 class TransGANConfig(GANConfig):
     """TransGAN (Jiang et al., 2021). Class defaults: hinge loss, Adam lr 1e-4 for G and D (the tokenmill recipe
-    raises both to 5e-4), betas (0, 0.99), DiffAugment translation + cutout, grid attention on the 8x8 stage, locality masks on every full-attention layer.
+    raises both to 5e-4), betas (0, 0.99), DiffAugment translation + cutout, grid attention on the 8x8 stage,
+    locality masks on every full-attention layer.
     The paper's recipe (PAPER_RECIPES["transgan"]) adds WGAN-GP with 4 critic steps, gradient clipping, the
     super-resolution co-training, relative positions and full attention at these grid sizes."""
     family: str = "transgan"
@@ -158,8 +159,9 @@ class TransGANConfig(GANConfig):
 @dataclass
 class STransGANConfig(GANConfig):
     """STransGAN (Xu et al., 2021). Class defaults: hinge loss, Adam lr 2e-4 for G and D (tokenmill: 4e-4),
-    betas (0, 0.99), equalized learning rate in D's convs, skip projections, MLPs and head. The paper recipe (PAPER_RECIPES) also
-    equalizes D's attention projections, ends every D block with a LeakyReLU and raises D's learning rate."""
+    betas (0, 0.99), equalized learning rate in D's convs, skip projections, MLPs and head. The paper recipe
+    (PAPER_RECIPES) also equalizes D's attention projections, ends every D block with a LeakyReLU and raises D's
+    learning rate."""
     family: str = "stransgan"
     g_dims: tuple[int, ...] = (128, 64, 32)
     g_depth: int = 2        # Swin blocks per stage; odd blocks use shifted windows
