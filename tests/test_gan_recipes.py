@@ -44,7 +44,8 @@ TODAY = {
                   'diffaug': 'translation', 'ms_weight': 0.2, 'g_dims': [128, 64, 32], 'g_depth': 2, 'window': 4,
                   'd_dim': 32, 'd_depth': 2, 'd_grid': 4},
 }
-# What the tokenmill recipe has changed since then, by measurement (docs/results.md): TransGAN's learning rates.
+# What the tokenmill recipe has changed since then, by measurement (docs/results.md): TransGAN's and STransGAN's
+# learning rates.
 TOKENMILL_SINCE = {"lada": {}, "transgan": {"lr_g": 5e-4, "lr_d": 5e-4}, "stransgan": {"lr_g": 4e-4, "lr_d": 4e-4}}
 NEUTRAL = {"gp_lambda": 10.0, "wgan_drift": 0.0, "n_critic": 1, "grad_clip": 0.0, "mbstd_group": 0}
 NEUTRAL_FAMILY = {"lada": {}, "transgan": {"locality_layers": "all", "rel_pos": False},
