@@ -10,8 +10,11 @@ pipeline's outputs are untouched. Needs the default pipeline's prepared data and
   python bench/compare_vqgan.py --minutes 9               # every recipe (~60 min on 2 cores)
   python bench/compare_vqgan.py --recipes today --minutes 5
   python bench/compare_vqgan.py --reuse                   # only the recipes not run yet (earlier probe), + table
+  python bench/compare_vqgan.py --recipes today --steps 2000 --tag ema --set train_vqgan.ema=0.999
+                                                          # a variant that costs what the recipe costs: the default's
+                                                          # step count, under data/compare_vqgan/<recipe>-<tag>/
 Prints a markdown table (recipe, steps, measured train minutes, rFID, PSNR, LPIPS, usage) and writes
-data/compare_vqgan/summary.json.
+data/compare_vqgan/summary.json (summary-<tag>.json for a tagged variant).
 """
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import apply_overrides, load_params  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
 from pipeline.runlog import read_run_facts  # noqa: E402
+from pipeline.runs import validate_overrides  # noqa: E402
 from stage_run import stage  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
 # recipe -> (lpips_weight, lpips_start fraction, disc_weight, disc_start fraction); None: that term is off
@@ -104,21 +109,32 @@ def main() -> None:
     ap.add_argument("--val-images", type=int, default=2000, help="val images for train_vqgan's PSNR/LPIPS")
     ap.add_argument("--out", default=str(ROOT / "data" / "compare_vqgan"))
     ap.add_argument("--reuse", action="store_true", help="keep recipes already evaluated under --out")
+    ap.add_argument("--steps", type=int, help="train every recipe this many steps instead of --minutes' count "
+                                              "(no probe): for variants whose step costs what the default's does")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra override on top of each recipe (repeatable; e.g. train_vqgan.ema=0.999); needs --tag")
+    ap.add_argument("--tag", help="name of the variant: its runs go to <out>/<recipe>-<tag>")
     args = ap.parse_args()
+    if bool(args.set) != bool(args.tag):
+        ap.error("--set and --tag go together: the tag names the folder of the overridden runs")
     out = Path(args.out)
     base = load_params(ROOT / "params.yaml")
+    try:  # a typo'd key or a bad value stops here, before anything runs
+        validate_overrides(ROOT, args.set)
+    except UserError as exc:
+        ap.error(str(exc))
     rates_path = out / "probe.json"
-    todo = [r for r in args.recipes if not (args.reuse and (out / r / "eval.json").is_file())]
-    if todo and not (args.reuse and rates_path.is_file()):  # --reuse keeps the earlier probe: equal budgets
+    folder = {r: r + (f"-{args.tag}" if args.tag else "") for r in args.recipes}
+    todo = [r for r in args.recipes if not (args.reuse and (out / folder[r] / "eval.json").is_file())]
+    if todo and args.steps is None and not (args.reuse and rates_path.is_file()):  # --reuse: equal budgets
         rates = probe(base, out, args.probe_steps)
         rates_path.write_text(json.dumps(rates, indent=2) + "\n")
     rows = []
     for recipe in args.recipes:
-        d = out / recipe
+        d = out / folder[recipe]
         if recipe in todo:
-            rates = json.loads(rates_path.read_text())
-            steps = int(args.minutes * 60 / seconds_per_step(recipe, rates))
-            path = write_params(base, vqgan_paths(d) + recipe_overrides(recipe, steps) + [
+            steps = args.steps or int(args.minutes * 60 / seconds_per_step(recipe, json.loads(rates_path.read_text())))
+            path = write_params(base, vqgan_paths(d) + recipe_overrides(recipe, steps) + args.set + [
                 f"train_vqgan.val_images={args.val_images}", f"train_vqgan.ckpt_every={max(1, steps // 4)}",
                 f"eval_vqgan.vqgan_dir={d}/vqgan", f"eval_vqgan.metrics={d}/eval.json",
                 f"eval_vqgan.report_dir={d}/report"], d)
@@ -128,15 +144,15 @@ def main() -> None:
         facts = read_run_facts(d / "train.json")
         ev = json.loads((d / "report" / "metrics.json").read_text())
         batch = base["train_vqgan"]["batch_size"]
-        rows.append({"recipe": recipe, "loss": dict(zip(("lpips_weight", "lpips_start", "disc_weight", "disc_start"),
-                                                     RECIPES[recipe])),
+        loss = dict(zip(("lpips_weight", "lpips_start", "disc_weight", "disc_start"), RECIPES[recipe]))
+        rows.append({"recipe": folder[recipe], "loss": loss, "set": args.set,
                      "steps": train["steps"],
                      "train_minutes": round(train["steps"] * batch / facts["train_images_per_s"] / 60, 2)
                      if facts.get("train_images_per_s") else None,
                      "stage_seconds": json.loads((d / "seconds.json").read_text()),
                      "rFID": round(ev["rfid"]["value"], 2), "val_psnr": round(train["val_psnr"], 2),
                      "val_lpips": round(train["val_lpips"], 4), "usage_pct": train["code_usage_pct"]})
-    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / f"summary{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(rows, indent=2) + "\n")
     cols = ["recipe", "steps", "train_minutes", "rFID", "val_psnr", "val_lpips", "usage_pct", "stage_seconds"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
