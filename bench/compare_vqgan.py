@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,11 +113,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="train every recipe this many steps instead of --minutes' count "
                                               "(no probe): for variants whose step costs what the default's does")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="an extra override on top of each recipe (repeatable; e.g. train_vqgan.ema=0.999); needs --tag")
+                    help="an extra override on top of each recipe (repeatable; e.g. train_vqgan.ema=0.999); "
+                         "needs --tag")
     ap.add_argument("--tag", help="name of the variant: its runs go to <out>/<recipe>-<tag>")
     args = ap.parse_args()
     if bool(args.set) != bool(args.tag):
         ap.error("--set and --tag go together: the tag names the folder of the overridden runs")
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.tag):
+        ap.error(f"--tag {args.tag!r}: use letters, digits, '_', '.', '-' (it becomes a folder name)")
     out = Path(args.out)
     base = load_params(ROOT / "params.yaml")
     try:  # a typo'd key or a bad value stops here, before anything runs
