@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import apply_overrides, load_params  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.runs import validate_overrides  # noqa: E402
 from pipeline.runlog import read_run_facts  # noqa: E402
 from stage_run import stage  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
@@ -45,6 +48,13 @@ def run_model(name: str, overrides: list[str], base: dict, out: Path) -> dict:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     seconds = {s: round(stage(s, path), 1) for s in ("train_transformer", "sample", "evaluate")}
     return {"dir": str(d), "seconds": seconds}
+
+
+def family_overrides(family: str, args: argparse.Namespace) -> list[str]:
+    """The params overrides of one family's run: kind gan, the family, the run length, then the user's --set."""
+    return ["train_transformer.kind=gan", f"train_transformer.gan.family={family}",
+            f"train_transformer.steps={args.steps}", f"train_transformer.gan.fid_every={args.fid_every}",
+            f"train_transformer.gan.fid_images={args.fid_images}", *args.set]
 
 
 def row(name: str, train: dict, evaluate: dict) -> dict:
@@ -75,6 +85,13 @@ def main() -> None:
                     help="a params override for every family of this run (e.g. train_transformer.gan.d_space=image)")
     ap.add_argument("--tag", default="", help="names this variant: rows 'family (tag)', folders <out>/family-tag")
     args = ap.parse_args()
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.tag):
+        ap.error(f"--tag {args.tag!r}: use letters, digits, '_', '.', '-' (it becomes a folder name)")
+    try:  # a typo'd key, an unknown family or a bad value stops here, before any folder is written
+        for family in args.families:
+            validate_overrides(ROOT, family_overrides(family, args))
+    except UserError as exc:
+        ap.error(str(exc))
     out = Path(args.out)
     base = load_params(ROOT / "params.yaml")
     rows = []
@@ -92,10 +109,7 @@ def main() -> None:
         label = f"{family} ({args.tag})" if args.tag else family
         d = out / name
         if not (args.reuse and (d / "report" / "metrics.json").is_file()):
-            res = run_model(name, ["train_transformer.kind=gan", f"train_transformer.gan.family={family}",
-                                   f"train_transformer.steps={args.steps}",
-                                   f"train_transformer.gan.fid_every={args.fid_every}",
-                                   f"train_transformer.gan.fid_images={args.fid_images}", *args.set], base, out)
+            res = run_model(name, family_overrides(family, args), base, out)
             print(f"{label}: stage seconds {res['seconds']}", file=sys.stderr)
         rows.append(row(label, json.loads((d / "model" / "metrics.json").read_text()) | read_run_facts(d / "train.json"),
                         json.loads((d / "report" / "metrics.json").read_text())))
