@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from pipeline.config import apply_overrides, load_params  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.runs import validate_overrides  # noqa: E402
 from pipeline.runlog import read_run_facts  # noqa: E402
-from stage_run import stage  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+from stage_run import stage, tag_problem  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
 
 def run_model(name: str, overrides: list[str], base: dict, out: Path) -> dict:
@@ -85,8 +84,8 @@ def main() -> None:
                     help="a params override for every family of this run (e.g. train_transformer.gan.d_space=image)")
     ap.add_argument("--tag", default="", help="names this variant: rows 'family (tag)', folders <out>/family-tag")
     args = ap.parse_args()
-    if args.tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.tag):
-        ap.error(f"--tag {args.tag!r}: use letters, digits, '_', '.', '-' (it becomes a folder name)")
+    if problem := tag_problem(args.tag):
+        ap.error(problem)
     try:  # a typo'd key, an unknown family or a bad value stops here, before any folder is written
         for family in args.families:
             validate_overrides(ROOT, family_overrides(family, args))

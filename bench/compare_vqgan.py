@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from pipeline.config import apply_overrides, load_params  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.runlog import read_run_facts  # noqa: E402
 from pipeline.runs import validate_overrides  # noqa: E402
-from stage_run import stage  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+from stage_run import stage, tag_problem  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
 # recipe -> (lpips_weight, lpips_start fraction, disc_weight, disc_start fraction); None: that term is off
 RECIPES: dict[str, tuple[float, float | None, float, float | None]] = {
@@ -119,8 +118,8 @@ def main() -> None:
     args = ap.parse_args()
     if bool(args.set) != bool(args.tag):
         ap.error("--set and --tag go together: the tag names the folder of the overridden runs")
-    if args.tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.tag):
-        ap.error(f"--tag {args.tag!r}: use letters, digits, '_', '.', '-' (it becomes a folder name)")
+    if problem := tag_problem(args.tag):
+        ap.error(problem)
     out = Path(args.out)
     base = load_params(ROOT / "params.yaml")
     try:  # a typo'd key or a bad value stops here, before anything runs

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,3 +19,10 @@ def stage(name: str, params: Path) -> float:
     if proc.returncode != 0:
         raise SystemExit(f"stage {name} failed with {params} (exit {proc.returncode})")
     return time.monotonic() - t
+
+
+def tag_problem(tag: str | None) -> str | None:
+    """Why `tag` cannot name a variant's folder (None when it can): a plain name, no separators or dot-dot."""
+    if tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tag):
+        return f"--tag {tag!r}: use letters, digits, '_', '.', '-' (it becomes a folder name)"
+    return None
