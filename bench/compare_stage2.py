@@ -1,15 +1,17 @@
 """Compare the stage-2 models on the same token store, with one evaluation protocol.
 
-For each GAN family: train_transformer (kind gan, FID over training every --fid-every steps) -> sample ->
+For each family: train_transformer (a GAN family: kind gan, FID over training every --fid-every steps; `ar` or
+`maskgit`: that kind at params.yaml's run length, the default pipeline's budget, unless --ar-steps) -> sample ->
 evaluate, each the real stage run with a params file written under data/compare/<name>/ (so the default
-pipeline's outputs are untouched). The AR row is read from the default pipeline's own outputs
-(data/metrics/train_transformer.json, data/metrics/evaluate.json) when they exist, or trained the same way.
-Needs the default pipeline's VQGAN, token store and FID reference (dvc repro fid_ref tokenize@fashion_mnist).
+pipeline's outputs are untouched). The first row is the default pipeline's own AR model when its outputs exist
+(data/transformer/metrics.json, data/reports/evaluate/metrics.json). Needs the default pipeline's VQGAN, token store
+and FID reference (dvc repro fid_ref tokenize@fashion_mnist).
 
   python bench/compare_stage2.py --steps 2000 --fid-every 500   # the README table (~45 min on 2 CPU cores)
   python bench/compare_stage2.py                       # lada, transgan, stransgan; 300 steps each
   python bench/compare_stage2.py --families lada --steps 600
   python bench/compare_stage2.py --reuse                # only the table, from earlier runs
+  python bench/compare_stage2.py --families ar maskgit --tag seed1 --set train_transformer.seed=1  # AR seed spread
   python bench/compare_stage2.py --families lada --steps 1000 --tag image-recon \
       --set train_transformer.gan.d_space=image --set train_transformer.gan.snap=true   # a variant, its own rows
 Prints a markdown table (gFID on the evaluate protocol, parameters, step time) and writes
@@ -27,6 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from models.gan_common import FAMILIES  # noqa: E402
 from pipeline.config import apply_overrides, load_params  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.runs import validate_overrides  # noqa: E402
@@ -49,11 +52,23 @@ def run_model(name: str, overrides: list[str], base: dict, out: Path) -> dict:
     return {"dir": str(d), "seconds": seconds}
 
 
+TOKEN_KINDS = ("ar", "maskgit")  # trained on token targets; every other family name is a GAN family
+
+
 def family_overrides(family: str, args: argparse.Namespace) -> list[str]:
-    """The params overrides of one family's run: kind gan, the family, the run length, then the user's --set."""
+    """The params overrides of one family's run: the kind (and GAN family), the run length, then the user's --set."""
+    if family in TOKEN_KINDS:
+        steps = [f"train_transformer.steps={args.ar_steps}"] if args.ar_steps is not None else []
+        return [f"train_transformer.kind={family}", *steps, *args.set]
     return ["train_transformer.kind=gan", f"train_transformer.gan.family={family}",
             f"train_transformer.steps={args.steps}", f"train_transformer.gan.fid_every={args.fid_every}",
             f"train_transformer.gan.fid_images={args.fid_images}", *args.set]
+
+
+def token_step_time(train: dict, params: dict) -> float | None:
+    """Seconds per step of an ar/maskgit run, from its tokens/s (its metrics hold no step time)."""
+    tokens_per_step = params["train_transformer"]["batch_size"] * 64  # 8x8 grids: the f=4 VQGAN on 32 px
+    return round(tokens_per_step / train["tokens_per_s"], 3) if train.get("tokens_per_s") else None
 
 
 def row(name: str, train: dict, evaluate: dict) -> dict:
@@ -74,8 +89,11 @@ def row(name: str, train: dict, evaluate: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", nargs="+", default=["lada", "transgan", "stransgan"])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--families", nargs="+", default=["lada", "transgan", "stransgan"],
+                    help="GAN families, and ar / maskgit")
+    ap.add_argument("--steps", type=int, default=300, help="the GAN families' steps")
+    ap.add_argument("--ar-steps", type=int, default=None,
+                    help="ar and maskgit steps (default: params.yaml's, the default pipeline's run)")
     ap.add_argument("--fid-every", type=int, default=100)
     ap.add_argument("--fid-images", type=int, default=256)
     ap.add_argument("--out", default=str(ROOT / "data" / "compare"))
@@ -86,7 +104,9 @@ def main() -> None:
     args = ap.parse_args()
     if problem := tag_problem(args.tag):
         ap.error(problem)
-    try:  # a typo'd key, an unknown family or a bad value stops here, before any folder is written
+    if unknown := [f for f in args.families if f not in TOKEN_KINDS + FAMILIES]:
+        ap.error(f"--families {' '.join(unknown)}: unknown (allowed: {' | '.join(TOKEN_KINDS + FAMILIES)})")
+    try:  # a typo'd key or a bad value stops here, before any folder is written
         for family in args.families:
             validate_overrides(ROOT, family_overrides(family, args))
     except UserError as exc:
@@ -100,8 +120,7 @@ def main() -> None:
     if ar_train.is_file() and ar_eval.is_file():
         train = json.loads(ar_train.read_text()) | read_run_facts(ROOT / base["train_transformer"]["metrics"])
         r = row("ar (default pipeline)", train, json.loads(ar_eval.read_text()))
-        r["step_time_s"] = round(base["train_transformer"]["batch_size"] * 64 / train["tokens_per_s"], 3) \
-            if train.get("tokens_per_s") else None
+        r["step_time_s"] = token_step_time(train, base)
         rows.append(r)
     for family in args.families:
         name = f"{family}-{args.tag}" if args.tag else family
@@ -110,8 +129,10 @@ def main() -> None:
         if not (args.reuse and (d / "report" / "metrics.json").is_file()):
             res = run_model(name, family_overrides(family, args), base, out)
             print(f"{label}: stage seconds {res['seconds']}", file=sys.stderr)
-        rows.append(row(label, json.loads((d / "model" / "metrics.json").read_text()) | read_run_facts(d / "train.json"),
-                        json.loads((d / "report" / "metrics.json").read_text())))
+        train = json.loads((d / "model" / "metrics.json").read_text()) | read_run_facts(d / "train.json")
+        rows.append(row(label, train, json.loads((d / "report" / "metrics.json").read_text())))
+        if family in TOKEN_KINDS:
+            rows[-1]["step_time_s"] = token_step_time(train, load_params(d / "params.yaml"))
     suffix = f"-{args.tag}" if args.tag else ""
     (out / f"summary{suffix}.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(out / f"fid_over_training{suffix}.png", rows)
