@@ -48,7 +48,8 @@ TODAY = {
 # What the tokenmill recipe has changed since then, by measurement (docs/results.md): the learning rates of every
 # family, LadaGAN's mode-seeking weight and TransGAN's D-side training (loss, R1, augmentation).
 TOKENMILL_SINCE = {"lada": {"lr_g": 8e-4, "lr_d": 8e-4, "ms_weight": 0.5},
-                   "transgan": {"lr_g": 5e-4, "lr_d": 5e-4, "loss": "nonsat", "r1_gamma": 0.01, "diffaug": "translation"},
+                   "transgan": {"lr_g": 5e-4, "lr_d": 5e-4,
+                                "loss": "nonsat", "r1_gamma": 0.01, "diffaug": "translation"},
                    "stransgan": {"lr_g": 4e-4, "lr_d": 4e-4}}
 NEUTRAL = {"gp_lambda": 10.0, "wgan_drift": 0.0, "n_critic": 1, "grad_clip": 0.0, "mbstd_group": 0}
 NEUTRAL_FAMILY = {"lada": {}, "transgan": {"locality_layers": "all", "rel_pos": False},
