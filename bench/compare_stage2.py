@@ -34,7 +34,7 @@ from pipeline.config import apply_overrides, load_params  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.runs import validate_overrides  # noqa: E402
 from pipeline.runlog import read_run_facts  # noqa: E402
-from stage_run import stage, tag_problem  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+from stage_run import stage, tag_problem, with_earlier_runs  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
 
 def run_model(name: str, overrides: list[str], base: dict, out: Path) -> dict:
@@ -122,11 +122,17 @@ def main() -> None:
         r = row("ar (default pipeline)", train, json.loads(ar_eval.read_text()))
         r["step_time_s"] = token_step_time(train, base)
         rows.append(r)
-    for family in args.families:
-        name = f"{family}-{args.tag}" if args.tag else family
+    def folder(family: str) -> Path:
+        return out / (f"{family}-{args.tag}" if args.tag else family)
+
+    def evaluated(family: str) -> bool:
+        return (folder(family) / "report" / "metrics.json").is_file() and (folder(family) / "train.json").is_file()
+
+    for family in with_earlier_runs(args.families, TOKEN_KINDS + FAMILIES, evaluated):
+        name = folder(family).name
         label = f"{family} ({args.tag})" if args.tag else family
-        d = out / name
-        if not (args.reuse and (d / "report" / "metrics.json").is_file()):
+        d = folder(family)
+        if family in args.families and not (args.reuse and evaluated(family)):
             res = run_model(name, family_overrides(family, args), base, out)
             print(f"{label}: stage seconds {res['seconds']}", file=sys.stderr)
         train = json.loads((d / "model" / "metrics.json").read_text()) | read_run_facts(d / "train.json")

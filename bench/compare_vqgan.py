@@ -33,7 +33,7 @@ from pipeline.config import apply_overrides, load_params  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.runlog import read_run_facts  # noqa: E402
 from pipeline.runs import validate_overrides  # noqa: E402
-from stage_run import stage, tag_problem  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+from stage_run import stage, tag_problem, with_earlier_runs  # noqa: E402  (bench/, the script's own folder, is on sys.path)
 
 # recipe -> (lpips_weight, lpips_start fraction, disc_weight, disc_start fraction); None: that term is off
 RECIPES: dict[str, tuple[float, float | None, float, float | None]] = {
@@ -127,13 +127,13 @@ def main() -> None:
     except UserError as exc:
         ap.error(str(exc))
     rates_path = out / "probe.json"
-    folder = {r: r + (f"-{args.tag}" if args.tag else "") for r in args.recipes}
+    folder = {r: r + (f"-{args.tag}" if args.tag else "") for r in RECIPES}
     todo = [r for r in args.recipes if not (args.reuse and (out / folder[r] / "eval.json").is_file())]
     if todo and args.steps is None and not (args.reuse and rates_path.is_file()):  # --reuse: equal budgets
         rates = probe(base, out, args.probe_steps)
         rates_path.write_text(json.dumps(rates, indent=2) + "\n")
     rows = []
-    for recipe in args.recipes:
+    for recipe in with_earlier_runs(args.recipes, list(RECIPES), lambda r: (out / folder[r] / "eval.json").is_file()):
         d = out / folder[recipe]
         if recipe in todo:
             steps = args.steps or int(args.minutes * 60 / seconds_per_step(recipe, json.loads(rates_path.read_text())))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,3 +27,13 @@ def tag_problem(tag: str | None) -> str | None:
     if tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tag):
         return f"--tag {tag!r}: use letters, digits, '_', '.', '-' (it becomes a folder name)"
     return None
+
+
+def with_earlier_runs(requested: list[str], known: tuple[str, ...] | list[str], done: Callable[[str], bool]) -> list[str]:
+    """The names this command runs, then every other known name whose run under the same tag is complete on disk.
+
+    A tag's summary lists all of that tag's runs: without this, a second command with the same --tag (another
+    family, or the last recipe) would rewrite summary-<tag>.json with its own rows only, and the figures that read
+    it (bench/plot_fid_curves.py) would lose the earlier curves.
+    """
+    return list(requested) + [k for k in known if k not in requested and done(k)]
