@@ -54,7 +54,7 @@ class SampleParams:
     top_p: float | None = param(None, min=0.0, max=1.0)
     cfg_scale: float = param(1.5, min=0.0)  # 1.0: plain conditional sampling
     maskgit_steps: int = param(8, min=1)  # kind maskgit: decoding steps T (forward passes per batch)
-    choice_temperature: float = param(4.5, min=0.0)  # kind maskgit: Gumbel noise on confidences, annealed to 0
+    choice_temperature: float = param(2.0, min=0.0)  # kind maskgit: Gumbel noise on confidences, annealed to 0
     seed: int = param(0, min=0)
     shard_size: int = param(1000, min=1)
     grid_per_class: int = param(10, min=1)  # images per row of grid.png

@@ -75,7 +75,7 @@ def sample_cfg(world, model_dir, out, **kw):
 def test_samples_have_no_mask_left_and_are_seeded(world, trained, tmp_path):
     sample_stage.run(sample_cfg(world, trained / "gpt", tmp_path / "a", maskgit_steps=4))
     m = json.loads((tmp_path / "a" / "samples" / "manifest.json").read_text())
-    assert m["kind"] == "maskgit" and m["sampler"]["steps"] == 4 and m["sampler"]["choice_temperature"] == 4.5
+    assert m["kind"] == "maskgit" and m["sampler"]["steps"] == 4 and m["sampler"]["choice_temperature"] == 2.0
     tokens = [np.frombuffer(files["tok"], "<u2") for shard in m["shards"]
               for _, files, _ in iter_tar_samples(tmp_path / "a" / "samples" / shard)]
     assert len(tokens) == 13 and max(int(t.max()) for t in tokens) < 16  # 16 = [MASK]: none left
