@@ -194,8 +194,8 @@ TOKENMILL_RECIPES: dict[str, dict[str, object]] = {
                  "loss": "nonsat", "r1_gamma": 0.01, "diffaug": "translation"},
     "stransgan": {**MODE_SEEKING,
                   "lr_g": 4e-4, "lr_d": 4e-4,  # measured: gFID 86.8 vs 93.0 at 2e-4, better at every FID point
-                  # LadaGAN's D-side training; on the lr-2e-3 tokens, seeds 0/1: gFID 64.1 / 67.6, recall 0.28 / 0.28
-                  # (hinge, cutout: 67.8 / 71.5, recall 0.21 / 0.15)
+                  # LadaGAN's D-side training (its class default already augments by translation only); on the
+                  # lr-2e-3 tokens, seeds 0/1: gFID 64.1 / 67.6, recall 0.28 / 0.28 (hinge, no R1: 67.8 / 71.5, 0.21 / 0.15)
                   "loss": "nonsat", "r1_gamma": 0.01, "diffaug": "translation"},
 }
 
