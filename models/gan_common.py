@@ -67,6 +67,7 @@ class GANConfig:
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     betas: tuple[float, float] = (0.0, 0.99)
+    lr_decay_from: float = 1.0   # fraction of the run after which both rates fall linearly to 0 at the end; 1 = off
     ema_decay: float = 0.999
     diffaug: str = ""            # comma-separated subset of AUGMENTS, applied to real and fake grids before D
     ms_weight: float = 0.0       # mode-seeking term (MSGAN, Mao et al. 2019) in G's loss; 0 = off (see train_gan)
@@ -90,6 +91,8 @@ class GANConfig:
             raise ValueError(f"n_critic must be >= 1, got {self.n_critic}")
         if self.mbstd_group < 0 or self.mbstd_group == 1:
             raise ValueError(f"mbstd_group must be 0 (off) or >= 2, got {self.mbstd_group}")
+        if not 0.0 <= self.lr_decay_from <= 1.0:
+            raise ValueError(f"lr_decay_from must be in [0, 1] (1 = constant rates), got {self.lr_decay_from}")
         if min(self.gp_lambda, self.wgan_drift, self.grad_clip) < 0:
             raise ValueError("gp_lambda, wgan_drift and grad_clip must be >= 0")
         for name in filter(None, self.diffaug.split(",")):

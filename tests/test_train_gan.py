@@ -54,7 +54,7 @@ def gan_cfg(world: dict, out, family: str = "lada", **kw) -> TrainTransformerPar
         vqgan_dir=str(base / "vqgan"), out_dir=str(out / "model"), ckpt_dir=str(out / "ckpt"),
         metrics=str(out / "metrics.json"), plots=str(out / "log.tsv"), steps=6, batch_size=8, ckpt_every=3,
         log_every=2, device="cpu",
-        gan=GANParams(family=family, model=dict(TINY[family]), **gan))
+        gan=GANParams(family=family, model=TINY[family] | gan.pop("model", {}), **gan))
     return dataclasses.replace(cfg, **kw)
 
 
@@ -321,3 +321,37 @@ def test_mode_seeking_term_is_logged_and_resumes_exactly(world, tmp_path, monkey
     run_interrupted_then_resumed(cfg(tmp_path / "b"), monkeypatch)
     a, b = (load_file(str(tmp_path / x / "model" / "model.safetensors")) for x in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lr_decay_schedule_by_hand():
+    # 10 steps decaying from the middle: 1 for steps 0-4, then 5/5, 4/5, ... 1/5 at the last step (9)
+    assert [gan_training.lr_scale(s, 10, 0.5) for s in range(10)] == [1, 1, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2]
+    assert [gan_training.lr_scale(s, 4, 0.0) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert all(gan_training.lr_scale(s, 10, 1.0) == 1.0 for s in range(10))  # 1 = constant rates
+    # a start between steps (7.5): step 7 still runs at the full rate, step 8 at (10 - 8) / 2.5
+    assert gan_training.lr_scale(7, 10, 0.75) == 1.0 and gan_training.lr_scale(8, 10, 0.75) == pytest.approx(0.8)
+
+
+def test_lr_decay_reaches_both_optimizers_and_resumes_exactly(world, tmp_path, monkeypatch):
+    def cfg(out, decay_from=0.5):
+        return gan_cfg(world, out, "lada", gan={"lr_g": 1e-3, "lr_d": 2e-3, "model": {"lr_decay_from": decay_from}})
+
+    train_transformer.run(cfg(tmp_path / "a"))
+    state = ckpt.read(tmp_path / "a" / "ckpt" / "last.pt")
+    # the last step (5) of 6 decaying from step 3 runs at (6 - 5) / (6 - 3) of each rate
+    assert state["opt_g"]["param_groups"][0]["lr"] == pytest.approx(1e-3 / 3)
+    assert state["opt_d"]["param_groups"][0]["lr"] == pytest.approx(2e-3 / 3)
+    m = json.loads((tmp_path / "a" / "model" / "metrics.json").read_text())
+    assert m["recipe"]["lr_decay_from"] == 0.5
+    run_interrupted_then_resumed(cfg(tmp_path / "b"), monkeypatch)  # the crash is at step 3, where the decay starts
+    a = assert_runs_equal(tmp_path / "a", tmp_path / "b")
+    train_transformer.run(cfg(tmp_path / "c", decay_from=1.0))  # constant rates end elsewhere
+    c = load_file(str(tmp_path / "c" / "model" / "model.safetensors"))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_lr_decay_from_out_of_range_is_one_line_error(world, tmp_path):
+    with pytest.raises(UserError) as exc:
+        train_transformer.check({"train_transformer": {"kind": "gan", "gan": {"model": {"lr_decay_from": 1.5}}}},
+                                "params.yaml")
+    assert "lr_decay_from must be in [0, 1]" in one_line(exc) and "params.yaml" in str(exc.value)

@@ -223,6 +223,15 @@ def _no_grad(G: nn.Module, z: Tensor, y: Tensor | None) -> Tensor:
         return G(z, y)
 
 
+def lr_scale(step: int, steps: int, decay_from: float) -> float:
+    """The learning-rate factor of 0-based `step` in a run of `steps`: 1 until decay_from * steps, then linear down to
+    1 / (decay length) at the last step (0 just after it), the linear decay of SN-GAN's and TransGAN's code."""
+    start = decay_from * steps
+    if step < start:
+        return 1.0
+    return (steps - step) / (steps - start)
+
+
 def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1.0 + step) / (10.0 + step))
 
@@ -394,12 +403,14 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     batches = StepBatches(len(train.tokens), cfg.batch_size, cfg.seed, dist.rank, dist.world)
     g_params, d_params = num_params(G), num_params(D)
     log.info("GAN %s (attention %s, %s recipe): G %.2fM, D %.2fM parameters (D on %s%s%s%s); %s loss%s, R1 %g, "
-             "n_critic %d, lr G %g D %g, betas %s, diffaug %r, ms_weight %g; %d train grids of %dx%dx%d%s", g.family,
+             "n_critic %d, lr G %g D %g%s, betas %s, diffaug %r, ms_weight %g; %d train grids of %dx%dx%d%s", g.family,
              g.attention_kind, g.recipe, g_params / 1e6, d_params / 1e6, g.d_space,
              f", {g.image_reals} reals" if g.d_space == "image" else "", ", snapped fakes" if g.snap else "",
              f", minibatch std over groups of {gcfg.mbstd_group}" if gcfg.mbstd_group else "",
              gcfg.loss, f" (lambda {gcfg.gp_lambda:g}, drift {gcfg.wgan_drift:g})" if gcfg.loss == "wgan-gp" else "",
-             gcfg.r1_gamma, gcfg.n_critic, gcfg.lr_g, gcfg.lr_d, gcfg.betas, gcfg.diffaug, gcfg.ms_weight,
+             gcfg.r1_gamma, gcfg.n_critic, gcfg.lr_g, gcfg.lr_d,
+             f" (linear decay to 0 from step {gcfg.lr_decay_from * cfg.steps:g})" if gcfg.lr_decay_from < 1 else "",
+             gcfg.betas, gcfg.diffaug, gcfg.ms_weight,
              len(train.tokens), h, w, codebook.shape[1], f", {gcfg.n_classes} classes" if conditional else "")
 
     def save_checkpoint(step: int) -> None:
@@ -425,6 +436,10 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
         z = torch.randn(cfg.batch_size, gcfg.z_dim, generator=step_generator(cfg.seed, step, NOISE))
         z = z[dist.rank::dist.world].to(device)
         aug = step_generator(cfg.seed, step, AUGMENT, dist.rank)
+        scale = lr_scale(step, cfg.steps, gcfg.lr_decay_from)  # from the step alone: a resumed run gets the same rates
+        for opt, lr in ((opt_g, gcfg.lr_g), (opt_d, gcfg.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
 
         # D step: the fake batch is made once; D learns on it detached, then G learns through it
         g_step = step % gcfg.n_critic == 0  # TransGAN's code: G steps at global_steps % n_critic == 0
@@ -526,6 +541,7 @@ def finish_gan(cfg: Any, G_ema: nn.Module, gcfg: GANConfig, history: list[dict],
         "recipe": {"name": cfg.gan.recipe, "loss": gcfg.loss, "r1_gamma": gcfg.r1_gamma,
                    **({"gp_lambda": gcfg.gp_lambda, "wgan_drift": gcfg.wgan_drift} if gcfg.loss == "wgan-gp" else {}),
                    "n_critic": gcfg.n_critic, "grad_clip": gcfg.grad_clip, "lr_g": gcfg.lr_g, "lr_d": gcfg.lr_d,
+                   "lr_decay_from": gcfg.lr_decay_from,
                    "betas": list(gcfg.betas), "ema_decay": gcfg.ema_decay, "diffaug": gcfg.diffaug,
                    "ms_weight": gcfg.ms_weight, "d_space": cfg.gan.d_space, "snap": cfg.gan.snap,
                    "image_reals": cfg.gan.image_reals if cfg.gan.d_space == "image" else None},
