@@ -52,7 +52,8 @@ TOKENMILL_SINCE = {"lada": {"lr_g": 8e-4, "lr_d": 8e-4, "ms_weight": 0.5},
                                 "loss": "nonsat", "r1_gamma": 0.01, "diffaug": "translation"},
                    "stransgan": {"lr_g": 4e-4, "lr_d": 4e-4,
                                  "loss": "nonsat", "r1_gamma": 0.01, "diffaug": "translation"}}
-NEUTRAL = {"gp_lambda": 10.0, "wgan_drift": 0.0, "n_critic": 1, "grad_clip": 0.0, "mbstd_group": 0, "lr_decay_from": 1.0}
+NEUTRAL = {"gp_lambda": 10.0, "wgan_drift": 0.0, "n_critic": 1, "grad_clip": 0.0, "mbstd_group": 0,
+           "lr_decay_from": 1.0}
 NEUTRAL_FAMILY = {"lada": {}, "transgan": {"locality_layers": "all", "rel_pos": False},
                   "stransgan": {"equalized_attention": False, "block_act": False}}
 
