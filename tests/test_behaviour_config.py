@@ -13,6 +13,7 @@ from pipeline import config as C
 from pipeline.config import (PROJECT_ROOT, apply_overrides, check_dataset_name, check_name, check_out_path,
                              from_dict, load_params, param, parse_override, section, set_params_file)
 from pipeline.errors import UserError
+from pipeline.sandbox import ROOT
 
 SRC = "p.yaml"
 
@@ -371,3 +372,13 @@ def test_override_errors_name_the_key_and_list_only_a_few_overrides():
     with pytest.raises(UserError) as err:
         validate_overrides(ROOT, many)
     assert str(err.value).startswith(f"params.yaml with {len(many)} overrides: train_transformer.gan.recipe = 'papr'")
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_preset_validates_against_params_yaml(preset):
+    # a preset whose key was renamed in params.yaml would otherwise fail only when a user applies it
+    from pipeline.runs import preset_overrides, validate_overrides
+
+    overrides = preset_overrides(ROOT / "configs" / preset)
+    assert overrides and all("=" in o for o in overrides)
+    validate_overrides(ROOT, overrides)
