@@ -46,8 +46,8 @@ TODAY = {
                   'd_dim': 32, 'd_depth': 2, 'd_grid': 4},
 }
 # What the tokenmill recipe has changed since then, by measurement (docs/results.md): the learning rates of every
-# family, LadaGAN's mode-seeking weight and TransGAN's D-side training (loss, R1, augmentation).
-TOKENMILL_SINCE = {"lada": {"lr_g": 8e-4, "lr_d": 8e-4, "ms_weight": 0.5},
+# family, LadaGAN's mode-seeking weight and learning-rate decay, and the D-side training (loss, R1, augmentation).
+TOKENMILL_SINCE = {"lada": {"lr_g": 8e-4, "lr_d": 8e-4, "ms_weight": 0.5, "lr_decay_from": 0.5},
                    "transgan": {"lr_g": 5e-4, "lr_d": 5e-4,
                                 "loss": "nonsat", "r1_gamma": 0.01, "diffaug": "translation"},
                    "stransgan": {"lr_g": 4e-4, "lr_d": 4e-4,
@@ -117,8 +117,8 @@ def test_tokenmill_recipe_is_todays_config(family):
 
 def test_paper_recipe_values_per_family():
     lada = resolved("lada", recipe="paper")
-    # LadaGAN's defaults are its code's recipe: lr 2e-4, no mode-seeking term
-    assert lada == {**resolved("lada"), "ms_weight": 0.0, "lr_g": 2e-4, "lr_d": 2e-4}
+    # LadaGAN's defaults are its code's recipe: constant lr 2e-4, no mode-seeking term
+    assert lada == {**resolved("lada"), "ms_weight": 0.0, "lr_g": 2e-4, "lr_d": 2e-4, "lr_decay_from": 1.0}
     t = resolved("transgan", recipe="paper")
     assert {k: t[k] for k in ("loss", "gp_lambda", "wgan_drift", "n_critic", "grad_clip", "lr_g", "lr_d", "betas",
                               "ema_decay", "diffaug", "sr_weight", "locality_layers", "rel_pos", "ms_weight")} == {
