@@ -3,6 +3,7 @@ docs/ are drawn from those files by bench/plot_fid_curves.py)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +33,23 @@ def test_summary_keeps_the_earlier_runs_of_the_same_tag(tmp_path):
     assert with_earlier_runs(["stransgan", "maskgit"], known, done) == ["stransgan", "maskgit", "ar", "lada"]
     assert with_earlier_runs([], known, done) == ["ar", "lada", "stransgan"]
     assert with_earlier_runs(["transgan"], known, lambda name: False) == ["transgan"]
+
+
+def load_plot():
+    spec = importlib.util.spec_from_file_location("plot_fid_curves", ROOT / "bench" / "plot_fid_curves.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_figure_bundles_a_variants_seeds_by_tag_name(tmp_path):
+    plot = load_plot()
+    # seeds share a colour (the variant) and differ in line style; a tag without -seedN is compare_stage2's seed 0
+    assert plot.variant_and_seed("vq2e-3-b128-seed2") == ("vq2e-3-b128", 2)
+    assert plot.variant_and_seed("vq2e-3-b128") == ("vq2e-3-b128", 0)
+    assert plot.variant_and_seed("seed1-lr8") == ("seed1-lr8", 0)  # only a trailing -seedN counts
+    # one curve per family that has one; the AR row (no curve) is skipped; the family is the model name's first word
+    rows = [{"model": "lada (tokenmill recipe)", "fid_over_training": [[500, 70.5], [1000, 62.0]]},
+            {"model": "ar", "fid_over_training": []}]
+    (tmp_path / "summary-x-seed1.json").write_text(json.dumps(rows))
+    assert plot.curves(tmp_path, ["x-seed1"]) == {"lada": {"x-seed1": [(500, 70.5), (1000, 62.0)]}}
