@@ -141,7 +141,8 @@ def main() -> None:
             rows[-1]["step_time_s"] = token_step_time(train, load_params(d / "params.yaml"))
     suffix = f"-{args.tag}" if args.tag else ""
     (out / f"summary{suffix}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    plot(out / f"fid_over_training{suffix}.png", rows)
+    if any(r["fid_over_training"] for r in rows):  # token models (ar, maskgit) have no curve
+        plot(out / f"fid_over_training{suffix}.png", rows)
     cols = ["model", "gFID", "n_gen", "n_ref", "precision", "recall", "code_usage_pct", "params", "steps",
             "step_time_s", "fid_over_training"]
     print("| " + " | ".join(cols) + " |")
