@@ -9,15 +9,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_stage_run():
-    spec = importlib.util.spec_from_file_location("stage_run", ROOT / "bench" / "stage_run.py")
+def load_bench(name: str):
+    """A bench/ script as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_summary_keeps_the_earlier_runs_of_the_same_tag(tmp_path):
-    with_earlier_runs = load_stage_run().with_earlier_runs
+    with_earlier_runs = load_bench("stage_run").with_earlier_runs
     known = ("ar", "maskgit", "lada", "transgan", "stransgan")
     for done in ("lada-t", "ar-t", "stransgan-t"):  # complete earlier runs of tag t
         (tmp_path / done).mkdir()
@@ -35,15 +36,8 @@ def test_summary_keeps_the_earlier_runs_of_the_same_tag(tmp_path):
     assert with_earlier_runs(["transgan"], known, lambda name: False) == ["transgan"]
 
 
-def load_plot():
-    spec = importlib.util.spec_from_file_location("plot_fid_curves", ROOT / "bench" / "plot_fid_curves.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_figure_bundles_a_variants_seeds_by_tag_name(tmp_path):
-    plot = load_plot()
+    plot = load_bench("plot_fid_curves")
     # seeds share a colour (the variant) and differ in line style; a tag without -seedN is compare_stage2's seed 0
     assert plot.variant_and_seed("vq2e-3-b128-seed2") == ("vq2e-3-b128", 2)
     assert plot.variant_and_seed("vq2e-3-b128") == ("vq2e-3-b128", 0)
