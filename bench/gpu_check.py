@@ -143,15 +143,15 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------- inception
 
 def bench_inception(args: argparse.Namespace, device: torch.device) -> None:
-    from models.inception import FIDInception
     from pipeline.fid import extract_features
+    from pipeline.fid_reference import open_network
 
     smoke = args.cpu_smoke
     batch = 2 if smoke else args.batch_size
     n_images = 4 if smoke else args.images
     side = 32 if smoke else 256
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    net = FIDInception(device=device)
+    net = open_network(device=device)  # the pinned file, hash-checked, as every stage loads it
     print(f"# Inception (FID pool3) feature extraction, batch {batch}; {device_line(device)}")
     x = torch.rand(batch, 3, 299, 299, device=device) * 2 - 1
     with torch.inference_mode():

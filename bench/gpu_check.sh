@@ -65,7 +65,7 @@ section() {
 }
 
 if [ "$smoke" = 0 ]; then
-  section doctor 180 "$PY" -m pipeline doctor
+  section doctor 180 "$PY" -m pipeline.doctor
   section tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_doctor.py tests/test_attention.py \
     -k "doctor or xformers"
   section attention 300 "$PY" bench/gpu_check.py attention
@@ -76,7 +76,7 @@ if [ "$smoke" = 0 ]; then
   section inception 180 "$PY" bench/gpu_check.py inception --batch-size 500
   section search 120 "$PY" bench/gpu_check.py search
 else
-  section doctor 180 "$PY" -m pipeline doctor
+  section doctor 180 "$PY" -m pipeline.doctor
   section attention 300 "$PY" bench/gpu_check.py attention --cpu-smoke
   section gpt_100m 300 "$PY" bench/bench_train.py ar --device cpu --warmup 1 --steps 1
   section vqgan_256 300 "$PY" bench/bench_train.py vqgan --device cpu --warmup 1 --steps 1

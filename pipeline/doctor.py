@@ -2,9 +2,12 @@
 
 Why a doctor: xformers gates every fMHA operator of `memory_efficient_attention` (even the ones that only forward to
 PyTorch's own flash / memory-efficient kernels, as all of them do in xformers 0.0.35) on its C++/CUDA extension
-`xformers/_C.so` having loaded. That extension loads only beside the torch build and CUDA runtime it was built for,
-which `xformers/cpp_lib.json` names (0.0.35: torch 2.10.0+cu128). Otherwise models.attention logs one line and runs
-torch sdpa, and nothing else says so. This module tells which case a machine is in:
+`xformers/_C.so` having loaded. `xformers/cpp_lib.json` names the build it was made for (0.0.35: torch 2.10.0+cu128).
+The 0.0.35 extension holds only sparse 2:4 kernels and calls torch through its stable C ABI alone, so what it needs
+from the machine is the CUDA runtime it links, libcudart.so.12: torch 2.14.1+cu130 loads it once
+nvidia-cuda-runtime-cu12 is installed, and not without (checked on a CPU machine, 2026-12-06). Where it does not
+load, models.attention logs one line and runs torch sdpa, and nothing else says so. This module tells which case a
+machine is in:
 
   check_pair(build, torch_version, torch_cuda)   cpp_lib.json against the installed torch: match / mismatch / cpu
   report()                                       the doctor's screen, as lines
@@ -93,9 +96,9 @@ def check_pair(build: dict | None, torch_version: str, torch_cuda: str | None,
                torch_hip: str | None = None) -> PairCheck:
     """Does the installed torch match the one xformers' extension was built for?
 
-    Strict on purpose: same torch release and same CUDA major.minor. The extension links one CUDA runtime
-    (libcudart.so.<major>) and is tested by xformers against one torch; a looser pair may load today and break on
-    the next kernel. Python is not compared: the 0.0.35 wheel is Python-version agnostic (py39-none) even though
+    Strict on purpose: same torch release and same CUDA major.minor, the pair xformers built and tested. Another
+    pair can work (the extension needs libcudart.so.<major> and torch's stable C ABI), which the doctor's `extension`
+    line then shows; the install pins the tested pair. Python is not compared: the 0.0.35 wheel is Python-version agnostic (py39-none) even though
     cpp_lib.json names the Python it was built with.
     """
     if build is None:
@@ -120,10 +123,10 @@ def check_pair(build: dict | None, torch_version: str, torch_cuda: str | None,
     elif cuda_tuple(built_cuda) != cuda_tuple(torch_cuda):
         problems.append(f"torch was built with CUDA {torch_cuda}")
     if problems:
-        return PairCheck("mismatch", f"xformers was built for {target}, but {' and '.join(problems)}: its C++/CUDA "
-                                     f"extension is only known to load beside the build it names, and without it "
-                                     f"memory_efficient_attention has no usable operator and attention falls back "
-                                     f"to torch sdpa; {FIX}")
+        return PairCheck("mismatch", f"xformers was built for {target}, but {' and '.join(problems)}: not the pair "
+                                     f"xformers tested; its C++/CUDA extension loads only where the CUDA runtime it "
+                                     f"links is found, and without it memory_efficient_attention has no usable "
+                                     f"operator and attention falls back to torch sdpa; {FIX}")
     return PairCheck("match", f"xformers was built for {target}: matches torch {torch_version}")
 
 
@@ -380,7 +383,10 @@ def report() -> list[str]:
     lines += [f"cuda        {devices[0]}"] + [f"            {d}" for d in devices[1:]]
     lines.append(f"bf16        {bf16_text()}")
     xver = package_version("xformers")
-    lines.append(f"xformers    {xver or 'not installed'}; pair check: {pair.status.upper()}: {pair.message}")
+    message = pair.message
+    if pair.status == "mismatch" and loaded:  # an untested pair whose extension loaded all the same
+        message = f"{message.split('; ')[0]}; its extension loaded all the same (see `extension` and `fMHA`)"
+    lines.append(f"xformers    {xver or 'not installed'}; pair check: {pair.status.upper()}: {message}")
     if loaded is not None:
         lines.append(f"extension   xformers C++/CUDA extension {detail}")
     lines.append(f"attention   {attention_backend_text()}")

@@ -5,6 +5,7 @@ Import them from here (`from helpers import ...`); conftest.py only holds fixtur
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +22,14 @@ from pipeline.sandbox import ROOT, make_idx_dataset, make_project, write_idx  # 
 CORPUS = ROOT / "tests" / "corpus"  # the checked-in bad-input corpus (tests/corpus/make_corpus.py)
 sys.path.insert(0, str(CORPUS))
 from make_corpus import generated_inputs, png_bytes  # noqa: E402,F401 (png_bytes: used by the tests)
+
+
+def load_bench(name: str):
+    """A bench/ script as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_good_folder(root: Path, classes=("cat", "dog"), per_class: int = 6, size=(20, 24)) -> Path:
