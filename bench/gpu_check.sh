@@ -39,11 +39,56 @@ else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 
+device=$("$PY" - "$dev" <<'PY'
+import sys, torch
+if sys.argv[1] == "cuda":
+    p = torch.cuda.get_device_properties(0)
+    print(f"{p.name} (sm{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB), {torch.cuda.device_count()} visible")
+else:
+    print("CPU smoke run: toy sizes, not a measurement")
+PY
+) || device="unknown device (torch could not say)"
+driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1 || true)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 t0=$SECONDS
 failed=()
 sections=()
+
+# render [NOTE]: the report of the sections run so far, into $out.partial; the last render is renamed to $out, so a
+# check cut short (a time limit, a lost machine) still leaves what it measured, under a name that says so
+render() {
+  local total=$((SECONDS - t0))
+  {
+    echo "# GPU check results"
+    echo
+    flag=$([ "$smoke" = 1 ] && echo " --cpu-smoke" || true)
+    commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+    dirty=$(git diff --quiet HEAD 2>/dev/null || echo " (with local changes)")
+    echo "Device: **$device**${driver:+, driver $driver}. Made by \`bash bench/gpu_check.sh$flag\`"
+    echo "at commit $commit$dirty, $(date -u '+%Y-%m-%d %H:%M UTC'); the whole check took ${total} s${1:+ so far (${1})}."
+    echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)."
+    echo "Targets: xformers >= 2x math and >= 1x sdpa with equal outputs within bf16 tolerance; GPT-100M MFU >= 40%."
+    for name in "${sections[@]}"; do
+      echo
+      echo "## $name: $(cat "$work/$name.status")"
+      echo
+      echo "\`$(cat "$work/$name.cmd")\`"
+      echo
+      echo '```text'
+      cat "$work/$name.out"
+      echo '```'
+      if grep -q FAILED "$work/$name.status"; then  # why it failed: the end of its stderr
+        echo
+        echo "stderr, last 20 lines:"
+        echo
+        echo '```text'
+        tail -n 20 "$work/$name.err"
+        echo '```'
+      fi
+    done
+  } > "$out.partial"
+}
 
 # section NAME TIMEOUT_S CMD...: run it, show its output live, keep stdout for the report (and the end of
 # stderr when it fails: otherwise stderr is progress only)
@@ -62,6 +107,7 @@ section() {
   printf '%s\n' "$*" > "$work/$name.cmd"
   echo "$status, ${secs} s" > "$work/$name.status"
   sections+=("$name")
+  render "after $name"
 }
 
 if [ "$smoke" = 0 ]; then
@@ -83,46 +129,7 @@ else
   section inception 300 "$PY" bench/gpu_check.py inception --cpu-smoke
   section search 120 "$PY" bench/gpu_check.py search --cpu-smoke
 fi
-total=$((SECONDS - t0))
-
-device=$("$PY" - "$dev" <<'PY'
-import sys, torch
-if sys.argv[1] == "cuda":
-    p = torch.cuda.get_device_properties(0)
-    print(f"{p.name} (sm{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB), {torch.cuda.device_count()} visible")
-else:
-    print("CPU smoke run: toy sizes, not a measurement")
-PY
-) || device="unknown device (torch could not say)"
-driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1 || true)
-{
-  echo "# GPU check results"
-  echo
-  flag=$([ "$smoke" = 1 ] && echo " --cpu-smoke" || true)
-  commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-  dirty=$(git diff --quiet HEAD 2>/dev/null || echo " (with local changes)")
-  echo "Device: **$device**${driver:+, driver $driver}. Made by \`bash bench/gpu_check.sh$flag\`"
-  echo "at commit $commit$dirty, $(date -u '+%Y-%m-%d %H:%M UTC'); the whole check took ${total} s."
-  echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)."
-  echo "Targets: xformers >= 2x math and >= 1x sdpa with equal outputs within bf16 tolerance; GPT-100M MFU >= 40%."
-  for name in "${sections[@]}"; do
-    echo
-    echo "## $name: $(cat "$work/$name.status")"
-    echo
-    echo "\`$(cat "$work/$name.cmd")\`"
-    echo
-    echo '```text'
-    cat "$work/$name.out"
-    echo '```'
-    if grep -q FAILED "$work/$name.status"; then  # why it failed: the end of its stderr
-      echo
-      echo "stderr, last 20 lines:"
-      echo
-      echo '```text'
-      tail -n 20 "$work/$name.err"
-      echo '```'
-    fi
-  done
-} > "$out"
-echo "gpu_check: ${total} s; report written to $out${failed:+; FAILED: ${failed[*]}}"
+render
+mv "$out.partial" "$out"
+echo "gpu_check: $((SECONDS - t0)) s; report written to $out${failed:+; FAILED: ${failed[*]}}"
 [ "${#failed[@]}" = 0 ]

@@ -231,6 +231,7 @@ def test_gpu_check_refuses_without_cuda(tmp_path):
     assert not out.exists()
 
 
+@cpu_only
 def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
     """`--cpu-smoke` runs each section of the GPU check at toy sizes on the CPU, so a section broken by a code change
     shows here and not on a lent GPU; the report goes to $RESULTS, never to bench/RESULTS.md."""
@@ -244,6 +245,8 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
     for name in ("doctor", "attention", "gpt_100m", "vqgan_256", "inception", "search"):
         assert re.search(rf"^## {name}: ok, \d+ s$", report, flags=re.M), (name, report[-2000:])
     assert "equal outputs within bf16 tolerance: yes" in report and "extract_features" in report
+    assert re.search(r"the whole check took \d+ s\.$", report, flags=re.M) and "so far" not in report
+    assert [p.name for p in tmp_path.iterdir()] == ["smoke.md"]  # the .partial it rendered into became smoke.md
     assert (ROOT / "bench" / "RESULTS.md").exists() == before
 
 
