@@ -20,6 +20,7 @@ from pipeline.fid import protocol_id
 from pipeline.runlog import read_run_facts
 from training import gan as gan_training
 from pipeline.errors import UserError
+from training.common import linear_decay_scale
 from training.gan import GANParams
 from models.gan import embed_tokens, snap_to_codes
 from pipeline.images import decode_png
@@ -325,11 +326,11 @@ def test_mode_seeking_term_is_logged_and_resumes_exactly(world, tmp_path, monkey
 
 def test_lr_decay_schedule_by_hand():
     # 10 steps decaying from the middle: 1 for steps 0-4, then 5/5, 4/5, ... 1/5 at the last step (9)
-    assert [gan_training.lr_scale(s, 10, 0.5) for s in range(10)] == [1, 1, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2]
-    assert [gan_training.lr_scale(s, 4, 0.0) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
-    assert all(gan_training.lr_scale(s, 10, 1.0) == 1.0 for s in range(10))  # 1 = constant rates
+    assert [linear_decay_scale(s, 10, 0.5) for s in range(10)] == [1, 1, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2]
+    assert [linear_decay_scale(s, 4, 0.0) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert all(linear_decay_scale(s, 10, 1.0) == 1.0 for s in range(10))  # 1 = constant rates
     # a start between steps (7.5): step 7 still runs at the full rate, step 8 at (10 - 8) / 2.5
-    assert gan_training.lr_scale(7, 10, 0.75) == 1.0 and gan_training.lr_scale(8, 10, 0.75) == pytest.approx(0.8)
+    assert linear_decay_scale(7, 10, 0.75) == 1.0 and linear_decay_scale(8, 10, 0.75) == pytest.approx(0.8)
 
 
 def test_lr_decay_reaches_both_optimizers_and_resumes_exactly(world, tmp_path, monkeypatch):

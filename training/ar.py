@@ -38,7 +38,7 @@ from pipeline.errors import UserError
 from pipeline.runlog import headline, write_metrics
 from pipeline.tokens import TokenData
 from training.common import (EMA, StepBatches, check_batch_fits, check_finite, config_hash, cosine_lr, export_weights,
-                             seed_everything, unwrap, write_tsv)
+                             seed_everything, set_lr, unwrap, write_tsv)
 
 log = logging.getLogger("tokenmill.train_transformer")
 # Dense bf16 peak of the GPUs we publish MFU for (TFLOP/s); other devices report achieved TFLOP/s only.
@@ -188,9 +188,7 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
                mininterval=2.0, file=sys.stderr)
     t0, done_tokens, window = time.monotonic(), 0, []
     for step in range(start, cfg.steps):
-        lr = cosine_lr(step, o.lr, o.warmup_steps, cfg.steps, o.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, cosine_lr(step, o.lr, o.warmup_steps, cfg.steps, o.min_lr_ratio))
         idx = batches.indices(step)
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0

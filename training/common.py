@@ -88,6 +88,21 @@ def cosine_lr(step: int, lr: float, warmup: int, total: int, min_ratio: float) -
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def linear_decay_scale(step: int, steps: int, decay_from: float) -> float:
+    """The learning-rate factor of 0-based `step` in a run of `steps`: 1 until decay_from * steps, then linear down to
+    1 / (decay length) at the last step (0 just after it), the linear decay of SN-GAN's and TransGAN's code."""
+    start = decay_from * steps
+    if step < start:
+        return 1.0
+    return (steps - step) / (steps - start)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group's rate, set from the step alone each step: a resumed run gets the same rates."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 class EMA:
     """shadow <- decay * shadow + (1 - decay) * param after each optimiser step; buffers are copied as they are.
 

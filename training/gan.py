@@ -67,7 +67,7 @@ from pipeline.errors import UserError
 from pipeline.fid import Protocol, extract_features, frechet_distance_features, protocol_id
 from pipeline.prepared import PreparedImages, read_manifest
 from training.common import (EMA, StepBatches, check_batch_fits, check_finite, config_hash, export_weights,
-                             seed_everything, write_tsv)
+                             linear_decay_scale, seed_everything, set_lr, write_tsv)
 from pipeline.device import Dist, autocast
 from pipeline.vqgan_io import load_vqgan, to_model_range, to_uint8
 from pipeline.fid_reference import NetworkParams, check_reference, load_network, load_reference
@@ -221,15 +221,6 @@ def _no_grad(G: nn.Module, z: Tensor, y: Tensor | None) -> Tensor:
     """G's output on a critic-only step (no G update follows, so no graph is kept)."""
     with torch.no_grad():
         return G(z, y)
-
-
-def lr_scale(step: int, steps: int, decay_from: float) -> float:
-    """The learning-rate factor of 0-based `step` in a run of `steps`: 1 until decay_from * steps, then linear down to
-    1 / (decay length) at the last step (0 just after it), the linear decay of SN-GAN's and TransGAN's code."""
-    start = decay_from * steps
-    if step < start:
-        return 1.0
-    return (steps - step) / (steps - start)
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -436,10 +427,9 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
         z = torch.randn(cfg.batch_size, gcfg.z_dim, generator=step_generator(cfg.seed, step, NOISE))
         z = z[dist.rank::dist.world].to(device)
         aug = step_generator(cfg.seed, step, AUGMENT, dist.rank)
-        scale = lr_scale(step, cfg.steps, gcfg.lr_decay_from)  # from the step alone: a resumed run gets the same rates
-        for opt, lr in ((opt_g, gcfg.lr_g), (opt_d, gcfg.lr_d)):
-            for group in opt.param_groups:
-                group["lr"] = lr * scale
+        scale = linear_decay_scale(step, cfg.steps, gcfg.lr_decay_from)
+        set_lr(opt_g, gcfg.lr_g * scale)
+        set_lr(opt_d, gcfg.lr_d * scale)
 
         # D step: the fake batch is made once; D learns on it detached, then G learns through it
         g_step = step % gcfg.n_critic == 0  # TransGAN's code: G steps at global_steps % n_critic == 0

@@ -37,7 +37,7 @@ from pipeline.report import save_rows_grid
 from pipeline.runlog import headline, write_metrics
 from pipeline.vqgan_io import save_vqgan, to_model_range, to_uint8
 from training.common import (EMA, StepBatches, check_batch_fits, check_finite, config_hash, cosine_lr, seed_everything,
-                             unwrap, write_tsv)
+                             set_lr, unwrap, write_tsv)
 from training.vq_loss import discriminator_loss, generator_loss
 
 log = logging.getLogger("tokenmill.train_vqgan")
@@ -216,10 +216,8 @@ def train_vqgan(cfg: Any, code: str) -> None:
     t0, img_count = time.monotonic(), 0
     for step, batch in zip(range(start, cfg.steps), batches.iterate(start, cfg.steps)):
         lr = cosine_lr(step, o.lr, o.warmup_steps, cfg.steps, o.min_lr_ratio)
-        for group in opt_g.param_groups:
-            group["lr"] = lr
-        for group in opt_d.param_groups:
-            group["lr"] = lr * o.disc_lr / o.lr if o.lr > 0 else o.disc_lr
+        set_lr(opt_g, lr)
+        set_lr(opt_d, lr * o.disc_lr / o.lr if o.lr > 0 else o.disc_lr)
         gan_on = step >= cfg.loss.disc_start and cfg.loss.disc_weight > 0
         lpips_on = step >= cfg.loss.lpips_start and cfg.loss.lpips_weight > 0
         opt_g.zero_grad(set_to_none=True)
