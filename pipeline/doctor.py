@@ -32,6 +32,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from pipeline import env
+
 # The project's attention shapes the doctor probes on CUDA (B, H, N, D as models.attention uses them): a GPT over a
 # 16x16 token grid, Swin shifted windows with a relative-position bias, YLG masks, and KV-cache decoding with 16 new
 # tokens against 256 cached ones (bottom-right causal).
@@ -211,8 +213,29 @@ def bf16_text() -> str:
             native = torch.cuda.is_bf16_supported()
         return ("supported on CUDA: training autocasts to bf16 where the config says bf16: true" if native else
                 "NOT supported natively by this GPU (needs sm80+): keep bf16: false")
-    return (f"CPU: training runs fp32 (pipeline.training.autocast uses bf16 on CUDA only); CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}")
+    return "CPU: training runs fp32 (pipeline.training.autocast uses bf16 on CUDA only)"
+
+
+def native_cpu_isa() -> str:
+    """The widest vector instructions this CPU offers, from /proc/cpuinfo (torch only says what it uses)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")),
+                     [])
+    except OSError:
+        return "unknown"
+    return "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "below AVX2" if flags else "unknown"
+
+
+def cpu_isa_text() -> str:
+    """The instruction set torch's CPU kernels use, and whether pipeline.env capped it (portable bytes)."""
+    active = torch.backends.cpu.get_cpu_capability()
+    if os.environ.get(env.CPU_ISA_VAR, "avx2").strip().lower() == "native":
+        why = f"native ({env.CPU_ISA_VAR}=native): bytes match only CPUs with the same kernels"
+    elif os.environ.get("ATEN_CPU_CAPABILITY") == env.CPU_ISA_CAPS["ATEN_CPU_CAPABILITY"]:
+        why = f"capped to AVX2 for the same bytes on any x86-64 machine ({env.CPU_ISA_VAR}=native lifts it)"
+    else:
+        why = "not capped (set before tokenmill loaded, or not x86-64)"
+    return f"kernels {active}, {why}; this CPU offers {native_cpu_isa()}"
 
 
 def faiss_text() -> str:
@@ -382,6 +405,7 @@ def report() -> list[str]:
     devices = cuda_devices_text()
     lines += [f"cuda        {devices[0]}"] + [f"            {d}" for d in devices[1:]]
     lines.append(f"bf16        {bf16_text()}")
+    lines.append(f"cpu         {cpu_isa_text()}")
     xver = package_version("xformers")
     message = pair.message
     if pair.status == "mismatch" and loaded:  # an untested pair whose extension loaded all the same
@@ -414,7 +438,8 @@ def summary(device: torch.device | str | None = None) -> str:
         else "no faiss"
     return (f"environment: torch {torch.__version__} ({torch_build_text()}) | {where} | attention "
             f"{attention_backend_text(device)} | xformers {package_version('xformers') or 'absent'} | {faiss} | "
-            f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+            f"CPU kernels {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,8 @@ Imported first by `pipeline/__init__.py`, so `python -m stages.<name>`, `python 
 all see the same settings. Values already set by the user win.
 """
 import os
+import platform
+import sys
 
 DEFAULTS = {
     # Offline machines: telemetry calls only time out, and nobody asked for them.
@@ -17,11 +19,37 @@ DEFAULTS = {
     "PREFECT_LOGGING_LEVEL": "INFO",
 }
 
+# The same stage identity must give the same bytes on any x86-64 machine, and float results depend on the vector
+# width of the kernels torch picks for the CPU: an AVX-512 machine trained a different VQGAN than the AVX2 machine
+# that recorded dvc.lock, and the same bytes once these caps were set (measured; docs/results.md). So on x86-64 every
+# library torch computes with is held to its AVX2 code path, unless TOKENMILL_CPU_ISA=native. The bytes still depend
+# on the thread count (parallel reductions split by thread), which run.json records beside the instruction set.
+CPU_ISA_VAR = "TOKENMILL_CPU_ISA"
+CPU_ISA_CAPS = {
+    "ATEN_CPU_CAPABILITY": "avx2",     # torch's own vectorised kernels
+    "ONEDNN_MAX_CPU_ISA": "AVX2",      # oneDNN convolutions and matmuls
+    "MKL_CBWR": "AVX2",                # MKL BLAS: the AVX2 branch, whatever the CPU's vendor
+}
+
+
+def cpu_isa_mode() -> str:
+    """"avx2" (the default: capped for portable bytes) or "native"; anything else is a one-line error."""
+    mode = os.environ.get(CPU_ISA_VAR, "avx2").strip().lower()
+    if mode not in ("avx2", "native"):  # a user mistake: one line and exit status 2, as everywhere
+        sys.stderr.write(f"error: {CPU_ISA_VAR}={os.environ[CPU_ISA_VAR]!r}: use avx2 (the default: the same bytes "
+                         f"on any x86-64 machine) or native (the CPU's widest kernels)\n")
+        raise SystemExit(2)
+    return mode
+
+
 for _key, _value in DEFAULTS.items():
     os.environ.setdefault(_key, _value)
+if platform.machine().lower() in ("x86_64", "amd64") and cpu_isa_mode() == "avx2":
+    for _key, _value in CPU_ISA_CAPS.items():
+        os.environ.setdefault(_key, _value)
 
 # The commands tokenmill runs (dvc, prefect) come from the environment its interpreter belongs to, also when the
 # virtual environment was not activated (`.venv/bin/python -m pipeline ...`).
-_bin = os.path.dirname(os.path.abspath(__import__("sys").executable))
+_bin = os.path.dirname(os.path.abspath(sys.executable))
 if _bin not in os.environ.get("PATH", "").split(os.pathsep):
     os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")

@@ -1,7 +1,7 @@
 """Run facts (timing, throughput, device, resume counts) kept apart from the metrics DVC hashes.
 
 A stage's metrics file is a DVC out: it must be a function of the stage's code, params and inputs, so the same
-identity gives the same bytes on any machine and DVC's run cache and remotes can restore it. What the run measured
+identity gives the same bytes on any machine (with the same `byte_facts`) and DVC's run cache and remotes can restore it. What the run measured
 about itself goes to `<metrics stem>.run.json` beside it: not an out, overwritten by every real run, read by the
 Prefect artifacts and by people.
 
@@ -22,10 +22,19 @@ def run_log_path(metrics: str | Path) -> Path:
     return metrics.with_name(f"{metrics.stem}.run.json")
 
 
+def byte_facts() -> dict[str, Any]:
+    """What, besides the stage's identity, decides its output bytes on a CPU: the kernels' instruction set (capped
+    to AVX2 by pipeline.env unless TOKENMILL_CPU_ISA=native) and the thread count (parallel reductions split by
+    thread). Two runs that agree here and in identity write the same bytes."""
+    import torch  # here, not at the top: pipeline.env must set the caps before torch loads
+
+    return {"cpu_isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+
+
 def write_metrics(path: str | Path, metrics: dict[str, Any], run_facts: dict[str, Any]) -> None:
     """The metrics (hashed by DVC) and this run's facts (not hashed) side by side."""
     write_json(path, metrics)
-    write_json(run_log_path(path), run_facts)
+    write_json(run_log_path(path), {**run_facts, **byte_facts()})
 
 
 def read_run_facts(metrics: str | Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 
 import models.attention as attn
 from pipeline import doctor
+from pipeline import env as env_module
 from pipeline.doctor import PairCheck, check_pair, cuda_tuple, read_build_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +193,7 @@ def test_doctor_screen_on_cpu(capsys):
     assert by_key["fMHA"].endswith("no CUDA: every attention shape runs on torch sdpa")
     assert "OMP_WAIT_POLICY=" in by_key["threads"] and f"{torch.get_num_threads()} intra-op" in by_key["threads"]
     assert "faiss" in by_key and "bf16" in by_key
+    assert by_key["cpu"].startswith(f"cpu         kernels {torch.backends.cpu.get_cpu_capability()}, ")
     if doctor.package_version("xformers"):
         assert doctor.installed_pair().status.upper() in by_key["xformers"]
         assert "extension" in by_key
@@ -248,6 +250,48 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
     assert re.search(r"the whole check took \d+ s\.$", report, flags=re.M) and "so far" not in report
     assert [p.name for p in tmp_path.iterdir()] == ["smoke.md"]  # the .partial it rendered into became smoke.md
     assert (ROOT / "bench" / "RESULTS.md").exists() == before
+
+
+def _env_after_import(extra: dict[str, str], drop: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """A fresh interpreter that imports pipeline (as every entry point does first), then reports the caps and the
+    kernels torch picked."""
+    env = {k: v for k, v in os.environ.items() if k not in drop + tuple(env_module.CPU_ISA_CAPS) +
+           (env_module.CPU_ISA_VAR,)}
+    env.update(extra, PYTHONPATH=str(ROOT))
+    code = ("import json, os, pipeline, torch; print(json.dumps({k: os.environ.get(k) for k in "
+            f"{list(env_module.CPU_ISA_CAPS)!r}}} | {{'isa': torch.backends.cpu.get_cpu_capability()}}))")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(doctor.native_cpu_isa() not in ("AVX2", "AVX512"), reason="the cap is for x86-64 with AVX2")
+def test_every_entry_point_caps_cpu_kernels_to_avx2():
+    """An AVX-512 machine trained a different VQGAN than the AVX2 machine that recorded dvc.lock, and the same bytes
+    with these caps: they are on by default, the user's own values win, TOKENMILL_CPU_ISA=native lifts them."""
+    r = _env_after_import({})
+    seen = json.loads(r.stdout)
+    assert seen == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2", "isa": "AVX2"}
+    seen = json.loads(_env_after_import({"ATEN_CPU_CAPABILITY": "default"}).stdout)
+    assert seen["ATEN_CPU_CAPABILITY"] == "default" and seen["isa"] == "DEFAULT" and seen["MKL_CBWR"] == "AVX2"
+    seen = json.loads(_env_after_import({"TOKENMILL_CPU_ISA": "native"}).stdout)
+    assert seen["ATEN_CPU_CAPABILITY"] is None and seen["MKL_CBWR"] is None
+    assert seen["isa"] == doctor.native_cpu_isa()  # AVX512 where the CPU has it: the cap is what made it AVX2
+
+
+def test_a_misspelled_cpu_isa_is_one_line_and_exit_2():
+    r = _env_after_import({"TOKENMILL_CPU_ISA": "avx-512"})
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == ["error: TOKENMILL_CPU_ISA='avx-512': use avx2 (the default: the same bytes on any "
+                                     "x86-64 machine) or native (the CPU's widest kernels)"]
+
+
+def test_run_facts_name_what_decides_the_bytes(tmp_path):
+    from pipeline.runlog import read_run_facts, write_metrics
+
+    write_metrics(tmp_path / "m.json", {"fid": 1.0}, {"seconds": 3})
+    facts = read_run_facts(tmp_path / "m.json")
+    assert facts == {"seconds": 3, "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+                     "threads": torch.get_num_threads()}
+    assert json.loads((tmp_path / "m.json").read_text()) == {"fid": 1.0}  # the hashed file holds none of them
 
 
 # --- CUDA (skipped without a GPU) -----------------------------------------------------------------------------------
