@@ -188,7 +188,8 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
                mininterval=2.0, file=sys.stderr)
     t0, done_tokens, window = time.monotonic(), 0, []
     for step in range(start, cfg.steps):
-        set_lr(opt, cosine_lr(step, o.lr, o.warmup_steps, cfg.steps, o.min_lr_ratio))
+        lr = cosine_lr(step, o.lr, o.warmup_steps, cfg.steps, o.min_lr_ratio)
+        set_lr(opt, lr)
         idx = batches.indices(step)
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
