@@ -18,13 +18,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipeline.env import CPU_ISA_CAPS, native_cpu_isa  # noqa: E402
 RATE = re.compile(r"([\d,]+(?:\.\d+)?) (images|tokens)/s")
 MODES = ("avx2", "native")
 
 
 def rate(what: str, mode: str, steps: int) -> tuple[float, str]:
     """(first images/s or tokens/s figure bench_train prints, the device line) for one fresh run."""
-    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
+    env = {k: v for k, v in os.environ.items() if k not in CPU_ISA_CAPS}
     env["TOKENMILL_CPU_ISA"] = mode
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), what, "--device", "cpu",
                            "--warmup", "3", "--steps", str(steps)], env=env, capture_output=True, text=True,
@@ -40,8 +42,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from pipeline.doctor import native_cpu_isa
 
     print(f"# CPU offers {native_cpu_isa()}; load average {os.getloadavg()[0]:.1f}; {args.rounds} rounds")
     for what, unit in (("vqgan", "images/s"), ("ar", "tokens/s")):

@@ -216,16 +216,6 @@ def bf16_text() -> str:
     return "CPU: training runs fp32 (pipeline.training.autocast uses bf16 on CUDA only)"
 
 
-def native_cpu_isa() -> str:
-    """The widest vector instructions this CPU offers, from /proc/cpuinfo (torch only says what it uses)."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")),
-                     [])
-    except OSError:
-        return "unknown"
-    return "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "below AVX2" if flags else "unknown"
-
-
 def cpu_isa_text() -> str:
     """The instruction set torch's CPU kernels use, and whether pipeline.env capped it (portable bytes)."""
     active = torch.backends.cpu.get_cpu_capability()
@@ -235,7 +225,7 @@ def cpu_isa_text() -> str:
         why = f"capped to AVX2 for the same bytes on any x86-64 machine ({env.CPU_ISA_VAR}=native lifts it)"
     else:
         why = "not capped (set before tokenmill loaded, or not x86-64)"
-    return f"kernels {active}, {why}; this CPU offers {native_cpu_isa()}"
+    return f"kernels {active}, {why}; this CPU offers {env.native_cpu_isa()}"
 
 
 def faiss_text() -> str:

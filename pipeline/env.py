@@ -20,15 +20,17 @@ DEFAULTS = {
 }
 
 # The same stage identity must give the same bytes on any x86-64 machine, and float results depend on the vector
-# width of the kernels torch picks for the CPU: an AVX-512 machine trained a different VQGAN than the AVX2 machine
-# that recorded dvc.lock, and the same bytes once these caps were set (measured; docs/results.md). So on x86-64 every
-# library torch computes with is held to its AVX2 code path, unless TOKENMILL_CPU_ISA=native. The bytes still depend
-# on the thread count (parallel reductions split by thread), which run.json records beside the instruction set.
+# width of the kernels each library picks for the CPU: an AVX-512 machine trained a different VQGAN than the AVX2
+# machine that recorded dvc.lock, and wrote the same bytes once these caps were set (measured; docs/results.md). So
+# on a CPU with AVX2 every library that computes for a stage is held to its AVX2 code path, unless
+# TOKENMILL_CPU_ISA=native. The bytes still depend on the thread count (parallel reductions split by thread), which
+# run.json records beside the instruction set.
 CPU_ISA_VAR = "TOKENMILL_CPU_ISA"
 CPU_ISA_CAPS = {
     "ATEN_CPU_CAPABILITY": "avx2",     # torch's own vectorised kernels
     "ONEDNN_MAX_CPU_ISA": "AVX2",      # oneDNN convolutions and matmuls
-    "MKL_CBWR": "AVX2",                # MKL BLAS: the AVX2 branch, whatever the CPU's vendor
+    "MKL_CBWR": "AVX2",                # MKL BLAS (torch's): the AVX2 branch, whatever the CPU's vendor
+    "OPENBLAS_CORETYPE": "Haswell",    # numpy's OpenBLAS (FID statistics, float64): its AVX2 kernels
 }
 
 
@@ -42,9 +44,22 @@ def cpu_isa_mode() -> str:
     return mode
 
 
+def native_cpu_isa() -> str:
+    """The widest vector instructions this CPU offers, from /proc/cpuinfo (libraries only say what they use)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return platform.machine() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "below AVX2" if flags else "unknown"
+
+
 for _key, _value in DEFAULTS.items():
     os.environ.setdefault(_key, _value)
-if platform.machine().lower() in ("x86_64", "amd64") and cpu_isa_mode() == "avx2":
+# Only where AVX2 exists: OpenBLAS runs a forced core type without checking the CPU can.
+if cpu_isa_mode() == "avx2" and native_cpu_isa() in ("AVX2", "AVX512"):
     for _key, _value in CPU_ISA_CAPS.items():
         os.environ.setdefault(_key, _value)
 

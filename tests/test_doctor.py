@@ -263,18 +263,19 @@ def _env_after_import(extra: dict[str, str], drop: tuple[str, ...] = ()) -> subp
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.skipif(doctor.native_cpu_isa() not in ("AVX2", "AVX512"), reason="the cap is for x86-64 with AVX2")
+@pytest.mark.skipif(env_module.native_cpu_isa() not in ("AVX2", "AVX512"), reason="the cap is for x86-64 with AVX2")
 def test_every_entry_point_caps_cpu_kernels_to_avx2():
     """An AVX-512 machine trained a different VQGAN than the AVX2 machine that recorded dvc.lock, and the same bytes
     with these caps: they are on by default, the user's own values win, TOKENMILL_CPU_ISA=native lifts them."""
     r = _env_after_import({})
     seen = json.loads(r.stdout)
-    assert seen == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2", "isa": "AVX2"}
+    assert seen == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2",
+                    "OPENBLAS_CORETYPE": "Haswell", "isa": "AVX2"}
     seen = json.loads(_env_after_import({"ATEN_CPU_CAPABILITY": "default"}).stdout)
     assert seen["ATEN_CPU_CAPABILITY"] == "default" and seen["isa"] == "DEFAULT" and seen["MKL_CBWR"] == "AVX2"
     seen = json.loads(_env_after_import({"TOKENMILL_CPU_ISA": "native"}).stdout)
-    assert seen["ATEN_CPU_CAPABILITY"] is None and seen["MKL_CBWR"] is None
-    assert seen["isa"] == doctor.native_cpu_isa()  # AVX512 where the CPU has it: the cap is what made it AVX2
+    assert seen["ATEN_CPU_CAPABILITY"] is None and seen["MKL_CBWR"] is None and seen["OPENBLAS_CORETYPE"] is None
+    assert seen["isa"] == env_module.native_cpu_isa()  # AVX512 where the CPU has it: the cap is what made it AVX2
 
 
 def test_a_misspelled_cpu_isa_is_one_line_and_exit_2():
