@@ -104,6 +104,8 @@ def pack(out: Path, python: str, bin_mib: float, wheels: Path | None = None) -> 
         raise KitError(f"{out}: exists; pack writes a new folder only")
     if not out.parent.is_dir():
         raise KitError(f"{out.parent}: no such folder")
+    if not bin_mib > 0:  # before the download, not after it
+        raise KitError(f"--bin-mib must be positive, got {bin_mib:g}")
     capacity = int(bin_mib * MIB)
     with tempfile.TemporaryDirectory(prefix="offline_kit_") as tmp:
         src = wheels if wheels is not None else Path(tmp)
@@ -136,6 +138,8 @@ def unpack(target: Path, folders: list[Path]) -> tuple[list[str], list[str]]:
     """Join and check every wheel whose parts are all in `folders`, install them into `target` (pip --target, no
     index, no dependencies) and write target/env.sh. Returns (installed, missing); a missing wheel is reported,
     never half-installed. A part whose bytes do not hash to the manifest is an error."""
+    if target.exists() and not target.is_dir():
+        raise KitError(f"{target}: exists and is not a folder")
     manifest: dict = {}
     for folder in folders:
         if not (folder / MANIFEST).is_file():

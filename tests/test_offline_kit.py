@@ -108,3 +108,9 @@ def test_cli_refuses_without_writing(tmp_path, wheels):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no MANIFEST.json" in r.stderr and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "site").exists()
+    (tmp_path / "a_file").write_text("keep")
+    with pytest.raises(kit.KitError, match="a_file: exists and is not a folder"):
+        kit.unpack(tmp_path / "a_file", [wheels])
+    with pytest.raises(kit.KitError, match="--bin-mib must be positive, got 0"):
+        kit.pack(tmp_path / "kit2", "3.11", 0)  # refused before any download
+    assert (tmp_path / "a_file").read_text() == "keep" and not (tmp_path / "kit2").exists()
