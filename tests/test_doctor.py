@@ -275,7 +275,8 @@ def test_every_entry_point_caps_cpu_kernels_to_avx2():
     assert seen["ATEN_CPU_CAPABILITY"] == "default" and seen["isa"] == "DEFAULT" and seen["MKL_CBWR"] == "AVX2"
     seen = json.loads(_env_after_import({"TOKENMILL_CPU_ISA": "native"}).stdout)
     assert seen["ATEN_CPU_CAPABILITY"] is None and seen["MKL_CBWR"] is None and seen["OPENBLAS_CORETYPE"] is None
-    assert seen["isa"] == env_module.native_cpu_isa()  # AVX512 where the CPU has it: the cap is what made it AVX2
+    # AVX512 where torch has kernels for this CPU's AVX-512 subset: the cap is what made it AVX2 above
+    assert seen["isa"] in (("AVX2", "AVX512") if env_module.native_cpu_isa() == "AVX512" else ("AVX2",))
 
 
 def test_a_misspelled_cpu_isa_is_one_line_and_exit_2():
