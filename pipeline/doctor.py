@@ -49,6 +49,7 @@ FIX = ("install the pair pinned in requirements/constraints-cuda.txt "
 class PairCheck:
     status: str  # "match", "mismatch", "cpu" (CPU build of torch: the kernels are not used) or "missing"
     message: str
+    facts: str = ""  # a mismatch's facts alone ("xformers was built for ..., but ..."), without the consequence
 
     @property
     def ok(self) -> bool:
@@ -99,9 +100,9 @@ def check_pair(build: dict | None, torch_version: str, torch_cuda: str | None,
     """Does the installed torch match the one xformers' extension was built for?
 
     Strict on purpose: same torch release and same CUDA major.minor, the pair xformers built and tested. Another
-    pair can work (the extension needs libcudart.so.<major> and torch's stable C ABI), which the doctor's `extension`
-    line then shows; the install pins the tested pair. Python is not compared: the 0.0.35 wheel is Python-version agnostic (py39-none) even though
-    cpp_lib.json names the Python it was built with.
+    pair can work (the extension needs libcudart.so.<major> and torch's stable C ABI), which the doctor's
+    `extension` line then shows; the install pins the tested pair. Python is not compared: the 0.0.35 wheel is
+    Python-version agnostic (py39-none) even though cpp_lib.json names the Python it was built with.
     """
     if build is None:
         return PairCheck("missing", "xformers is not installed (no xformers/cpp_lib.json): attention uses torch sdpa")
@@ -125,10 +126,10 @@ def check_pair(build: dict | None, torch_version: str, torch_cuda: str | None,
     elif cuda_tuple(built_cuda) != cuda_tuple(torch_cuda):
         problems.append(f"torch was built with CUDA {torch_cuda}")
     if problems:
-        return PairCheck("mismatch", f"xformers was built for {target}, but {' and '.join(problems)}: not the pair "
-                                     f"xformers tested; its C++/CUDA extension loads only where the CUDA runtime it "
-                                     f"links is found, and without it memory_efficient_attention has no usable "
-                                     f"operator and attention falls back to torch sdpa; {FIX}")
+        facts = f"xformers was built for {target}, but {' and '.join(problems)}: not the pair xformers tested"
+        return PairCheck("mismatch", f"{facts}; its C++/CUDA extension loads only where the CUDA runtime it links is "
+                                     f"found, and without it memory_efficient_attention has no usable operator and "
+                                     f"attention falls back to torch sdpa; {FIX}", facts)
     return PairCheck("match", f"xformers was built for {target}: matches torch {torch_version}")
 
 
@@ -219,7 +220,7 @@ def bf16_text() -> str:
 def cpu_isa_text() -> str:
     """The instruction set torch's CPU kernels use, and whether pipeline.env capped it (portable bytes)."""
     active = torch.backends.cpu.get_cpu_capability()
-    if os.environ.get(env.CPU_ISA_VAR, "avx2").strip().lower() == "native":
+    if env.cpu_isa_mode() == "native":
         why = f"native ({env.CPU_ISA_VAR}=native): bytes match only CPUs with the same kernels"
     elif os.environ.get("ATEN_CPU_CAPABILITY") == env.CPU_ISA_CAPS["ATEN_CPU_CAPABILITY"]:
         why = f"capped to AVX2 for the same bytes on any x86-64 machine ({env.CPU_ISA_VAR}=native lifts it)"
@@ -398,8 +399,8 @@ def report() -> list[str]:
     lines.append(f"cpu         {cpu_isa_text()}")
     xver = package_version("xformers")
     message = pair.message
-    if pair.status == "mismatch" and loaded:  # an untested pair whose extension loaded all the same
-        message = f"{message.split('; ')[0]}; its extension loaded all the same (see `extension` and `fMHA`)"
+    if pair.status == "mismatch" and loaded and pair.facts:  # an untested pair whose extension loaded all the same
+        message = f"{pair.facts}; its extension loaded all the same (see `extension` and `fMHA`)"
     lines.append(f"xformers    {xver or 'not installed'}; pair check: {pair.status.upper()}: {message}")
     if loaded is not None:
         lines.append(f"extension   xformers C++/CUDA extension {detail}")
