@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 
 def tmp_name(path: Path) -> Path:
@@ -80,7 +80,12 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file a stage wrote; a damaged one is a one-line error naming it, not a traceback."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({first_line(exc)}); the file is damaged: re-run the stage that "
+                        f"writes it") from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.atomic import tmp_name
+from pipeline.errors import first_line
 
 log = logging.getLogger("tokenmill.checkpoint")
 # A checkpoint is resumed only when its run had the same identity; what each part of the identity stands for.
@@ -93,7 +94,7 @@ def load_latest(ckpt_dir: str | Path, map_location: str | torch.device = "cpu",
         try:
             state = read(path, map_location)
         except Exception as exc:  # truncated file, bad zip, foreign pickle: never fatal, never executed
-            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, str(exc).splitlines()[0])
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, first_line(exc))
             continue
         mismatch = [k for k, v in (expect or {}).items() if state.get(k) != v]
         if mismatch:

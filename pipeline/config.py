@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 T = TypeVar("T")
 PARAMS_FILE = "params.yaml"
@@ -73,7 +73,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         # a parser/scanner error carries a mark and a problem; a reader error (a control character) a position
         mark, pos = getattr(exc, "problem_mark", None), getattr(exc, "position", None)
         line = mark.line + 1 if mark else text.count("\n", 0, pos) + 1 if isinstance(pos, int) else None
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         where = f" line {line}" if line else ""
         raise UserError(f"{path}:{where} is not valid YAML ({problem})") from None
     if data is None:

@@ -11,6 +11,11 @@ class UserError(Exception):
     exit_code = 2
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none (an empty file's EOFError)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class NonFiniteLoss(RuntimeError):
     """A loss became NaN/Inf. The run stops with the step named; the last good checkpoint is kept. Exit code 3."""
     exit_code = 3

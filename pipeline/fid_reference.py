@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
@@ -27,10 +26,10 @@ import numpy as np
 import torch
 
 from models.inception import PINNED_SHA256, FIDInception
-from pipeline.atomic import sha256_file
+from pipeline.atomic import read_json, sha256_file
 from pipeline.config import param
 from pipeline.device import pick_device
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.fid import extract_features
 from pipeline.prepared import PreparedImages
 
@@ -132,8 +131,8 @@ def _load_array(path: Path) -> np.ndarray:
         raise UserError(f"{path}: not found; the FID reference is incomplete (re-run: dvc repro fid_ref)")
     try:
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"{path}: unreadable ({str(exc).splitlines()[0]}); re-run: dvc repro fid_ref") from None
+    except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty file
+        raise UserError(f"{path}: unreadable ({first_line(exc)}); re-run: dvc repro fid_ref") from None
 
 
 def load_reference(folder: str | Path) -> Reference:
@@ -143,9 +142,14 @@ def load_reference(folder: str | Path) -> Reference:
     if not meta_path.is_file():
         raise UserError(f"no FID reference at {folder} (meta.json missing); make it with `dvc repro fid_ref` "
                         f"(params.yaml fid_ref: dataset, split and resize name the folder)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}; re-run fid_ref")
+    meta = read_json(meta_path)
+    got = meta.get("format") if isinstance(meta, dict) else meta
+    if got != FORMAT:
+        raise UserError(f"{meta_path}: format {got!r} is not {FORMAT!r}; re-run fid_ref")
+    for key in ("n_ref", "feature_dim"):
+        if not isinstance(meta.get(key), int) or isinstance(meta[key], bool) or meta[key] < 1:
+            raise UserError(f"{meta_path}: {key} is {meta.get(key)!r}, not a positive integer; the reference is "
+                            f"corrupt (re-run: dvc repro fid_ref --force)")
     mu, sigma = _load_array(folder / "mu.npy"), _load_array(folder / "sigma.npy")
     features, labels = _load_array(folder / "features.npy"), _load_array(folder / "labels.npy")
     keys = (folder / "keys.txt").read_text().split("\n")[:-1] if (folder / "keys.txt").is_file() else []

@@ -7,7 +7,6 @@ compares a token store's fingerprint with the VQGAN in use.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.vqgan import VQGAN, VQGANConfig
-from pipeline.atomic import atomic_path, write_json
-from pipeline.errors import UserError
+from pipeline.atomic import atomic_path, read_json, write_json
+from pipeline.errors import UserError, first_line
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -56,14 +55,20 @@ def load_vqgan(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     for p in (cfg_path, weights):
         if not p.is_file():
             raise UserError(f"{p}: not found (train the VQGAN first: dvc repro train_vqgan)")
-    meta = json.loads(cfg_path.read_text())
-    raw = dict(meta["model"])
-    raw["ch_mult"] = tuple(raw["ch_mult"])
-    model = VQGAN(VQGANConfig(**raw))
+    meta = read_json(cfg_path)
+    try:  # a folder the user named may hold another program's config.json
+        raw = dict(meta["model"])
+        raw["ch_mult"] = tuple(raw["ch_mult"])
+        model = VQGAN(VQGANConfig(**raw))
+        if not isinstance(meta["fingerprint"], str):
+            raise TypeError(f"fingerprint is {meta['fingerprint']!r}, not a string")
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{cfg_path}: not a tokenmill VQGAN config ({type(exc).__name__}: {first_line(exc)}); "
+                        f"train_vqgan writes one") from None
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as exc:
-        raise UserError(f"{weights}: cannot load VQGAN weights ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{weights}: cannot load VQGAN weights ({first_line(exc)})") from None
     fp = fingerprint(model)
     if fp != meta["fingerprint"]:
         raise UserError(f"{weights}: codebook fingerprint {fp[:16]} does not match {cfg_path} "

@@ -5,9 +5,9 @@ refused tar member, a one-line `error:` with exit status 2, or a warning and a f
 Inputs: the corpus images (+ a generated decompression bomb) and a hostile WebDataset source through `prepare`; an
 empty dataset, a missing path and a truncated IDX file; params edits and broken YAML through `python -m pipeline
 check`; token stores that are zero bytes, not LMDB, truncated, or from another codebook through `train_transformer`;
-a too-small LMDB map ceiling through `tokenize`; a truncated checkpoint through `train_transformer`; a read-only
-output folder through `prepare`. The token-store cases need a small VQGAN and store: trained here on the tiny
-preset (configs/tiny.yaml), about a minute.
+a too-small LMDB map ceiling and a VQGAN folder of another program through `tokenize`; a truncated and a zero-byte
+checkpoint through `train_transformer`; a read-only output folder through `prepare`. The token-store cases need a
+small VQGAN and store: trained here on the tiny preset (configs/tiny.yaml), about a minute.
 
   python scripts/bad_inputs.py                  # prints one line per input and the totals
   python scripts/bad_inputs.py --json out.json
@@ -176,6 +176,13 @@ def stores_and_checkpoints(s: Sweep) -> None:
     q = s.params(ds + ["tokenize.max_map_mb=0.01", f"tokenize.out_dir={s.work}/tokens-ceiling"], "ceiling")
     s.expect_error("resource", "LMDB map ceiling too small",
                    ["-m", "stages.tokenize", "--dataset", "fashion_mnist", "--params", str(q)], "LMDB map is full")
+    foreign = s.work / "vqgan-foreign"  # re-tokenizing with a folder that holds another program's model
+    shutil.copytree(s.work / "data/vqgan", foreign)
+    (foreign / "config.json").write_text('{"architectures": ["BertModel"], "hidden_size": 768}\n')
+    q = s.params(ds + [f"tokenize.vqgan_dir={foreign}", f"tokenize.out_dir={s.work}/tokens-foreign"], "foreign-vq")
+    s.expect_error("vqgan", "foreign VQGAN folder",
+                   ["-m", "stages.tokenize", "--dataset", "fashion_mnist", "--params", str(q)],
+                   f"{foreign}/config.json: not a tokenmill VQGAN config")
 
     s.expect_success(["-m", "stages.train_transformer", "--params", str(p)], "train_transformer")
     last = s.work / "data/checkpoints/train_transformer/last.pt"
@@ -183,6 +190,12 @@ def stores_and_checkpoints(s: Sweep) -> None:
     rc, err = s.run(["-m", "stages.train_transformer", "--params", str(p)])
     warned = "last.pt is unreadable" in err
     s.record("checkpoint", "truncated last.pt", "warning + fallback",
+             f"exit {rc}" + (", warned" if warned else ""), rc == 0 and warned and "Traceback" not in err,
+             next((x for x in err.splitlines() if "unreadable" in x), "")[-110:])
+    last.write_bytes(b"")  # a checkpoint cut to nothing (torch's EOFError has no message)
+    rc, err = s.run(["-m", "stages.train_transformer", "--params", str(p)])
+    warned = "last.pt is unreadable (EOFError)" in err
+    s.record("checkpoint", "zero-byte last.pt", "warning + fallback",
              f"exit {rc}" + (", warned" if warned else ""), rc == 0 and warned and "Traceback" not in err,
              next((x for x in err.splitlines() if "unreadable" in x), "")[-110:])
 

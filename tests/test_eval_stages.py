@@ -144,6 +144,28 @@ def test_reference_checks_name_both_values(world, tmp_path):
     assert "no FID reference" in one_line_error(err) and "dvc repro fid_ref" in str(err.value)
 
 
+def test_a_damaged_reference_is_one_line_naming_the_file(world, tmp_path):
+    """Files cut to nothing or edited by hand: one line naming the file, never a traceback (an empty .npy raises
+    EOFError with numpy, an empty checkpoint EOFError without a message)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(world["ref"], broken)
+    (broken / "features.npy").write_bytes(b"")
+    with pytest.raises(UserError) as err:
+        load_reference(broken)
+    assert one_line_error(err) == (f"{broken / 'features.npy'}: unreadable (No data left in file); "
+                                   f"re-run: dvc repro fid_ref")
+    meta = (broken / "meta.json").read_text()
+    for text, says in [(meta[: len(meta) // 2], "meta.json: not valid JSON"),
+                       ("[1, 2]", "meta.json: format [1, 2] is not"),
+                       (meta.replace('"n_ref"', '"n_rows"'), "meta.json: n_ref is None, not a positive integer"),
+                       (meta.replace('"feature_dim": 2048', '"feature_dim": true'),
+                        "meta.json: feature_dim is True, not a positive integer")]:
+        (broken / "meta.json").write_text(text)
+        with pytest.raises(UserError) as err:
+            load_reference(broken)
+        assert says in one_line_error(err) and str(broken) in str(err.value)
+
+
 def test_fid_ref_is_a_cached_dvc_stage(world, tmp_path):
     """prepare + fid_ref through `dvc repro` in a project copy: a second repro skips fid_ref; another stage's
     params do not touch it; its own params do."""

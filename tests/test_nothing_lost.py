@@ -131,8 +131,8 @@ def test_every_bad_input_gives_its_expected_outcome(tmp_path):
     expected = json.loads((ROOT / "tests/corpus/expected.json").read_text())
     covered = {x["input"] for x in r["results"]}
     assert set(expected["images"]) | set(expected["webdataset"]) | set(expected["params"]) <= covered
-    assert {"empty folder", "truncated LMDB", "store of another codebook", "truncated last.pt",
-            "LMDB map ceiling too small", "read-only output folder"} <= covered
+    assert {"empty folder", "truncated LMDB", "store of another codebook", "truncated last.pt", "zero-byte last.pt",
+            "foreign VQGAN folder", "LMDB map ceiling too small", "read-only output folder"} <= covered
 
 
 # ---------------------------------------------------------------- kill and resume (the whole pipeline)

@@ -16,8 +16,8 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers import (ROOT, files_under, make_good_folder, make_idx_dataset, make_project, small_disk_prefix, tiny_params,
-                     tiny_vqgan)
+from helpers import (ROOT, files_under, make_good_folder, make_idx_dataset, make_project, small_disk_prefix,
+                     tiny_params, tiny_vqgan)
 from models.vqgan import VQGAN, VQGANConfig
 from pipeline.config import set_params_file
 from pipeline.errors import UserError
@@ -303,6 +303,30 @@ def test_fingerprint_mismatch_names_both(data, store):
         msg = str(err.value)
         assert mine[:16] in msg and other[:16] in msg and "data/vqgan_b" in msg and "\n" not in msg
     assert len(TokenLMDBDataset(store, vqgan_fingerprint=mine)) == 104
+
+
+def test_load_vqgan_refuses_a_foreign_or_damaged_folder_in_one_line(tmp_path):
+    good = tmp_path / "good"
+    save_vqgan(good, tiny_vqgan(), {"resolution": 16})
+    text = (good / "config.json").read_text()
+    cases = [(text[:40], "not valid JSON"),
+             ('{"architectures": ["BertModel"], "hidden_size": 768}',
+              "not a tokenmill VQGAN config (KeyError: 'model')"),
+             (text.replace('"z_channels"', '"latent_channels"'), "not a tokenmill VQGAN config (TypeError:"),
+             (text.replace('"fingerprint": "', '"fingerprint": 1, "x": "'), "fingerprint is 1, not a string"),
+             (text.replace('"n_codes": 16', '"n_codes": -3'), "not a tokenmill VQGAN config (RuntimeError:")]
+    for i, (content, says) in enumerate(cases):
+        folder = tmp_path / f"bad{i}"
+        shutil.copytree(good, folder)
+        (folder / "config.json").write_text(content)
+        with pytest.raises(UserError) as err:
+            load_vqgan(folder)
+        assert says in str(err.value) and str(folder / "config.json") in str(err.value), (i, str(err.value))
+        assert "\n" not in str(err.value)
+    (tmp_path / "bad0" / "config.json").write_text(text)
+    (tmp_path / "bad0" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"model.safetensors: cannot load VQGAN weights \(Error while deserializing"):
+        load_vqgan(tmp_path / "bad0")
 
 
 def test_refuses_other_resolution_and_channels(data, tmp_path):
