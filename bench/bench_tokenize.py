@@ -16,7 +16,8 @@
 Uses data/vqgan when it exists, else a random-init VQGAN with params.yaml's model config (throughput does not
 depend on the weights), and the Fashion-MNIST IDX files when installed, else random images.
 
-Usage: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/bench_tokenize.py [--images 4096] [--rounds 5] [--batch-size 256]
+Usage: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/bench_tokenize.py [--images 4096] [--rounds 5]
+       [--batch-size 256]
 (one torch thread + one decode worker + the writer thread: the work spread over a 2-core machine's cores)
 """
 from __future__ import annotations

@@ -34,7 +34,8 @@ from pipeline.config import apply_overrides, load_params  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.runs import validate_overrides  # noqa: E402
 from pipeline.runlog import read_run_facts  # noqa: E402
-from stage_run import stage, tag_problem, with_earlier_runs  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+# bench/, the script's own folder, is on sys.path
+from stage_run import stage, tag_problem, with_earlier_runs  # noqa: E402
 
 
 def run_model(name: str, overrides: list[str], base: dict, out: Path) -> dict:

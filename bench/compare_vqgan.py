@@ -33,7 +33,8 @@ from pipeline.config import apply_overrides, load_params  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.runlog import read_run_facts  # noqa: E402
 from pipeline.runs import validate_overrides  # noqa: E402
-from stage_run import stage, tag_problem, with_earlier_runs  # noqa: E402  (bench/, the script's own folder, is on sys.path)
+# bench/, the script's own folder, is on sys.path
+from stage_run import stage, tag_problem, with_earlier_runs  # noqa: E402
 
 # recipe -> (lpips_weight, lpips_start fraction, disc_weight, disc_start fraction); None: that term is off
 RECIPES: dict[str, tuple[float, float | None, float, float | None]] = {

@@ -2,10 +2,11 @@
 `bash bench/gpu_check.sh`, packed on a machine that has one.
 
 Such a machine (a lent cloud GPU, an air-gapped box) brings its own torch; the check also needs xformers, the CUDA 12
-runtime its extension links, the token-store libraries, faiss, the FID network and the LPIPS weights. The wheels are fetched for the
-target's Python, every one is hashed into a manifest, and they are packed into bins of at most `--bin-mib` MiB for
-transports that cap one transfer (a file larger than a bin is split into parts). On the target, `unpack` takes the
-bins from any number of folders, joins the parts, checks every hash and installs what is complete into one folder.
+runtime its extension links, the token-store libraries, faiss, the FID network and the LPIPS weights. The wheels are
+fetched for the target's Python, every one is hashed into a manifest, and they are packed into bins of at most
+`--bin-mib` MiB for transports that cap one transfer (a file larger than a bin is split into parts). On the target,
+`unpack` takes the bins from any number of folders, joins the parts, checks every hash and installs what is complete
+into one folder.
 
   python bench/offline_kit.py pack .kit --python 3.12 --bin-mib 58     # here: .kit/bin1, .kit/bin2, .kit/bin3
   python3 bench/offline_kit.py unpack /tmp/site .kit/bin*              # there: then `source /tmp/site/env.sh`

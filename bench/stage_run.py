@@ -29,7 +29,8 @@ def tag_problem(tag: str | None) -> str | None:
     return None
 
 
-def with_earlier_runs(requested: list[str], known: tuple[str, ...] | list[str], done: Callable[[str], bool]) -> list[str]:
+def with_earlier_runs(requested: list[str], known: tuple[str, ...] | list[str],
+                      done: Callable[[str], bool]) -> list[str]:
     """The names this command runs, then every other known name whose run under the same tag is complete on disk.
 
     A tag's summary lists all of that tag's runs: without this, a second command with the same --tag (another

@@ -180,9 +180,10 @@ class STransGANConfig(GANConfig):
 
 
 # The two labelled recipes. `tokenmill` = the class defaults above + TOKENMILL_RECIPES[family]; `paper` = the class
-# defaults + PAPER_RECIPES[family]. Explicit `gan:` params (model.*, lr_g, lr_d, r1_gamma, diffaug, ema_decay, ms_weight) are
-# applied after either. Sources: "code" = the authors' repository, "text" = the paper; "chosen" = found in neither
-# (docs/gan_recipes.md gives the reasons). Model sizes are not part of a recipe: they are scaled to the latent grid.
+# defaults + PAPER_RECIPES[family]. Explicit `gan:` params (model.*, lr_g, lr_d, r1_gamma, diffaug, ema_decay,
+# ms_weight) are applied after either. Sources: "code" = the authors' repository, "text" = the paper; "chosen" = found
+# in neither (docs/gan_recipes.md gives the reasons). Model sizes are not part of a recipe: they are scaled to the
+# latent grid.
 
 # tokenmill: what measured best here at 2000 steps on the default tokens (docs/results.md, issue 16)
 MODE_SEEKING = {"ms_weight": 0.2}  # without it the conditional generators collapse within a class (recall ~0)
@@ -199,7 +200,8 @@ TOKENMILL_RECIPES: dict[str, dict[str, object]] = {
     "stransgan": {**MODE_SEEKING,
                   "lr_g": 4e-4, "lr_d": 4e-4,  # measured: gFID 86.8 vs 93.0 at 2e-4, better at every FID point
                   # LadaGAN's D-side training (its class default already augments by translation only); on the
-                  # lr-2e-3 tokens, seeds 0/1: gFID 64.1 / 67.6, recall 0.28 / 0.28 (hinge, no R1: 67.8 / 71.5, 0.21 / 0.15)
+                  # lr-2e-3 tokens, seeds 0/1: gFID 64.1 / 67.6, recall 0.28 / 0.28
+                  # (hinge, no R1: 67.8 / 71.5, 0.21 / 0.15)
                   "loss": "nonsat", "r1_gamma": 0.01, "diffaug": "translation"},
 }
 
@@ -484,7 +486,8 @@ def r1_penalty(logits_real: Tensor, x_real: Tensor, gamma: float) -> Tensor:
 
 __all__ = [
     "FAMILIES", "ATTENTION_KINDS", "LOSSES", "AUGMENTS", "RECIPES", "GANConfig", "LadaConfig", "TransGANConfig",
-    "STransGANConfig", "TOKENMILL_RECIPES", "PAPER_RECIPES", "recipe_fields", "gan_config", "grid_to_tokens", "tokens_to_grid",
+    "STransGANConfig", "TOKENMILL_RECIPES", "PAPER_RECIPES", "recipe_fields", "gan_config", "grid_to_tokens",
+    "tokens_to_grid",
     "pixel_shuffle_tokens", "make_attention", "mlp", "TransformerBlock", "NoiseAndClass", "ClassProjection",
     "diff_augment", "d_loss", "g_loss", "minibatch_std", "with_minibatch_std", "r1_penalty", "random_interpolates",
     "wgan_gp_penalty", "hinge_d_loss", "hinge_g_loss", "nonsaturating_d_loss",

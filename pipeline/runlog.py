@@ -1,9 +1,9 @@
 """Run facts (timing, throughput, device, resume counts) kept apart from the metrics DVC hashes.
 
 A stage's metrics file is a DVC out: it must be a function of the stage's code, params and inputs, so the same
-identity gives the same bytes on any machine (with the same `byte_facts`) and DVC's run cache and remotes can restore it. What the run measured
-about itself goes to `<metrics stem>.run.json` beside it: not an out, overwritten by every real run, read by the
-Prefect artifacts and by people.
+identity gives the same bytes on any machine (with the same `byte_facts`) and DVC's run cache and remotes can
+restore it. What the run measured about itself goes to `<metrics stem>.run.json` beside it: not an out,
+overwritten by every real run, read by the Prefect artifacts and by people.
 
 The metrics file itself holds only a few flat headline numbers (`headline`), so `dvc metrics show/diff` and
 `dvc exp show` fit a terminal; the full record (every value with its protocol, per-class numbers, counts) is a

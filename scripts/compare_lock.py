@@ -58,7 +58,8 @@ def main() -> None:
             continue
         kept = [e for e in entries if e["relpath"] not in args.ignore]
         if dir_hash(kept) == a["md5"]:
-            print(f"{path}: same ({len(kept)} files" + (f"; ignoring {', '.join(args.ignore)})" if args.ignore else ")"))
+            ignoring = f"; ignoring {', '.join(args.ignore)})" if args.ignore else ")"
+            print(f"{path}: same ({len(kept)} files" + ignoring)
             continue
         before = listing(args.cache, a["md5"])
         if before is None:

@@ -33,13 +33,23 @@ declare -A TESTS=(
     tests/test_tokenize.py::test_lmdb_map_grows_from_a_tiny_map"
   [models/attention.py]="tests/test_attention.py tests/test_behaviour_attention_modules.py tests/test_behaviour_attention_xformers.py"
   [pipeline/config.py]="tests/test_config.py tests/test_behaviour_config.py"
+  # cache identity: the import graph and dvc.yaml's code deps (test_cache_identity's other tests run dvc itself)
+  [pipeline/codegraph.py]="tests/test_structure.py tests/test_behaviour_codegraph.py
+    tests/test_cache_identity.py::test_dvc_yaml_code_deps_equal_every_stage_import_closure"
+  [pipeline/dvc_deps.py]="tests/test_behaviour_codegraph.py
+    tests/test_cache_identity.py::test_dvc_yaml_code_deps_equal_every_stage_import_closure"
+  [pipeline/checkpoint.py]="tests/test_behaviour_training.py tests/test_behaviour_atomic.py tests/test_disk_full.py"
+  [models/gpt.py]="tests/test_gpt.py"
+  [models/maskgit.py]="tests/test_maskgit.py"
+  [training/vq_loss.py]="tests/test_behaviour_vqgan.py"
 )
 # extra pytest arguments, one per line (the FID network tests take a minute each call: left to the main suite)
 declare -A ARGS=(
   [pipeline/fid.py]=$'-k\nnot real_network'
 )
 ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py pipeline/tokens.py
-       models/attention.py pipeline/config.py)
+       models/attention.py pipeline/config.py pipeline/codegraph.py pipeline/dvc_deps.py pipeline/checkpoint.py
+       models/gpt.py models/maskgit.py training/vq_loss.py)
 
 [ -x .venv/bin/python ] || bash scripts/install.sh
 if [ ! -x "$VENV/bin/mutmut" ]; then

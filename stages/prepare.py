@@ -316,7 +316,8 @@ def run(cfg: PrepareConfig) -> None:
                 for s in SPLITS
             },
             "skipped": len(skipped),
-            "params": {"dataset": {k: v for k, v in asdict(spec).items() if k != "convert_channels"}, "prepare": {k: v for k, v in asdict(pp).items() if k != "out_dir"}},
+            "params": {"dataset": {k: v for k, v in asdict(spec).items() if k != "convert_channels"},
+                       "prepare": {k: v for k, v in asdict(pp).items() if k != "out_dir"}},
             "fingerprint": digest.hexdigest(),
         }
         write_json(tmp / "report.json", {

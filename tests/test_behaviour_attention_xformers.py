@@ -149,7 +149,8 @@ def test_probe_silences_xformers_own_warnings_while_it_runs(fresh_probe):
     seen = []
     ops = fake_ops([])
     real = ops.memory_efficient_attention
-    ops.memory_efficient_attention = lambda *a, **kw: (seen.append(logging.getLogger("xformers").level), real(*a, **kw))[1]
+    ops.memory_efficient_attention = lambda *a, **kw: (seen.append(logging.getLogger("xformers").level),
+                                                       real(*a, **kw))[1]
     install(fresh_probe, ops)
     A._load_xformers()
     assert seen == [logging.CRITICAL]

@@ -157,7 +157,8 @@ def test_unions_try_each_option_in_order_and_unsupported_types_fail_loudly():
 def test_load_params(tmp_path):
     with pytest.raises(UserError) as err:
         load_params(tmp_path / "none.yaml")
-    assert str(err.value) == f"{tmp_path / 'none.yaml'}: params file not found (run from the project root or pass --params)"
+    assert str(err.value) == (f"{tmp_path / 'none.yaml'}: params file not found (run from the project root or "
+                              f"pass --params)")
     p = tmp_path / "params.yaml"
     p.write_text("")
     assert load_params(p) == {}  # an empty file is no sections

@@ -1,6 +1,6 @@
-"""The VQGAN step's discriminator update (training/vqgan.py, training/vq_loss.py): the generator loss backpropagates through D
-into D's weights, so D's gradients must be cleared before D's own loss is backpropagated. The test spies on the
-gradients D's optimiser steps with and compares them with the gradient of D's loss alone."""
+"""The VQGAN step's discriminator update (training/vqgan.py, training/vq_loss.py): the generator loss backpropagates
+through D into D's weights, so D's gradients must be cleared before D's own loss is backpropagated. The test spies on
+the gradients D's optimiser steps with and compares them with the gradient of D's loss alone."""
 from __future__ import annotations
 
 
@@ -122,3 +122,74 @@ def test_the_loop_calls_lpips_from_lpips_start_on(prepared, tmp_path, monkeypatc
     monkeypatch.setattr(vqgan_loop, "finish", lambda *a, **k: None)  # only the loop is under test
     train_vqgan.run(cfg)
     assert len(made) == 1 and made[0].calls == 2 * 2  # steps 3 and 4, two micro-batches each
+
+
+class LinearD(torch.nn.Module):
+    """A discriminator whose logits are a fixed weighted sum of the image, one logit per image."""
+
+    def __init__(self, v: torch.Tensor):
+        super().__init__()
+        self.v = v
+
+    def forward(self, img):
+        return (img * self.v).flatten(1).sum(1)
+
+
+def _gan_case():
+    """recon = a * b with the decoder's last layer a: every gradient below has a closed form."""
+    x = torch.tensor([[[[0.5, -1.0], [2.0, 0.25]]], [[[-0.5, 1.5], [0.0, 1.0]]]], dtype=torch.float64)
+    b = torch.tensor([[[[1.0, 2.0], [-1.0, 0.5]]], [[[0.25, -2.0], [1.5, 1.0]]]], dtype=torch.float64)
+    v = torch.tensor([[[0.5, -0.25], [1.0, 2.0]]], dtype=torch.float64)
+    a = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    return x, b, v, a
+
+
+@pytest.mark.parametrize("rec_kind", ["l1", "l2"])
+@pytest.mark.parametrize("disc_loss", ["hinge", "non_saturating"])
+def test_generator_loss_adds_the_adaptively_weighted_gan_term(rec_kind, disc_loss):
+    x, b, v, a = _gan_case()
+    recon = a * b
+    q = torch.tensor(0.125, dtype=torch.float64)
+    loss = LossParams(rec=rec_kind, lpips_weight=0.0, disc_weight=0.5, disc_loss=disc_loss, adaptive_max=1e4)
+    total, parts = vq_loss.generator_loss(x, recon, q, loss, None, LinearD(v), a, gan_on=True)
+
+    # by hand: d rec / d a and d g / d a from the closed forms, then Taming's weight |d rec| / (|d g| + 1e-4)
+    r = (a.detach() * b - x)
+    rec = r.abs().mean() if rec_kind == "l1" else r.pow(2).mean()
+    drec = (r.sign() * b).mean() if rec_kind == "l1" else (2 * r * b).mean()
+    logits = (a.detach() * b * v).flatten(1).sum(1)
+    dlogits = (b * v).flatten(1).sum(1)
+    if disc_loss == "hinge":
+        g, dg = -logits.mean(), -dlogits.mean()
+    else:  # softplus(-l): derivative -sigmoid(-l)
+        g, dg = torch.nn.functional.softplus(-logits).mean(), (-torch.sigmoid(-logits) * dlogits).mean()
+    w = 0.5 * drec.abs() / (dg.abs() + 1e-4)
+    assert float(parts["rec"].detach()) == pytest.approx(float(rec), rel=1e-12)
+    assert float(parts["g"].detach()) == pytest.approx(float(g), rel=1e-12)
+    assert float(parts["d_weight"].detach()) == pytest.approx(float(w), rel=1e-9)
+    assert float(parts["q"].detach()) == 0.125 and float(parts["lpips"].detach()) == 0.0
+    assert float(total.detach()) == pytest.approx(float(rec + 0.125 + w * g), rel=1e-9)
+    assert not parts["d_weight"].requires_grad  # the weight is a constant of the step, as in Taming
+
+
+def test_generator_loss_clamps_the_adaptive_weight_at_adaptive_max():
+    x, b, v, a = _gan_case()
+    loss = LossParams(rec="l1", disc_weight=0.5, adaptive_max=0.01)
+    total, parts = vq_loss.generator_loss(x, a * b, torch.tensor(0.0, dtype=torch.float64), loss, None,
+                                          LinearD(v), a, gan_on=True)
+    assert float(parts["d_weight"].detach()) == pytest.approx(0.5 * 0.01, rel=1e-12)
+    assert float(total.detach()) == pytest.approx(float((parts["rec"] + 0.005 * parts["g"]).detach()), rel=1e-12)
+
+
+def test_generator_loss_has_no_gan_term_before_disc_start_and_lpips_on_by_default():
+    x, b, v, a = _gan_case()
+    lp = ConstLPIPS()
+    total, parts = vq_loss.generator_loss(x.float(), (a * b).float(), torch.tensor(0.0), LossParams(lpips_weight=2.0),
+                                          lp, LinearD(v.float()), a, gan_on=False)
+    assert set(parts) == {"rec", "lpips", "q"} and lp.calls == 1  # lpips_on defaults to True
+    assert float(total.detach()) == pytest.approx(float(parts["rec"].detach()) + 2.0 * 0.25, rel=1e-6)
+    # a zero LPIPS weight skips the network altogether: its part is 0, not its unweighted value
+    lp0 = ConstLPIPS()
+    _, parts0 = vq_loss.generator_loss(x.float(), (a * b).float(), torch.tensor(0.0), LossParams(lpips_weight=0.0),
+                                       lp0, LinearD(v.float()), a, gan_on=False)
+    assert lp0.calls == 0 and float(parts0["lpips"].detach()) == 0.0

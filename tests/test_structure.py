@@ -8,6 +8,7 @@ import pytest
 
 from helpers import fake_tree
 from pipeline import codegraph
+from pipeline.codegraph import ROOT
 from pipeline.config import load_params
 
 
@@ -85,3 +86,12 @@ def test_code_defaults_equal_params_yaml(section):
     cls = _section_classes()[section]
     defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
     assert _disagreements(defaults, params[section], section) == []
+
+
+def test_no_line_is_longer_than_120_characters():
+    """The house width (two files side by side); long lines crept in through bulk renames before this test."""
+    long = [f"{p.relative_to(ROOT)}:{i}" for folder in ("models", "pipeline", "training", "stages", "tests", "bench",
+                                                       "scripts")
+            for p in sorted((ROOT / folder).rglob("*.py")) if ".venv" not in p.parts
+            for i, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 120]
+    assert long == []

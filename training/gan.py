@@ -22,13 +22,13 @@ architecture switches; docs/gan_recipes.md). `gan:` params override either: `mod
 explicit lr_g, lr_d, r1_gamma, diffaug, ema_decay, ms_weight. One step:
   D: loss_D(D(aug(real)), D(aug(G(z).detach()))) + R1 on the reals | + WGAN-GP on interpolates -> Adam step on D
   G (when step % n_critic == 0): loss_G(D(aug(G(z)))) [+ TransGAN's super-resolution loss]     -> Adam step on G, EMA
-R1 differentiates D(aug(x)) with respect to the un-augmented x, as StyleGAN2-ADA does with its augmentation inside
-D; the gradient penalty likewise differentiates D(aug(x_hat)) at the un-augmented interpolate x_hat (TransGAN's D
-augments its input inside, the interpolates too). TransGAN's locality masks widen with `G.set_progress(step / steps)`. With an l2-normalised codebook the generator's
-vectors are normalised before D (real codes all have norm 1; otherwise D could tell real from fake by the norm
-alone and G would spend its first steps learning the norm). The EMA decay ramps up as min(decay, (1 + s) / (10 + s))
-(TensorFlow's num_updates rule): with a fixed 0.999 a run of a few hundred steps would export mostly the initial
-weights.
+R1 differentiates D(aug(x)) with respect to the un-augmented x, as StyleGAN2-ADA does with its augmentation inside D;
+the gradient penalty likewise differentiates D(aug(x_hat)) at the un-augmented interpolate x_hat (TransGAN's D augments
+its input inside, the interpolates too). TransGAN's locality masks widen with `G.set_progress(step / steps)`. With an
+l2-normalised codebook the generator's vectors are normalised before D (real codes all have norm 1; otherwise D could
+tell real from fake by the norm alone and G would spend its first steps learning the norm). The EMA decay ramps up as
+min(decay, (1 + s) / (10 + s)) (TensorFlow's num_updates rule): with a fixed 0.999 a run of a few hundred steps would
+export mostly the initial weights.
 
 Exact resume. Batches come from StepBatches and the noise, augmentation and interpolation draws from CPU generators
 seeded by (seed, step), so nothing depends on a data loader or the global RNG stream; the checkpoint holds G, D, both

@@ -1,9 +1,10 @@
 """The VQGAN's losses (Taming Transformers), one function per side, beside the loop that calls them
 (training/vqgan.py), as LlamaGen keeps `vq_loss.py` beside its tokenizer training.
 
-Generator side: reconstruction (L1 or L2) + lpips_weight * LPIPS (from `lpips_start`) + quantizer loss + lambda * GAN, where the GAN
-term is on only from `disc_start` and lambda = disc_weight * |grad L_rec| / (|grad L_GAN| + delta) at the decoder's
-last layer (clamped to adaptive_max). Discriminator side: the chosen pair's D loss on reals against detached fakes.
+Generator side: reconstruction (L1 or L2) + lpips_weight * LPIPS (from `lpips_start`) + quantizer loss + lambda * GAN,
+where the GAN term is on only from `disc_start` and lambda = disc_weight * |grad L_rec| / (|grad L_GAN| + delta) at the
+decoder's last layer (clamped to adaptive_max). Discriminator side: the chosen pair's D loss on reals against detached
+fakes.
 """
 from __future__ import annotations
 
