@@ -172,8 +172,7 @@ def cmd_deps(args: argparse.Namespace) -> None:
         return
     drift = dvc_deps.drift(ROOT / "dvc.yaml", ROOT)
     for name, (listed, wanted) in drift.items():
-        missing, extra = sorted(set(wanted) - set(listed)), sorted(set(listed) - set(wanted))
-        print(f"{name}: missing {', '.join(missing) or '-'}; not imported {', '.join(extra) or '-'}")
+        print(f"{name}: {dvc_deps.describe(listed, wanted)}")
     if drift:
         raise UserError(f"dvc.yaml: the code deps of {len(drift)} stage(s) differ from their imports; "
                         f"run `python -m pipeline deps --write`")

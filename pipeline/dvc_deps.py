@@ -35,12 +35,17 @@ def is_code_dep(path: str) -> bool:
     return len(parts) == 2 and parts[0] in PACKAGES and parts[1].endswith(".py")
 
 
-def stage_module(body: dict) -> str:
+def stage_module(body: dict) -> str | None:
+    """The `stages.<name>` module a dvc.yaml stage runs; None for a stage of the user's own (another command), whose
+    deps are the user's to list and are left alone."""
     body = body.get("do", body)  # foreach stages keep their body under `do`
     m = _MODULE.search(str(body.get("cmd", "")))
-    if not m:
-        raise UserError(f"dvc.yaml: stage command {body.get('cmd')!r} does not run `python -m stages.<name>`")
-    return m.group(1)
+    return m.group(1) if m else None
+
+
+def _listed_and_wanted(body: dict, root: Path) -> tuple[list[str], list[str]]:
+    deps = body.get("do", body).get("deps", [])
+    return sorted(_dep_path(d) for d in deps if is_code_dep(_dep_path(d))), closure_files(stage_module(body), root)
 
 
 def drift(dvc_yaml: Path = ROOT / "dvc.yaml", root: Path = ROOT) -> dict[str, tuple[list[str], list[str]]]:
@@ -48,12 +53,33 @@ def drift(dvc_yaml: Path = ROOT / "dvc.yaml", root: Path = ROOT) -> dict[str, tu
     doc = _yaml().load(dvc_yaml.read_text())
     out = {}
     for name, body in doc["stages"].items():
-        deps = body.get("do", body).get("deps", [])
-        listed = sorted(_dep_path(d) for d in deps if is_code_dep(_dep_path(d)))
-        wanted = closure_files(stage_module(body), root)
+        if stage_module(body) is None:
+            continue
+        listed, wanted = _listed_and_wanted(body, root)
         if listed != wanted:
             out[name] = (listed, wanted)
     return out
+
+
+def describe(listed: list[str], wanted: list[str]) -> str:
+    """`missing a, b; not imported c` (a dash where a side is empty)."""
+    missing, extra = sorted(set(wanted) - set(listed)), sorted(set(listed) - set(wanted))
+    return f"missing {', '.join(missing) or '-'}; not imported {', '.join(extra) or '-'}"
+
+
+def check_running_stage(addressing: str, dvc_root: Path, root: Path = ROOT) -> None:
+    """Under `dvc repro` (DVC sets DVC_STAGE and DVC_ROOT for the command): stop before any work when the stage's code
+    deps in dvc.yaml are not its import closure, since DVC would record the outputs as made by code it does not
+    track (an import added without `deps --write`). `addressing` is DVC's: `name`, `name@item` or `path:name`."""
+    file_part, _, name = addressing.rpartition(":")
+    dvc_yaml = dvc_root / (file_part or "dvc.yaml")
+    body = _yaml().load(dvc_yaml.read_text()).get("stages", {}).get(name.split("@")[0])
+    if body is None or stage_module(body) is None:
+        return  # not a tokenmill stage
+    listed, wanted = _listed_and_wanted(body, root)
+    if listed != wanted:
+        raise UserError(f"{dvc_yaml}: stage {name.split('@')[0]}'s code deps are not what {stage_module(body)} "
+                        f"imports ({describe(listed, wanted)}); run `python -m pipeline deps --write`, then repro")
 
 
 def write(dvc_yaml: Path = ROOT / "dvc.yaml", root: Path = ROOT) -> list[str]:
@@ -62,14 +88,19 @@ def write(dvc_yaml: Path = ROOT / "dvc.yaml", root: Path = ROOT) -> list[str]:
     doc = y.load(dvc_yaml.read_text())
     changed = []
     for name, body in doc["stages"].items():
+        if stage_module(body) is None:
+            continue
         stage = body.get("do", body)
-        deps = stage.get("deps", [])
-        data = [d for d in deps if not is_code_dep(_dep_path(d))]
+        if "deps" not in stage:  # a new stage: its code deps are all it has so far
+            stage["deps"] = []
+        deps = stage["deps"]
         wanted = closure_files(stage_module(body), root)
         if sorted(_dep_path(d) for d in deps if is_code_dep(_dep_path(d))) != wanted:
             changed.append(name)
-        deps.clear()
-        deps.extend(data + wanted)
+        for i in reversed(range(len(deps))):  # delete in place: the data deps keep their comments
+            if is_code_dep(_dep_path(deps[i])):
+                del deps[i]
+        deps.extend(wanted)
     if changed:
         with atomic_path(dvc_yaml) as tmp, open(tmp, "w") as fh:
             y.dump(doc, fh)

@@ -39,7 +39,7 @@ def pipeline_stages(root: Path) -> list[str]:
     if not (root / "dvc.yaml").is_file():
         return list(STAGE_MODULES)
     spec = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
-    used = {stage_module(body).split(".")[1] for body in (spec.get("stages") or {}).values()}
+    used = {(stage_module(body) or "").removeprefix("stages.") for body in (spec.get("stages") or {}).values()}
     return [name for name in STAGE_MODULES if name in used]
 
 

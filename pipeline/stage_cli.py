@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.config import load_params
@@ -36,6 +38,9 @@ def run_stage_cli(doc: str, run: Callable[[Any], None], *, check: Callable[[dict
     setup_logging()
 
     def body() -> None:
+        if os.environ.get("DVC_STAGE"):  # run by DVC: its record of this stage's code must be the code that runs
+            from pipeline.dvc_deps import check_running_stage
+            check_running_stage(os.environ["DVC_STAGE"], Path(os.environ.get("DVC_ROOT", ".")))
         cfg = load_config(args.params, args.dataset) if load_config else check(load_params(args.params), args.params)
         run(cfg)
 

@@ -1,0 +1,155 @@
+"""The import graph (pipeline/codegraph.py) and dvc.yaml's generated code deps (pipeline/dvc_deps.py), on throwaway
+project trees whose answers are known: which files a stage's identity covers, which imports break the layering, and
+what `deps --write` changes in dvc.yaml (and what it leaves alone)."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import fake_tree
+from pipeline import codegraph, dvc_deps
+
+TREE = {
+    "models/net.py": "import torch\nimport numpy as np\n",
+    "models/sub.py": "from models import net\n",
+    "pipeline/io.py": "from . import helpers\nfrom .helpers import X\n",
+    "pipeline/helpers.py": "X = 1\n",
+    "pipeline/lazy.py": "",
+    "pipeline/unused.py": "import pipeline.io\n",
+    "training/loop.py": "from ..pipeline import io\n",  # a relative import two levels up
+    "stages/s.py": "import models.sub\nfrom pipeline import io, CONSTANT\n\ndef run():\n    import pipeline.lazy\n",
+    "stages/t.py": "from training.loop import *\n",
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    codegraph._imports_cached.cache_clear()  # trees in tmp_path may reuse a path of an earlier test
+    yield
+    codegraph._imports_cached.cache_clear()
+
+
+def test_closure_follows_package_submodule_relative_and_function_level_imports(tmp_path):
+    fake_tree(tmp_path, TREE)
+    assert codegraph.closure("stages.s", tmp_path) == [
+        "models", "models.net", "models.sub", "pipeline", "pipeline.helpers", "pipeline.io", "pipeline.lazy",
+        "stages", "stages.s"]
+    assert codegraph.closure_files("stages.t", tmp_path) == [
+        "pipeline/__init__.py", "pipeline/helpers.py", "pipeline/io.py", "stages/__init__.py", "stages/t.py",
+        "training/__init__.py", "training/loop.py"]
+    # `from pipeline import io, CONSTANT`: io is a module, CONSTANT an attribute of the package
+    assert codegraph.imports_of("stages.s", tmp_path) == {"models.sub", "pipeline", "pipeline.io", "pipeline.lazy"}
+    assert codegraph.imports_of("pipeline.io", tmp_path) == {"pipeline", "pipeline.helpers"}
+    with pytest.raises(KeyError, match="no project module 'pipeline.missing' under"):
+        codegraph.imports_of("pipeline.missing", tmp_path)
+
+
+def test_project_modules_names_packages_by_their_name(tmp_path):
+    fake_tree(tmp_path, {"models/net.py": "", "stages/s.py": ""})
+    assert codegraph.project_modules(tmp_path) == ["models", "models.net", "pipeline", "training", "stages",
+                                                   "stages.s"]
+
+
+def test_code_fingerprint_covers_the_closure_paths_and_contents(tmp_path):
+    fake_tree(tmp_path, TREE)
+    before = codegraph.code_fingerprint("stages.s", tmp_path)
+    (tmp_path / "pipeline" / "unused.py").write_text("Y = 2\n")  # outside the closure
+    assert codegraph.code_fingerprint("stages.s", tmp_path) == before
+    (tmp_path / "pipeline" / "lazy.py").write_text("Z = 3\n")  # inside (a function-level import)
+    codegraph._imports_cached.cache_clear()
+    changed = codegraph.code_fingerprint("stages.s", tmp_path)
+    assert changed != before
+    other = tmp_path / "copy"
+    fake_tree(other, {**TREE, "pipeline/lazy.py": "Z = 3\n"})
+    assert codegraph.code_fingerprint("stages.s", other) == changed  # a function of the files, not of the folder
+
+
+def test_find_cycle_returns_the_cycle_path(tmp_path):
+    fake_tree(tmp_path, {"pipeline/a.py": "import pipeline.b\n", "pipeline/b.py": "import pipeline.c\n",
+                         "pipeline/c.py": "import pipeline.a\n", "models/x.py": "", "models/y.py": "import models.x\n"})
+    assert codegraph.find_cycle(tmp_path) == ["pipeline.a", "pipeline.b", "pipeline.c", "pipeline.a"]
+    # a diamond is not a cycle
+    diamond = tmp_path / "d"
+    fake_tree(diamond, {"pipeline/a.py": "import pipeline.b\nimport pipeline.c\n",
+                        "pipeline/b.py": "import pipeline.d\n", "pipeline/c.py": "import pipeline.d\n",
+                        "pipeline/d.py": ""})
+    assert codegraph.find_cycle(diamond) is None
+    # a cycle reached only through a module visited earlier
+    late = tmp_path / "late"
+    fake_tree(late, {"pipeline/a.py": "import pipeline.b\n", "pipeline/b.py": "import pipeline.c\n",
+                     "pipeline/c.py": "import pipeline.b\n"})
+    assert codegraph.find_cycle(late) == ["pipeline.b", "pipeline.c", "pipeline.b"]
+
+
+def test_layering_skips_bare_package_imports_only(tmp_path):
+    fake_tree(tmp_path, {"pipeline/io.py": "import pipeline\nimport stages\nimport stages.s\n", "stages/s.py": "",
+                         "pipeline/flow.py": "import stages.s\n"})  # orchestration may import stages
+    assert codegraph.layering_violations(tmp_path) == ["pipeline.io imports stages.s (a higher layer)"]
+
+
+DVC_YAML = """\
+# the pipeline
+stages:
+  s:
+    foreach: ${datasets}
+    do:
+      cmd: python -m stages.s --dataset ${key}
+      deps:
+        - data/raw/${key}     # the data comes first
+        - pipeline/old.py
+        - stages/s.py
+        - configs/extra.yaml
+  mine:  # a stage of the user's own: left alone
+    cmd: python my_script.py
+    deps:
+      - pipeline/anything.py
+"""
+
+
+def test_write_replaces_only_the_code_deps_and_keeps_the_rest(tmp_path):
+    fake_tree(tmp_path, {"pipeline/io.py": "", "stages/s.py": "import pipeline.io\n"})
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
+    assert dvc_deps.drift(tmp_path / "dvc.yaml", tmp_path) == {"s": (
+        ["pipeline/old.py", "stages/s.py"],
+        ["pipeline/__init__.py", "pipeline/io.py", "stages/__init__.py", "stages/s.py"])}
+    assert dvc_deps.write(tmp_path / "dvc.yaml", tmp_path) == ["s"]
+    assert (tmp_path / "dvc.yaml").read_text() == """\
+# the pipeline
+stages:
+  s:
+    foreach: ${datasets}
+    do:
+      cmd: python -m stages.s --dataset ${key}
+      deps:
+        - data/raw/${key}     # the data comes first
+        - configs/extra.yaml
+        - pipeline/__init__.py
+        - pipeline/io.py
+        - stages/__init__.py
+        - stages/s.py
+  mine:  # a stage of the user's own: left alone
+    cmd: python my_script.py
+    deps:
+      - pipeline/anything.py
+"""
+    assert dvc_deps.drift(tmp_path / "dvc.yaml", tmp_path) == {}
+    stamp = (tmp_path / "dvc.yaml").stat().st_mtime_ns
+    assert dvc_deps.write(tmp_path / "dvc.yaml", tmp_path) == []
+    assert (tmp_path / "dvc.yaml").stat().st_mtime_ns == stamp  # nothing to change: not rewritten
+
+
+def test_write_gives_a_new_stage_its_code_deps(tmp_path):
+    fake_tree(tmp_path, {"stages/s.py": ""})
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python -m stages.s\n    outs:\n      - out\n")
+    assert dvc_deps.write(tmp_path / "dvc.yaml", tmp_path) == ["s"]
+    assert (tmp_path / "dvc.yaml").read_text() == ("stages:\n  s:\n    cmd: python -m stages.s\n    outs:\n"
+                                                   "      - out\n    deps:\n      - stages/__init__.py\n"
+                                                   "      - stages/s.py\n")
+
+
+def test_deps_given_with_options_count_by_their_path(tmp_path):
+    fake_tree(tmp_path, {"stages/s.py": ""})
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python -m stages.s\n    deps:\n"
+                                       "      - stages/__init__.py:\n          hash: md5\n      - stages/s.py\n")
+    assert dvc_deps.drift(tmp_path / "dvc.yaml", tmp_path) == {}
+    assert dvc_deps.describe(["a.py", "b.py"], ["b.py", "c.py", "d.py"]) == "missing c.py, d.py; not imported a.py"
+    assert dvc_deps.describe(["a.py"], ["a.py", "b.py"]) == "missing b.py; not imported -"

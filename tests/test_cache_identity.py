@@ -69,6 +69,45 @@ def test_deps_command_reports_drift_as_one_line(tmp_path):
     assert "pipeline/shards.py" in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["prepare"]["do"]["deps"]
 
 
+def test_dvc_repro_refuses_a_stage_whose_listed_code_is_not_what_it_imports(tmp_path):
+    """An import added without `deps --write`: DVC would record the output as made by code it does not track. The
+    stage stops before any work with one line; run directly (no DVC record) it runs."""
+    src = make_idx_dataset(tmp_path / "idx", n_train=8, n_val=2)
+    project = make_project(tmp_path / "p", tiny_params({"a": src}), stages=("prepare",))
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    spec["stages"]["prepare"]["do"]["deps"].remove("pipeline/shards.py")
+    (project / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    proc = run_cmd(project, "dvc", "repro")
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("error: "))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert line == (f"error: {project / 'dvc.yaml'}: stage prepare's code deps are not what stages.prepare imports "
+                    f"(missing pipeline/shards.py; not imported -); run `python -m pipeline deps --write`, then repro")
+    assert not (project / "data").exists() and not (project / "dvc.lock").exists()
+    direct = run_cmd(project, sys.executable, "-m", "stages.prepare", "--dataset", "a")
+    assert direct.returncode == 0, direct.stderr
+    assert pipeline_cli(project, "deps", "--write").returncode == 0
+    assert run_cmd(project, "dvc", "repro").returncode == 0
+
+
+def test_running_stage_check_reads_every_dvc_addressing(tmp_path):
+    fake_tree(tmp_path, {"pipeline/io.py": "", "stages/s.py": "import pipeline.io\n"})
+    good = ["pipeline/__init__.py", "pipeline/io.py", "stages/__init__.py", "stages/s.py"]
+    for folder, deps in (("ok", good), ("bad", good[:1] + good[2:] + ["pipeline/old.py"])):
+        (tmp_path / folder).mkdir()
+        body = {"cmd": "python -m stages.s --dataset ${key}", "deps": ["data/in"] + deps}
+        (tmp_path / folder / "dvc.yaml").write_text(yaml.safe_dump(
+            {"stages": {"s": {"foreach": ["x"], "do": body}, "other": {"cmd": "echo", "deps": ["pipeline/nope.py"]}}}))
+    for addressing in ("s", "s@x", "dvc.yaml:s@x"):
+        dvc_deps.check_running_stage(addressing, tmp_path / "ok", tmp_path)  # listed = imported: runs
+        with pytest.raises(UserError) as err:
+            dvc_deps.check_running_stage(addressing, tmp_path / "bad", tmp_path)
+        assert str(err.value).endswith("stage s's code deps are not what stages.s imports (missing pipeline/io.py; "
+                                       "not imported pipeline/old.py); run `python -m pipeline deps --write`, then "
+                                       "repro")
+    dvc_deps.check_running_stage("ok/dvc.yaml:s", tmp_path, tmp_path)  # a dvc.yaml in a subfolder
+    dvc_deps.check_running_stage("unknown", tmp_path / "bad", tmp_path)  # not a stage of this layout: no opinion
+
+
 def test_every_out_is_cached_and_no_checkpoint_folder_is_an_out():
     """cache: false outs are never pushed (a pulled clone re-runs their stage) and persist outs keep DVC's run cache
     from restoring a stage; checkpoints live in work folders instead."""
