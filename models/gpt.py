@@ -33,6 +33,12 @@ from models.attention import KVCache, MultiHeadAttention
 # 1. Config
 
 NORMS = ("rmsnorm", "layernorm")
+
+
+def at_least_f32(x: Tensor) -> Tensor:
+    """x in float32, or as it is when wider: the precision-sensitive steps (norms, rotations, the loss) never run in
+    bf16 under autocast, and a float64 model (a gradient or reference check) stays float64 throughout."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 MLPS = ("swiglu", "gelu")
 POSITIONS = ("learned", "rope2d")
 
@@ -88,8 +94,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # in float32: under bf16 autocast the mean of squares would otherwise lose most of its precision
-        xf = x.float()
+        # at least float32: under bf16 autocast the mean of squares would otherwise lose most of its precision
+        xf = at_least_f32(x)
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -145,16 +151,18 @@ class Rope2D(nn.Module):
         raster = torch.arange(config.block_size, dtype=torch.float64) - 1
         w = config.grid[1]
         rows, cols = torch.div(raster, w, rounding_mode="floor"), torch.remainder(raster, w)
-        # the tables are derived from the config: buffers (so .to(device) moves them) but not saved in checkpoints
+        # the tables are derived from the config: buffers (so .to(device) moves them) but not saved in checkpoints;
+        # float64, rounded to the computation's dtype where used (float32 normally: the same values as float32 tables)
         for axis, coord in (("row", rows), ("col", cols)):
             angle = coord[:, None] * inv_freq[None, :]  # (block_size, half / 2)
-            self.register_buffer(f"{axis}_cos", angle.cos().float(), persistent=False)
-            self.register_buffer(f"{axis}_sin", angle.sin().float(), persistent=False)
+            self.register_buffer(f"{axis}_cos", angle.cos(), persistent=False)
+            self.register_buffer(f"{axis}_sin", angle.sin(), persistent=False)
 
     @staticmethod
     def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Rotate channel pairs (j, j + d/2) of x (..., T, d) by the angles whose cos/sin are (T, d/2)."""
-        x1, x2 = x.float().chunk(2, dim=-1)
+        x1, x2 = at_least_f32(x).chunk(2, dim=-1)
+        cos, sin = cos.to(x1.dtype), sin.to(x1.dtype)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
     def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -327,7 +335,7 @@ class GPT(ClassConditioning, nn.Module):
         loss = None
         if targets is not None:
             # float32 loss: under bf16 autocast the log-softmax over the codebook would be coarse
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+            loss = F.cross_entropy(at_least_f32(logits).flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
     # --- sampling ----------------------------------------------------------------------------------------------

@@ -272,3 +272,134 @@ def test_config_and_label_validation():
         tiny()(idx)
     with pytest.raises(ValueError, match="class-conditional"):
         tiny(n_classes=0).generate(2, cfg_scale=2.0)
+
+
+# ---------------------------------------------------------------- an independent reference forward
+
+def reference_logits(model: GPT, idx: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """The GPT written out from its docstrings in float64, one operation at a time: [prefix, tokens] embedded (+ the
+    learned positions), pre-norm blocks x + attn(norm(x)), x + mlp(norm(x)) with causal softmax attention and the
+    2D rotary angles computed here per position, then the final norm and the head."""
+    cfg = model.config
+    w = {k: v.double() for k, v in model.state_dict().items()}
+    B, T = idx.shape
+    C, H = cfg.n_embd, cfg.n_head
+    D = C // H
+    prefix_ids = labels if cfg.n_classes else torch.zeros(B, dtype=torch.long)
+    x = torch.cat([w["prefix.weight"][prefix_ids][:, None], w["wte.weight"][idx]], dim=1)
+    L = T + 1
+    if cfg.pos == "learned":
+        x = x + w["wpe.weight"][:L]
+
+    def norm(x, name):
+        if cfg.norm == "rmsnorm":
+            return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * w[f"{name}.weight"]
+        y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        return y * w[f"{name}.weight"] + (w[f"{name}.bias"] if cfg.bias else 0)
+
+    def linear(x, name):
+        return x @ w[f"{name}.weight"].T + (w[f"{name}.bias"] if f"{name}.bias" in w else 0)
+
+    def rope(t):  # t (B, H, L, D): channels [0, D/2) turn with the row, [D/2, D) with the column, in pairs (j, j+D/4)
+        out, half, quarter = t.clone(), D // 2, D // 4
+        for s in range(L):
+            row, col = (s - 1) // cfg.grid[1], (s - 1) % cfg.grid[1]  # the prefix (s = 0) sits at (-1, w - 1)
+            for coord, off in ((row, 0), (col, half)):
+                for j in range(quarter):
+                    theta = coord * 10000.0 ** (-2 * j / half)
+                    a, b = t[..., s, off + j], t[..., s, off + j + quarter]
+                    out[..., s, off + j] = a * math.cos(theta) - b * math.sin(theta)
+                    out[..., s, off + j + quarter] = a * math.sin(theta) + b * math.cos(theta)
+        return out
+
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}"
+        q, k, v = (t.reshape(B, L, H, D).transpose(1, 2) for t in linear(norm(x, f"{p}.norm1"), f"{p}.attn.qkv")
+                   .split(C, dim=-1))
+        if cfg.pos == "rope2d":
+            q, k = rope(q), rope(k)
+        att = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + linear((att @ v).transpose(1, 2).reshape(B, L, C), f"{p}.attn.proj")
+        h = linear(norm(x, f"{p}.norm2"), f"{p}.mlp.fc")
+        if cfg.mlp == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = gate * torch.sigmoid(gate) * up
+        else:
+            h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+        x = x + linear(h, f"{p}.mlp.proj")
+    return norm(x, "norm_f") @ w["head.weight"].T
+
+
+@pytest.mark.parametrize("norm,mlp,pos,n_classes", ALL_OPTIONS)
+def test_forward_equals_the_reference_written_from_the_docstrings(norm, mlp, pos, n_classes):
+    model = tiny(norm=norm, mlp=mlp, pos=pos, n_classes=n_classes, n_embd=32, n_layer=3, bias=norm == "layernorm",
+                 seed=3)
+    with torch.no_grad():  # init leaves norm weights at 1 and biases at 0: give every parameter a value of its own
+        for prm in model.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+    model = model.double()
+    gen = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, VOCAB, (2, GRID[0] * GRID[1] - 1), generator=gen)
+    labels = torch.tensor([4, 1]) if n_classes else None
+    logits, _ = model(idx, labels)
+    want = reference_logits(model, idx, labels)
+    assert logits.shape == want.shape == (2, GRID[0] * GRID[1], VOCAB)
+    assert torch.allclose(logits, want, rtol=1e-9, atol=1e-9), (logits - want).abs().max()
+
+
+def test_loss_is_the_mean_cross_entropy_over_targets_that_are_not_minus_one():
+    model = tiny().double()
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, VOCAB, (3, GRID[0] * GRID[1]), generator=gen)
+    labels = torch.tensor([0, 1, 2])
+    targets = tokens.clone()
+    targets[0, :4] = -1  # e.g. padding: not counted
+    logits, loss = model(tokens[:, :-1], labels, targets)
+    logp = logits.log_softmax(-1)
+    keep = targets != -1
+    want = -logp[keep].gather(1, targets[keep][:, None]).mean()
+    assert float(loss) == pytest.approx(float(want), rel=1e-12)
+
+
+def test_sampling_draws_from_the_tempered_filtered_softmax_exactly():
+    """The draw is torch.multinomial over softmax(filter(logits / temperature)) with the caller's generator: the same
+    seed gives the same tokens as that formula, so temperature, top-k and top-p enter exactly as written."""
+    logits = torch.randn(500, 12, generator=torch.Generator().manual_seed(6)) * 2
+    for temperature, top_k, top_p in ((2.0, None, None), (0.5, None, None), (1.5, 6, None), (0.7, None, 0.8),
+                                      (1.3, 8, 0.9)):
+        got = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                            generator=torch.Generator().manual_seed(7))
+        probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+        want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(7))[:, 0]
+        assert torch.equal(got, want), (temperature, top_k, top_p)
+    hot = sample_logits(logits, temperature=2.0, generator=torch.Generator().manual_seed(7))
+    cold = sample_logits(logits, temperature=0.5, generator=torch.Generator().manual_seed(7))
+    # a higher temperature flattens the distribution: fewer draws land on the argmax
+    assert (hot == logits.argmax(-1)).sum() < (cold == logits.argmax(-1)).sum()
+
+
+def test_top_p_boundary_keeps_the_token_that_reaches_p_and_no_more():
+    # four equal logits: probabilities are exactly 1/4, cumulative masses before each token exactly 0, 1/4, 1/2, 3/4
+    for p, n in ((0.25, 1), (0.5, 2), (0.5000001, 3), (0.75, 3), (1.0, 4)):
+        assert int(filter_logits(torch.zeros(1, 4), top_p=p).isfinite().sum()) == n, p
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0"):
+        filter_logits(torch.zeros(1, 4), top_p=0)
+    with pytest.raises(ValueError, match="top_k must be >= 1, got 0"):
+        filter_logits(torch.zeros(1, 4), top_k=0)
+    with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+        sample_logits(torch.zeros(1, 4), temperature=-1)
+    # top_k larger than the vocabulary keeps everything
+    assert bool(filter_logits(torch.randn(2, 4), top_k=10).isfinite().all())
+
+
+def test_label_dropout_follows_the_generator_and_spares_a_single_class_model():
+    model = tiny(class_dropout=0.5).train()
+    labels = torch.arange(200) % N_CLASSES
+    a = model.drop_labels(labels, torch.Generator().manual_seed(1))
+    b = model.drop_labels(labels, torch.Generator().manual_seed(1))
+    c = model.drop_labels(labels, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert 60 < int((a == N_CLASSES).sum()) < 140  # about half become the null class
+    one = tiny(n_classes=1, class_dropout=1.0).train()
+    assert bool((one.drop_labels(torch.zeros(8, dtype=torch.long)) == 1).all())  # the null class of a 1-class model
