@@ -35,10 +35,12 @@ declare -A TESTS=(
   [pipeline/config.py]="tests/test_config.py tests/test_behaviour_config.py"
   # cache identity: the import graph and dvc.yaml's code deps (test_cache_identity's other tests run dvc itself)
   [pipeline/codegraph.py]="tests/test_structure.py tests/test_behaviour_codegraph.py
-    tests/test_cache_identity.py::test_dvc_yaml_code_deps_equal_every_stage_import_closure"
+    tests/test_cache_identity.py::test_dvc_yaml_code_deps_equal_every_stage_import_closure
+    tests/test_cache_identity.py::test_import_graph_sees_function_level_relative_and_submodule_imports"
   [pipeline/dvc_deps.py]="tests/test_behaviour_codegraph.py
-    tests/test_cache_identity.py::test_dvc_yaml_code_deps_equal_every_stage_import_closure"
-  [pipeline/checkpoint.py]="tests/test_behaviour_training.py tests/test_behaviour_atomic.py tests/test_disk_full.py"
+    tests/test_cache_identity.py::test_dvc_yaml_code_deps_equal_every_stage_import_closure
+    tests/test_cache_identity.py::test_running_stage_check_reads_every_dvc_addressing"
+  [pipeline/checkpoint.py]="tests/test_behaviour_checkpoint.py tests/test_behaviour_training.py tests/test_behaviour_atomic.py"
   [models/gpt.py]="tests/test_gpt.py"
   [models/maskgit.py]="tests/test_maskgit.py"
   [training/vq_loss.py]="tests/test_behaviour_vqgan.py"

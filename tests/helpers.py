@@ -177,3 +177,57 @@ def transformer_cfg(base: Path, out: Path, **kw):
         ar=tt.ARParams(n_layer=1, n_head=2, n_embd=16, class_dropout=0.2),
         optim=tt.OptimParams(lr=3e-3, warmup_steps=2))
     return dataclasses.replace(cfg, **kw)
+
+
+def reference_stack(model: torch.nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The token transformers' blocks and final norm (models/gpt.py, models/maskgit.py) written out from their
+    docstrings in float64, one operation at a time, for reference-forward tests: pre-norm blocks x + attn(norm(x)),
+    x + mlp(norm(x)) with softmax attention (causal or full) and the 2D rotary angles computed here per position,
+    then norm_f. x: (B, L, C) embedded sequence, position 0 the prefix."""
+    import math
+
+    cfg = model.config
+    w = {k: v.double() for k, v in model.state_dict().items()}
+    B, L, C = x.shape
+    H = cfg.n_head
+    D = C // H
+
+    def norm(x, name):
+        if cfg.norm == "rmsnorm":
+            return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * w[f"{name}.weight"]
+        y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        return y * w[f"{name}.weight"] + (w[f"{name}.bias"] if cfg.bias else 0)
+
+    def linear(x, name):
+        return x @ w[f"{name}.weight"].T + (w[f"{name}.bias"] if f"{name}.bias" in w else 0)
+
+    def rope(t):  # t (B, H, L, D): channels [0, D/2) turn with the row, [D/2, D) with the column, in pairs (j, j+D/4)
+        out, half, quarter = t.clone(), D // 2, D // 4
+        for s in range(L):
+            row, col = (s - 1) // cfg.grid[1], (s - 1) % cfg.grid[1]  # the prefix (s = 0) sits at (-1, w - 1)
+            for coord, off in ((row, 0), (col, half)):
+                for j in range(quarter):
+                    theta = coord * 10000.0 ** (-2 * j / half)
+                    a, b = t[..., s, off + j], t[..., s, off + j + quarter]
+                    out[..., s, off + j] = a * math.cos(theta) - b * math.sin(theta)
+                    out[..., s, off + j + quarter] = a * math.sin(theta) + b * math.cos(theta)
+        return out
+
+    allowed = torch.ones(L, L, dtype=torch.bool)
+    allowed = allowed.tril() if causal else allowed
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}"
+        q, k, v = (t.reshape(B, L, H, D).transpose(1, 2)
+                   for t in linear(norm(x, f"{p}.norm1"), f"{p}.attn.qkv").split(C, dim=-1))
+        if cfg.pos == "rope2d":
+            q, k = rope(q), rope(k)
+        att = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~allowed, float("-inf")).softmax(-1)
+        x = x + linear((att @ v).transpose(1, 2).reshape(B, L, C), f"{p}.attn.proj")
+        h = linear(norm(x, f"{p}.norm2"), f"{p}.mlp.fc")
+        if cfg.mlp == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = gate * torch.sigmoid(gate) * up
+        else:
+            h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+        x = x + linear(h, f"{p}.mlp.proj")
+    return norm(x, "norm_f")

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from helpers import reference_stack
 from models.gpt import GPT, GPTConfig, Rope2D, filter_logits, sample_logits
 
 GRID = (3, 4)  # not square, so rows and columns cannot be confused
@@ -277,58 +278,15 @@ def test_config_and_label_validation():
 # ---------------------------------------------------------------- an independent reference forward
 
 def reference_logits(model: GPT, idx: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """The GPT written out from its docstrings in float64, one operation at a time: [prefix, tokens] embedded (+ the
-    learned positions), pre-norm blocks x + attn(norm(x)), x + mlp(norm(x)) with causal softmax attention and the
-    2D rotary angles computed here per position, then the final norm and the head."""
+    """The GPT from its docstrings in float64: [prefix, tokens] embedded (+ the learned positions), the causal
+    reference stack (tests/helpers.py), the head."""
     cfg = model.config
     w = {k: v.double() for k, v in model.state_dict().items()}
-    B, T = idx.shape
-    C, H = cfg.n_embd, cfg.n_head
-    D = C // H
-    prefix_ids = labels if cfg.n_classes else torch.zeros(B, dtype=torch.long)
+    prefix_ids = labels if cfg.n_classes else torch.zeros(idx.shape[0], dtype=torch.long)
     x = torch.cat([w["prefix.weight"][prefix_ids][:, None], w["wte.weight"][idx]], dim=1)
-    L = T + 1
     if cfg.pos == "learned":
-        x = x + w["wpe.weight"][:L]
-
-    def norm(x, name):
-        if cfg.norm == "rmsnorm":
-            return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * w[f"{name}.weight"]
-        y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
-        return y * w[f"{name}.weight"] + (w[f"{name}.bias"] if cfg.bias else 0)
-
-    def linear(x, name):
-        return x @ w[f"{name}.weight"].T + (w[f"{name}.bias"] if f"{name}.bias" in w else 0)
-
-    def rope(t):  # t (B, H, L, D): channels [0, D/2) turn with the row, [D/2, D) with the column, in pairs (j, j+D/4)
-        out, half, quarter = t.clone(), D // 2, D // 4
-        for s in range(L):
-            row, col = (s - 1) // cfg.grid[1], (s - 1) % cfg.grid[1]  # the prefix (s = 0) sits at (-1, w - 1)
-            for coord, off in ((row, 0), (col, half)):
-                for j in range(quarter):
-                    theta = coord * 10000.0 ** (-2 * j / half)
-                    a, b = t[..., s, off + j], t[..., s, off + j + quarter]
-                    out[..., s, off + j] = a * math.cos(theta) - b * math.sin(theta)
-                    out[..., s, off + j + quarter] = a * math.sin(theta) + b * math.cos(theta)
-        return out
-
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    for i in range(cfg.n_layer):
-        p = f"blocks.{i}"
-        q, k, v = (t.reshape(B, L, H, D).transpose(1, 2) for t in linear(norm(x, f"{p}.norm1"), f"{p}.attn.qkv")
-                   .split(C, dim=-1))
-        if cfg.pos == "rope2d":
-            q, k = rope(q), rope(k)
-        att = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~causal, float("-inf")).softmax(-1)
-        x = x + linear((att @ v).transpose(1, 2).reshape(B, L, C), f"{p}.attn.proj")
-        h = linear(norm(x, f"{p}.norm2"), f"{p}.mlp.fc")
-        if cfg.mlp == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = gate * torch.sigmoid(gate) * up
-        else:
-            h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
-        x = x + linear(h, f"{p}.mlp.proj")
-    return norm(x, "norm_f") @ w["head.weight"].T
+        x = x + w["wpe.weight"][:x.shape[1]]
+    return reference_stack(model, x, causal=True) @ w["head.weight"].T
 
 
 @pytest.mark.parametrize("norm,mlp,pos,n_classes", ALL_OPTIONS)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from helpers import reference_stack
 from models.gpt import GPTConfig
 from models.maskgit import (MaskGIT, MaskGITConfig, cosine_schedule, decode_schedule, maskgit_config, masked_loss,
                             n_masked, random_mask)
@@ -191,6 +192,49 @@ def test_every_position_sees_every_other(pos, n_classes):
             assert (diff > 0).all(), f"token {j} must reach every position, earlier ones included: {diff}"
         if n_classes:
             assert (model(idx, (labels + 1) % n_classes) - base).abs().amax(dim=(0, 2)).gt(0).all()
+
+
+@pytest.mark.parametrize("norm,mlp,pos,n_classes,tie_head", [
+    ("rmsnorm", "swiglu", "rope2d", N_CLASSES, False), ("layernorm", "gelu", "learned", 0, True),
+    ("rmsnorm", "gelu", "learned", N_CLASSES, True), ("layernorm", "swiglu", "rope2d", 0, False)])
+def test_forward_equals_the_reference_written_from_the_docstrings(norm, mlp, pos, n_classes, tie_head):
+    """[prefix, codes or MASK] embedded (+ the learned positions), bidirectional blocks, the final norm on the grid
+    positions, then the head or the code rows of the token embedding (tied): float64, exact to rounding."""
+    model = tiny(norm=norm, mlp=mlp, pos=pos, n_classes=n_classes, tie_head=tie_head, n_embd=32, n_layer=3,
+                 bias=norm == "layernorm", seed=3)
+    with torch.no_grad():  # init leaves norm weights at 1 and biases at 0: give every parameter a value of its own
+        for prm in model.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+    model = model.double()
+    idx = torch.randint(0, VOCAB + 1, (2, N), generator=seeded(4))  # codes and [MASK]s
+    labels = torch.tensor([4, 1]) if n_classes else None
+    w = {k: v.double() for k, v in model.state_dict().items()}
+    prefix_ids = labels if n_classes else torch.zeros(2, dtype=torch.long)
+    x = torch.cat([w["prefix.weight"][prefix_ids][:, None], w["wte.weight"][idx]], dim=1)
+    if pos == "learned":
+        x = x + w["wpe.weight"]
+    head = w["wte.weight"][:VOCAB] if tie_head else w["head.weight"]
+    want = reference_stack(model, x, causal=False)[:, 1:] @ head.T
+    with torch.no_grad():
+        got = model(idx, labels)
+    assert got.shape == want.shape == (2, N, VOCAB)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), (got - want).abs().max()
+
+
+def test_loss_draws_masks_then_label_dropout_from_one_generator():
+    model = tiny(class_dropout=0.5).train()
+    tokens = torch.randint(0, VOCAB, (64, N), generator=seeded(2))
+    labels = torch.arange(64) % N_CLASSES
+    # reproducible from the generator alone: the dropped labels come from it too, not from torch's global generator
+    a = model.loss(tokens, labels, seeded(3))
+    torch.rand(5)  # move the global generator on
+    assert all(torch.equal(x, y) for x, y in zip(a, model.loss(tokens, labels, seeded(3))))
+    # label_smoothing defaults to none: the plain cross-entropy
+    logits = torch.randn(2, N, VOCAB, generator=seeded(5))
+    mask = torch.zeros(2, N, dtype=torch.bool)
+    mask[:, :3] = True
+    want = torch.nn.functional.cross_entropy(logits[mask], tokens[:2][mask])
+    assert float(masked_loss(logits, tokens[:2], mask)[0]) == pytest.approx(float(want), rel=1e-6)
 
 
 def test_config_sizes_and_tied_head():
