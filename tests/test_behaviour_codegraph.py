@@ -11,7 +11,9 @@ from pipeline import codegraph, dvc_deps
 TREE = {
     "models/net.py": "import torch\nimport numpy as np\n",
     "models/sub.py": "from models import net\n",
-    "pipeline/io.py": "from . import helpers\nfrom .helpers import X\n",
+    "pipeline/io.py": "from . import helpers\n",
+    "pipeline/reader.py": "from .helpers import X\n",  # the submodule named in a relative from-import
+    "training/__init__.py": "from . import loop\n",  # a package's relative import is relative to the package
     "pipeline/helpers.py": "X = 1\n",
     "pipeline/lazy.py": "",
     "pipeline/unused.py": "import pipeline.io\n",
@@ -39,6 +41,8 @@ def test_closure_follows_package_submodule_relative_and_function_level_imports(t
     # `from pipeline import io, CONSTANT`: io is a module, CONSTANT an attribute of the package
     assert codegraph.imports_of("stages.s", tmp_path) == {"models.sub", "pipeline", "pipeline.io", "pipeline.lazy"}
     assert codegraph.imports_of("pipeline.io", tmp_path) == {"pipeline", "pipeline.helpers"}
+    assert codegraph.imports_of("pipeline.reader", tmp_path) == {"pipeline.helpers"}
+    assert codegraph.imports_of("training", tmp_path) == {"training.loop"}
     with pytest.raises(KeyError, match="no project module 'pipeline.missing' under"):
         codegraph.imports_of("pipeline.missing", tmp_path)
 
@@ -61,6 +65,17 @@ def test_code_fingerprint_covers_the_closure_paths_and_contents(tmp_path):
     other = tmp_path / "copy"
     fake_tree(other, {**TREE, "pipeline/lazy.py": "Z = 3\n"})
     assert codegraph.code_fingerprint("stages.s", other) == changed  # a function of the files, not of the folder
+
+
+def test_code_fingerprint_is_sha256_of_each_path_and_content(tmp_path):
+    """Checkpoints store it: the formula is part of the on-disk format (a change would refuse every resume)."""
+    import hashlib
+
+    fake_tree(tmp_path, {"stages/s.py": "import pipeline.helpers\n", "pipeline/helpers.py": "X = 1\n"})
+    h = hashlib.sha256()
+    for rel in ("pipeline/__init__.py", "pipeline/helpers.py", "stages/__init__.py", "stages/s.py"):
+        h.update(rel.encode() + b"\0" + (tmp_path / rel).read_bytes() + b"\0")
+    assert codegraph.code_fingerprint("stages.s", tmp_path) == h.hexdigest()
 
 
 def test_find_cycle_returns_the_cycle_path(tmp_path):
@@ -99,7 +114,7 @@ stages:
         - stages/s.py
         - configs/extra.yaml
   mine:  # a stage of the user's own: left alone
-    cmd: python my_script.py
+    cmd: python my_script.py --with a-long-option-value --and another-long-option-value --out somewhere/far
     deps:
       - pipeline/anything.py
 """
@@ -127,7 +142,7 @@ stages:
         - stages/__init__.py
         - stages/s.py
   mine:  # a stage of the user's own: left alone
-    cmd: python my_script.py
+    cmd: python my_script.py --with a-long-option-value --and another-long-option-value --out somewhere/far
     deps:
       - pipeline/anything.py
 """
@@ -140,10 +155,21 @@ stages:
 def test_write_gives_a_new_stage_its_code_deps(tmp_path):
     fake_tree(tmp_path, {"stages/s.py": ""})
     (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python -m stages.s\n    outs:\n      - out\n")
+    assert dvc_deps.drift(tmp_path / "dvc.yaml", tmp_path) == {"s": ([], ["stages/__init__.py", "stages/s.py"])}
     assert dvc_deps.write(tmp_path / "dvc.yaml", tmp_path) == ["s"]
     assert (tmp_path / "dvc.yaml").read_text() == ("stages:\n  s:\n    cmd: python -m stages.s\n    outs:\n"
                                                    "      - out\n    deps:\n      - stages/__init__.py\n"
                                                    "      - stages/s.py\n")
+
+
+def test_a_user_stage_first_does_not_hide_the_stages_after_it(tmp_path):
+    fake_tree(tmp_path, {"stages/s.py": ""})
+    (tmp_path / "dvc.yaml").write_text("stages:\n  mine:\n    cmd: ./plot.sh\n  s:\n    cmd: python -m stages.s\n"
+                                       "    deps:\n      - stages/s.py\n")
+    assert list(dvc_deps.drift(tmp_path / "dvc.yaml", tmp_path)) == ["s"]
+    assert dvc_deps.write(tmp_path / "dvc.yaml", tmp_path) == ["s"]
+    (tmp_path / "vars.yaml").write_text("vars:\n  - x: 1\n")
+    dvc_deps.check_running_stage("vars.yaml:s", tmp_path, tmp_path)  # a file without stages: no opinion
 
 
 def test_deps_given_with_options_count_by_their_path(tmp_path):
@@ -153,3 +179,4 @@ def test_deps_given_with_options_count_by_their_path(tmp_path):
     assert dvc_deps.drift(tmp_path / "dvc.yaml", tmp_path) == {}
     assert dvc_deps.describe(["a.py", "b.py"], ["b.py", "c.py", "d.py"]) == "missing c.py, d.py; not imported a.py"
     assert dvc_deps.describe(["a.py"], ["a.py", "b.py"]) == "missing b.py; not imported -"
+    assert dvc_deps.describe(["a.py", "b.py", "c.py"], ["a.py"]) == "missing -; not imported b.py, c.py"
