@@ -73,6 +73,7 @@ def test_load_latest_without_last_pt_reads_the_newest_step_file(tmp_path):
     ({"code": "other"}, "other code (a file in the stage's import closure changed)"),
     ({"run_id": "other", "code": "other"}, "other params or input data (params section, data fingerprint, world "
                                            "size) and code (a file in the stage's import closure changed)"),
+    ({"seed_kind": "other"}, "other seed_kind"),  # a key without a description is named as it is
 ])
 def test_load_latest_resumes_only_the_same_identity(tmp_path, caplog, changed, says):
     identity = {"run_id": "r1", "code": "c1"}
@@ -130,15 +131,26 @@ def test_a_full_disk_names_the_sizes_and_other_errors_pass_through(tmp_path, mon
         pathlib.Path(f).write_bytes(b"half")
         raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos")
 
+    def disk_with(free):
+        def usage(path):
+            assert path == tmp_path  # the checkpoint folder's disk
+            return Usage(1 << 30, 0, free)
+        return usage
+
     monkeypatch.setattr(checkpoint.torch, "save", enforce_fail)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: Usage(1 << 30, 0, 1 << 19))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", disk_with(1 << 19))
     with pytest.raises(OSError) as exc:
         checkpoint.save(tmp_path, state, 5)
     assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(tmp_path / "step-00000005.pt")
     assert exc.value.strerror == "no space left on device for a 5.0 MB checkpoint (0.5 MB free)"
     assert _names(tmp_path) == []  # the half-written temp is gone
-    # plenty of space: torch's own error is not disguised as a full disk
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: Usage(1 << 30, 0, 1 << 30))
+    # a full disk means less free than the tensors plus 1 MiB of slack (the archive's own overhead): at the boundary,
+    # torch's own error is not disguised as a full disk
+    needed = (5 << 20) + 32
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", disk_with(needed + (1 << 20) - 1))
+    with pytest.raises(OSError, match="no space left"):
+        checkpoint.save(tmp_path, state, 5)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", disk_with(needed + (1 << 20)))
     with pytest.raises(RuntimeError, match="unexpected pos"):
         checkpoint.save(tmp_path, state, 5)
     assert _names(tmp_path) == []
