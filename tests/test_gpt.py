@@ -253,22 +253,85 @@ def test_params_flops_and_tied_head():
     assert untied.num_params(exclude_embeddings=True) == matmul
     assert tied.num_params(exclude_embeddings=True) == matmul  # the tied table is the head, a matmul
     assert untied.flops_per_token() == 6 * matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-    # nanoGPT init: std 0.02, residual projections 0.02 / sqrt(2 * n_layer) = 0.01 here
-    assert abs(untied.blocks[0].mlp.fc.weight.std().item() - 0.02) < 0.002
+    # nanoGPT init: N(0, 0.02) for linears and embeddings, residual projections 0.02 / sqrt(2 * n_layer) = 0.01 here
+    for table in (untied.blocks[0].mlp.fc.weight, untied.blocks[1].attn.qkv.weight, untied.wte.weight,
+                  untied.wpe.weight, untied.prefix.weight, untied.head.weight):
+        assert abs(table.std().item() - 0.02) < 0.003 and abs(table.mean().item()) < 0.003
     for block in untied.blocks:
         for proj in (block.attn.proj, block.mlp.proj):
-            assert abs(proj.weight.std().item() - 0.01) < 0.002
+            assert abs(proj.weight.std().item() - 0.01) < 0.002 and abs(proj.weight.mean().item()) < 0.002
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_parameter_layout_is_the_checkpoint_format(bias):
+    """The state dict's names and shapes are what checkpoints hold: biases exactly where `bias` says (the head never
+    has one), SwiGLU's hidden width 2/3 of 4C rounded up to 64, no rotary tables (derived, not saved), one prefix row
+    per class plus the null class."""
+    model = tiny(n_embd=32, n_layer=1, bias=bias, norm="layernorm", pos="rope2d")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    linears = ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc", "blocks.0.mlp.proj"]
+    norms = ["blocks.0.norm1", "blocks.0.norm2", "norm_f"]
+    want = {"wte.weight": (VOCAB, 32), "prefix.weight": (N_CLASSES + 1, 32), "head.weight": (VOCAB, 32),
+            "blocks.0.attn.qkv.weight": (96, 32), "blocks.0.attn.proj.weight": (32, 32),
+            "blocks.0.mlp.fc.weight": (2 * 128, 32), "blocks.0.mlp.proj.weight": (32, 128),
+            **{f"{n}.weight": (32,) for n in norms}}
+    if bias:
+        want.update({f"{n}.bias": (shapes[f"{n}.weight"][0],) for n in linears + norms})
+    assert shapes == want
+    assert tuple(tiny(n_classes=0).prefix.weight.shape) == (1, 16)
+    for n_embd, hidden in ((32, 128), (96, 256), (100, 320), (192, 512)):  # 64 * ceil(8 C / 3 / 64)
+        assert tiny(n_embd=n_embd, n_head=1, pos="learned").blocks[0].mlp.proj.in_features == hidden
+    gelu = tiny(mlp="gelu", bias=bias, pos="learned")
+    assert {k for k in gelu.state_dict() if k.startswith("blocks.0.mlp")} == (
+        {"blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight"} | ({"blocks.0.mlp.fc.bias", "blocks.0.mlp.proj.bias"}
+                                                                  if bias else set()))
+
+
+def test_precision_sensitive_steps_run_in_at_least_float32():
+    from models.gpt import at_least_f32
+
+    assert at_least_f32(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
+    assert at_least_f32(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
+    # a float32 rotation is float32 arithmetic exactly (the float64 tables rounded first, not the products)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    cos, sin = torch.rand(3, 4, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64)
+    c, s = cos.float(), sin.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    assert torch.equal(Rope2D._rotate(x, cos, sin), torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1))
 
 
 def test_config_and_label_validation():
     with pytest.raises(ValueError, match="norm"):
         GPTConfig(norm="batchnorm")
+    for kw, message in ((dict(norm="batchnorm"), "norm must be one of ('rmsnorm', 'layernorm'), got 'batchnorm'"),
+                        (dict(mlp="relu"), "mlp must be one of ('swiglu', 'gelu'), got 'relu'"),
+                        (dict(pos="sinusoid"), "pos must be one of ('learned', 'rope2d'), got 'sinusoid'"),
+                        (dict(grid=(2, 2, 2)), "grid must be (h, w) with h, w >= 1, got (2, 2, 2)"),
+                        (dict(grid=(0, 4)), "grid must be (h, w) with h, w >= 1, got (0, 4)"),
+                        (dict(n_embd=30, n_head=4), "n_embd 30 is not divisible by n_head 4"),
+                        (dict(vocab_size=0), "vocab_size must be >= 1 and n_classes >= 0"),
+                        (dict(n_classes=-1), "vocab_size must be >= 1 and n_classes >= 0"),
+                        (dict(class_dropout=1.5), "class_dropout must be in [0, 1] and dropout in [0, 1)"),
+                        (dict(dropout=1.0), "class_dropout must be in [0, 1] and dropout in [0, 1)")):
+        with pytest.raises(ValueError) as err:
+            GPTConfig(**kw)
+        assert str(err.value) == message
+    with pytest.raises(ValueError, match=r"rope2d needs a head dim divisible by 4 \(two rotated halves of pairs\), "
+                                         r"got 6"):
+        GPTConfig(n_embd=12, n_head=2, pos="rope2d")
+    # the boundaries are allowed
+    GPTConfig(grid=(1, 4), vocab_size=1, class_dropout=1.0, dropout=0.0, pos="learned")
     with pytest.raises(ValueError, match="divisible by 4"):
         GPTConfig(n_embd=12, n_head=2, pos="rope2d")
     assert GPTConfig(grid=[2, 3]).block_size == 6
     idx = torch.randint(0, VOCAB, (2, 3))
-    with pytest.raises(ValueError, match="unconditional"):
+    with pytest.raises(ValueError, match=r"^this GPT is unconditional \(n_classes = 0\) but got labels$"):
         tiny(n_classes=0)(idx, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"^labels must have shape \(2,\), got \(3,\)$"):
+        tiny()(idx, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"^sequence of 13 positions exceeds the block size 12 \(prefix \+ h\*w - 1"):
+        tiny()(torch.zeros(2, 12, dtype=torch.long), torch.tensor([0, 1]))
+    assert tiny()(idx, torch.tensor([0, 1]))[1] is None  # no targets, no loss
     with pytest.raises(ValueError, match="class-conditional"):
         tiny()(idx)
     with pytest.raises(ValueError, match="class-conditional"):
@@ -335,6 +398,13 @@ def test_sampling_draws_from_the_tempered_filtered_softmax_exactly():
     cold = sample_logits(logits, temperature=0.5, generator=torch.Generator().manual_seed(7))
     # a higher temperature flattens the distribution: fewer draws land on the argmax
     assert (hot == logits.argmax(-1)).sum() < (cold == logits.argmax(-1)).sum()
+
+
+def test_filter_logits_works_on_any_leading_dims():
+    logits = torch.randn(3, 5, 9, generator=torch.Generator().manual_seed(8))
+    for top_k, top_p in ((4, None), (None, 0.6), (7, 0.8)):
+        rows = torch.stack([filter_logits(b, top_k, top_p) for b in logits])
+        assert torch.equal(filter_logits(logits, top_k, top_p), rows), (top_k, top_p)
 
 
 def test_top_p_boundary_keeps_the_token_that_reaches_p_and_no_more():

@@ -240,8 +240,10 @@ def test_loss_draws_masks_then_label_dropout_from_one_generator():
 def test_config_sizes_and_tied_head():
     cfg = MaskGITConfig(vocab_size=VOCAB, grid=GRID)
     assert cfg.n_tokens == N and cfg.block_size == N + 1 and cfg.mask_id == VOCAB
-    with pytest.raises(TypeError, match="MaskGITConfig"):
+    with pytest.raises(TypeError, match=r"MaskGIT needs a MaskGITConfig \(block_size = h\*w \+ 1\), got GPTConfig"):
         MaskGIT(GPTConfig(vocab_size=VOCAB, grid=GRID))
+    # the prefix table: one row per class plus the null class, or the single start row (the checkpoint format)
+    assert tiny().prefix.weight.shape == (N_CLASSES + 1, 16) and tiny(n_classes=0).prefix.weight.shape == (1, 16)
     with pytest.raises(ValueError, match="norm"):
         MaskGITConfig(norm="batchnorm")  # GPTConfig's validation applies
     big = maskgit_config("maskgit-B", vocab_size=1024, grid=(16, 16))
