@@ -279,7 +279,8 @@ def test_parameter_layout_is_the_checkpoint_format(bias):
         want.update({f"{n}.bias": (shapes[f"{n}.weight"][0],) for n in linears + norms})
     assert shapes == want
     assert tuple(tiny(n_classes=0).prefix.weight.shape) == (1, 16)
-    for n_embd, hidden in ((32, 128), (96, 256), (100, 320), (192, 512)):  # 64 * ceil(8 C / 3 / 64)
+    assert all(b.attn.dropout == 0.25 for b in tiny(dropout=0.25).blocks)  # attention dropout is the config's too
+    for n_embd, hidden in ((32, 128), (96, 256), (97, 320), (100, 320), (192, 512)):  # 64 * ceil(8 C / 3 / 64)
         assert tiny(n_embd=n_embd, n_head=1, pos="learned").blocks[0].mlp.proj.in_features == hidden
     gelu = tiny(mlp="gelu", bias=bias, pos="learned")
     assert {k for k in gelu.state_dict() if k.startswith("blocks.0.mlp")} == (
@@ -317,7 +318,7 @@ def test_config_and_label_validation():
             GPTConfig(**kw)
         assert str(err.value) == message
     with pytest.raises(ValueError, match=r"rope2d needs a head dim divisible by 4 \(two rotated halves of pairs\), "
-                                         r"got 6"):
+                                         r"got 6$"):
         GPTConfig(n_embd=12, n_head=2, pos="rope2d")
     # the boundaries are allowed
     GPTConfig(grid=(1, 4), vocab_size=1, class_dropout=1.0, dropout=0.0, pos="learned")
