@@ -52,6 +52,9 @@ def main() -> None:
         if not b["md5"].endswith(".dir"):
             print(f"{path}: {'same' if a['md5'] == b['md5'] else 'differs'}")
             continue
+        if a["md5"] == b["md5"]:
+            print(f"{path}: same")
+            continue
         entries = listing(args.cache, b["md5"])
         if entries is None:
             print(f"{path}: {'same' if a['md5'] == b['md5'] else 'differs'} (listing not in the cache)")
