@@ -180,3 +180,12 @@ def test_deps_given_with_options_count_by_their_path(tmp_path):
     assert dvc_deps.describe(["a.py", "b.py"], ["b.py", "c.py", "d.py"]) == "missing c.py, d.py; not imported a.py"
     assert dvc_deps.describe(["a.py"], ["a.py", "b.py"]) == "missing b.py; not imported -"
     assert dvc_deps.describe(["a.py", "b.py", "c.py"], ["a.py"]) == "missing -; not imported b.py, c.py"
+
+
+def test_the_run_command_lists_our_stages_and_skips_a_user_stage(tmp_path):
+    from pipeline.runs import pipeline_stages
+
+    (tmp_path / "dvc.yaml").write_text("stages:\n  count:\n    cmd: ls data > count.txt\n  prepare:\n    foreach: [a]\n"
+                                       "    do:\n      cmd: python -m stages.prepare --dataset ${item}\n"
+                                       "  sample:\n    cmd: python -m stages.sample\n")
+    assert pipeline_stages(tmp_path) == ["prepare", "sample"]
