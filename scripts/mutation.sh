@@ -11,7 +11,8 @@
 # own venv ($MUT_VENV, default .venv-mut): the project venv's packages are visible to it through a .pth file, and
 # only mutmut (and its own dependencies) are installed there. With one worker on 2 busy cores: atomic.py ~1 min,
 # fid.py ~5 min, training/common.py ~1 min, device.py 0.5 min, tokens.py ~8 min, config.py ~2 min,
-# attention.py ~11 min (docs/mutation.md has the scores and the triage).
+# attention.py ~11 min, codegraph.py, dvc_deps.py, checkpoint.py and vq_loss.py under 1 min each, maskgit.py ~1.5 min,
+# gpt.py ~3.5 min (docs/mutation.md has the scores and the triage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -46,6 +47,10 @@ declare -A TESTS=(
   [models/gpt.py]="tests/test_gpt.py"
   [models/maskgit.py]="tests/test_maskgit.py"
   [training/vq_loss.py]="tests/test_behaviour_vqgan.py"
+  [pipeline/shards.py]="tests/test_prepare.py tests/test_behaviour_determinism.py"
+  [pipeline/images.py]="tests/test_prepare.py tests/test_behaviour_channels.py"
+  [models/vqgan.py]="tests/test_vqgan_models.py tests/test_behaviour_channels.py tests/test_behaviour_vqgan.py"
+  [models/lpips.py]="tests/test_vqgan_models.py"
 )
 # extra pytest arguments, one per line (the FID network tests take a minute each call: left to the main suite)
 declare -A ARGS=(
@@ -53,7 +58,8 @@ declare -A ARGS=(
 )
 ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py pipeline/tokens.py
        models/attention.py pipeline/config.py pipeline/codegraph.py pipeline/dvc_deps.py pipeline/checkpoint.py
-       models/gpt.py models/maskgit.py training/vq_loss.py)
+       models/gpt.py models/maskgit.py training/vq_loss.py pipeline/shards.py pipeline/images.py models/vqgan.py
+       models/lpips.py)
 
 [ -x .venv/bin/python ] || bash scripts/install.sh
 if [ ! -x "$VENV/bin/mutmut" ]; then
