@@ -47,9 +47,10 @@ declare -A TESTS=(
   [models/gpt.py]="tests/test_gpt.py"
   [models/maskgit.py]="tests/test_maskgit.py"
   [training/vq_loss.py]="tests/test_behaviour_vqgan.py"
-  [pipeline/shards.py]="tests/test_prepare.py tests/test_behaviour_determinism.py"
-  [pipeline/images.py]="tests/test_prepare.py tests/test_behaviour_channels.py"
-  [models/vqgan.py]="tests/test_vqgan_models.py tests/test_behaviour_channels.py tests/test_behaviour_vqgan.py"
+  [pipeline/shards.py]="tests/test_behaviour_shards.py tests/test_prepare.py tests/test_behaviour_determinism.py"
+  [pipeline/images.py]="tests/test_behaviour_images.py tests/test_prepare.py tests/test_behaviour_channels.py"
+  [models/vqgan.py]="tests/test_behaviour_vqgan_model.py tests/test_vqgan_models.py tests/test_behaviour_channels.py
+    tests/test_behaviour_vqgan.py"
   [models/lpips.py]="tests/test_vqgan_models.py"
 )
 # extra pytest arguments, one per line (the FID network tests take a minute each call: left to the main suite)

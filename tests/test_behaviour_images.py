@@ -1,0 +1,135 @@
+"""Image conversion (pipeline/images.py) pixel by pixel: inputs whose right answer is exact (an alpha of 0 or 255,
+16-bit values on the rounding boundary, a crop that needs no resampling), so a wrong formula gives another number,
+not just another shape."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.images import SkipImage, conform, decode_image, decode_png, encode_png, fit, to_mode
+
+
+def test_16_bit_grey_keeps_the_nearest_8_bit_value():
+    values = np.array([[0, 128, 129, 257 * 100 + 128, 257 * 100 + 129, 65535]], dtype=np.uint16)
+    im, note = to_mode(Image.fromarray(values), 1, 0)  # uint16: mode I;16
+    assert note == "converted I;16 to 8-bit" and im.mode == "L"
+    assert np.asarray(im).tolist() == [[0, 0, 1, 100, 101, 255]]  # (v + 128) // 257
+
+
+def test_float_grey_is_clipped_rounded_and_nan_is_black():
+    values = np.array([[-5.0, 3.4, 3.6, 300.0, np.nan]], dtype=np.float32)
+    im, note = to_mode(Image.fromarray(values, "F"), 1, 0)
+    assert note == "converted float image" and np.asarray(im).tolist() == [[0, 3, 4, 255, 0]]
+
+
+@pytest.mark.parametrize("background", [0, 255])
+def test_alpha_is_composited_on_the_background(background):
+    rgba = np.array([[[200, 100, 50, 0], [200, 100, 50, 255]]], dtype=np.uint8)  # transparent, opaque
+    im, note = to_mode(Image.fromarray(rgba, "RGBA"), 3, background)
+    assert note == f"composited RGBA alpha on background {background}"
+    assert np.asarray(im).tolist() == [[[background] * 3, [200, 100, 50]]]
+    la = np.array([[[90, 0], [90, 255]]], dtype=np.uint8)
+    im, note = to_mode(Image.fromarray(la, "LA"), 1, background)
+    assert note == f"composited LA alpha on background {background}" and np.asarray(im).tolist() == [[background, 90]]
+
+
+def test_palette_images_with_and_without_transparency():
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([10, 20, 30, 40, 50, 60] + [0] * 762)
+    pal.putdata([0, 1])
+    im, note = to_mode(pal, 3, 255)
+    assert note == "converted palette image" and np.asarray(im).tolist() == [[[10, 20, 30], [40, 50, 60]]]
+    pal.info["transparency"] = 0  # colour 0 is transparent: it becomes the background
+    im, note = to_mode(pal, 3, 255)
+    assert note == "converted palette image" and np.asarray(im).tolist() == [[[255, 255, 255], [40, 50, 60]]]
+
+
+def test_channel_conversion_uses_the_itu_luma_and_replicates_grey():
+    rgb = Image.fromarray(np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]], dtype=np.uint8), "RGB")
+    im, note = to_mode(rgb, 1, 0)
+    assert note is None and np.asarray(im).tolist() == [[76, 150, 29]]  # 0.299 R + 0.587 G + 0.114 B
+    grey = Image.fromarray(np.array([[7, 200]], dtype=np.uint8), "L")
+    im, note = to_mode(grey, 3, 0)
+    assert note is None and np.asarray(im).tolist() == [[[7, 7, 7], [200, 200, 200]]]
+    cmyk, note = to_mode(Image.new("CMYK", (1, 1), (0, 0, 0, 0)), 3, 0)
+    assert note == "converted CMYK" and np.asarray(cmyk).tolist() == [[[255, 255, 255]]]
+
+
+def test_exif_orientation_is_applied():
+    im = Image.fromarray(np.arange(6, dtype=np.uint8).reshape(2, 3), "L")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", exif=exif)
+    out, _ = to_mode(decode_image(buf.getvalue(), max_pixels=100), 1, 0)
+    assert np.asarray(out).tolist() == np.rot90(np.arange(6).reshape(2, 3), -1).tolist()
+
+
+def _ramp(w: int, h: int) -> Image.Image:
+    return Image.fromarray((np.arange(w * h) % 251).reshape(h, w).astype(np.uint8), "L")
+
+
+def test_center_crop_without_resampling_takes_the_middle():
+    im = _ramp(32, 16)
+    out = np.asarray(fit(im, 16, "center_crop", 0))
+    assert out.tolist() == np.asarray(im)[:, 8:24].tolist()
+    tall = _ramp(16, 40)
+    assert np.asarray(fit(tall, 16, "center_crop", 0)).tolist() == np.asarray(tall)[12:28].tolist()
+    # larger: scaled so the short side is the resolution, then the middle
+    assert fit(_ramp(64, 32), 16, "center_crop", 0).size == (16, 16)
+
+
+@pytest.mark.parametrize("background", [0, 200])
+def test_pad_centres_small_images_and_shrinks_large_ones_keeping_the_aspect(background):
+    small = _ramp(8, 4)
+    out = np.asarray(fit(small, 16, "pad", background))
+    want = np.full((16, 16), background, dtype=np.uint8)
+    want[6:10, 4:12] = np.asarray(small)
+    assert out.tolist() == want.tolist()
+    large = np.asarray(fit(_ramp(32, 16), 16, "pad", background))  # 16 x 8 after shrinking, rows 4..11
+    assert (large[:4] == background).all() and (large[12:] == background).all()
+    assert not (large[4:12] == background).all()
+    rgb = np.asarray(fit(Image.new("RGB", (4, 4), (1, 2, 3)), 8, "pad", background))
+    assert rgb[0, 0].tolist() == [background] * 3 and rgb[4, 4].tolist() == [1, 2, 3]
+    same = _ramp(16, 16)
+    assert fit(same, 16, "pad", background) is same and fit(same, 16, "resize", background) is same
+
+
+def test_resize_squashes_to_the_square():
+    assert fit(_ramp(40, 10), 16, "resize", 0).size == (16, 16)
+    flat = Image.new("L", (40, 10), 77)
+    assert (np.asarray(fit(flat, 16, "resize", 0)) == 77).all()
+
+
+def test_conform_refuses_small_images_and_returns_hwc():
+    with pytest.raises(SkipImage, match=r"^too small \(7x20 < min_side=8\)$"):
+        conform(_ramp(7, 20), resolution=16, channels=1, resize="pad", background=0, min_side=8)
+    arr, note = conform(_ramp(16, 16), resolution=16, channels=1, resize="pad", background=0, min_side=8)
+    assert arr.shape == (16, 16, 1) and arr.dtype == np.uint8 and note is None
+    arr, _ = conform(_ramp(16, 16), resolution=16, channels=3, resize="pad", background=0, min_side=16)
+    assert arr.shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_round_trip_is_exact_and_deterministic(channels):
+    arr = (np.arange(16 * 16 * channels) % 256).astype(np.uint8).reshape(16, 16, channels)
+    data = encode_png(arr)
+    assert decode_png(data).tolist() == arr.tolist() and encode_png(arr) == data
+    assert Image.open(io.BytesIO(data)).mode == ("L" if channels == 1 else "RGB")
+
+
+def test_decode_refuses_empty_unknown_truncated_and_oversized():
+    with pytest.raises(SkipImage, match=r"^empty file \(0 bytes\)$"):
+        decode_image(b"", max_pixels=100)
+    with pytest.raises(SkipImage, match=r"^not a readable image \(unknown format\)$"):
+        decode_image(b"hello", max_pixels=100)
+    noise = np.random.default_rng(0).integers(0, 256, (10, 10, 1), dtype=np.uint8)  # incompressible: a long body
+    png = encode_png(noise)
+    with pytest.raises(SkipImage, match=r"^corrupt or truncated image"):
+        decode_image(png[: len(png) // 2], max_pixels=1000)
+    with pytest.raises(SkipImage, match=r"^too many pixels \(10x10 > max_pixels=99; decompression bomb guard\)$"):
+        decode_image(png, max_pixels=99)
+    assert decode_image(png, max_pixels=100).size == (10, 10)  # at the limit: decoded
