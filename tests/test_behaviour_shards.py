@@ -1,5 +1,6 @@
 """WebDataset shards (pipeline/shards.py) read back byte by byte: the writer's fixed member metadata (what makes the
-same samples the same tar on any machine), its key rules, abort-then-continue, and the reader's grouping and refusals."""
+same samples the same tar on any machine), its key rules, abort-then-continue, and the reader's grouping and
+refusals."""
 from __future__ import annotations
 
 import io
