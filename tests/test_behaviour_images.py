@@ -133,3 +133,20 @@ def test_decode_refuses_empty_unknown_truncated_and_oversized():
     with pytest.raises(SkipImage, match=r"^too many pixels \(10x10 > max_pixels=99; decompression bomb guard\)$"):
         decode_image(png, max_pixels=99)
     assert decode_image(png, max_pixels=100).size == (10, 10)  # at the limit: decoded
+
+
+def test_32_bit_integer_grey_is_read_as_16_bit_range():
+    values = np.array([[0, 257 * 100 + 128, 65535]], dtype=np.int32)
+    im, note = to_mode(Image.fromarray(values), 1, 0)  # int32: mode I
+    assert note == "converted I to 8-bit" and np.asarray(im).tolist() == [[0, 100, 255]]
+
+
+def test_the_resampling_filters_are_the_documented_ones():
+    """resize and center_crop resample with bicubic, pad shrinks with Lanczos (and keeps the aspect)."""
+    src = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 40), dtype=np.uint8), "L")
+    want = src.resize((16, 16), Image.Resampling.BICUBIC)
+    assert np.asarray(fit(src, 16, "resize", 0)).tolist() == np.asarray(want).tolist()
+    want = src.resize((32, 16), Image.Resampling.BICUBIC).crop((8, 0, 24, 16))
+    assert np.asarray(fit(src, 16, "center_crop", 0)).tolist() == np.asarray(want).tolist()
+    shrunk = np.asarray(src.resize((16, 8), Image.Resampling.LANCZOS))
+    assert np.asarray(fit(src, 16, "pad", 0))[4:12].tolist() == shrunk.tolist()

@@ -23,9 +23,10 @@ class Reference:
         self.cfg = model.cfg
         self.w = {k: v.double() for k, v in model.state_dict().items()}
 
-    def conv(self, x, name, stride=1, pad=None):
+    def conv(self, x, name, stride=1, pad=None, k=3):
         weight = self.w[f"{name}.weight"]
-        pad = weight.shape[-1] // 2 if pad is None else pad
+        assert weight.shape[-2:] == (k, k), name  # 3x3 convs, 1x1 projections
+        pad = k // 2 if pad is None else pad
         return F.conv2d(x, weight, self.w[f"{name}.bias"], stride=stride, padding=pad)
 
     def norm(self, x, name):
@@ -35,15 +36,15 @@ class Reference:
         h = self.conv(F.silu(self.norm(x, f"{name}.norm1")), f"{name}.conv1")
         h = self.conv(F.silu(self.norm(h, f"{name}.norm2")), f"{name}.conv2")
         assert h.shape[1] == c_out
-        skip = self.conv(x, f"{name}.skip", pad=0) if x.shape[1] != c_out else x  # 1x1 only where widths differ
+        skip = self.conv(x, f"{name}.skip", k=1) if x.shape[1] != c_out else x  # 1x1 only where widths differ
         return skip + h
 
     def attn(self, x, name):  # one head over all h*w positions
         B, C, H, W = x.shape
-        q, k, v = self.conv(self.norm(x, f"{name}.norm"), f"{name}.qkv").reshape(B, 3, C, H * W).unbind(1)
+        q, k, v = self.conv(self.norm(x, f"{name}.norm"), f"{name}.qkv", k=1).reshape(B, 3, C, H * W).unbind(1)
         att = (torch.einsum("bci,bcj->bij", q, k) / math.sqrt(C)).softmax(-1)
         out = torch.einsum("bij,bcj->bci", att, v).reshape(B, C, H, W)
-        return x + self.conv(out, f"{name}.proj")
+        return x + self.conv(out, f"{name}.proj", k=1)
 
     def mid(self, x, name):
         x = self.res(x, f"{name}.res1", x.shape[1])
@@ -54,6 +55,7 @@ class Reference:
     def encode_latent(self, x):
         cfg, i = self.cfg, 0
         h = self.conv(x, "encoder.conv_in")
+        assert h.shape[1] == cfg.ch
         for level, mult in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res_blocks):
                 h, i = self.res(h, f"encoder.down.{i}", cfg.ch * mult), i + 1
@@ -61,11 +63,12 @@ class Reference:
                 h, i = self.conv(h, f"encoder.down.{i}.conv", stride=2, pad=1), i + 1
         h = self.mid(h, "encoder.mid")
         h = self.conv(F.silu(self.norm(h, "encoder.norm_out")), "encoder.conv_out")
-        return self.conv(h, "quant_conv")
+        return self.conv(h, "quant_conv", k=1)
 
     def decode(self, z):
         cfg, i = self.cfg, 0
-        h = self.conv(self.conv(z, "post_quant_conv"), "decoder.conv_in")
+        h = self.conv(self.conv(z, "post_quant_conv", k=1), "decoder.conv_in")
+        assert h.shape[1] == cfg.ch * cfg.ch_mult[-1]  # the decoder starts at the widest level
         h = self.mid(h, "decoder.mid")
         for level in reversed(range(len(cfg.ch_mult))):
             for _ in range(cfg.num_res_blocks + 1):  # one block more per level than the encoder
@@ -101,18 +104,19 @@ def test_encoder_and_decoder_equal_the_reference(ch_mult, num_res_blocks, attn):
 
 
 def test_group_counts_keep_four_channels_a_group_and_divide_the_width():
-    for c, groups in ((4, 1), (8, 2), (12, 3), (20, 5), (64, 16), (128, 32), (200, 25), (256, 32), (3, 1)):
+    for c, groups in ((4, 1), (8, 2), (12, 3), (20, 5), (64, 16), (128, 32), (132, 22), (200, 25), (256, 32), (3, 1)):
         norm = Norm(c)
         assert (norm.num_groups, norm.eps) == (groups, 1e-6), c
         assert groups == groups_for(c)
 
 
-def test_the_quantizer_gets_the_config_settings():
-    cfg = VQGANConfig(n_codes=16, code_dim=4, beta=0.5, l2_norm=False, ema=True, ema_decay=0.9, dead_code_steps=7,
+@pytest.mark.parametrize("l2_norm,ema", [(False, True), (True, False)])
+def test_the_quantizer_gets_the_config_settings(l2_norm, ema):
+    cfg = VQGANConfig(n_codes=16, code_dim=4, beta=0.5, l2_norm=l2_norm, ema=ema, ema_decay=0.9, dead_code_steps=7,
                       buffer_size=33, ch=8, ch_mult=(1, 2), z_channels=8)
     q = VQGAN(cfg).quantizer
     assert (q.n_codes, q.code_dim, q.beta, q.l2_norm, q.ema, q.ema_decay, q.dead_code_steps) == (
-        16, 4, 0.5, False, True, 0.9, 7)
+        16, 4, 0.5, l2_norm, ema, 0.9, 7)
     assert tuple(q.z_buffer.shape) == (33, 4)
 
 
