@@ -24,9 +24,9 @@ sys.path.insert(0, str(CORPUS))
 from make_corpus import generated_inputs, png_bytes  # noqa: E402,F401 (png_bytes: used by the tests)
 
 
-def load_bench(name: str):
-    """A bench/ script as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+def load_bench(name: str, folder: str = "bench"):
+    """A bench/ (or scripts/) script as a module: neither folder is a package."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

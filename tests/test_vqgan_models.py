@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import load_bench
+
 from models.discriminator import (NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss,
                                   nonsaturating_d_loss, nonsaturating_g_loss)
 from models.lpips import LPIPS, VGG16Trunk, shipped_weights_path
@@ -261,6 +263,18 @@ def test_lpips_zero_positive_ordered_symmetric(lpips):
         d_near, d_far = lpips(x, near), lpips(x, far)
         assert (d_near > 0).all() and (d_far > d_near).all()
         assert torch.allclose(lpips(far, x), d_far, rtol=1e-5)
+
+
+def test_lpips_equals_the_st_lpips_reference(lpips):
+    """Values the reference package (stlpips-pytorch 0.0.2's own network, torch 2.14.1) gives on the inputs of
+    scripts/lpips_reference.py, which printed them; tokenmill's LPIPS matched them exactly there. The tolerance
+    allows for float32 convolutions summed in another order on another CPU or torch."""
+    reference = [[0.0123746516, 0.0126742125, 0.0124383038, 0.0122255245],
+                 [0.0687679648, 0.0696711093, 0.0728485808, 0.069917582]]
+    with torch.no_grad():
+        got = [lpips(a, b).flatten().tolist() for a, b in load_bench("lpips_reference", "scripts").inputs()]
+    for row, want in zip(got, reference):
+        assert row == pytest.approx(want, rel=1e-4)
 
 
 def test_lpips_grey_input_and_gradient(lpips):
