@@ -136,9 +136,9 @@ def test_decode_refuses_empty_unknown_truncated_and_oversized():
 
 
 def test_32_bit_integer_grey_is_read_as_16_bit_range():
-    values = np.array([[0, 257 * 100 + 128, 65535]], dtype=np.int32)
-    im, note = to_mode(Image.fromarray(values), 1, 0)  # int32: mode I
-    assert note == "converted I to 8-bit" and np.asarray(im).tolist() == [[0, 100, 255]]
+    values = np.array([[-7, 0, 257 * 100 + 128, 65535, 100000]], dtype=np.int32)
+    im, note = to_mode(Image.fromarray(values), 1, 0)  # int32: mode I; out of the 16-bit range: clipped
+    assert note == "converted I to 8-bit" and np.asarray(im).tolist() == [[0, 0, 100, 255, 255]]
 
 
 def test_the_resampling_filters_are_the_documented_ones():
