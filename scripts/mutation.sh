@@ -80,7 +80,7 @@ for module in "${modules[@]}"; do
   dir="$WORK/$(echo "$module" | tr / _)"
   rm -rf "$dir" && mkdir -p "$dir"
   # params.yaml, dvc.yaml, configs/: the config tests validate the project's own params against every stage
-  cp -r pipeline models training stages tests configs pyproject.toml params.yaml dvc.yaml "$dir/"
+  cp -r pipeline models training stages tests configs scripts pyproject.toml params.yaml dvc.yaml "$dir/"
   {
     echo "[mutmut]"
     echo "source_paths ="
@@ -89,7 +89,7 @@ for module in "${modules[@]}"; do
     echo "    training"
     echo "only_mutate = $module"
     echo "also_copy ="
-    printf '    %s\n' stages configs params.yaml dvc.yaml
+    printf '    %s\n' stages configs scripts params.yaml dvc.yaml
     echo "pytest_add_cli_args ="
     # mutmut's trampolines make long lines: the width check would fail every run
     printf '    %s\n' -p no:cacheprovider -q --deselect
