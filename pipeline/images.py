@@ -64,7 +64,7 @@ def to_mode(im: Image.Image, channels: int, background: int) -> tuple[Image.Imag
     if im.mode == "P":
         im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
         note = note or "converted palette image"
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if im.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = im.convert("RGBA")
         base = Image.new("RGBA", rgba.size, (background, background, background, 255))
         im = Image.alpha_composite(base, rgba).convert("RGB")
@@ -108,7 +108,10 @@ def conform(im: Image.Image, *, resolution: int, channels: int, resize: ResizeMo
     """Decoded image -> uint8 array (H, W, C). Raises SkipImage with the reason when unusable."""
     if min(im.size) < min_side:
         raise SkipImage(f"too small ({im.size[0]}x{im.size[1]} < min_side={min_side})")
-    im, note = to_mode(im, channels, background)
+    try:
+        im, note = to_mode(im, channels, background)
+    except (ValueError, OSError) as exc:  # a mode Pillow cannot convert (premultiplied "La" has no conversions)
+        raise SkipImage(f"cannot convert image mode {im.mode} ({exc})") from None
     im = fit(im, resolution, resize, background)
     arr = np.asarray(im, dtype=np.uint8)
     if arr.ndim == 2:

@@ -36,6 +36,17 @@ def test_alpha_is_composited_on_the_background(background):
     assert note == f"composited LA alpha on background {background}" and np.asarray(im).tolist() == [[background, 90]]
 
 
+@pytest.mark.parametrize("mode,fill", [("PA", (3, 0)), ("RGBa", (9, 9, 9, 0))])
+def test_the_rarer_alpha_modes_are_composited_too(mode, fill):
+    im, note = to_mode(Image.new(mode, (2, 1), fill), 3, 200)
+    assert note == f"composited {mode} alpha on background 200" and np.asarray(im).tolist() == [[[200] * 3] * 2]
+
+
+def test_a_mode_pillow_cannot_convert_is_skipped_with_its_reason():
+    with pytest.raises(SkipImage, match=r"^cannot convert image mode La \(conversion from La to"):
+        conform(Image.new("La", (16, 16)), resolution=16, channels=3, resize="pad", background=0, min_side=8)
+
+
 def test_palette_images_with_and_without_transparency():
     pal = Image.new("P", (2, 1))
     pal.putpalette([10, 20, 30, 40, 50, 60] + [0] * 762)
@@ -136,9 +147,9 @@ def test_decode_refuses_empty_unknown_truncated_and_oversized():
 
 
 def test_32_bit_integer_grey_is_read_as_16_bit_range():
-    values = np.array([[-7, 0, 257 * 100 + 128, 65535, 100000]], dtype=np.int32)
+    values = np.array([[-1000, -7, 0, 257 * 100 + 128, 65535, 100000]], dtype=np.int32)
     im, note = to_mode(Image.fromarray(values), 1, 0)  # int32: mode I; out of the 16-bit range: clipped
-    assert note == "converted I to 8-bit" and np.asarray(im).tolist() == [[0, 0, 100, 255, 255]]
+    assert note == "converted I to 8-bit" and np.asarray(im).tolist() == [[0, 0, 0, 100, 255, 255]]
 
 
 def test_the_resampling_filters_are_the_documented_ones():
