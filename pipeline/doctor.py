@@ -214,7 +214,7 @@ def bf16_text() -> str:
             native = torch.cuda.is_bf16_supported()
         return ("supported on CUDA: training autocasts to bf16 where the config says bf16: true" if native else
                 "NOT supported natively by this GPU (needs sm80+): keep bf16: false")
-    return "CPU: training runs fp32 (pipeline.training.autocast uses bf16 on CUDA only)"
+    return "CPU: training runs fp32 (pipeline.device.autocast uses bf16 on CUDA only)"
 
 
 def cpu_isa_text() -> str:

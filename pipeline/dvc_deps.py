@@ -90,13 +90,10 @@ def write(dvc_yaml: Path = ROOT / "dvc.yaml", root: Path = ROOT) -> list[str]:
     for name, body in doc["stages"].items():
         if stage_module(body) is None:
             continue
-        stage = body.get("do", body)
-        if "deps" not in stage:  # a new stage: its code deps are all it has so far
-            stage["deps"] = []
-        deps = stage["deps"]
-        wanted = closure_files(stage_module(body), root)
-        if sorted(_dep_path(d) for d in deps if is_code_dep(_dep_path(d))) != wanted:
+        listed, wanted = _listed_and_wanted(body, root)
+        if listed != wanted:
             changed.append(name)
+        deps = body.get("do", body).setdefault("deps", [])  # a new stage: its code deps are all it has so far
         for i in reversed(range(len(deps))):  # delete in place: the data deps keep their comments
             if is_code_dep(_dep_path(deps[i])):
                 del deps[i]

@@ -314,7 +314,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def check_store(meta: dict[str, Any], where: str | Path, vqgan_fingerprint: str | None,
-                vqgan_where: str = "the VQGAN in use") -> None:
+                vqgan_where: str | None = None) -> None:
     """Stop when the store's codebook is not the VQGAN's (no-op when no fingerprint is given)."""
     if vqgan_fingerprint is not None:
         check_fingerprint(meta["fingerprint"], vqgan_fingerprint, str(where), vqgan_where)
@@ -338,7 +338,7 @@ class TokenLMDBDataset(Dataset):
     """
 
     def __init__(self, path: str | Path, split: str | None = None, *, hflip: bool = True,
-                 vqgan_fingerprint: str | None = None, vqgan_where: str = "the VQGAN in use"):
+                 vqgan_fingerprint: str | None = None, vqgan_where: str | None = None):
         self.path = store_lmdb(path)
         # The file this reader checked: `tokenize` swaps in a new store as a new file, and a reader must never
         # serve another codebook's tokens under the fingerprint it checked (see _reader).
@@ -468,7 +468,7 @@ def collate_grids(samples: list[tuple[bytes, int]], h: int, w: int, code: int) -
 def token_webdataset(path: str | Path, split: str, *, batch_size: int | None = None, shuffle: int = 1000,
                      resampled: bool = False, epoch_length: int | None = None, hflip: bool = True,
                      seed: int = 0, vqgan_fingerprint: str | None = None,
-                     vqgan_where: str = "the VQGAN in use"):
+                     vqgan_where: str | None = None):
     """Stream one split of a token store's shards (a webdataset DataPipeline, usable in a DataLoader): items
     (LongTensor [h, w], label), or batches (LongTensor [B, h, w], LongTensor [B]) when batch_size is set.
 

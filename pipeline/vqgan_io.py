@@ -76,8 +76,10 @@ def load_vqgan(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     return model.to(device).eval(), meta
 
 
-def check_fingerprint(tokens_fp: str, vqgan_fp: str, tokens_where: str, vqgan_where: str) -> None:
-    """Stop when tokens were made by another codebook than the VQGAN that will decode them."""
+def check_fingerprint(tokens_fp: str, vqgan_fp: str, tokens_where: str, vqgan_where: str | None) -> None:
+    """Stop when tokens were made by another codebook than the VQGAN that will decode them (`vqgan_where`: its
+    folder or config file; None when the caller passed only a fingerprint)."""
     if tokens_fp != vqgan_fp:
+        vqgan = f"the VQGAN in {vqgan_where}" if vqgan_where is not None else "the VQGAN in use"
         raise UserError(f"codebook mismatch: tokens in {tokens_where} have fingerprint {tokens_fp[:16]}, "
-                        f"the VQGAN in {vqgan_where} has {vqgan_fp[:16]}; re-tokenize with this VQGAN")
+                        f"{vqgan} has {vqgan_fp[:16]}; re-tokenize with this VQGAN")

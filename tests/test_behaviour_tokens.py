@@ -165,7 +165,7 @@ def test_reader_checks_the_codebook_and_the_split(store):
         TokenLMDBDataset(store, "train", vqgan_fingerprint="0" * 64, vqgan_where="vq/x")
     assert str(err.value) == (f"codebook mismatch: tokens in {store / 'tokens.lmdb'} have fingerprint {FP[:16]}, "
                               f"the VQGAN in vq/x has {'0' * 16}; re-tokenize with this VQGAN")
-    with pytest.raises(UserError, match="the VQGAN in the VQGAN in use has"):
+    with pytest.raises(UserError, match="the VQGAN in use has"):
         TokenLMDBDataset(store, "train", vqgan_fingerprint="0" * 64)
     assert len(TokenLMDBDataset(store, "train", vqgan_fingerprint=FP)) == 10
     with pytest.raises(UserError) as err:
@@ -572,11 +572,11 @@ def test_a_full_disk_is_a_user_error_and_other_lmdb_errors_are_not(tmp_path, exc
 def test_default_places_in_messages(store):
     with pytest.raises(UserError) as err:
         T.check_store({"fingerprint": "a" * 20}, "x", "b" * 20)
-    assert str(err.value).endswith("the VQGAN in the VQGAN in use has bbbbbbbbbbbbbbbb; re-tokenize with this VQGAN")
+    assert str(err.value).endswith("the VQGAN in use has bbbbbbbbbbbbbbbb; re-tokenize with this VQGAN")
     with pytest.raises(UserError) as err:
         token_webdataset(store, "train", vqgan_fingerprint="0" * 64)
-    assert str(err.value) == (f"codebook mismatch: tokens in {store} have fingerprint {FP[:16]}, the VQGAN in the "
-                              f"VQGAN in use has {'0' * 16}; re-tokenize with this VQGAN")
+    assert str(err.value) == (f"codebook mismatch: tokens in {store} have fingerprint {FP[:16]}, the VQGAN in use "
+                              f"has {'0' * 16}; re-tokenize with this VQGAN")
     with pytest.raises(UserError) as err:
         token_webdataset(store, "train", vqgan_fingerprint="0" * 64, vqgan_where="vq")
     assert str(err.value).endswith(f"the VQGAN in vq has {'0' * 16}; re-tokenize with this VQGAN")
