@@ -109,6 +109,24 @@ def _repro_keep_going(cmd: list[str]) -> list[tuple[str, int, str]]:
     return failed
 
 
+def _repro_undone_on_failure(cmd: list[str], overrides: list[str], started: str | None = None) -> None:
+    """Run `dvc repro ... --keep-going` under `run_with_overrides` (validated, locked, undone if it fails); a failure
+    ends with the failed stages and their error lines, last, and exit 2 when every one was the user's mistake."""
+    failed: list[tuple[str, int, str]] = []
+    try:
+        with run_with_overrides(ROOT, overrides):  # a failed run is undone: raise inside
+            if started:
+                print(started, file=sys.stderr)
+            failed = _repro_keep_going(cmd)
+            if failed:
+                raise SystemExit(2 if all(code == 2 and error for _, code, error in failed) else 1)
+    finally:
+        if failed:  # last, after DVC's and the rollback's messages
+            print("failed stages (the stages that need them were skipped; everything else ran):", file=sys.stderr)
+            for stage, code, error in failed:
+                print(f"  {stage:<32} exit {code}  {error}", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     preset = _preset_param(args.preset)
     overrides = resolve_overrides(ROOT, preset, args.set)
@@ -117,17 +135,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     select(stage_names(ROOT), args.stage)  # a typo in --stage is one line, before anything runs
     if args.no_prefect:
         cmd = ["dvc", "repro", "--keep-going", *(args.stage or [])] + (["--force"] if args.force else [])
-        failed: list[tuple[str, int, str]] = []
-        try:
-            with run_with_overrides(ROOT, overrides):  # a failed run is undone: raise inside
-                failed = _repro_keep_going(cmd)
-                if failed:
-                    raise SystemExit(2 if all(code == 2 and error for _, code, error in failed) else 1)
-        finally:
-            if failed:  # last, after DVC's and the rollback's messages
-                print("failed stages (the stages that need them were skipped; everything else ran):", file=sys.stderr)
-                for stage, code, error in failed:
-                    print(f"  {stage:<32} exit {code}  {error}", file=sys.stderr)
+        _repro_undone_on_failure(cmd, overrides)
         return
     _prefect_env(args.port, args.temp_server)
     if "PREFECT_API_URL" not in os.environ:
@@ -156,11 +164,8 @@ def cmd_stage(args: argparse.Namespace) -> None:
     repair_rwlock(ROOT)
     if args.name not in stage_names(ROOT):
         raise UserError(f"unknown stage {args.name!r} (dvc.yaml has: {', '.join(stage_names(ROOT))})")
-    with run_with_overrides(ROOT, []):
-        code = subprocess.call(["dvc", "repro", "--single-item", args.name] + (["--force"] if args.force else []),
-                               cwd=ROOT)
-        if code:
-            sys.exit(code)
+    _repro_undone_on_failure(["dvc", "repro", "--keep-going", "--single-item", args.name]
+                             + (["--force"] if args.force else []), [])
 
 
 def cmd_deps(args: argparse.Namespace) -> None:
@@ -224,12 +229,12 @@ def cmd_add_dataset(args: argparse.Namespace) -> None:
         raise UserError(f"{params_path}: dataset '{args.name}' exists already; edit it there")
     overrides = [f"datasets.{args.name}.{k}={json.dumps(v)}" for k, v in entry.items()]
     # validated as a whole before writing; if its prepare stage fails the entry is taken out again
-    with run_with_overrides(ROOT, overrides):
-        print(f"added datasets.{args.name} to params.yaml", file=sys.stderr)
-        if not args.no_run:
-            code = subprocess.call(["dvc", "repro", f"prepare@{args.name}"], cwd=ROOT)
-            if code:
-                sys.exit(code)
+    added = f"added datasets.{args.name} to params.yaml"
+    if args.no_run:
+        with run_with_overrides(ROOT, overrides):
+            print(added, file=sys.stderr)
+        return
+    _repro_undone_on_failure(["dvc", "repro", "--keep-going", f"prepare@{args.name}"], overrides, started=added)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

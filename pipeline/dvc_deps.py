@@ -14,7 +14,7 @@ from ruamel.yaml import YAML
 
 from pipeline.atomic import atomic_path
 from pipeline.codegraph import PACKAGES, ROOT, closure_files
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 _MODULE = re.compile(r"-m\s+(stages\.[A-Za-z_][A-Za-z0-9_]*)")
 
@@ -24,6 +24,24 @@ def _yaml() -> YAML:
     y.width = 120
     y.indent(mapping=2, sequence=4, offset=2)
     return y
+
+
+def load_dvc_yaml(dvc_yaml: Path, require_stages: bool = True) -> Any:
+    """dvc.yaml, round-trip loaded (comments kept); a damaged file is one line naming it. Without
+    `require_stages`, a file with no stages (another DVC file of the user's) loads as {"stages": {}}."""
+    from ruamel.yaml import YAMLError
+
+    try:
+        doc = _yaml().load(dvc_yaml.read_text(encoding="utf-8"))
+    except (YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{dvc_yaml}: not valid YAML ({first_line(exc)})") from None
+    if not require_stages and not (isinstance(doc, dict) and doc.get("stages")):
+        return {"stages": {}}
+    if not isinstance(doc, dict) or not isinstance(doc.get("stages"), dict) or not doc["stages"]:
+        raise UserError(f"{dvc_yaml}: no `stages:` mapping (the project's dvc.yaml lists its stages there)")
+    if bad := next((name for name, body in doc["stages"].items() if not isinstance(body, dict)), None):
+        raise UserError(f"{dvc_yaml}: stage {bad!r} is not a mapping (cmd, deps, outs, ...)")
+    return doc
 
 
 def _dep_path(entry: Any) -> str:
@@ -50,7 +68,7 @@ def _listed_and_wanted(body: dict, root: Path) -> tuple[list[str], list[str]]:
 
 def drift(dvc_yaml: Path = ROOT / "dvc.yaml", root: Path = ROOT) -> dict[str, tuple[list[str], list[str]]]:
     """Stages whose listed code deps differ from their import closure: name -> (listed, wanted)."""
-    doc = _yaml().load(dvc_yaml.read_text())
+    doc = load_dvc_yaml(dvc_yaml)
     out = {}
     for name, body in doc["stages"].items():
         if stage_module(body) is None:
@@ -73,7 +91,7 @@ def check_running_stage(addressing: str, dvc_root: Path, root: Path = ROOT) -> N
     track (an import added without `deps --write`). `addressing` is DVC's: `name`, `name@item` or `path:name`."""
     file_part, _, name = addressing.rpartition(":")
     dvc_yaml = dvc_root / (file_part or "dvc.yaml")
-    body = _yaml().load(dvc_yaml.read_text()).get("stages", {}).get(name.split("@")[0])
+    body = load_dvc_yaml(dvc_yaml, require_stages=False)["stages"].get(name.split("@")[0])
     if body is None or stage_module(body) is None:
         return  # not a tokenmill stage
     listed, wanted = _listed_and_wanted(body, root)
@@ -84,8 +102,7 @@ def check_running_stage(addressing: str, dvc_root: Path, root: Path = ROOT) -> N
 
 def write(dvc_yaml: Path = ROOT / "dvc.yaml", root: Path = ROOT) -> list[str]:
     """Rewrite every stage's code deps as its import closure; return the names of the stages that changed."""
-    y = _yaml()
-    doc = y.load(dvc_yaml.read_text())
+    doc = load_dvc_yaml(dvc_yaml)
     changed = []
     for name, body in doc["stages"].items():
         if stage_module(body) is None:
@@ -100,5 +117,5 @@ def write(dvc_yaml: Path = ROOT / "dvc.yaml", root: Path = ROOT) -> list[str]:
         deps.extend(wanted)
     if changed:
         with atomic_path(dvc_yaml) as tmp, open(tmp, "w") as fh:
-            y.dump(doc, fh)
+            _yaml().dump(doc, fh)
     return changed

@@ -23,10 +23,16 @@ class NonFiniteLoss(RuntimeError):
 
 # The file system refused: a read-only or foreign-owned folder, a full disk or quota. The user's to fix, not a bug.
 RESOURCE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+# A path that cannot be what it was given as (a file where a folder is needed, a name too long, a symlink loop):
+# with the path named, the user's to fix too. Without a file name it is left a traceback (more likely a bug).
+PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST}
 
 
 def resource_message(exc: OSError) -> str:
-    where = exc.filename if exc.filename is not None else "a file"
+    where = str(exc.filename) if exc.filename is not None else "a file"
+    where = where if where.isprintable() else repr(where)  # a newline in a path must not split the line
+    if exc.errno in PATH_ERRNOS:
+        return f"{where}: {exc.strerror or exc} (check the path)"
     hint = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder's permissions"
     return f"{where}: {exc.strerror or exc} ({hint})"
 
@@ -49,7 +55,7 @@ def main_guard(fn: Callable[[], None]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except OSError as exc:
-        if exc.errno not in RESOURCE_ERRNOS:
+        if exc.errno not in RESOURCE_ERRNOS and not (exc.errno in PATH_ERRNOS and exc.filename is not None):
             raise
         _close_progress_bars()
         print(f"error: {resource_message(exc)}", file=sys.stderr)

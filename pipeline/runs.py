@@ -20,10 +20,11 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.atomic import write_bytes
+from pipeline.atomic import OWNER_FILE, write_bytes
 from pipeline.config import PROJECT_ROOT, apply_overrides, load_params, parse_override, set_params_file
 from pipeline.errors import UserError
 from pipeline.locks import exclusive
+from pipeline.out_guard import check_outputs, locked_outs
 
 log = logging.getLogger("tokenmill.runs")
 STAGE_MODULES = ("prepare", "train_vqgan", "tokenize", "fid_ref", "eval_vqgan", "train_transformer", "sample",
@@ -33,13 +34,11 @@ LOCK_NAME = "tokenmill-run.lock"
 
 def pipeline_stages(root: Path) -> list[str]:
     """The stage modules dvc.yaml runs (a project may run a subset of them)."""
-    import yaml
-
-    from pipeline.dvc_deps import stage_module
+    from pipeline.dvc_deps import load_dvc_yaml, stage_module
     if not (root / "dvc.yaml").is_file():
         return list(STAGE_MODULES)
-    spec = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
-    used = {(stage_module(body) or "").removeprefix("stages.") for body in (spec.get("stages") or {}).values()}
+    used = {(stage_module(body) or "").removeprefix("stages.")
+            for body in load_dvc_yaml(root / "dvc.yaml")["stages"].values()}
     return [name for name in STAGE_MODULES if name in used]
 
 
@@ -66,9 +65,11 @@ def select(names: list[str], wanted: list[str] | None) -> list[str]:
     return [n for n in names if n in wanted or n.split("@")[0] in wanted]
 
 
-def check_params_dict(params: dict[str, Any], source: str, root: Path) -> list[str]:
+def check_params_dict(params: dict[str, Any], source: str, root: Path, outputs: bool = True) -> list[str]:
     """Validate the sections of every stage dvc.yaml runs (unknown sections too); return the dataset names.
-    Output paths must lie inside `root`. Raises UserError."""
+    Output paths must lie inside `root`, and with `outputs` an existing one must be the stage's own and none may
+    overlap another (pipeline/out_guard.py).
+    Raises UserError."""
     known: set[str] = set()
     used = pipeline_stages(root)
     token = PROJECT_ROOT.set(Path(root))
@@ -83,6 +84,8 @@ def check_params_dict(params: dict[str, Any], source: str, root: Path) -> list[s
     unknown = sorted(set(params) - known)
     if unknown:
         raise UserError(f"{source}: unknown section '{unknown[0]}' (allowed: {', '.join(sorted(known))})")
+    if outputs:  # an existing path DVC would delete before the stage could refuse it; overlapping outputs
+        check_outputs(root, params, source)
     return list(params.get("datasets") or {})
 
 
@@ -125,27 +128,114 @@ def project_lock(root: Path) -> contextlib.AbstractContextManager:
     return exclusive(root / ".dvc" / "tmp" / LOCK_NAME, f"the project {root}")
 
 
+def running_stage_commands(root: Path) -> list[str]:
+    """The commands of live processes in DVC's table of running stages (`.dvc/tmp/rwlock`). DVC releases its
+    repository lock while a stage's command runs, so that lock alone does not say that `dvc repro` is running."""
+    path = root / ".dvc" / "tmp" / "rwlock"
+    try:
+        table = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (ValueError, OSError):
+        return ["(DVC is writing its table of running stages)"]  # mid-write: a dvc command is active
+    infos = [*(table.get("write") or {}).values(), *(i for lst in (table.get("read") or {}).values() for i in lst)]
+    return sorted({str(i.get("cmd")) for i in infos if isinstance(i, dict) and _alive(i.get("pid"))})
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _write_params_under_dvc_lock(root: Path, overrides: list[str]) -> None:
     """Edit params.yaml only while no dvc command runs here (DVC's repository lock held meanwhile)."""
     from dvc.lock import LockError, make_lock
 
     lock = make_lock(str(root / ".dvc" / "tmp" / "lock"), tmp_dir=str(root / ".dvc" / "tmp"))
+    busy = f"a dvc command is running in {root}; params.yaml was left unchanged (run again when it has finished)"
     try:
         lock.lock()
     except LockError:
-        raise UserError(f"a dvc command is running in {root}; params.yaml was left unchanged (run again when it "
-                        f"has finished)") from None
+        raise UserError(busy) from None
     try:
+        if running_stage_commands(root):  # DVC lets go of its lock while a stage's command runs
+            raise UserError(busy.replace("a dvc command is", "a dvc stage is", 1))
         set_params_file(root / "params.yaml", overrides)
     finally:
         lock.unlock()
 
 
-def restore_outputs(root: Path) -> None:
-    """Put every output back as dvc.lock records it (DVC removes a stage's outs before running it)."""
-    proc = subprocess.run(["dvc", "checkout", "--force"], cwd=root, capture_output=True, text=True)
+def _signature(path: Path) -> tuple | None:
+    """Changes when a run removes, rewrites or replaces the file or folder (a stage builds a new folder)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    marker = path / OWNER_FILE
+    inner = marker.stat().st_mtime_ns if path.is_dir() and marker.is_file() else None
+    return st.st_ino, st.st_size if not path.is_dir() else 0, st.st_mtime_ns if not path.is_dir() else 0, inner
+
+
+def recorded_outputs(root: Path) -> dict[str, tuple | None]:
+    """{stage: signatures of its outputs} of every stage dvc.lock records."""
+    out: dict[str, list] = {}
+    for stage, path in sorted(locked_outs(root)):
+        out.setdefault(stage, []).append(_signature(root / path))
+    return {stage: tuple(sigs) for stage, sigs in out.items()}
+
+
+def restore_outputs(root: Path, before: dict[str, tuple | None]) -> None:
+    """Put back, as dvc.lock records them, the outputs of the stages whose outputs the run removed or replaced (DVC
+    removes a stage's outs before running it); outputs the run did not touch, and files of the user's inside
+    them, are left alone."""
+    stages = sorted(stage for stage, sigs in recorded_outputs(root).items() if before.get(stage) != sigs)
+    if not stages:
+        return
+    proc = subprocess.run(["dvc", "checkout", "--force", *stages], cwd=root, capture_output=True, text=True)
     if proc.returncode != 0:  # e.g. outputs this project never made: nothing of them to restore
         log.warning("dvc checkout restored what the cache holds; not every output recorded in dvc.lock is there")
+
+
+def _stop_on_terminate() -> contextlib.AbstractContextManager:
+    """SIGTERM / SIGHUP (a `kill`, a closed terminal, a cancelled job) end the run like Ctrl-C: the children (dvc, a
+    stage) are stopped and the run is undone, instead of the process dying with params.yaml edited."""
+    import signal
+    import threading
+
+    @contextlib.contextmanager
+    def installed() -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def stop(signum: int, frame: Any) -> None:
+            import psutil
+
+            # what Ctrl-C sends first (a stage saves its checkpoint on it); then SIGTERM and SIGKILL, since a shell
+            # script's background job starts with SIGINT ignored
+            alive = psutil.Process().children(recursive=True)
+            for sig, grace in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+                for child in alive:
+                    with contextlib.suppress(psutil.Error):
+                        child.send_signal(sig)
+                alive = psutil.wait_procs(alive, timeout=grace)[1]
+                if not alive:
+                    break
+            raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    return installed()
 
 
 @contextlib.contextmanager
@@ -155,8 +245,11 @@ def run_with_overrides(root: Path, overrides: list[str]) -> Iterator[None]:
     The body signals failure by raising (a non-zero `dvc repro` is raised as SystemExit by the CLI)."""
     root = Path(root)
     validate_overrides(root, overrides)
-    with project_lock(root):
+    with project_lock(root), _stop_on_terminate():
+        if running := running_stage_commands(root):
+            raise UserError(f"a dvc stage is running in {root} ({running[0]}); run again when it has finished")
         saved = {name: (root / name).read_bytes() for name in ("params.yaml", "dvc.lock") if (root / name).is_file()}
+        before = recorded_outputs(root)
         if overrides:
             _write_params_under_dvc_lock(root, overrides)
         try:
@@ -167,7 +260,7 @@ def run_with_overrides(root: Path, overrides: list[str]) -> Iterator[None]:
             for name, data in saved.items():
                 if (root / name).read_bytes() != data:
                     write_bytes(root / name, data)
-            restore_outputs(root)
+            restore_outputs(root, before)
             log.warning("the run failed: params.yaml%s and the outputs are as they were before it",
                         " (overrides undone), dvc.lock" if overrides else ", dvc.lock")
             raise

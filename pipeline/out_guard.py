@@ -1,0 +1,195 @@
+"""Refuse, before a run, an output path that DVC would delete although no stage of this project made it.
+
+DVC removes a stage's outs before it runs the stage's command, so a stage's own guard (`check_replaceable`: its
+marker inside the folder) comes too late under `dvc repro`: `-S train_vqgan.out_dir=notes` would cost the user's
+folder `notes/`. Every tokenmill entry point therefore resolves dvc.yaml's outs under the params the run will use
+and refuses an existing path unless removing it loses nothing, i.e. it is
+- recorded as that stage's out in dvc.lock (DVC made it and its cache holds it), or
+- a folder carrying that stage's marker (`.tokenmill-stage`), or an empty folder, or
+- a file whose bytes DVC's cache holds, or a metrics file with its `<stem>.run.json` beside it (what
+  `pipeline.runlog.write_metrics` writes, when a run stopped before DVC recorded it);
+and a path git tracks is refused in any case (DVC cannot take it over; it would be deleted, then the run fail).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from pipeline.atomic import OWNER_FILE
+from pipeline.dvc_deps import load_dvc_yaml, stage_module
+from pipeline.errors import UserError
+
+_REF = re.compile(r"\$\{\s*([^}]*?)\s*\}")
+
+
+def _lookup(expr: str, params: dict[str, Any], key: str | None, item: Any) -> Any:
+    parts = expr.split(".")
+    if parts[0] == "key" and key is not None and len(parts) == 1:
+        return key
+    node = item if parts[0] == "item" and key is not None else params
+    for part in parts[1:] if node is item else parts:
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(expr)
+        node = node[part]
+    return node
+
+
+def _resolve(template: str, params: dict[str, Any], key: str | None = None, item: Any = None) -> str:
+    return _REF.sub(lambda m: str(_lookup(m.group(1), params, key, item)), template)
+
+
+def _paths(body: dict[str, Any], kinds: tuple[str, ...]) -> Iterator[tuple[str, list[str]]]:
+    """(template, the params keys it names) of each entry of `kinds` (outs, metrics, plots, deps) of a stage body."""
+    for kind in kinds:
+        for entry in body.get(kind) or []:
+            template = next(iter(entry)) if isinstance(entry, dict) else str(entry)
+            keys = [k for k in _REF.findall(template) if k != "key"]
+            yield template, [f"datasets.<name>.{k[5:]}" if k.startswith("item.") else k for k in keys]
+
+
+OUTS = ("outs", "metrics", "plots")
+
+
+def planned_outputs(root: Path, params: dict[str, Any],
+                    kinds: tuple[str, ...] = OUTS) -> list[tuple[str, str, str, list[str]]]:
+    """(stage as DVC names it, owner marker, path as written, params keys) of the outs (or other `kinds`) of every
+    tokenmill stage in dvc.yaml, with `params` substituted; a stage of the user's own, or a path naming a value
+    params lack, is skipped (DVC reports those itself)."""
+    stages = load_dvc_yaml(root / "dvc.yaml")["stages"] if (root / "dvc.yaml").is_file() else {}
+    out = []
+    for name, body in stages.items():
+        if stage_module(body) is None:
+            continue
+        if "foreach" in body:
+            items = _resolve_foreach(body["foreach"], params)
+            do = body.get("do") or {}
+        else:
+            items, do = {None: None}, body
+        for key, item in items.items():
+            for template, keys in _paths(do, kinds):
+                try:
+                    path = _resolve(template, params, key, item)
+                except KeyError:
+                    continue
+                out.append((name if key is None else f"{name}@{key}", name, path, keys))
+    return out
+
+
+def _resolve_foreach(expr: Any, params: dict[str, Any]) -> dict[str, Any]:
+    m = _REF.fullmatch(str(expr).strip())
+    try:
+        value = _lookup(m.group(1), params, None, None) if m else None
+    except KeyError:
+        value = None
+    return value if isinstance(value, dict) else {}
+
+
+def locked_outs(root: Path) -> set[tuple[str, str]]:
+    """(stage, out path) of every output dvc.lock records."""
+    lock = root / "dvc.lock"
+    try:
+        doc = yaml.safe_load(lock.read_text()) if lock.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        doc = None  # DVC reports a damaged dvc.lock itself; without it nothing counts as recorded
+    stages = doc.get("stages") if isinstance(doc, dict) else None
+    return {(name, str(o.get("path"))) for name, body in (stages or {}).items() if isinstance(body, dict)
+            for o in body.get("outs") or [] if isinstance(o, dict)}
+
+
+def _cache_dir(root: Path) -> Path:
+    from dvc.repo import Repo  # here: importing DVC costs a second, and only this check needs it
+
+    with Repo(str(root)) as repo:
+        return Path(repo.cache.local.path)
+
+
+def _in_cache(path: Path, cache: Path) -> bool:
+    h = hashlib.md5()  # DVC 3's file hash
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    digest = h.hexdigest()
+    return (cache / digest[:2] / digest[2:]).is_file()
+
+
+def _git_tracked(root: Path, paths: list[str]) -> set[str]:
+    if not paths or not (root / ".git").exists():
+        return set()
+    proc = subprocess.run(["git", "ls-files", "-z", "--", *paths], cwd=root, capture_output=True)
+    tracked = [p for p in proc.stdout.decode(errors="replace").split("\0") if p]
+    return {p for p in paths if any(t == p or t.startswith(p.rstrip("/") + "/") for t in tracked)}
+
+
+def _why_not_ours(path: Path, owner: str, cache: Path | None) -> str | None:
+    """None when removing `path` loses nothing; else why it may not be removed."""
+    if path.is_symlink():
+        return "a symbolic link"
+    if path.is_dir():
+        marker = path / OWNER_FILE
+        if marker.is_file():
+            mark = marker.read_text(errors="replace").strip()
+            return None if mark == owner else f"a folder written by {mark!r}"
+        return None if not any(path.iterdir()) else f"a folder without a {OWNER_FILE} marker"
+    if path.with_name(f"{path.stem}.run.json").is_file() or (cache is not None and _in_cache(path, cache)):
+        return None
+    return "a file DVC's cache does not hold"
+
+
+def _named(path: str, keys: list[str]) -> str:
+    return f"{path} ({', '.join(keys)})" if keys else path
+
+
+def _inside(a: str, b: str) -> bool:
+    """a is b or lies inside it (lexically: what DVC compares)."""
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def check_overlaps(root: Path, params: dict[str, Any], source: str) -> None:
+    """One line for what DVC refuses in a block of text: two outputs that are one path or nested (across all
+    stages), or a stage that would read a path holding its own output."""
+    def full(path: str) -> str:
+        return os.path.normpath(os.path.join(root, path))
+
+    outs = planned_outputs(root, params)
+    for i, (stage, _, path, keys) in enumerate(outs):
+        for other, _, other_path, other_keys in outs[i + 1:]:
+            if _inside(full(path), full(other_path)) or _inside(full(other_path), full(path)):
+                raise UserError(f"{source}: {_named(path, keys)} of stage {stage} and {_named(other_path, other_keys)}"
+                                f" of stage {other} are the same path or one inside the other; give each its own")
+    for stage, _, dep, keys in planned_outputs(root, params, ("deps",)):
+        for out_stage, _, path, out_keys in outs:
+            if out_stage == stage and (_inside(full(path), full(dep)) or _inside(full(dep), full(path))):
+                raise UserError(f"{source}: stage {stage} would read {_named(dep, keys)}, which holds its own output "
+                                f"{_named(path, out_keys)}; point one of them elsewhere")
+
+
+def check_outputs(root: Path, params: dict[str, Any], source: str) -> None:
+    """UserError naming the first existing output path that a run with `params` would delete but no stage made,
+    or outputs that overlap (check_overlaps)."""
+    root = Path(root)
+    check_overlaps(root, params, source)
+    planned = [(s, o, p, k) for s, o, p, k in planned_outputs(root, params)
+               if (root / p).exists() or (root / p).is_symlink()]
+    if not planned:
+        return
+    locked, tracked, cache = locked_outs(root), _git_tracked(root, [p for _, _, p, _ in planned]), None
+    for stage, owner, path, keys in planned:
+        if path in tracked:
+            why = "tracked by git"
+        elif (stage, path) in locked:
+            continue
+        else:
+            if cache is None and (root / path).is_file() and not (root / path).is_symlink():
+                cache = _cache_dir(root)
+            why = _why_not_ours(root / path, owner, cache)
+            if why is None:
+                continue
+        raise UserError(f"{source}: {_named(path, keys)} exists and is {why}, not an output of stage {stage}; DVC deletes "
+                        f"a stage's outputs before running it, so nothing was run: move it away or choose "
+                        f"another path")
