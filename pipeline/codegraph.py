@@ -45,10 +45,15 @@ def module_file(module: str, root: Path = ROOT) -> Path | None:
 
 
 def project_modules(root: Path = ROOT) -> list[str]:
+    """Every module of the layered packages, subpackages included (a subpackage's layer is its top package's)."""
     out = []
     for pkg in PACKAGES:
-        for path in sorted((root / pkg).glob("*.py")):
-            out.append(pkg if path.name == "__init__.py" else f"{pkg}.{path.stem}")
+        for path in sorted((root / pkg).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if all(p.isidentifier() for p in parts):  # a folder like `.ipynb_checkpoints` is not importable
+                out.append(".".join(parts))
     return out
 
 
@@ -123,7 +128,8 @@ def code_fingerprint(module: str, root: Path = ROOT) -> str:
 
 def find_cycle(root: Path = ROOT) -> list[str] | None:
     """One import cycle between project modules (package __init__ edges excluded), or None."""
-    graph = {m: sorted(d for d in imports_of(m, root) if "." in d) for m in project_modules(root)}
+    graph = {m: sorted(d for d in imports_of(m, root) if module_file(d, root).name != "__init__.py")
+             for m in project_modules(root)}
     state: dict[str, int] = {}
     stack: list[str] = []
 

@@ -31,8 +31,9 @@ def _dep_path(entry: Any) -> str:
 
 
 def is_code_dep(path: str) -> bool:
+    """A .py file under one of the packages, at any depth (closure_files lists subpackage files too)."""
     parts = path.split("/")
-    return len(parts) == 2 and parts[0] in PACKAGES and parts[1].endswith(".py")
+    return len(parts) >= 2 and parts[0] in PACKAGES and parts[-1].endswith(".py")
 
 
 def stage_module(body: dict) -> str | None:

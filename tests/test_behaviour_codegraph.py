@@ -175,3 +175,35 @@ def test_the_run_command_lists_our_stages_and_skips_a_user_stage(tmp_path):
                                        "    do:\n      cmd: python -m stages.prepare --dataset ${item}\n"
                                        "  sample:\n    cmd: python -m stages.sample\n")
     assert pipeline_stages(tmp_path) == ["prepare", "sample"]
+
+
+SUBPACKAGE = {"models/extra/__init__.py": "", "models/extra/util.py": "K = 1\n",
+              "models/quantizer.py": "import torch\nfrom models.extra import util\n",
+              "stages/s.py": "import models.quantizer\n"}
+SUBPACKAGE_FILES = ["models/__init__.py", "models/extra/__init__.py", "models/extra/util.py", "models/quantizer.py",
+                    "stages/__init__.py", "stages/s.py"]
+
+
+def test_a_subpackage_module_is_in_the_closure_and_the_project_modules(tmp_path):
+    fake_tree(tmp_path, SUBPACKAGE)
+    assert codegraph.closure_files("stages.s", tmp_path) == SUBPACKAGE_FILES
+    assert codegraph.project_modules(tmp_path) == ["models", "models.extra", "models.extra.util", "models.quantizer",
+                                                   "pipeline", "training", "stages", "stages.s"]
+    # the layering sees subpackage modules too: layer = the top-level package
+    (tmp_path / "models" / "extra" / "util.py").write_text("import pipeline.io\n")
+    (tmp_path / "pipeline" / "io.py").write_text("")
+    codegraph._imports_cached.cache_clear()
+    assert codegraph.layering_violations(tmp_path) == ["models.extra.util imports pipeline.io (a higher layer)"]
+
+
+def test_write_lists_subpackage_files_once_and_then_checks_clean(tmp_path):
+    """Nested code deps were taken for data deps: never removed (so piled up on every --write), never counted as
+    listed (so --check could not be satisfied)."""
+    fake_tree(tmp_path, SUBPACKAGE)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python -m stages.s\n    deps:\n      - data/in\n")
+    assert dvc_deps.write(tmp_path / "dvc.yaml", tmp_path) == ["s"]
+    assert dvc_deps.drift(tmp_path / "dvc.yaml", tmp_path) == {}
+    once = (tmp_path / "dvc.yaml").read_text()
+    assert dvc_deps.write(tmp_path / "dvc.yaml", tmp_path) == []
+    assert (tmp_path / "dvc.yaml").read_text() == once
+    assert once.count("models/extra/util.py") == 1 and "      - data/in\n" in once
