@@ -9,16 +9,27 @@ One graph serves three purposes:
 
 Every `import` / `from ... import` counts, at module level or inside a function. Importing `a.b.c` also runs
 `a/__init__.py` and `a/b/__init__.py`, so package `__init__` files are part of a closure.
+
+Project code is whatever `import x` finds in the root, because stages run as `python -m stages.<name>` from there
+(the root first on sys.path, so `helpers.py` in the root shadows an installed `helpers`): root/x/__init__.py,
+root/x.py, or a module of a namespace folder (root/x/y.py), at any depth. Not code: built-in and frozen modules
+(found before sys.path), a file that resolves outside the root (a symlink), and the data/ and runs/ folders. A
+module outside the four layered packages (a top-level `helpers.py`, another package) is in the closure and the
+fingerprint like any other, but has no layer: the layering check reports every import of one, to be moved in.
 """
 from __future__ import annotations
 
 import ast
 import hashlib
+import sys
 from functools import lru_cache
+from importlib.machinery import FrozenImporter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "pipeline", "training", "stages")
+# Folders in the root that hold data and run outputs: never code, whatever .py files land in them.
+NOT_CODE = frozenset({"data", "runs"})
 
 # Modules of the pipeline package that orchestrate (may import stages); every other pipeline module is plumbing.
 ORCHESTRATION = frozenset({"pipeline.cli", "pipeline.flow", "pipeline.artifacts", "pipeline.__main__", "pipeline.tiny"})
@@ -32,23 +43,33 @@ def layer_of(module: str) -> int:
     return LAYERS[module.split(".")[0]]
 
 
+def _preempted(top: str) -> bool:
+    """Built-in and frozen modules are found before sys.path is searched: a root file of that name never runs."""
+    return top in sys.builtin_module_names or FrozenImporter.find_spec(top) is not None
+
+
 def module_file(module: str, root: Path = ROOT) -> Path | None:
+    """The file `import module` runs from the root, or None when that is not project code (module docstring)."""
     parts = module.split(".")
-    if parts[0] not in PACKAGES:
+    if not all(p.isidentifier() for p in parts) or parts[0] in NOT_CODE or _preempted(parts[0]):
         return None
     base = root.joinpath(*parts)
-    if base.with_suffix(".py").is_file():
-        return base.with_suffix(".py")
-    if (base / "__init__.py").is_file():
-        return base / "__init__.py"
+    for path in (base / "__init__.py", base.with_suffix(".py")):  # Python's order: a package before a module
+        if path.is_file():
+            return path if path.resolve().is_relative_to(root.resolve()) else None
     return None
 
 
 def project_modules(root: Path = ROOT) -> list[str]:
+    """Every module of the layered packages, subpackages included (a subpackage's layer is its top package's)."""
     out = []
     for pkg in PACKAGES:
-        for path in sorted((root / pkg).glob("*.py")):
-            out.append(pkg if path.name == "__init__.py" else f"{pkg}.{path.stem}")
+        for path in sorted((root / pkg).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if all(p.isidentifier() for p in parts):  # a folder like `.ipynb_checkpoints` is not importable
+                out.append(".".join(parts))
     return out
 
 
@@ -76,7 +97,7 @@ def _imports_cached(path: str, module: str, root: str) -> frozenset[str]:
         else:
             continue
         for name in names:
-            if name != module and name.split(".")[0] in PACKAGES and module_file(name, rootp) is not None:
+            if name != module and module_file(name, rootp) is not None:
                 found.add(name)
     return frozenset(found)
 
@@ -123,7 +144,8 @@ def code_fingerprint(module: str, root: Path = ROOT) -> str:
 
 def find_cycle(root: Path = ROOT) -> list[str] | None:
     """One import cycle between project modules (package __init__ edges excluded), or None."""
-    graph = {m: sorted(d for d in imports_of(m, root) if "." in d) for m in project_modules(root)}
+    graph = {m: sorted(d for d in imports_of(m, root) if module_file(d, root).name != "__init__.py")
+             for m in project_modules(root)}
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -146,11 +168,14 @@ def find_cycle(root: Path = ROOT) -> list[str] | None:
 
 
 def layering_violations(root: Path = ROOT) -> list[str]:
-    """Imports that point up a layer, a stage importing another stage, models importing outside models."""
+    """Imports that point up a layer, a stage importing another stage, imports of modules that have no layer."""
     out = []
     for m in project_modules(root):
         for dep in sorted(imports_of(m, root)):
-            if dep.split(".")[0] == dep:  # a bare package import runs only its __init__
+            if dep.split(".")[0] not in LAYERS:
+                out.append(f"{m} imports {dep} (outside {', '.join(PACKAGES)}: move it into one)")
+                continue
+            if dep in PACKAGES:  # a bare package import runs only its __init__
                 continue
             if layer_of(dep) > layer_of(m):
                 out.append(f"{m} imports {dep} (a higher layer)")

@@ -13,7 +13,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from pipeline.atomic import atomic_path
-from pipeline.codegraph import PACKAGES, ROOT, closure_files
+from pipeline.codegraph import NOT_CODE, ROOT, closure_files
 from pipeline.errors import UserError, first_line
 
 _MODULE = re.compile(r"-m\s+(stages\.[A-Za-z_][A-Za-z0-9_]*)")
@@ -49,8 +49,11 @@ def _dep_path(entry: Any) -> str:
 
 
 def is_code_dep(path: str) -> bool:
-    parts = path.split("/")
-    return len(parts) == 2 and parts[0] in PACKAGES and parts[1].endswith(".py")
+    """A path a module can have (`helpers.py`, `models/extra/util.py`: identifiers, .py) outside data/ and runs/. Such a
+    dep is code, so generated: `--write` replaces it with the closure. Anything else (a folder, a data or config file,
+    `data/raw/${key}`) is data and kept as listed."""
+    parts = path.removesuffix(".py").split("/")
+    return path.endswith(".py") and all(p.isidentifier() for p in parts) and parts[0] not in NOT_CODE
 
 
 def stage_module(body: dict) -> str | None:

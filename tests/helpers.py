@@ -149,6 +149,7 @@ def fake_tree(root: Path, files: dict[str, str]) -> Path:
         (root / pkg).mkdir(parents=True, exist_ok=True)
         (root / pkg / "__init__.py").write_text("")
     for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)  # a subpackage or a top-level module's folder
         (root / rel).write_text(text)
     return root
 

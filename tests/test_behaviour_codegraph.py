@@ -175,3 +175,84 @@ def test_the_run_command_lists_our_stages_and_skips_a_user_stage(tmp_path):
                                        "    do:\n      cmd: python -m stages.prepare --dataset ${item}\n"
                                        "  sample:\n    cmd: python -m stages.sample\n")
     assert pipeline_stages(tmp_path) == ["prepare", "sample"]
+
+
+SUBPACKAGE = {"models/extra/__init__.py": "", "models/extra/util.py": "K = 1\n",
+              "models/quantizer.py": "import torch\nfrom models.extra import util\n",
+              "stages/s.py": "import models.quantizer\n"}
+SUBPACKAGE_FILES = ["models/__init__.py", "models/extra/__init__.py", "models/extra/util.py", "models/quantizer.py",
+                    "stages/__init__.py", "stages/s.py"]
+
+
+def test_a_subpackage_module_is_in_the_closure_and_the_project_modules(tmp_path):
+    fake_tree(tmp_path, SUBPACKAGE)
+    assert codegraph.closure_files("stages.s", tmp_path) == SUBPACKAGE_FILES
+    assert codegraph.project_modules(tmp_path) == ["models", "models.extra", "models.extra.util", "models.quantizer",
+                                                   "pipeline", "training", "stages", "stages.s"]
+    # the layering sees subpackage modules too: layer = the top-level package
+    (tmp_path / "models" / "extra" / "util.py").write_text("import pipeline.io\n")
+    (tmp_path / "pipeline" / "io.py").write_text("")
+    codegraph._imports_cached.cache_clear()
+    assert codegraph.layering_violations(tmp_path) == ["models.extra.util imports pipeline.io (a higher layer)"]
+
+
+def test_write_lists_subpackage_files_once_and_then_checks_clean(tmp_path):
+    """Nested code deps were taken for data deps: never removed (so piled up on every --write), never counted as
+    listed (so --check could not be satisfied)."""
+    fake_tree(tmp_path, SUBPACKAGE)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python -m stages.s\n    deps:\n      - data/in\n")
+    assert dvc_deps.write(tmp_path / "dvc.yaml", tmp_path) == ["s"]
+    assert dvc_deps.drift(tmp_path / "dvc.yaml", tmp_path) == {}
+    once = (tmp_path / "dvc.yaml").read_text()
+    assert dvc_deps.write(tmp_path / "dvc.yaml", tmp_path) == []
+    assert (tmp_path / "dvc.yaml").read_text() == once
+    assert once.count("models/extra/util.py") == 1 and "      - data/in\n" in once
+
+
+OUTSIDE = {"helpers.py": "SCALE = 1.0\n", "extpkg/__init__.py": "", "extpkg/mod.py": "", "loose/ns.py": "",
+           "data/gen.py": "", "runs/r.py": "",
+           "training/vqgan.py": "import torch\nimport helpers\nfrom extpkg import mod\nimport loose.ns\n",
+           "stages/s.py": "import training.vqgan\nimport data.gen\nimport runs.r\nimport json\n"}
+
+
+def test_a_top_level_project_module_is_in_the_closure_and_the_fingerprint(tmp_path):
+    """`python -m stages.s` runs from the root, so `import helpers` finds root/helpers.py first: project code (a
+    top-level module, another package, a namespace folder's module), unlike data/, runs/ and installed packages."""
+    fake_tree(tmp_path, OUTSIDE)
+    assert codegraph.closure_files("stages.s", tmp_path) == [
+        "extpkg/__init__.py", "extpkg/mod.py", "helpers.py", "loose/ns.py", "stages/__init__.py", "stages/s.py",
+        "training/__init__.py", "training/vqgan.py"]
+    before = codegraph.code_fingerprint("stages.s", tmp_path)
+    (tmp_path / "helpers.py").write_text("SCALE = 2.0\n")
+    codegraph._imports_cached.cache_clear()
+    assert codegraph.code_fingerprint("stages.s", tmp_path) != before
+    # a stage's module outside the layered packages is flagged: it has no layer
+    assert codegraph.layering_violations(tmp_path) == [
+        "training.vqgan imports extpkg (outside models, pipeline, training, stages: move it into one)",
+        "training.vqgan imports extpkg.mod (outside models, pipeline, training, stages: move it into one)",
+        "training.vqgan imports helpers (outside models, pipeline, training, stages: move it into one)",
+        "training.vqgan imports loose.ns (outside models, pipeline, training, stages: move it into one)"]
+
+
+def test_a_module_file_outside_the_root_or_shadowed_by_a_builtin_is_not_project_code(tmp_path):
+    outside = tmp_path / "elsewhere"
+    fake_tree(outside, {"linked.py": ""})
+    root = tmp_path / "root"
+    fake_tree(root, {"stages/s.py": "import linked\nimport sys\nimport json\n", "sys.py": "", "json.py": ""})
+    (root / "linked.py").symlink_to(outside / "linked.py")
+    # sys is built into the interpreter (found before the path); json.py in the root shadows the stdlib's
+    assert codegraph.closure_files("stages.s", root) == ["json.py", "stages/__init__.py", "stages/s.py"]
+
+
+def test_write_and_check_count_top_level_modules_as_code_deps(tmp_path):
+    fake_tree(tmp_path, OUTSIDE)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python -m stages.s\n    deps:\n      - data/in\n"
+                                       "      - configs/x.yaml\n      - data/raw/${key}\n")
+    assert dvc_deps.write(tmp_path / "dvc.yaml", tmp_path) == ["s"]
+    assert dvc_deps.drift(tmp_path / "dvc.yaml", tmp_path) == {}
+    once = (tmp_path / "dvc.yaml").read_text()
+    assert dvc_deps.write(tmp_path / "dvc.yaml", tmp_path) == []
+    assert once.count("- helpers.py\n") == 1 and "      - configs/x.yaml\n      - data/raw/${key}\n" in once
+    assert [p for p in ("helpers.py", "extpkg/mod.py", "a/b/c.py", "data/gen.py", "runs/r.py", ".venv/x.py",
+                        "data/raw/${key}", "configs/x.yaml", "bad-name.py") if dvc_deps.is_code_dep(p)] == [
+        "helpers.py", "extpkg/mod.py", "a/b/c.py"]
