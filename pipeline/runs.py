@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.atomic import write_bytes
-from pipeline.config import PROJECT_ROOT, apply_overrides, load_params, parse_override, set_params_file
+from pipeline.config import PROJECT_ROOT, apply_overrides, load_params, parse_override, printable, set_params_file
 from pipeline.errors import UserError
 from pipeline.locks import exclusive
 
@@ -80,9 +80,10 @@ def check_params_dict(params: dict[str, Any], source: str, root: Path) -> list[s
                 mod.check(params, source)
     finally:
         PROJECT_ROOT.reset(token)
-    unknown = sorted(set(params) - known)
+    unknown = sorted(set(params) - known, key=str)  # YAML keys may be ints or None too
     if unknown:
-        raise UserError(f"{source}: unknown section '{unknown[0]}' (allowed: {', '.join(sorted(known))})")
+        raise UserError(f"{source}: unknown section '{printable(str(unknown[0]))}' "
+                        f"(allowed: {', '.join(sorted(known))})")
     return list(params.get("datasets") or {})
 
 
