@@ -24,6 +24,13 @@ from pipeline.errors import UserError, first_line
 T = TypeVar("T")
 PARAMS_FILE = "params.yaml"
 _MISSING = dataclasses.MISSING
+# Every int param must fit a signed 64-bit integer: torch, numpy and faiss take no larger one, and a value that
+# passed validation must not become a traceback in the stage.
+INT_MIN, INT_MAX = -2**63, 2**63 - 1
+# Every seed param's max. The tightest consumer is training/gan.py's step_generator: torch seeds must be < 2**64
+# and ((seed * 1_000_003 + step) * 8 + stream) * 4096 + rank stays below that for seeds < 2**29 (faiss's k-means,
+# an int32 seed, takes them too; the other stages derive seeds by seed * 1_000_003 + i).
+SEED_MAX = 2**29 - 1
 
 
 class _ParamsLoader(yaml.SafeLoader):
@@ -61,19 +68,35 @@ def param(default: Any = _MISSING, *, min: float | None = None, max: float | Non
     return dataclasses.field(default=default, metadata=meta)
 
 
+def printable(text: str) -> str:
+    """User text inside a message, kept on one line: control characters and line breaks escaped as repr does."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def read_params_text(path: Path) -> str:
+    """A params file's text. It must be UTF-8 (what DVC reads it as); anything else is one line naming the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); params files are "
+                        f"UTF-8") from None
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     """Read params.yaml as plain data (no validation)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: params file not found (run from the project root or pass --params)")
-    text = path.read_text()
+    text = read_params_text(path)
     try:
         data = load_yaml(text)
     except yaml.YAMLError as exc:
         # a parser/scanner error carries a mark and a problem; a reader error (a control character) a position
         mark, pos = getattr(exc, "problem_mark", None), getattr(exc, "position", None)
         line = mark.line + 1 if mark else text.count("\n", 0, pos) + 1 if isinstance(pos, int) else None
-        problem = getattr(exc, "problem", None) or first_line(exc)
+        problem = printable(getattr(exc, "problem", None) or first_line(exc))
         where = f" line {line}" if line else ""
         raise UserError(f"{path}:{where} is not valid YAML ({problem})") from None
     if data is None:
@@ -95,9 +118,9 @@ def from_dict(cls: type[T], raw: Any, where: str, source: str = PARAMS_FILE) -> 
     if not isinstance(raw, dict):
         raise UserError(f"{source}: {where} = {raw!r} has the wrong type (allowed: a mapping)")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be ints or None too
     if unknown:
-        raise UserError(f"{source}: unknown key '{where}.{unknown[0]}' (allowed: {', '.join(sorted(fields))})")
+        raise UserError(f"{source}: unknown key '{key_path(where, unknown[0])}' (allowed: {', '.join(sorted(fields))})")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, f in fields.items():
@@ -106,11 +129,18 @@ def from_dict(cls: type[T], raw: Any, where: str, source: str = PARAMS_FILE) -> 
             if f.default is _MISSING and f.default_factory is _MISSING:
                 raise UserError(f"{source}: missing key '{key}'")
             continue
+        if type(raw[name]) is int and not INT_MIN <= raw[name] <= INT_MAX:  # a field's own bounds are tighter
+            _check_range({"min": f.metadata.get("min"), "max": f.metadata.get("max")}, raw[name], key, source)
         value = _coerce(hints[name], raw[name], key, source)
         _check_range(f.metadata, value, key, source)
         _check_kind(f.metadata.get("kind"), value, key, source)
         values[name] = value
     return cls(**values)
+
+
+def key_path(where: str, key: Any) -> str:
+    """`where.key` for messages; a user's key keeps to one line (a quoted YAML key may hold a newline)."""
+    return f"{where}.{printable(str(key))}"
 
 
 def _type_name(tp: Any) -> str:
@@ -161,7 +191,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise _wrong(tp, value, key, source)
-        return {str(k): _coerce(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
+        return {str(k): _coerce(args[1], v, key_path(key, k), source) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key, source)
     if tp is bool:
@@ -171,13 +201,20 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _wrong(tp, value, key, source)
+        if not INT_MIN <= value <= INT_MAX:
+            raise UserError(f"{source}: {key} = {value!r} is out of range (allowed: "
+                            f"{f'<= {INT_MAX}' if value > 0 else f'>= {INT_MIN}'})")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _wrong(tp, value, key, source)
-        if not math.isfinite(value):  # YAML's .nan / .inf slip past every range check
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond every float (10**309 written out)
+            number = math.inf
+        if not math.isfinite(number):  # YAML's .nan / .inf slip past every range check
             raise UserError(f"{source}: {key} = {value!r} is not allowed (allowed: a finite number)")
-        return float(value)
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise _wrong(tp, value, key, source)
@@ -241,6 +278,9 @@ def _check_kind(kind: str | None, value: Any, key: str, source: str) -> None:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b.c=value` -> ('a.b.c', parsed YAML value); the same syntax as `dvc exp run -S`."""
+    # a newline would split the error naming the override, and YAML would fold it into the value ('5\nx' -> '5 x')
+    if not text.isprintable():
+        raise UserError(f"override {text!r}: a key or value may not hold a control character or line break")
     if "=" not in text:
         raise UserError(f"override {text!r} must look like key.path=value")
     key, raw = text.split("=", 1)
@@ -281,7 +321,7 @@ def set_params_file(path: str | Path, overrides: list[str]) -> None:
 
     yaml_rt = YAML()  # round-trip mode: comments survive
     path = Path(path)
-    doc = yaml_rt.load(path.read_text())
+    doc = yaml_rt.load(read_params_text(path))
     for text in overrides:
         key, value = parse_override(text)
         node = doc

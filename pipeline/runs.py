@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.atomic import OWNER_FILE, write_bytes
-from pipeline.config import PROJECT_ROOT, apply_overrides, load_params, parse_override, set_params_file
+from pipeline.config import PROJECT_ROOT, apply_overrides, load_params, parse_override, printable, set_params_file
 from pipeline.errors import UserError
 from pipeline.locks import exclusive
 from pipeline.out_guard import check_outputs, locked_outs
@@ -81,9 +81,10 @@ def check_params_dict(params: dict[str, Any], source: str, root: Path, outputs: 
                 mod.check(params, source)
     finally:
         PROJECT_ROOT.reset(token)
-    unknown = sorted(set(params) - known)
+    unknown = sorted(set(params) - known, key=str)  # YAML keys may be ints or None too
     if unknown:
-        raise UserError(f"{source}: unknown section '{unknown[0]}' (allowed: {', '.join(sorted(known))})")
+        raise UserError(f"{source}: unknown section '{printable(str(unknown[0]))}' "
+                        f"(allowed: {', '.join(sorted(known))})")
     if outputs:  # an existing path DVC would delete before the stage could refuse it; overlapping outputs
         check_outputs(root, params, source)
     return list(params.get("datasets") or {})

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.atomic import check_replaceable, new_partial_dir, replace_dir, sha256_file, write_json
-from pipeline.config import param, section
+from pipeline.config import SEED_MAX, param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
 from pipeline.fid import Protocol, compute_metrics, protocol_id
@@ -49,7 +49,7 @@ class EvalVQGANParams:
     resize: ResizeMode = "tf_bilinear"  # must be the reference's
     n_images: int | None = param(None, min=4)  # first n reference images; null = all of them
     vqgan_batch_size: int = param(256, min=1)
-    seed: int = param(0, min=0)  # KID subsets
+    seed: int = param(0, min=0, max=SEED_MAX)  # KID subsets
     kid_subsets: int = param(100, min=1)
     kid_subset_size: int = param(1000, min=2)
     pr_k: int = param(3, min=1)

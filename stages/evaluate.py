@@ -41,7 +41,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.atomic import check_replaceable, new_partial_dir, replace_dir, write_json
-from pipeline.config import param, section
+from pipeline.config import SEED_MAX, param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
 from pipeline.fid import Protocol, compute_metrics, frechet_distance_features, protocol_id, with_protocol
@@ -73,7 +73,7 @@ class EvaluateParams:
     reference: str = "data/fid_ref/fashion_mnist-val-tf_bilinear"  # a fid_ref output folder
     resize: ResizeMode = "tf_bilinear"  # must be the reference's
     n_samples: int | None = param(None, min=4)  # cap on the samples evaluated; null = all
-    seed: int = param(0, min=0)  # KID subsets
+    seed: int = param(0, min=0, max=SEED_MAX)  # KID subsets
     kid_subsets: int = param(100, min=1)
     kid_subset_size: int = param(1000, min=2)
     pr_k: int = param(3, min=1)

@@ -29,7 +29,7 @@ import numpy as np
 
 from models.inception import NETWORK_NAME
 from pipeline.atomic import check_replaceable, replace_dir, write_json
-from pipeline.config import param, section
+from pipeline.config import SEED_MAX, param, section
 from pipeline.errors import UserError
 from pipeline.fid import stats
 from pipeline.fid_reference import (FORMAT, NetworkParams, ResizeMode, features_of, image_batches, load_network,
@@ -49,7 +49,7 @@ class FidRefParams:
     split: str = param("val", kind="name")
     n_ref: int | None = param(2000, min=2)  # cap on the images used; null = the whole split
     resize: ResizeMode = "tf_bilinear"  # tf_bilinear (torch-fidelity / TF FID) | clean_bicubic (clean-fid)
-    seed: int = param(0, min=0)  # which subset when n_ref < the split size
+    seed: int = param(0, min=0, max=SEED_MAX)  # which subset when n_ref < the split size
     network: NetworkParams = field(default_factory=NetworkParams)
 
     @property

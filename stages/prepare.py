@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.atomic import check_replaceable, replace_dir, write_json
-from pipeline.config import asdict, check_dataset_name, from_dict, load_params, param, section
+from pipeline.config import SEED_MAX, asdict, check_dataset_name, from_dict, load_params, param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
 from pipeline.images import SkipImage, conform, decode_image, encode_png
@@ -61,7 +61,7 @@ class PrepareParams:
     shard_size: int = param(10000, min=1)
     min_side: int = param(8, min=1)  # smaller inputs are skipped (a 1x1 image carries nothing)
     max_pixels: int = param(50_000_000, min=1)  # decompression-bomb guard
-    seed: int = param(0, min=0)  # for split: random
+    seed: int = param(0, min=0, max=SEED_MAX)  # for split: random
 
 
 @dataclass

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from models.gpt import GPT, GPTConfig
 from models.maskgit import MaskGIT, MaskGITConfig
 from pipeline.atomic import check_replaceable, replace_dir, sha256_file, write_json
-from pipeline.config import param, section
+from pipeline.config import SEED_MAX, param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
 from models.gan import generator_from_config, snap_to_codes
@@ -55,7 +55,7 @@ class SampleParams:
     cfg_scale: float = param(1.5, min=0.0)  # 1.0: plain conditional sampling
     maskgit_steps: int = param(8, min=1)  # kind maskgit: decoding steps T (forward passes per batch)
     choice_temperature: float = param(2.0, min=0.0)  # kind maskgit: Gumbel noise on confidences, annealed to 0
-    seed: int = param(0, min=0)
+    seed: int = param(0, min=0, max=SEED_MAX)
     shard_size: int = param(1000, min=1)
     grid_per_class: int = param(10, min=1)  # images per row of grid.png
     device: Literal["auto", "cpu", "cuda"] = "auto"

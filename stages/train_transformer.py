@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.atomic import check_replaceable
-from pipeline.config import param, section
+from pipeline.config import SEED_MAX, param, section
 from pipeline.device import init_distributed, pick_device
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
@@ -82,7 +82,7 @@ class TrainTransformerParams:
     log_every: int = param(25, min=1)
     eval_every: int = param(250, min=1)
     val_batches: int = param(20, min=1)  # val loss over this many batches (fixed, seeded)
-    seed: int = param(0, min=0)
+    seed: int = param(0, min=0, max=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True
     ar: ARParams = field(default_factory=ARParams)  # the transformer of kinds ar and maskgit

@@ -14,7 +14,7 @@ from typing import Literal
 
 from models.vqgan import VQGANConfig
 from pipeline.atomic import check_replaceable
-from pipeline.config import param, section
+from pipeline.config import SEED_MAX, param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
 from training.common import code_id
@@ -69,7 +69,7 @@ class TrainVQGANParams:
     ckpt_keep: int = param(2, min=1)
     log_every: int = param(50, min=1)
     val_images: int | None = param(None, min=1)  # cap the val split for the final metrics
-    seed: int = param(0, min=0)
+    seed: int = param(0, min=0, max=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True  # autocast on CUDA only
     max_memory_mb: int = param(4096, min=1)  # datasets up to this size are held in memory as uint8

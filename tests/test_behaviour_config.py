@@ -383,3 +383,91 @@ def test_every_shipped_preset_validates_against_params_yaml(preset):
     overrides = preset_overrides(ROOT / "configs" / preset)
     assert overrides and all("=" in o for o in overrides)
     validate_overrides(ROOT, overrides)
+
+
+# ---------------------------------------------------------------- what the consumers of a value accept
+
+def test_an_int_beyond_int64_is_out_of_range_not_a_crash_later():
+    """torch.manual_seed(2**64) and friends raise in the stage, after validation: every int must fit int64."""
+    for raw, expected in [
+        (dict(opt=2**63), "sec.opt = 9223372036854775808 is out of range (allowed: <= 9223372036854775807)"),
+        (dict(opt=-2**63 - 1), "sec.opt = -9223372036854775809 is out of range (allowed: >= -9223372036854775808)"),
+        (dict(items=[1, 2**64]), "sec.items[1] = 18446744073709551616 is out of range (allowed: <= "
+                                 "9223372036854775807)"),
+        (dict(hi_only=2**63), "sec.hi_only = 9223372036854775808 is out of range (allowed: <= 5)"),  # its own bound
+        (dict(lo_only=10**400), f"sec.lo_only = {10**400!r} is not allowed (allowed: a finite number)"),  # no float
+    ]:
+        assert message(**raw) == f"{SRC}: {expected}"
+    assert build(opt=2**63 - 1).opt == 2**63 - 1 and build(opt=-2**63).opt == -2**63
+
+
+def test_every_seed_param_is_capped_where_all_its_consumers_take_it():
+    import faiss
+    import torch
+
+    from stages import eval_vqgan, evaluate, fid_ref, prepare, sample, train_transformer, train_vqgan
+    from training.common import StepBatches, seed_everything
+    from training.gan import step_generator
+    for cls in (sample.SampleParams, eval_vqgan.EvalVQGANParams, train_transformer.TrainTransformerParams,
+                fid_ref.FidRefParams, evaluate.EvaluateParams, prepare.PrepareParams, train_vqgan.TrainVQGANParams):
+        seed = next(f for f in dataclasses.fields(cls) if f.name == "seed")
+        assert (seed.metadata["min"], seed.metadata["max"]) == (0, C.SEED_MAX), cls
+    s = C.SEED_MAX
+    seed_everything(s)
+    step_generator(s, 10**9, 7, 4095)  # the largest derived seed: GAN streams of step 1e9, rank 4095
+    StepBatches(10, 2, s).indices(10**9)
+    torch.Generator().manual_seed(s * 1_000_003 + 10**9)  # sample's per-batch and maskgit's per-rank seeds
+    faiss.Kmeans(2, 2, niter=1, seed=s)  # train_vqgan's k-means: an int32
+    with pytest.raises(UserError) as err:
+        from pipeline.runs import validate_overrides
+        validate_overrides(ROOT, ["train_vqgan.seed=9223372036854775808"])
+    assert str(err.value) == ("params.yaml with train_vqgan.seed=9223372036854775808: train_vqgan.seed = "
+                              f"9223372036854775808 is out of range (allowed: <= {C.SEED_MAX} and >= 0)")
+
+
+def test_a_params_file_that_is_not_utf8_is_one_line_naming_the_byte(tmp_path):
+    from pipeline.runs import preset_overrides
+    p = tmp_path / "params.yaml"
+    p.write_bytes("a:\n  b: 1\n  # caf\u00e9\n".encode("latin-1"))  # an editor's Latin-1 comment
+    before = p.read_bytes()
+    for read in (load_params, preset_overrides, lambda path: set_params_file(path, ["a.b=2"])):
+        with pytest.raises(UserError) as err:
+            read(p)
+        assert str(err.value) == f"{p}: not UTF-8 text (byte 0xe9 at line 3); params files are UTF-8"
+    assert p.read_bytes() == before
+    weights = tmp_path / "model.safetensors"  # --params pointed at a binary file
+    weights.write_bytes(b"\x80\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(UserError, match=r"model\.safetensors: not UTF-8 text \(byte 0x80 at line 1\)"):
+        load_params(weights)
+
+
+@pytest.mark.parametrize("text", ["train_vqgan.steps=5\nx", "a\n.b=1", "a.b=x\ty", "a.b=\x1b[31mred", "a.b=x\ry",
+                                  "a.b=x\u2028y", "a.b=\x85", "a.b=\x00"])
+def test_an_override_with_a_control_character_is_refused_in_one_line(text):
+    from pipeline.runs import validate_overrides
+    expected = f"override {text!r}: a key or value may not hold a control character or line break"
+    for call in (lambda: parse_override(text), lambda: validate_overrides(ROOT, [text])):
+        with pytest.raises(UserError) as err:
+            call()
+        assert str(err.value) == expected and len(str(err.value).splitlines()) == 1
+
+
+ALLOWED = "anything, either, flag, hi_only, inner, items, kind, label, lo_only, mode, n, name, opt, out, pair, table"
+
+
+def test_keys_from_the_params_file_stay_on_one_line_in_messages():
+    """A quoted YAML key may hold a newline; a key may be an int: the message escapes it, and sorting mixed keys
+    does not crash."""
+    assert message(**{"a\nb": 1}) == f"{SRC}: unknown key 'sec.a\\nb' (allowed: {ALLOWED})"
+    assert message(table={"k\u2028": "v"}) == f"{SRC}: sec.table.k\\u2028 = 'v' has the wrong type (allowed: int)"
+    with pytest.raises(UserError) as err:
+        from_dict(Section, {"name": "s", 1: 2, "z": 3}, "sec", SRC)
+    assert str(err.value) == f"{SRC}: unknown key 'sec.1' (allowed: {ALLOWED})"
+    from pipeline.runs import check_params_dict
+    params = load_params(ROOT / "params.yaml")
+    with pytest.raises(UserError) as err:
+        check_params_dict({**params, 1: {}, "x\ny": {}}, SRC, ROOT)
+    assert str(err.value).startswith(f"{SRC}: unknown section '1' (allowed: datasets,")
+    with pytest.raises(UserError) as err:
+        check_params_dict({**params, "x\ny": {}}, SRC, ROOT)
+    assert str(err.value).startswith(f"{SRC}: unknown section 'x\\ny' (allowed: datasets,")

@@ -220,6 +220,8 @@ def prepare_project(prepared_template, tmp_path):
     ["-S", "datasets.a.resolution=2"],                     # out of range
     ["-S", "noequals"],
     ["--preset", "configs/missing.yaml"],
+    ["-S", "prepare.seed=9223372036854775808"],          # beyond int64: torch's seeding would raise mid-run
+    ["-S", "prepare.shard_size=5\nx"],                   # a newline: one line, and not folded into '5 x'
 ])
 def test_bad_override_is_refused_before_anything_is_written(prepare_project, args):
     before_params = (prepare_project / "params.yaml").read_bytes()
@@ -228,6 +230,16 @@ def test_bad_override_is_refused_before_anything_is_written(prepare_project, arg
     one_error_line(proc)
     assert (prepare_project / "params.yaml").read_bytes() == before_params
     assert files_under(prepare_project / "data") == before_data
+
+
+@pytest.mark.parametrize("command", [["check"], ["stage", "prepare"], ["run", "--no-prefect"]])
+def test_a_params_file_that_is_not_utf8_is_one_line_with_nothing_written(prepare_project, command):
+    params = prepare_project / "params.yaml"
+    params.write_bytes(params.read_bytes() + "# caf\u00e9\n".encode("latin-1"))  # an editor's Latin-1 comment
+    before, lines = files_under(prepare_project / "data"), params.read_bytes().count(b"\n")
+    line = one_error_line(pipeline_cli(prepare_project, *command))
+    assert line.endswith(f"params.yaml: not UTF-8 text (byte 0xe9 at line {lines}); params files are UTF-8"), line
+    assert files_under(prepare_project / "data") == before
 
 
 def test_override_waits_for_nobody_and_edits_nothing_while_another_run_holds_the_project(prepare_project):

@@ -1,6 +1,9 @@
 """train_transformer (kind ar) and the sample stage on a tiny token store."""
 import dataclasses
 import json
+import logging
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import crash_after_first_checkpoint, transformer_cfg
+from pipeline.sandbox import IDX_STEMS, read_idx, write_idx
+from pipeline.tokens import read_meta
 from pipeline.errors import UserError
 from pipeline.shards import iter_tar_samples
 from pipeline.images import decode_png
@@ -35,6 +40,56 @@ def test_interrupted_and_resumed_equals_uninterrupted(world, tmp_path, monkeypat
     resumed = load_file(str(tmp_path / "b" / "gpt" / "model.safetensors"))
     # label dropout (ar: the global RNG) and maskgit's masks (its generator) came from the restored states
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+@pytest.fixture(scope="module")
+def inverted_tokens(tiny_world, tmp_path_factory) -> Path:
+    """The tokens folder of `a` re-made from its images inverted: same VQGAN, same counts, other tokens."""
+    from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
+    from stages.prepare import run as prepare
+    from stages.tokenize import TokenizeConfig, TokenizeParams
+    from stages.tokenize import run as tokenize
+    base, src = tmp_path_factory.mktemp("inverted"), tiny_world["base"] / "idx"
+    (base / "idx").mkdir()
+    for stem in IDX_STEMS:
+        write_idx(base / "idx" / f"{stem}-images-idx3-ubyte.gz", 255 - read_idx(src / f"{stem}-images-idx3-ubyte.gz"))
+        shutil.copy2(src / f"{stem}-labels-idx1-ubyte.gz", base / "idx")
+    prepare(PrepareConfig("a", DatasetSpec(source="idx", path=str(base / "idx"), resolution=16, channels=1,
+                                           class_names=[str(i) for i in range(10)]),
+                          PrepareParams(out_dir=str(base / "prepared"), shard_size=25)))
+    tokenize(TokenizeConfig("a", base / "prepared" / "a", tiny_world["vqgan"], base / "tokens" / "a",
+                            base / "tok_metrics.json", None,
+                            TokenizeParams(batch_size=16, shard_size=10, num_workers=0, roundtrip_images=8)))
+    old, new = read_meta(tiny_world["tokens"]), read_meta(base / "tokens" / "a")
+    assert (old["fingerprint"], old["count"]) == (new["fingerprint"], new["count"])  # what the identity used to be
+    return base / "tokens"
+
+
+@pytest.mark.parametrize("kind", ["ar", "maskgit", "gan"])
+def test_a_checkpoint_of_other_tokens_under_the_same_vqgan_and_count_is_not_resumed(tiny_world, inverted_tokens,
+                                                                                      tmp_path, monkeypatch, caplog,
+                                                                                      kind):
+    """The tester's repro in small: interrupted on one token store, re-run on a store re-made from other images
+    (same VQGAN, same count): the run starts fresh and ends as a run made on the new tokens alone."""
+    from test_train_gan import gan_cfg
+
+    def cfg(out: Path, tokens: Path) -> tt.TrainTransformerParams:
+        if kind == "gan":
+            return gan_cfg(tiny_world, out, tokens_dir=str(tokens))
+        return ar_cfg(tiny_world["base"], out, kind=kind, tokens_dir=str(tokens))
+
+    tokens = tmp_path / "tokens"
+    shutil.copytree(tiny_world["base"] / "tokens", tokens)
+    crash_after_first_checkpoint(lambda: tt.run(cfg(tmp_path / "b", tokens)), monkeypatch)
+    shutil.rmtree(tokens)
+    shutil.copytree(inverted_tokens, tokens)
+    caplog.set_level(logging.INFO)
+    tt.run(cfg(tmp_path / "b", tokens))
+    assert "resuming" not in caplog.text
+    assert "made by a run with other params or input data" in caplog.text
+    tt.run(cfg(tmp_path / "a", inverted_tokens))
+    ref, got = (load_file(str(Path(cfg(tmp_path / run, tokens).out_dir) / "model.safetensors")) for run in "ab")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
 def test_metrics_and_outputs(world, tmp_path):

@@ -38,7 +38,7 @@ from pipeline.errors import UserError
 from pipeline.runlog import headline, write_metrics
 from pipeline.tokens import TokenData
 from training.common import (EMA, StepBatches, check_batch_fits, check_finite, config_hash, cosine_lr, export_weights,
-                             seed_everything, set_lr, unwrap, write_tsv)
+                             seed_everything, set_lr, token_data_id, unwrap, write_tsv)
 
 log = logging.getLogger("tokenmill.train_transformer")
 # Dense bf16 peak of the GPUs we publish MFU for (TFLOP/s); other devices report achieved TFLOP/s only.
@@ -136,7 +136,8 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
                      n_embd=a.n_embd, dropout=a.dropout, n_classes=len(class_names), class_dropout=a.class_dropout,
                      norm=a.norm, mlp=a.mlp, pos=a.pos, bias=a.bias, tie_head=a.tie_head)
     run_id = config_hash({"cfg": dataclasses.asdict(cfg) | {"device": None}, "tokens": fingerprint,
-                          "count": meta["count"], "world": dist.world})
+                          "data": token_data_id(meta, train.tokens, train.labels, val.tokens, val.labels),
+                          "classes": class_names, "world": dist.world})
     seed_everything(cfg.seed)
     model = Model(gcfg).to(device)
     # maskgit's masks and label dropout: one generator, its state checkpointed (other ranks draw other masks)

@@ -30,6 +30,19 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def token_data_id(meta: dict[str, Any], *tensors: torch.Tensor) -> dict[str, Any]:
+    """The input-data part of a stage-2 run's identity: the token store's provenance (codebook, prepared dataset,
+    hflip, counts) and a hash of the tokens and labels as loaded. The codebook and the count alone missed tokens
+    that changed under the same VQGAN and count (other images, same dataset name), and such a run was resumed."""
+    content = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        content.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        content.update(t.numpy())  # the buffer itself: no copy of a large store
+    keys = ("format", "fingerprint", "dataset", "dataset_fingerprint", "hflip", "count", "counts", "n_codes", "grid")
+    return {k: meta.get(k) for k in keys} | {"content": content.hexdigest()[:16]}
+
+
 def code_id(stage_module: str) -> str:
     """The code part of a run's identity: a hash of the stage's import closure (pipeline/codegraph.py). A checkpoint
     saved under another one is not resumed, so a re-run after a code change retrains with the new code."""

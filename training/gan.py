@@ -67,7 +67,7 @@ from pipeline.errors import UserError
 from pipeline.fid import Protocol, extract_features, frechet_distance_features, protocol_id
 from pipeline.prepared import PreparedImages, read_manifest
 from training.common import (EMA, StepBatches, check_batch_fits, check_finite, config_hash, export_weights,
-                             linear_decay_scale, seed_everything, set_lr, write_tsv)
+                             linear_decay_scale, seed_everything, set_lr, token_data_id, write_tsv)
 from pipeline.device import Dist, autocast
 from pipeline.vqgan_io import load_vqgan, to_model_range, to_uint8
 from pipeline.fid_reference import NetworkParams, check_reference, load_network, load_reference
@@ -364,7 +364,8 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     opt_d = torch.optim.Adam(D.parameters(), lr=gcfg.lr_d, betas=gcfg.betas)
     ema = EMA(G, gcfg.ema_decay)
     run_id = config_hash({"cfg": dataclasses.asdict(cfg) | {"device": None}, "tokens": fingerprint,
-                          "count": meta["count"], "world": dist.world})
+                          "data": token_data_id(meta, train.tokens, train.labels), "classes": class_names,
+                          "world": dist.world})
 
     state = ckpt.load_latest(cfg.ckpt_dir, device, expect={"run_id": run_id, "code": code})
     history: list[dict] = []
