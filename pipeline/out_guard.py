@@ -190,6 +190,6 @@ def check_outputs(root: Path, params: dict[str, Any], source: str) -> None:
             why = _why_not_ours(root / path, owner, cache)
             if why is None:
                 continue
-        raise UserError(f"{source}: {_named(path, keys)} exists and is {why}, not an output of stage {stage}; DVC deletes "
-                        f"a stage's outputs before running it, so nothing was run: move it away or choose "
+        raise UserError(f"{source}: {_named(path, keys)} exists and is {why}, not an output of stage {stage}; DVC "
+                        f"deletes a stage's outputs before running it, so nothing was run: move it away or choose "
                         f"another path")
