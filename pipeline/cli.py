@@ -305,9 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="prepared dataset folder (with manifest.json), image folder or WebDataset tar(s)")
     p.add_argument("--vqgan", default=str(ROOT / "data" / "vqgan"), help="VQGAN folder (model.safetensors + "
                    "config.json)")
-    p.add_argument("--out", help="token store folder (default data/tokens/<name>)")
-    p.add_argument("--name", help="store name (default: the source folder's name)")
-    p.add_argument("--metrics", help="also write the metrics JSON here")
+    p.add_argument("--out", help="token store folder (default data/tokens/<name>; never a DVC-tracked store)")
+    p.add_argument("--name", help="store name (default: the --out folder's name, else the source folder's)")
+    p.add_argument("--metrics", help="also write the metrics JSON here (a .json path: absent, or written by tokenize)")
     p.add_argument("--hflip", action="store_true", help="also store horizontally flipped copies")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=10000)
@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=workers_option, default="auto",
                    help="image-decoding processes (default auto: sized to the device)")
     p.add_argument("--convert-channels", action="store_true", help="grey <-> RGB to match the VQGAN")
-    p.add_argument("--resolution", type=int, help="for raw images: default the VQGAN's training resolution")
+    p.add_argument("--resolution", type=int, help="raw images, a VQGAN whose config records no training resolution: "
+                   "prepare them at this one (otherwise the recorded one, the only one allowed)")
     p.add_argument("--resize", default="pad", choices=("pad", "resize", "center_crop"))
     p.add_argument("--background", type=int, default=0)
     p.add_argument("--split", default="random", choices=("keep", "random"))

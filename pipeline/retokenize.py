@@ -194,7 +194,7 @@ def vqgan_resolution(vmeta: dict, downsample: int, wanted: int | None, vqgan: Pa
     if res is None:
         raise UserError(f"{vqgan / 'config.json'}: records no training resolution; pass --resolution")
     if res % downsample:
-        raise UserError(f"--resolution {res} is not divisible by the VQGAN's downsampling {downsample}")
+        raise UserError(f"resolution {res} is not divisible by the downsampling {downsample} of the VQGAN in {vqgan}")
     return res
 
 
