@@ -15,22 +15,20 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline import dvc_deps
-from pipeline.atomic import check_replaceable, read_json
-from pipeline.config import check_dataset_name, from_dict, load_params
+from pipeline.config import check_dataset_name, load_params
 from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError, main_guard
 from pipeline.prefect_server import project_server, same_path, server_home, supervise
 from pipeline.presets import resolve_overrides
+from pipeline.retokenize import tokenize_command, workers_option
 from pipeline.runs import (check_params, run_with_overrides, select, stage_names,
                            validate_overrides)
 
@@ -237,117 +235,8 @@ def cmd_add_dataset(args: argparse.Namespace) -> None:
     _repro_undone_on_failure(["dvc", "repro", "--keep-going", f"prepare@{args.name}"], overrides, started=added)
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def peek_images(source: Path, n: int = 64) -> tuple[bool, set[tuple[int, int]]]:
-    """(any colour image, sizes) of the first `n` images of a raw source (a folder or WebDataset tars): what
-    tokenizing it with a VQGAN would convert. An RGB image whose channels are all equal counts as grey."""
-    import tarfile
-
-    import numpy as np
-    from PIL import Image
-
-    def opened() -> Iterator[Image.Image]:
-        tars = [source] if source.suffix == ".tar" else sorted(source.glob("*.tar"))
-        if tars:
-            for path in tars:
-                with tarfile.open(path) as tar:
-                    for member in tar:
-                        if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
-                            yield Image.open(io.BytesIO(tar.extractfile(member).read()))
-        else:
-            for path in sorted(source.rglob("*")):
-                if path.suffix.lower() in IMAGE_SUFFIXES:
-                    yield Image.open(path)
-
-    colour, sizes = False, set()
-    for i, im in zip(range(n), opened()):
-        sizes.add(im.size)
-        if im.mode not in ("L", "1", "I", "I;16", "F", "LA"):
-            rgb = np.asarray(im.convert("RGB"))
-            colour = colour or bool((rgb != rgb[..., :1]).any())
-    return colour, sizes
-
-
-def tokenize_source(source: str | Path, vqgan: str | Path, out: str | Path, p: Any, *,
-                    resolution: int | None = None, resize: str = "pad", background: int = 0,
-                    split: str = "random", metrics: str | Path | None = None, convert_channels: bool = False) -> Path:
-    """Tokenize a prepared dataset folder (with manifest.json), an image folder or WebDataset tar(s) of images
-    with the VQGAN in `vqgan`, into the store folder `out`. Raw images are first prepared (the prepare stage) at
-    the VQGAN's resolution and channels into a work folder beside `out`, removed when done. Images of the other
-    colour kind than the VQGAN's are refused unless `convert_channels`; what is converted is printed."""
-    from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
-    from stages.prepare import run as prepare_run
-    from stages.tokenize import TokenizeConfig
-    from stages.tokenize import run as tokenize_run
-
-    source, out, vqgan = Path(source), Path(out), Path(vqgan)
-    if not source.exists():
-        raise UserError(f"{source} does not exist")
-    check_replaceable(out, "tokenize")  # never replace a folder that is not an earlier token store
-    name = out.name
-    staging = None
-    if (source / "manifest.json").is_file():
-        prepared = source
-    else:
-        vmeta = read_json(vqgan / "config.json") if (vqgan / "config.json").is_file() else None
-        if vmeta is None:
-            raise UserError(f"{vqgan / 'config.json'}: not found (give a VQGAN folder from train_vqgan)")
-        resolution = resolution or vmeta.get("resolution")
-        if resolution is None:
-            raise UserError(f"{vqgan}: config.json has no training resolution; pass --resolution")
-        kind = "webdataset" if source.suffix == ".tar" or any(source.glob("*.tar")) else "folder"
-        in_ch = vmeta["model"]["in_channels"]
-        colour, sizes = peek_images(source)
-        if not sizes:
-            raise UserError(f"{source}: no images found ({', '.join(IMAGE_SUFFIXES)})")
-        if colour != (in_ch == 3):
-            have, want = ("colour", "grey (1 channel)") if colour else ("grey", "colour (3 channels)")
-            if not convert_channels:
-                raise UserError(f"{source}: the images are {have}, the VQGAN in {vqgan} takes {want}; pass "
-                                f"--convert-channels to tokenize them as {want.split()[0]}")
-            print(f"tokenize: converting {have} images to {want} for the VQGAN", file=sys.stderr)
-        if sizes != {(resolution, resolution)}:
-            shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4]) + (", ..." if len(sizes) > 4 else "")
-            print(f"tokenize: images of {shown} made {resolution}x{resolution} (--resize {resize}), the VQGAN's "
-                  f"resolution", file=sys.stderr)
-        staging = out.parent / f".{name}.prepared"
-        spec = from_dict(DatasetSpec, {"source": kind, "path": str(source), "resolution": resolution,
-                                       "channels": in_ch, "resize": resize,
-                                       "background": background, "split": split}, f"tokenize {source}", "command line")
-        prepare_run(PrepareConfig(name, spec, PrepareParams(out_dir=str(staging))))
-        prepared = staging / name
-    tokenize_run(TokenizeConfig(name, prepared, vqgan, out, Path(metrics) if metrics else None, None, p,
-                                convert_channels))
-    if staging is not None:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
-
-
-def workers_option(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not 'auto' or a number of processes") from None
-
-
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    from stages.tokenize import params_from
-
-    source = Path(args.source)
-    name = args.name or source.name
-    if not name.replace("_", "").replace("-", "").isalnum():
-        raise UserError(f"store name {name!r} must be letters, digits, - and _ (give --name)")
-    p = params_from({"batch_size": args.batch_size, "shard_size": args.shard_size, "hflip": args.hflip,
-                     "search": args.search, "device": args.device, "num_workers": args.num_workers}, "command line")
-    out = Path(args.out) if args.out else ROOT / "data" / "tokens" / name
-    tokenize_source(source, args.vqgan, out, p, resolution=args.resolution, resize=args.resize,
-                    background=args.background, split=args.split, metrics=args.metrics,
-                    convert_channels=args.convert_channels)
-    print(f"token store: {out}", file=sys.stderr)
+    tokenize_command(args, ROOT)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -421,9 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="prepared dataset folder (with manifest.json), image folder or WebDataset tar(s)")
     p.add_argument("--vqgan", default=str(ROOT / "data" / "vqgan"), help="VQGAN folder (model.safetensors + "
                    "config.json)")
-    p.add_argument("--out", help="token store folder (default data/tokens/<name>)")
-    p.add_argument("--name", help="store name (default: the source folder's name)")
-    p.add_argument("--metrics", help="also write the metrics JSON here")
+    p.add_argument("--out", help="token store folder (default data/tokens/<name>; never a DVC-tracked store)")
+    p.add_argument("--name", help="store name (default: the --out folder's name, else the source folder's)")
+    p.add_argument("--metrics", help="also write the metrics JSON here (a .json path: absent, or written by tokenize)")
     p.add_argument("--hflip", action="store_true", help="also store horizontally flipped copies")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=10000)
@@ -432,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=workers_option, default="auto",
                    help="image-decoding processes (default auto: sized to the device)")
     p.add_argument("--convert-channels", action="store_true", help="grey <-> RGB to match the VQGAN")
-    p.add_argument("--resolution", type=int, help="for raw images: default the VQGAN's training resolution")
+    p.add_argument("--resolution", type=int, help="raw images, a VQGAN whose config records no training resolution: "
+                   "prepare them at this one (otherwise the recorded one, the only one allowed)")
     p.add_argument("--resize", default="pad", choices=("pad", "resize", "center_crop"))
     p.add_argument("--background", type=int, default=0)
     p.add_argument("--split", default="random", choices=("keep", "random"))

@@ -32,7 +32,8 @@ PACKAGES = ("models", "pipeline", "training", "stages")
 NOT_CODE = frozenset({"data", "runs"})
 
 # Modules of the pipeline package that orchestrate (may import stages); every other pipeline module is plumbing.
-ORCHESTRATION = frozenset({"pipeline.cli", "pipeline.flow", "pipeline.artifacts", "pipeline.__main__", "pipeline.tiny"})
+ORCHESTRATION = frozenset({"pipeline.cli", "pipeline.flow", "pipeline.artifacts", "pipeline.__main__", "pipeline.tiny",
+                           "pipeline.retokenize"})
 LAYERS = {"models": 0, "pipeline": 1, "training": 2, "stages": 3}
 
 

@@ -45,6 +45,21 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     return im
 
 
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def is_colour(im: Image.Image) -> bool:
+    """Whether any pixel's red, green and blue differ: an RGB image whose channels are all equal is grey, so
+    making it grey loses nothing (one rule for `prepare`'s report and `pipeline tokenize`'s refusal)."""
+    if im.mode in GREY_MODES:
+        return False
+    try:
+        rgb = np.asarray(im.convert("RGB"))
+    except (ValueError, OSError):  # a mode Pillow cannot convert: conform skips such an image anyway
+        return False
+    return bool((rgb != rgb[..., :1]).any())
+
+
 def to_mode(im: Image.Image, channels: int, background: int) -> tuple[Image.Image, str | None]:
     """Convert any PIL mode to 'L' or 'RGB'. Returns the image and a note when a conversion changed data."""
     note = None

@@ -4,7 +4,8 @@ Sources: Fashion-MNIST style IDX files, an image folder (class sub-folders becom
 WebDataset of images. Output `<out_dir>/<dataset>/`:
   <split>-%06d.tar   samples {key}.png (uint8 HxWxC), {key}.cls (label as text), {key}.json (origin)
   manifest.json      counts per split and class, resolution, channels, class names, source, fingerprint
-  report.json        every skipped input with its reason, and counts of conversions
+  report.json        every skipped input with its reason, counts of conversions, and (channels: 1) the colour
+                     images made grey (`colour_made_grey`: count and the first few origins), so a caller can refuse
 The folder appears under its final name only when complete; re-running gives byte-identical output.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pipeline.atomic import check_replaceable, replace_dir, write_json
 from pipeline.config import SEED_MAX, asdict, check_dataset_name, from_dict, load_params, param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
-from pipeline.images import SkipImage, conform, decode_image, encode_png
+from pipeline.images import SkipImage, conform, decode_image, encode_png, is_colour
 from pipeline.shards import ShardWriter, iter_tar_samples
 
 log = logging.getLogger("tokenmill.prepare")
@@ -256,6 +257,7 @@ def run(cfg: PrepareConfig) -> None:
     writers = {s: ShardWriter(tmp, s, pp.shard_size) for s in SPLITS}
     counts = {s: Counter() for s in SPLITS}
     conversions: Counter = Counter()
+    made_grey: list[str] = []  # origins of colour images that channels: 1 made grey (lossy, unlike grey -> RGB)
     digest = hashlib.sha256()
     seen_keys: set[str] = set()
     try:
@@ -278,6 +280,8 @@ def run(cfg: PrepareConfig) -> None:
                 continue
             if note:
                 conversions[note.split(" (")[0]] += 1
+            if spec.channels == 1 and not isinstance(sample.data, np.ndarray) and is_colour(im):
+                made_grey.append(sample.origin)
             seen_keys.add(sample.key)
             counts[split][sample.label] += 1
             digest.update(f"{split}/{sample.key}/{sample.label}/".encode())
@@ -320,11 +324,11 @@ def run(cfg: PrepareConfig) -> None:
                        "prepare": {k: v for k, v in asdict(pp).items() if k != "out_dir"}},
             "fingerprint": digest.hexdigest(),
         }
-        write_json(tmp / "report.json", {
-            "skipped": skipped,
-            "skipped_by_reason": dict(Counter(s["reason"].split(" (")[0] for s in skipped)),
-            "converted": dict(conversions),
-        })
+        report = {"skipped": skipped, "converted": dict(conversions),
+                  "skipped_by_reason": dict(Counter(s["reason"].split(" (")[0] for s in skipped))}
+        if made_grey:  # only then: the reports of datasets without any stay as they were
+            report["colour_made_grey"] = {"count": len(made_grey), "first": made_grey[:5]}
+        write_json(tmp / "report.json", report)
         write_json(tmp / "manifest.json", manifest)
         replace_dir(tmp, final, "prepare")
     except BaseException:
