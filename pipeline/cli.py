@@ -187,6 +187,11 @@ def cmd_check(args: argparse.Namespace) -> None:
     print(f"{args.params}: ok ({len(names)} dataset(s): {', '.join(names)})")
 
 
+def _with_root(pythonpath: str | None) -> str:
+    """PYTHONPATH for a child that imports this checkout's pipeline package (not an installed copy)."""
+    return os.pathsep.join(filter(None, [str(ROOT), pythonpath]))
+
+
 def cmd_ui(args: argparse.Namespace) -> None:
     os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
     home = server_home(args.port)
@@ -197,8 +202,10 @@ def cmd_ui(args: argparse.Namespace) -> None:
                         f"{home or 'an unknown folder'}); use --port"))
     print(f"Prefect UI on http://127.0.0.1:{args.port}  (runs reach it when started from this project; "
           f"Ctrl-C stops it)", file=sys.stderr)
-    sys.exit(supervise(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(args.port)],
-                       env={**os.environ, **server_env(args.port)}))
+    # not `prefect server start`: the same app and services, behind pipeline.ui_server.LocalOnly, which refuses
+    # requests of other web origins (CORS alone lets a page's "simple" POST through and Prefect executes it)
+    env = {**os.environ, **server_env(args.port), "PYTHONPATH": _with_root(os.environ.get("PYTHONPATH"))}
+    sys.exit(supervise([sys.executable, "-c", "from pipeline.ui_server import serve; serve()"], env=env))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -209,8 +216,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # in a child we can always stop: Prefect's runner ignores an inherited SIGINT-ignore and can hang on SIGTERM
     code = supervise([sys.executable, "-c", "import sys; from pathlib import Path; from pipeline.flow import serve; "
                       "serve(Path(sys.argv[1]), sys.argv[2])", str(ROOT), args.name],
-                     env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                                                    os.environ.get("PYTHONPATH")]))})
+                     env={**os.environ, "PYTHONPATH": _with_root(os.environ.get("PYTHONPATH"))})
     sys.exit(code)
 
 

@@ -2,8 +2,10 @@
 
 `python -m pipeline tiny` (also `bash scripts/run.sh --tiny`) builds a throwaway project at runs/tiny/ (this
 checkout's code and dvc.yaml, its own git + DVC repository, params.yaml = the project's params with the tiny preset
-configs/tiny.yaml and the dataset pointed at the small copy), runs `dvc repro` there and says where the results
-are. The checkout's params.yaml, dvc.lock and data/ are never touched. A second run refreshes the code and
+configs/tiny.yaml and the dataset pointed at the small copy inside it, by a relative path, so the folder can be
+moved), commits its files, runs `dvc repro` there, commits dvc.lock and says where the results are. With the
+commits, `dvc exp run -S ...` and `python -m pipeline compare` work inside it as in any project. The checkout's
+params.yaml, dvc.lock and data/ are never touched. A second run refreshes the code (a commit when it changed) and
 re-runs only what changed, like any DVC project. 16x16 images, 4x4 tokens, tiny models: the numbers show that
 everything works, not what the models can do.
 """
@@ -24,6 +26,9 @@ from pipeline.runs import check_params_dict, preset_overrides
 from pipeline.sandbox import PROJECT_FILES, ROOT, fashion_mnist_subset, make_project
 
 MARKER = ".tokenmill-tiny"
+DATASET = "fashion-mnist-small"  # inside the project; DVC and the prepare stage resolve it from the project root
+# commits of the tiny project name this identity: works without a git config, changes no config
+GIT_IDENTITY = ("-c", "user.name=pipeline tiny", "-c", "user.email=tiny@tokenmill.invalid")
 PRESET = ROOT / "configs" / "tiny.yaml"
 N_TRAIN, N_VAL = 2000, 400  # the first images of each Fashion-MNIST split
 RESULTS = (("report of the samples (gFID, per class, grids)", "data/reports/evaluate/report.md"),
@@ -33,10 +38,27 @@ RESULTS = (("report of the samples (gFID, per class, grids)", "data/reports/eval
            ("training curves", "data/vqgan/curves.png, data/transformer/curves.png"))
 
 
-def tiny_params(dataset: Path) -> dict:
+def tiny_params(dataset: str) -> dict:
     params = apply_overrides(load_params(ROOT / "params.yaml"), preset_overrides(str(PRESET)))
-    params["datasets"] = {"fashion_mnist": {**params["datasets"]["fashion_mnist"], "path": str(dataset)}}
+    params["datasets"] = {"fashion_mnist": {**params["datasets"]["fashion_mnist"], "path": dataset}}
     return params
+
+
+def _git(dest: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *GIT_IDENTITY, *args], cwd=dest, capture_output=True, text=True)
+
+
+def commit(dest: Path, message: str, paths: list[str]) -> bool:
+    """Commit `paths` of the tiny project (what this command wrote, not the user's other edits); False when none
+    of them changed."""
+    added = _git(dest, "add", "-A", "--", *[p for p in paths if (dest / p).exists()])
+    if added.returncode == 0 and _git(dest, "diff", "--cached", "--quiet").returncode == 0:
+        return False
+    done = _git(dest, "commit", "-q", "-m", message) if added.returncode == 0 else added
+    if done.returncode:
+        last = ((done.stderr or done.stdout).strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"tiny: `git {done.args[5]}` in {dest} failed: {last}")
+    return True
 
 
 def build(dest: Path) -> Path:
@@ -44,13 +66,14 @@ def build(dest: Path) -> Path:
     if dest.exists() and not (dest / MARKER).is_file():
         if not dest.is_dir() or any(dest.iterdir()):
             raise UserError(f"{dest}: exists and was not made by `pipeline tiny`; give another --dest")
-    dataset = fashion_mnist_subset(dest / "fashion-mnist-small", N_TRAIN, N_VAL)
-    params = tiny_params(dataset)
+    fashion_mnist_subset(dest / DATASET, N_TRAIN, N_VAL)
+    params = tiny_params(DATASET)
     # same dvc.yaml, same relative out paths; the outputs that exist are in the tiny project, which this command made
     check_params_dict(params, str(dest / "params.yaml"), ROOT, outputs=False)
     text = ("# made by `python -m pipeline tiny`: the project's params.yaml + configs/tiny.yaml, small dataset\n"
             + yaml.safe_dump(params, sort_keys=False))
-    if (dest / MARKER).is_file():  # refresh: this checkout's code, same DVC repository and cache
+    refresh = (dest / MARKER).is_file()
+    if refresh:  # this checkout's code, same DVC repository and cache
         for name in PROJECT_FILES:
             src, dst = ROOT / name, dest / name
             if src.is_dir():
@@ -60,8 +83,11 @@ def build(dest: Path) -> Path:
         (dest / "params.yaml").write_text(text)
     else:
         make_project(dest, text)
-        (dest / ".gitignore").write_text("/data/\n/fashion-mnist-small/\n")
         (dest / MARKER).write_text(json.dumps({"made_by": "python -m pipeline tiny", "source": str(ROOT)}) + "\n")
+    (dest / ".gitignore").write_text(f"/data/\n/{DATASET}/\n__pycache__/\n/.prefect/\n")  # .prefect: its UI's state
+    # `dvc exp run` needs a commit to start from
+    commit(dest, f"pipeline tiny: {'code refreshed from' if refresh else 'the project files of'} {ROOT}",
+           [*PROJECT_FILES, "params.yaml", ".gitignore", MARKER, ".dvc", ".dvcignore"])
     return dest
 
 
@@ -74,6 +100,8 @@ def run(dest: Path) -> None:
     code = subprocess.call(["dvc", "repro"], cwd=dest)
     if code:
         raise UserError(f"tiny: `dvc repro` in {dest} failed (exit {code}); the lines above say which stage")
+    # the baseline of `dvc exp run` and the first row of `pipeline compare`: this run's outputs
+    commit(dest, "pipeline tiny: dvc.lock of the run", ["dvc.lock"])
     shown = subprocess.run(["dvc", "metrics", "show"], cwd=dest, capture_output=True, text=True)
     print(shown.stdout.rstrip())
     print(f"\ntiny: done in {time.monotonic() - start:.0f} s. Look at:")

@@ -385,8 +385,21 @@ def test_local_prefect_server_refuses_other_origins(tmp_path):
             except urllib.error.HTTPError as exc:
                 return exc.code, exc.headers.get("access-control-allow-origin")
 
-        assert preflight("http://evil.example") == (400, None)
+        def simple_post(origin: str) -> int:  # what a page's fetch(..., {method: "POST", body: "..."}) sends
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/flow_runs/filter", data=b"{}", method="POST",
+                                         headers={"Origin": origin, "Content-Type": "text/plain"})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert preflight("http://evil.example") == (403, None)
+        assert simple_post("http://evil.example") == 403  # was 200 with the runs: CORS alone does not stop it
         assert preflight(f"http://127.0.0.1:{port}") == (200, f"http://127.0.0.1:{port}")
+        assert simple_post(f"http://127.0.0.1:{port}") == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:  # the UI itself
+            assert b"<html" in page.read().lower()
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
