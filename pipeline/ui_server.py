@@ -68,13 +68,13 @@ class LocalOnly:
             await send({"type": "websocket.close", "code": 1008, "reason": why[:120]})
 
 
-def create_app() -> ASGIApp:
+def create_app(port: int | None = None) -> ASGIApp:
     """Prefect's server app as `prefect server start` builds it (API + UI; the scheduler and the other services
-    start in its lifespan), wrapped in LocalOnly for the port in PREFECT_SERVER_API_PORT."""
+    start in its lifespan), wrapped in LocalOnly for `port` (default: the setting PREFECT_SERVER_API_PORT)."""
     from prefect.server.api.server import create_app as prefect_app
     from prefect.settings import PREFECT_SERVER_API_PORT
 
-    return LocalOnly(prefect_app(final=True, webserver_only=False), PREFECT_SERVER_API_PORT.value())
+    return LocalOnly(prefect_app(final=True, webserver_only=False), port or PREFECT_SERVER_API_PORT.value())
 
 
 def serve() -> None:
@@ -85,7 +85,8 @@ def serve() -> None:
                                   PREFECT_SERVER_API_PORT, PREFECT_SERVER_API_WEBSOCKET_PING_INTERVAL,
                                   PREFECT_SERVER_API_WEBSOCKET_PING_TIMEOUT, PREFECT_SERVER_LOGGING_LEVEL)
 
-    uvicorn.run(create_app(), host=PREFECT_SERVER_API_HOST.value(), port=PREFECT_SERVER_API_PORT.value(),
+    port = PREFECT_SERVER_API_PORT.value()
+    uvicorn.run(create_app(port), host=PREFECT_SERVER_API_HOST.value(), port=port,
                 timeout_keep_alive=PREFECT_SERVER_API_KEEPALIVE_TIMEOUT.value(),
                 ws_ping_interval=PREFECT_SERVER_API_WEBSOCKET_PING_INTERVAL.value(),
                 ws_ping_timeout=PREFECT_SERVER_API_WEBSOCKET_PING_TIMEOUT.value(),

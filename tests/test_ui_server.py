@@ -107,11 +107,10 @@ def test_allowed_origins_and_hosts_are_the_ui_address_only():
 def test_the_factory_wraps_prefects_own_app(tmp_path, monkeypatch):
     """What `ui` runs: Prefect's server app (API and UI) for the configured port, behind LocalOnly."""
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "ph"))
-    monkeypatch.setenv("PREFECT_SERVER_API_PORT", str(PORT))
     from prefect.server.api.server import create_app as prefect_app
 
     from pipeline.ui_server import create_app
-    app = create_app()
+    app = create_app(PORT)  # `ui` passes the port its child's settings name (Prefect caches settings per process)
     assert isinstance(app, LocalOnly) and app.origins == allowed_origins(PORT)
     assert app.app is prefect_app(final=True, webserver_only=False)  # Prefect's cached app, services included
     client = TestClient(app, base_url=OWN)  # no `with`: no lifespan, so no database and no services start
