@@ -90,6 +90,8 @@ def table(columns: list[str], rows: list[dict[str, str]]) -> str:
 def compare(root: Path, revs: list[str] | None = None) -> str:
     cmd = ["dvc", "exp", "show", "--json"]
     for rev in revs or []:
+        if not rev or rev.startswith("-") or not rev.isprintable():  # handed to DVC: never as one of its options
+            raise UserError(f"--rev {rev!r}: not a git revision (a commit, branch, tag or experiment name)")
         cmd += ["--rev", rev]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     if proc.returncode != 0:

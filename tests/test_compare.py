@@ -1,0 +1,60 @@
+"""`python -m pipeline compare` on the JSON `dvc exp show --json` gives (DVC 3's layout): which runs become rows,
+which params become columns, where each run's metrics are found, and when a FID is not comparable."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline import compare as C
+from pipeline.errors import UserError
+
+
+def run(rev, params, metrics, name=None, when="2026-12-06T21:40:00", experiments=()):
+    return {"rev": rev, "name": name, "experiments": list(experiments),
+            "data": {"rev": rev, "timestamp": when, "params": {"params.yaml": {"data": params}},
+                     "metrics": {path: {"data": m} for path, m in metrics.items()}}}
+
+
+def params(steps=1000, n=1000, evaluate_metrics="data/metrics/evaluate.json", path="/data/fm"):
+    return {"datasets": {"fm": {"path": path}}, "train_transformer": {"steps": steps},
+            "sample": {"n": n}, "evaluate": {"metrics": evaluate_metrics},
+            "eval_vqgan": {"metrics": "data/metrics/eval_vqgan.json"}}
+
+
+def test_rows_columns_and_each_runs_own_metrics_path():
+    exp = run("e1", params(steps=2000, evaluate_metrics="data/metrics/ev2.json"),
+              {"data/metrics/ev2.json": {"fid": 35.04, "recall": 0.44, "protocol": "p1"}}, name="exp-big")
+    shown = [run("workspace", params(path="/elsewhere"), {"data/metrics/evaluate.json": {"fid": 40.6412, "recall": 0.42,
+                                                                                        "protocol": "p1"}},
+                 when=None),
+             run("abc123", params(), {"data/metrics/evaluate.json": {"fid": 40.6412, "protocol": "p1"},
+                                      "data/metrics/eval_vqgan.json": {"fid": 22.98, "protocol": "r"}},
+                 name="main", experiments=[{"name": "exp-big", "revs": [exp]}])]
+    columns, rows, notes = C.rows_of(shown)
+    # params that differ between runs, datasets.* left out (a path differs per machine), then the metrics
+    assert columns == ["run", "when", "evaluate.metrics", "train_transformer.steps", "gFID", "rFID", "PSNR",
+                       "recall", "bits/token"]
+    assert [r["run"] for r in rows] == ["workspace", "main", "exp-big"]
+    assert rows[0]["when"] == "now" and rows[1]["when"] == "2026-12-06 21:40"
+    assert [r["train_transformer.steps"] for r in rows] == ["1000", "1000", "2000"]
+    assert [r["gFID"] for r in rows] == ["40.64", "40.64", "35.04"]  # exp-big's from its own metrics path
+    assert [r["rFID"] for r in rows] == ["-", "22.98", "-"] and [r["recall"] for r in rows] == ["0.42", "-", "0.44"]
+    assert notes == []
+
+
+def test_a_fid_under_another_protocol_is_not_comparable():
+    shown = [run("workspace", params(), {"data/metrics/evaluate.json": {"fid": 40.6, "protocol": "n1000-train"}}),
+             run("abc", params(n=500), {"data/metrics/evaluate.json": {"fid": 52.0, "protocol": "n500-train"}})]
+    _, rows, notes = C.rows_of(shown)
+    assert [r["gFID"] for r in rows] == ["40.6", "n/c"]
+    assert notes == ["gFID of abc: protocol n500-train, not n1000-train as in the first row (other sample counts, "
+                     "reference or network): not comparable"]
+    text = C.table(*C.rows_of(shown)[:2])
+    assert text.splitlines()[0].split() == ["run", "when", "sample.n", "gFID", "rFID", "PSNR", "recall", "bits/token"]
+
+
+def test_no_runs_and_option_like_revisions_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="no runs to compare"):
+        C.rows_of([{"rev": "workspace", "data": {}}])
+    for rev in ("--all-commits", "", "a\nb"):
+        with pytest.raises(UserError, match="not a git revision"):
+            C.compare(tmp_path, [rev])
