@@ -107,12 +107,13 @@ def _repro_keep_going(cmd: list[str]) -> list[tuple[str, int, str]]:
     return failed
 
 
-def _repro_undone_on_failure(cmd: list[str], overrides: list[str], started: str | None = None) -> None:
+def _repro_undone_on_failure(cmd: list[str], overrides: list[str], started: str | None = None,
+                             targets: list[str] | None = None, with_deps: bool = True) -> None:
     """Run `dvc repro ... --keep-going` under `run_with_overrides` (validated, locked, undone if it fails); a failure
     ends with the failed stages and their error lines, last, and exit 2 when every one was the user's mistake."""
     failed: list[tuple[str, int, str]] = []
     try:
-        with run_with_overrides(ROOT, overrides):  # a failed run is undone: raise inside
+        with run_with_overrides(ROOT, overrides, targets, with_deps):  # a failed run is undone: raise inside
             if started:
                 print(started, file=sys.stderr)
             failed = _repro_keep_going(cmd)
@@ -133,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     select(stage_names(ROOT), args.stage)  # a typo in --stage is one line, before anything runs
     if args.no_prefect:
         cmd = ["dvc", "repro", "--keep-going", *(args.stage or [])] + (["--force"] if args.force else [])
-        _repro_undone_on_failure(cmd, overrides)
+        _repro_undone_on_failure(cmd, overrides, targets=args.stage)
         return
     _prefect_env(args.port, args.temp_server)
     if "PREFECT_API_URL" not in os.environ:
@@ -163,7 +164,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
     if args.name not in stage_names(ROOT):
         raise UserError(f"unknown stage {args.name!r} (dvc.yaml has: {', '.join(stage_names(ROOT))})")
     _repro_undone_on_failure(["dvc", "repro", "--keep-going", "--single-item", args.name]
-                             + (["--force"] if args.force else []), [])
+                             + (["--force"] if args.force else []), [], targets=[args.name], with_deps=False)
 
 
 def cmd_deps(args: argparse.Namespace) -> None:

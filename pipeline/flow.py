@@ -178,7 +178,7 @@ def _run_pipeline(stages: list[str] | None, force: bool, overrides: list[str] | 
                   root: Path) -> list[dict[str, Any]]:
     logger = get_run_logger()
     applied = resolve_overrides(root, preset, overrides)
-    with run_with_overrides(root, applied):  # validated before anything is written; undone if the run fails
+    with run_with_overrides(root, applied, stages):  # validated before anything is written; undone if it fails
         artifacts.publish_parameters(preset, list(overrides or []), applied, stages, force)
         if applied:
             logger.info("params.yaml updated: %s", ", ".join(applied))

@@ -13,6 +13,7 @@ and a path git tracks is refused in any case (DVC cannot take it over; it would 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -59,8 +60,8 @@ OUTS = ("outs", "metrics", "plots")
 def planned_outputs(root: Path, params: dict[str, Any],
                     kinds: tuple[str, ...] = OUTS) -> list[tuple[str, str, str, list[str]]]:
     """(stage as DVC names it, owner marker, path as written, params keys) of the outs (or other `kinds`) of every
-    tokenmill stage in dvc.yaml, with `params` substituted; a stage of the user's own, or a path naming a value
-    params lack, is skipped (DVC reports those itself)."""
+    tokenmill stage in dvc.yaml, with `params` substituted; a stage of the user's own is skipped, a path naming a
+    value params lack is one line."""
     stages = load_dvc_yaml(root / "dvc.yaml")["stages"] if (root / "dvc.yaml").is_file() else {}
     out = []
     for name, body in stages.items():
@@ -75,8 +76,9 @@ def planned_outputs(root: Path, params: dict[str, Any],
             for template, keys in _paths(do, kinds):
                 try:
                     path = _resolve(template, params, key, item)
-                except KeyError:
-                    continue
+                except KeyError as exc:  # DVC would stop in a block of text, after the overrides were written
+                    raise UserError(f"dvc.yaml: stage {name} uses ${{{exc.args[0]}}}, which params.yaml does not set "
+                                    f"(DVC reads it from params.yaml; tokenmill's defaults do not reach it)") from None
                 out.append((name if key is None else f"{name}@{key}", name, path, keys))
     return out
 
@@ -193,3 +195,40 @@ def check_outputs(root: Path, params: dict[str, Any], source: str) -> None:
         raise UserError(f"{source}: {_named(path, keys)} exists and is {why}, not an output of stage {stage}; DVC "
                         f"deletes a stage's outputs before running it, so nothing was run: move it away or choose "
                         f"another path")
+
+
+def changed_after_written(path: Path) -> bool:
+    """A file in the output newer than what its stage wrote last: the `.tokenmill-stage` marker of a folder (the
+    last file a stage writes before the swap), the `<stem>.run.json` of a metrics file. No marker: unknown."""
+    if path.is_dir():
+        marker = path / OWNER_FILE
+        if not marker.is_file():
+            return True
+        written = marker.stat().st_mtime_ns
+        # files only: a folder's own time changes when an entry goes, which loses nothing of the user's
+        return any(f.lstat().st_mtime_ns > written for f in path.rglob("*")
+                   if f.name != OWNER_FILE and (f.is_symlink() or not f.is_dir()))
+    run_log = path.with_name(f"{path.stem}.run.json")
+    return run_log.is_file() and path.stat().st_mtime_ns > run_log.stat().st_mtime_ns
+
+
+def check_unrecorded_changes(root: Path, targets: list[str] | None = None, with_deps: bool = True,
+                             source: str = "dvc.lock") -> None:
+    """Refuse a run that would make DVC delete files of the user's inside an output it recorded: an output that
+    `dvc status` calls modified and that holds a file added or edited after its stage wrote it (a stage whose
+    outputs changed is run again, or restored from the run cache, and both replace the whole folder). An output
+    a killed run left complete but unrecorded has nothing newer than its marker and passes."""
+    cmd = ["dvc", "status", "--json", *(["--with-deps"] if targets and with_deps else []), *(targets or [])]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    try:
+        status = json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else {}
+    except json.JSONDecodeError:
+        status = {}  # DVC reports its own trouble when the run starts
+    for stage, changes in status.items():
+        for change in changes if isinstance(changes, list) else []:
+            outs = change.get("changed outs") if isinstance(change, dict) else None
+            for path, what in (outs or {}).items():
+                if what == "modified" and changed_after_written(root / path):
+                    raise UserError(f"{source}: {path}, an output of stage {stage}, holds files added or edited "
+                                    f"after the stage wrote it; DVC replaces the whole output when {stage} runs: "
+                                    f"move them out, or drop the changes with `dvc checkout --force {stage}`")

@@ -22,6 +22,7 @@ from pipeline.atomic import check_replaceable, read_json
 from pipeline.config import from_dict, load_params
 from pipeline.errors import UserError
 from pipeline.locks import exclusive
+from pipeline.out_guard import changed_after_written
 from pipeline.runlog import run_log_path
 
 NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -146,6 +147,9 @@ def check_out(out: Path, source: Path, vqgan: Path, tracked: dict[Path, str]) ->
             raise UserError(f"--out {out}: overlaps {role} {folder}; give a folder outside it")
     _check_not_tracked(out, "--out", tracked)
     check_replaceable(out, "tokenize")  # never replace a folder that is not an earlier token store
+    if out.is_dir() and changed_after_written(out):  # an earlier store, with files of the user's put in since
+        raise UserError(f"--out {out}: holds files added or edited after tokenize wrote it, which a new store "
+                        f"would replace; move them out or choose another --out")
     check_writable_parent(out, "--out")
 
 
@@ -271,6 +275,15 @@ def _check_made_grey(prepared: Path, source: Path, vqgan: Path, convert: bool) -
     print(f"tokenize: {made['count']} colour image(s) made grey (1 channel) for the VQGAN", file=sys.stderr)
 
 
+def _report_skipped(prepared: Path, source: Path) -> None:
+    """Say what the prepare step left out (unreadable, truncated, too small...), as the prepare stage's log does."""
+    report = prepared / "report.json"
+    by_reason = (read_json(report).get("skipped_by_reason") or {}) if report.is_file() else {}
+    if by_reason:
+        shown = ", ".join(f"{reason} x{n}" for reason, n in sorted(by_reason.items(), key=lambda kv: -kv[1])[:4])
+        print(f"tokenize: skipped {sum(by_reason.values())} file(s) of {source} ({shown})", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def _store_lock(out: Path) -> Iterator[None]:
     """The tokenize stage's own lock on the store (it re-enters it), taken here before the prepare step so a
@@ -330,6 +343,7 @@ def tokenize_source(source: str | Path, vqgan: str | Path, out: str | Path, p: A
                 if raw:
                     prepare_run(PrepareConfig(name, spec, PrepareParams(out_dir=str(staging))))
                     _check_made_grey(staging / name, source, vqgan, convert_channels)
+                    _report_skipped(staging / name, source)
                 tokenize_run(TokenizeConfig(name, staging / name if raw else source, vqgan, out, metrics, None, p,
                                             convert_channels))
             finally:

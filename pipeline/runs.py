@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,7 +25,7 @@ from pipeline.atomic import OWNER_FILE, write_bytes
 from pipeline.config import PROJECT_ROOT, apply_overrides, load_params, parse_override, printable, set_params_file
 from pipeline.errors import UserError
 from pipeline.locks import exclusive
-from pipeline.out_guard import check_outputs, locked_outs
+from pipeline.out_guard import check_outputs, check_unrecorded_changes, locked_outs, planned_outputs
 
 log = logging.getLogger("tokenmill.runs")
 STAGE_MODULES = ("prepare", "train_vqgan", "tokenize", "fid_ref", "eval_vqgan", "train_transformer", "sample",
@@ -108,7 +109,7 @@ def preset_overrides(path: str | Path) -> list[str]:
     return flat(preset, "")
 
 
-def validate_overrides(root: Path, overrides: list[str]) -> None:
+def validate_overrides(root: Path, overrides: list[str]) -> dict[str, Any]:
     """Check the params that `overrides` would give, without writing anything; UserError names the key."""
     for text in overrides:
         if not isinstance(text, str):
@@ -122,6 +123,7 @@ def validate_overrides(root: Path, overrides: list[str]) -> None:
         shown = ", ".join(overrides) if len(overrides) <= 3 else f"{len(overrides)} overrides"
         where = f"params.yaml with {shown}"
     check_params_dict(params, where, root)
+    return params
 
 
 def project_lock(root: Path) -> contextlib.AbstractContextManager:
@@ -202,6 +204,34 @@ def restore_outputs(root: Path, before: dict[str, tuple | None]) -> None:
         log.warning("dvc checkout restored what the cache holds; not every output recorded in dvc.lock is there")
 
 
+def remove_new_outputs(root: Path, new: set[str]) -> list[str]:
+    """After a failed run: remove the outputs in `new` (paths that did not exist before the run) that the run made
+    and the restored dvc.lock does not record (a folder only with a stage's marker inside)."""
+    recorded = {path for _, path in locked_outs(root)}
+    removed = []
+    for path in sorted(new - recorded):
+        full = root / path
+        if full.is_dir() and not full.is_symlink() and (full / OWNER_FILE).is_file():
+            shutil.rmtree(full)
+        elif full.is_file() and not full.is_symlink():
+            full.unlink()
+        else:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _prefect_server(process: Any) -> bool:
+    """The temporary Prefect server a flow run without a UI starts as its child: it must outlive the stop, or the
+    flow spends minutes retrying to report the run's end."""
+    import psutil
+
+    try:
+        return "prefect.server.api.server:create_app" in process.cmdline()
+    except psutil.Error:
+        return False
+
+
 def _stop_on_terminate() -> contextlib.AbstractContextManager:
     """SIGTERM / SIGHUP (a `kill`, a closed terminal, a cancelled job) end the run like Ctrl-C: the children (dvc, a
     stage) are stopped and the run is undone, instead of the process dying with params.yaml edited."""
@@ -219,8 +249,8 @@ def _stop_on_terminate() -> contextlib.AbstractContextManager:
 
             # what Ctrl-C sends first (a stage saves its checkpoint on it); then SIGTERM and SIGKILL, since a shell
             # script's background job starts with SIGINT ignored
-            alive = psutil.Process().children(recursive=True)
-            for sig, grace in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            alive = [p for p in psutil.Process().children(recursive=True) if not _prefect_server(p)]
+            for sig, grace in ((signal.SIGINT, 15), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
                 for child in alive:
                     with contextlib.suppress(psutil.Error):
                         child.send_signal(sig)
@@ -240,17 +270,22 @@ def _stop_on_terminate() -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def run_with_overrides(root: Path, overrides: list[str]) -> Iterator[None]:
-    """Validate, lock, apply the overrides; on any failure inside, put params.yaml, dvc.lock and the outputs back.
+def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | None = None,
+                       with_deps: bool = True) -> Iterator[None]:
+    """Validate, lock, apply the overrides; on any failure inside, put params.yaml, dvc.lock and the outputs back
+    and remove the outputs the run made at new paths. `targets` (default: every stage; `with_deps`: and what they
+    need) are the stages the run may execute, whose recorded outputs must hold no files of the user's.
 
     The body signals failure by raising (a non-zero `dvc repro` is raised as SystemExit by the CLI)."""
     root = Path(root)
-    validate_overrides(root, overrides)
+    params = validate_overrides(root, overrides)
     with project_lock(root), _stop_on_terminate():
         if running := running_stage_commands(root):
             raise UserError(f"a dvc stage is running in {root} ({running[0]}); run again when it has finished")
+        check_unrecorded_changes(root, targets, with_deps)
         saved = {name: (root / name).read_bytes() for name in ("params.yaml", "dvc.lock") if (root / name).is_file()}
         before = recorded_outputs(root)
+        new = {path for _, _, path, _ in planned_outputs(root, params) if not (root / path).exists()}
         if overrides:
             _write_params_under_dvc_lock(root, overrides)
         try:
@@ -262,6 +297,8 @@ def run_with_overrides(root: Path, overrides: list[str]) -> Iterator[None]:
                 if (root / name).read_bytes() != data:
                     write_bytes(root / name, data)
             restore_outputs(root, before)
+            if removed := remove_new_outputs(root, new):
+                log.warning("removed what the failed run made at new paths: %s", ", ".join(removed))
             log.warning("the run failed: params.yaml%s and the outputs are as they were before it",
                         " (overrides undone), dvc.lock" if overrides else ", dvc.lock")
             raise

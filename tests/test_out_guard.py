@@ -68,6 +68,14 @@ def test_outs_resolve_with_params_foreach_items_and_skip_user_stages(proj):
         ("make@a", "make", "src/a", ["datasets.<name>.path"])]
 
 
+def test_a_path_naming_a_value_params_lack_is_one_line(proj):
+    bare = {**params(), "train": {}}  # `-S train={}`: tokenmill's defaults fill it in, DVC's interpolation cannot
+    with pytest.raises(UserError) as err:
+        out_guard.check_outputs(proj, bare, "params.yaml")
+    assert str(err.value) == ("dvc.yaml: stage train uses ${train.out_dir}, which params.yaml does not set (DVC reads "
+                              "it from params.yaml; tokenmill's defaults do not reach it)")
+
+
 def test_an_existing_folder_is_refused_unless_its_stage_made_it(proj):
     (proj / "notes").mkdir()
     out_guard.check_outputs(proj, params(out_dir="notes"), "params.yaml")  # empty: nothing to lose
@@ -188,6 +196,64 @@ def test_a_failed_run_restores_the_stages_whose_outputs_it_changed_only(tmp_path
     assert calls == []
 
 
+def test_files_put_in_an_output_after_its_stage_wrote_it_are_seen(tmp_path):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    for name in ("a.bin", "sub/b.bin", ".tokenmill-stage"):  # the marker is what a stage writes last
+        (out / name).write_text(name)
+        os.utime(out / name, ns=(10**18, 10**18 + (name == ".tokenmill-stage")))
+    assert not out_guard.changed_after_written(out)
+    os.utime(out / "sub" / "b.bin", ns=(10**18, 10**18 + 2))  # edited since
+    assert out_guard.changed_after_written(out)
+    (out / "sub" / "b.bin").unlink()
+    assert not out_guard.changed_after_written(out)
+    (out / ".tokenmill-stage").unlink()
+    assert out_guard.changed_after_written(out)  # no marker: nothing says what the stage wrote
+    metrics, run_log = tmp_path / "m.json", tmp_path / "m.run.json"
+    metrics.write_text("{}")
+    run_log.write_text("{}")
+    os.utime(metrics, ns=(10**18, 10**18))
+    os.utime(run_log, ns=(10**18, 10**18 + 1))
+    assert not out_guard.changed_after_written(metrics)
+    os.utime(metrics, ns=(10**18, 10**18 + 5))
+    assert out_guard.changed_after_written(metrics)
+
+
+def test_a_modified_output_holding_the_users_files_stops_the_run(tmp_path, monkeypatch):
+    for name in ("kept", "killed"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".tokenmill-stage").write_text(name)
+        os.utime(tmp_path / name / ".tokenmill-stage", ns=(10**18, 10**18))
+    (tmp_path / "kept" / "notes.txt").write_text("mine")  # newer than the marker
+    status = {"s1": [{"changed outs": {"killed": "modified"}}],  # complete, unrecorded: a killed run's
+              "s2": [{"changed deps": {"x": "modified"}}, {"changed outs": {"kept": "modified", "gone": "deleted"}}]}
+    seen = []
+    monkeypatch.setattr(out_guard.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0, json.dumps(status), ""))
+    with pytest.raises(UserError) as err:
+        out_guard.check_unrecorded_changes(tmp_path, ["s2"])
+    assert str(err.value) == ("dvc.lock: kept, an output of stage s2, holds files added or edited after the stage "
+                              "wrote it; DVC replaces the whole output when s2 runs: move them out, or drop the "
+                              "changes with `dvc checkout --force s2`")
+    assert seen == [["dvc", "status", "--json", "--with-deps", "s2"]]
+    del status["s2"]
+    out_guard.check_unrecorded_changes(tmp_path, ["s1"], with_deps=False)
+    assert seen[-1] == ["dvc", "status", "--json", "s1"]
+
+
+def test_a_failed_run_removes_what_it_made_at_new_paths_only(tmp_path):
+    (tmp_path / "dvc.lock").write_text(json.dumps({"stages": {"s": {"outs": [{"path": "recorded"}]}}}))
+    for name in ("made", "recorded", "foreign"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x").write_text("x")
+    (tmp_path / "made" / ".tokenmill-stage").write_text("s")
+    (tmp_path / "recorded" / ".tokenmill-stage").write_text("s")
+    (tmp_path / "m.json").write_text("{}")
+    new = {"made", "recorded", "foreign", "m.json", "never-made"}
+    assert runs.remove_new_outputs(tmp_path, new) == ["m.json", "made"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.lock", "foreign", "recorded"]
+
+
 @pytest.mark.parametrize("exc, line", [
     (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/tmp/x.txt/sub"),
      "error: /tmp/x.txt/sub: Not a directory (check the path)"),
@@ -234,6 +300,20 @@ def test_cli_refuses_an_out_path_dvc_would_delete_and_leaves_it(project):
         "another path")
     assert (project / "mine" / "a" / "notes.txt").read_text() == "precious"
     assert (project / "params.yaml").read_bytes() == params
+
+
+def test_a_run_stops_before_dvc_would_replace_an_output_holding_the_users_files(project):
+    out = project / "data" / "prepared" / "a"
+    assert pipeline(project, "run", "--no-prefect").returncode == 0 and (out / ".tokenmill-stage").is_file()
+    (out / "my-notes.txt").write_text("precious")
+    for args in (("run", "--no-prefect", "-S", "prepare.shard_size=9"), ("stage", "prepare@a")):
+        proc = pipeline(project, *args)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
+        assert proc.stderr.startswith("error: dvc.lock: data/prepared/a, an output of stage prepare@a, holds files "
+                                      "added or edited after the stage wrote it"), proc.stderr
+    assert (out / "my-notes.txt").read_text() == "precious"
+    (out / "my-notes.txt").unlink()
+    assert subprocess.run(["dvc", "status", "-q"], cwd=project).returncode == 0
 
 
 def test_sigterm_undoes_a_run_like_ctrl_c(project):

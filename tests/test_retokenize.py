@@ -94,8 +94,14 @@ def _png(arr: np.ndarray) -> bytes:
 def test_damaged_images_and_tars_are_skipped_as_prepare_skips_them(vq, tmp_path, capsys):
     expected = make_bad_corpus(tmp_path / "corpus")  # garbage, truncated PNG/JPEG, a 144-Mpixel bomb, ...
     out = tmp_path / "o" / "c"
+    capsys.readouterr()
     tokenize(tmp_path / "corpus", "--vqgan", vq[1], "--out", out, "--convert-channels")
-    assert sum(read_meta(out)["counts"].values()) == sum(v == "kept" for v in expected.values())
+    kept = sum(v == "kept" for v in expected.values())
+    assert sum(read_meta(out)["counts"].values()) == kept
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenize: skipped")]
+    skipped = sum(v == "skipped" for v in expected.values())
+    assert len(said) == 1 and said[0].startswith(f"tokenize: skipped {skipped} file(s) of {tmp_path / 'corpus'} ("), \
+        (said, expected)
     shards = tmp_path / "wds"
     shards.mkdir()
     (shards / "a.tar").write_bytes(b"not a tar at all\n" * 40)  # sorted first: peek reads it first
@@ -254,3 +260,15 @@ def test_store_lock_nests_only_when_asked_and_remove_leaves_no_file(tmp_path):
     with exclusive(lock, "store", remove=True):
         pass
     assert not lock.exists()  # one a killed run left goes too
+
+
+def test_an_earlier_store_holding_the_users_files_is_not_replaced(vq, tmp_path, capsys):
+    src, out = grey_folder(tmp_path / "imgs"), tmp_path / "o" / "s"
+    tokenize(src, "--vqgan", vq[1], "--out", out)
+    tokenize(src, "--vqgan", vq[1], "--out", out)  # its own earlier store: replaced
+    (out / "mine").mkdir()
+    (out / "mine" / "r.txt").write_text("precious")
+    line = refused(capsys, src, "--vqgan", vq[1], "--out", out)
+    assert line == (f"error: --out {out}: holds files added or edited after tokenize wrote it, which a new store "
+                    f"would replace; move them out or choose another --out")
+    assert (out / "mine" / "r.txt").read_text() == "precious"
