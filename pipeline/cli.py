@@ -63,6 +63,9 @@ def _prefect_env(port: int, temp_server: bool = False) -> None:
             os.environ["PREFECT_API_URL"] = url
         else:  # Prefect starts a temporary server: no browser UI needs it, so no origin may call it
             os.environ.setdefault("PREFECT_SERVER_CORS_ALLOWED_ORIGINS", "http://127.0.0.1")
+            # a signal to the whole process group (`timeout`, a closed terminal) stops that server too; without
+            # retries the client then gives up at once instead of retrying a dead server for minutes
+            os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "0")
 
 
 def _preset_param(preset: str | None) -> str | None:
@@ -141,8 +144,14 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"note: no Prefect server of this project on 127.0.0.1:{args.port}; running with a temporary one "
               f"(start `python -m pipeline ui` to keep runs in the UI)", file=sys.stderr)
     from pipeline.flow import PipelineFailed, tokenmill_pipeline
-    state = tokenmill_pipeline(stages=args.stage, force=args.force, overrides=args.set or [], preset=preset,
-                               root=str(ROOT), return_state=True)
+    from pipeline.runs import STOPPED_BY
+    try:
+        state = tokenmill_pipeline(stages=args.stage, force=args.force, overrides=args.set or [], preset=preset,
+                                   root=str(ROOT), return_state=True)
+    except Exception:
+        if STOPPED_BY:  # stopped and undone; what failed after it is Prefect reporting to a server that is gone
+            raise KeyboardInterrupt from None
+        raise
     if state.is_completed():
         _print_results(state.result())
         return

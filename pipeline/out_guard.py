@@ -128,8 +128,10 @@ def _git_tracked(root: Path, paths: list[str]) -> set[str]:
     return {p for p in paths if any(t == p or t.startswith(p.rstrip("/") + "/") for t in tracked)}
 
 
-def _why_not_ours(path: Path, owner: str, cache: Path | None) -> str | None:
-    """None when removing `path` loses nothing; else why it may not be removed."""
+def _why_not_ours(path: Path, owner: str, cache: Path | None, run_logs: list[Path] = ()) -> str | None:
+    """None when removing `path` loses nothing; else why it may not be removed. `run_logs`: the `.run.json` of the
+    stage's metrics, written last by its run; a file out no newer than one was written by that run (its plots
+    file after `python -m stages.<name>` by hand, before DVC ever recorded the stage)."""
     if path.is_symlink():
         return "a symbolic link"
     if path.is_dir():
@@ -139,6 +141,8 @@ def _why_not_ours(path: Path, owner: str, cache: Path | None) -> str | None:
             return None if mark == owner else f"a folder written by {mark!r}"
         return None if not any(path.iterdir()) else f"a folder without a {OWNER_FILE} marker"
     if path.with_name(f"{path.stem}.run.json").is_file() or (cache is not None and _in_cache(path, cache)):
+        return None
+    if any(log.is_file() and path.stat().st_mtime_ns <= log.stat().st_mtime_ns for log in run_logs):
         return None
     return "a file DVC's cache does not hold"
 
@@ -189,7 +193,9 @@ def check_outputs(root: Path, params: dict[str, Any], source: str) -> None:
         else:
             if cache is None and (root / path).is_file() and not (root / path).is_symlink():
                 cache = _cache_dir(root)
-            why = _why_not_ours(root / path, owner, cache)
+            run_logs = [(root / p).with_name(f"{Path(p).stem}.run.json") for s, _, p, k in planned
+                        if s == stage and p != path and any(key.endswith(".metrics") for key in k)]
+            why = _why_not_ours(root / path, owner, cache, run_logs)
             if why is None:
                 continue
         raise UserError(f"{source}: {_named(path, keys)} exists and is {why}, not an output of stage {stage}; DVC "

@@ -221,6 +221,9 @@ def remove_new_outputs(root: Path, new: set[str]) -> list[str]:
     return removed
 
 
+STOPPED_BY: list[int] = []  # the signal that stopped this process's run, if one did (read by the CLI)
+
+
 def _prefect_server(process: Any) -> bool:
     """The temporary Prefect server a flow run without a UI starts as its child: it must outlive the stop, or the
     flow spends minutes retrying to report the run's end."""
@@ -257,6 +260,7 @@ def _stop_on_terminate() -> contextlib.AbstractContextManager:
                 alive = psutil.wait_procs(alive, timeout=grace)[1]
                 if not alive:
                     break
+            STOPPED_BY.append(signum)
             raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}

@@ -105,6 +105,15 @@ def test_an_existing_file_is_refused_unless_dvc_holds_it_or_a_run_wrote_it(proj)
     assert "m.json (train.metrics) exists" in refusal(proj, metrics="m.json")
     (proj / "m.run.json").write_text("{}")  # what write_metrics leaves beside a metrics file
     out_guard.check_outputs(proj, params(metrics="m.json"), "params.yaml")
+    # another file out of the stage (its plots) written before that run log: the same run made it
+    (proj / "dvc.yaml").write_text(DVC_YAML.replace("    metrics:\n", "    plots:\n      - ${train.plots}\n"
+                                                    "    metrics:\n", 1))
+    (proj / "p.tsv").write_text("step\n")
+    os.utime(proj / "p.tsv", ns=(10**18, 10**18))
+    out_guard.check_outputs(proj, params(metrics="m.json", plots="p.tsv"), "params.yaml")
+    os.utime(proj / "p.tsv", ns=(4 * 10**18, 4 * 10**18))  # newer than the run: not that run's
+    assert "p.tsv (train.plots) exists and is a file DVC's cache does not hold" in refusal(
+        proj, metrics="m.json", plots="p.tsv")
 
 
 def test_what_dvc_lock_records_for_the_stage_passes_and_git_tracked_paths_never(proj):
