@@ -333,7 +333,7 @@ def tokenize_source(source: str | Path, vqgan: str | Path, out: str | Path, p: A
         kind = "webdataset" if source.suffix == ".tar" or any(source.glob("*.tar")) else "folder"
         spec = from_dict(DatasetSpec, {"source": kind, "path": str(source), "resolution": res, "channels": in_ch,
                                        "resize": resize, "background": background, "split": split},
-                         f"tokenize {source}", "command line")
+                         "tokenize", f"{source} (options)")
         _announce(peek_images(source), source, vqgan, in_ch, res, resize, convert_channels,
                   vmeta.get("resolution") is not None)
     created = _make_parents(out.parent)  # the first write
