@@ -218,23 +218,38 @@ def changed_after_written(path: Path) -> bool:
     return run_log.is_file() and path.stat().st_mtime_ns > run_log.stat().st_mtime_ns
 
 
+def _uncached_file(path: Path, cache: Path) -> Path | None:
+    """The first file of an output (a file or a folder) whose bytes DVC's cache does not hold, else None."""
+    files = [path] if not path.is_dir() else sorted(f for f in path.rglob("*") if f.is_file() or f.is_symlink())
+    for f in files:
+        if f.is_symlink() or not _in_cache(f, cache):
+            return f
+    return None
+
+
 def check_unrecorded_changes(root: Path, targets: list[str] | None = None, with_deps: bool = True,
                              source: str = "dvc.lock") -> None:
     """Refuse a run that would make DVC delete files of the user's inside an output it recorded: an output that
-    `dvc status` calls modified and that holds a file added or edited after its stage wrote it (a stage whose
-    outputs changed is run again, or restored from the run cache, and both replace the whole folder). An output
-    a killed run left complete but unrecorded has nothing newer than its marker and passes."""
+    `dvc status` calls modified and that holds a file whose bytes DVC's cache does not hold (a stage whose
+    outputs changed is run again, or restored from the run cache, and both replace the whole folder). Outputs of
+    another recorded version (after `git checkout` of an older dvc.lock, a discarded experiment) are all in the
+    cache and pass."""
     cmd = ["dvc", "status", "--json", *(["--with-deps"] if targets and with_deps else []), *(targets or [])]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     try:
         status = json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else {}
     except json.JSONDecodeError:
         status = {}  # DVC reports its own trouble when the run starts
+    cache = None
     for stage, changes in status.items():
         for change in changes if isinstance(changes, list) else []:
             outs = change.get("changed outs") if isinstance(change, dict) else None
             for path, what in (outs or {}).items():
-                if what == "modified" and changed_after_written(root / path):
-                    raise UserError(f"{source}: {path}, an output of stage {stage}, holds files added or edited "
-                                    f"after the stage wrote it; DVC replaces the whole output when {stage} runs: "
-                                    f"move them out, or drop the changes with `dvc checkout --force {stage}`")
+                if what != "modified" or not (root / path).exists():
+                    continue
+                cache = cache or _cache_dir(root)
+                if (lost := _uncached_file(root / path, cache)) is not None:
+                    shown = lost.relative_to(root) if lost.is_relative_to(root) else lost
+                    raise UserError(f"{source}: {path}, an output of stage {stage}, holds {shown}, which DVC's cache "
+                                    f"does not hold; DVC replaces the whole output when {stage} runs: move it out, "
+                                    f"or drop the changes with `dvc checkout --force {stage}`")

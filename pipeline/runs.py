@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from pipeline.atomic import OWNER_FILE, write_bytes
 from pipeline.config import PROJECT_ROOT, apply_overrides, load_params, parse_override, printable, set_params_file
+from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError
 from pipeline.locks import exclusive
 from pipeline.out_guard import check_outputs, check_unrecorded_changes, locked_outs, planned_outputs
@@ -284,6 +285,7 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
     root = Path(root)
     params = validate_overrides(root, overrides)
     with project_lock(root), _stop_on_terminate():
+        repair_rwlock(root)  # a killed dvc's cut table of running stages would read as "busy" for ever
         if running := running_stage_commands(root):
             raise UserError(f"a dvc stage is running in {root} ({running[0]}); run again when it has finished")
         check_unrecorded_changes(root, targets, with_deps)
@@ -300,6 +302,8 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
             for name, data in saved.items():
                 if (root / name).read_bytes() != data:
                     write_bytes(root / name, data)
+            if "dvc.lock" not in saved and (root / "dvc.lock").is_file():
+                (root / "dvc.lock").unlink()  # the run's first: its outputs are new (removed below, in the run cache)
             restore_outputs(root, before)
             if removed := remove_new_outputs(root, new):
                 log.warning("removed what the failed run made at new paths: %s", ", ".join(removed))

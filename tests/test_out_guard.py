@@ -228,21 +228,28 @@ def test_files_put_in_an_output_after_its_stage_wrote_it_are_seen(tmp_path):
     assert out_guard.changed_after_written(metrics)
 
 
-def test_a_modified_output_holding_the_users_files_stops_the_run(tmp_path, monkeypatch):
-    for name in ("kept", "killed"):
+def test_a_modified_output_holding_bytes_dvc_lacks_stops_the_run(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    for name in ("kept", "other_version"):
         (tmp_path / name).mkdir()
         (tmp_path / name / ".tokenmill-stage").write_text(name)
-        os.utime(tmp_path / name / ".tokenmill-stage", ns=(10**18, 10**18))
-    (tmp_path / "kept" / "notes.txt").write_text("mine")  # newer than the marker
-    status = {"s1": [{"changed outs": {"killed": "modified"}}],  # complete, unrecorded: a killed run's
+        (tmp_path / name / "w.bin").write_text(f"weights of {name}")
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    for f in [*(tmp_path / "kept").iterdir(), *(tmp_path / "other_version").iterdir()]:
+        if f.name != "notes.txt":  # what DVC stored: every file of every recorded version, not the user's notes
+            digest = hashlib.md5(f.read_bytes()).hexdigest()
+            (cache / digest[:2]).mkdir(parents=True, exist_ok=True)
+            (cache / digest[:2] / digest[2:]).write_bytes(f.read_bytes())
+    monkeypatch.setattr(out_guard, "_cache_dir", lambda root: cache)
+    status = {"s1": [{"changed outs": {"other_version": "modified"}}],  # e.g. after git checkout of an older lock
               "s2": [{"changed deps": {"x": "modified"}}, {"changed outs": {"kept": "modified", "gone": "deleted"}}]}
     seen = []
     monkeypatch.setattr(out_guard.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or
                         subprocess.CompletedProcess(cmd, 0, json.dumps(status), ""))
     with pytest.raises(UserError) as err:
         out_guard.check_unrecorded_changes(tmp_path, ["s2"])
-    assert str(err.value) == ("dvc.lock: kept, an output of stage s2, holds files added or edited after the stage "
-                              "wrote it; DVC replaces the whole output when s2 runs: move them out, or drop the "
+    assert str(err.value) == ("dvc.lock: kept, an output of stage s2, holds kept/notes.txt, which DVC's cache does "
+                              "not hold; DVC replaces the whole output when s2 runs: move it out, or drop the "
                               "changes with `dvc checkout --force s2`")
     assert seen == [["dvc", "status", "--json", "--with-deps", "s2"]]
     del status["s2"]
@@ -318,10 +325,18 @@ def test_a_run_stops_before_dvc_would_replace_an_output_holding_the_users_files(
     for args in (("run", "--no-prefect", "-S", "prepare.shard_size=9"), ("stage", "prepare@a")):
         proc = pipeline(project, *args)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
-        assert proc.stderr.startswith("error: dvc.lock: data/prepared/a, an output of stage prepare@a, holds files "
-                                      "added or edited after the stage wrote it"), proc.stderr
+        assert proc.stderr.startswith("error: dvc.lock: data/prepared/a, an output of stage prepare@a, holds "
+                                      "data/prepared/a/my-notes.txt, which DVC's cache does not hold"), proc.stderr
     assert (out / "my-notes.txt").read_text() == "precious"
     (out / "my-notes.txt").unlink()
+    assert subprocess.run(["dvc", "status", "-q"], cwd=project).returncode == 0
+    # back to an older recorded version (what `git checkout` of params.yaml and dvc.lock does): not the user's
+    before = {name: (project / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
+    assert pipeline(project, "run", "--no-prefect", "-S", "prepare.shard_size=9").returncode == 0
+    for name, data in before.items():
+        (project / name).write_bytes(data)
+    proc = pipeline(project, "run", "--no-prefect")
+    assert proc.returncode == 0, proc.stderr
     assert subprocess.run(["dvc", "status", "-q"], cwd=project).returncode == 0
 
 
@@ -340,3 +355,17 @@ def test_sigterm_undoes_a_run_like_ctrl_c(project):
     assert "interrupted" in out and "Traceback" not in out
     assert (project / "params.yaml").read_bytes() == params
     assert subprocess.run(["dvc", "status", "-q"], cwd=project).returncode == 0  # outputs as dvc.lock records
+
+
+def test_a_failed_first_run_leaves_the_project_as_it_found_it(tmp_path):
+    a = make_idx_dataset(tmp_path / "src_a", n_train=40, n_val=10)
+    (tmp_path / "src_b").mkdir()  # no images: prepare@b fails after prepare@a made and recorded its output
+    project = make_project(tmp_path / "p", tiny_params({"a": a, "b": tmp_path / "src_b"}), stages=("prepare",))
+    proc = pipeline(project, "run", "--no-prefect")
+    assert proc.returncode == 2 and "prepare@b" in proc.stderr.splitlines()[-1], proc.stderr
+    assert not (project / "dvc.lock").exists() and not (project / "data" / "prepared" / "a").exists()
+    text = (project / "params.yaml").read_text().replace(str(tmp_path / "src_b"), str(a))  # b fixed
+    # prepare@a comes back from DVC's run cache, not from a new run
+    (project / "params.yaml").write_text(text)
+    proc = pipeline(project, "run", "--no-prefect")
+    assert proc.returncode == 0 and "Stage 'prepare@a' is cached - skipping run" in proc.stdout, proc.stdout
