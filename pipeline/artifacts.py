@@ -146,7 +146,8 @@ def publish_stage(name: str, root: Path) -> None:
 
 
 def publish_summary(results: list[dict[str, Any]]) -> None:
-    """A row per stage: ran / skipped (unchanged) / failed / skipped because a stage it needs failed."""
+    """A row per stage: ran / restored from the run cache / skipped (unchanged) / failed / skipped because a
+    stage it needs failed."""
     if results:
         rows = [{"stage": r["stage"], "status": r["status"], "seconds": r["seconds"], "error": r.get("error", "")}
                 for r in results]

@@ -114,7 +114,7 @@ def run_stage(name: str, force: bool = False, root: str = str(PROJECT_ROOT)) -> 
                             env=os.environ.copy(), bufsize=1)
     lines: list[str] = []
     error_line = None
-    ran = False
+    ran = restored = False
     last_progress = 0.0
     for raw in proc.stdout:
         # Progress bars redraw with \r: log the last redraw of a line, at most every 10 s.
@@ -127,6 +127,7 @@ def run_stage(name: str, force: bool = False, root: str = str(PROJECT_ROOT)) -> 
             continue
         last_progress = time.monotonic() if _PROGRESS.search(line) else last_progress
         ran = ran or line.startswith("Running stage")
+        restored = restored or "is cached - skipping run" in line
         lines = (lines + [line])[-20:]
         logger.info(line)
     code = proc.wait()
@@ -137,7 +138,7 @@ def run_stage(name: str, force: bool = False, root: str = str(PROJECT_ROOT)) -> 
             logger.error(failure.summary)
             return Failed(message=failure.summary, data=failure)
         raise failure
-    status = "ran" if ran else "skipped (unchanged)"
+    status = "ran" if ran else "restored from DVC's run cache" if restored else "skipped (unchanged)"
     logger.info("%s: %s in %.1f s", name, status, seconds)
     return {"stage": name, "status": status, "seconds": seconds}
 

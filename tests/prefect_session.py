@@ -26,6 +26,7 @@ from pipeline.flow import run_stage, tokenmill_pipeline
 def flow_runs(project: str) -> dict:
     skipped = tokenmill_pipeline(root=project)
     changed = tokenmill_pipeline(root=project, overrides=["datasets.b.resolution=24"], stages=["prepare"])
+    restored = tokenmill_pipeline(root=project, overrides=["datasets.b.resolution=16"], stages=["prepare@b"])
     # Query the REST API directly: it is what the UI reads.
     resp = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter",
                       json={"artifacts": {"key": {"like_": "prepare-"}}, "limit": 50})
@@ -37,7 +38,7 @@ def flow_runs(project: str) -> dict:
         refused = None
     except UserError as exc:
         refused = str(exc)
-    return {"skipped": skipped, "changed": changed, "artifact_keys": sorted({a["key"] for a in resp.json()}),
+    return {"skipped": skipped, "changed": changed, "restored": restored, "artifact_keys": sorted({a["key"] for a in resp.json()}),
             "refused": refused, "params_unchanged": (Path(project) / "params.yaml").read_bytes() == before}
 
 

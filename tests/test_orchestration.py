@@ -102,6 +102,8 @@ def test_prefect_flow_runs_stages_through_dvc_and_publishes_artifacts(prefect_re
     # A param change re-runs only the affected stage, through the flow.
     assert {x["stage"]: x["status"] for x in r["changed"]} == {"prepare@a": "skipped (unchanged)",
                                                                "prepare@b": "ran"}
+    # ...and setting it back restores the earlier output from DVC's run cache, said so in the stage table
+    assert [(x["stage"], x["status"]) for x in r["restored"]] == [("prepare@b", "restored from DVC's run cache")]
     assert {"prepare-a-counts", "prepare-a-manifest", "prepare-b-counts"} <= set(r["artifact_keys"])
     # the flow (and so the deployment) validates its overrides before writing anything
     assert "unknown key 'prepare.shard_sizee'" in r["refused"] and "\n" not in r["refused"]
