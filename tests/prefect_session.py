@@ -38,7 +38,8 @@ def flow_runs(project: str) -> dict:
         refused = None
     except UserError as exc:
         refused = str(exc)
-    return {"skipped": skipped, "changed": changed, "restored": restored, "artifact_keys": sorted({a["key"] for a in resp.json()}),
+    return {"skipped": skipped, "changed": changed, "restored": restored,
+            "artifact_keys": sorted({a["key"] for a in resp.json()}),
             "refused": refused, "params_unchanged": (Path(project) / "params.yaml").read_bytes() == before}
 
 
