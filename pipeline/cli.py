@@ -194,6 +194,9 @@ def cmd_deps(args: argparse.Namespace) -> None:
 
 def cmd_check(args: argparse.Namespace) -> None:
     names = check_params(Path(args.params), ROOT)
+    if Path(args.params).resolve() == (ROOT / "params.yaml").resolve() and (ROOT / "dvc.lock").is_file():
+        from pipeline.out_guard import check_unrecorded_changes
+        check_unrecorded_changes(ROOT)  # before a plain `dvc repro` (scripts/run.sh): files of yours in outputs
     print(f"{args.params}: ok ({len(names)} dataset(s): {', '.join(names)})")
 
 

@@ -322,7 +322,7 @@ def test_a_run_stops_before_dvc_would_replace_an_output_holding_the_users_files(
     out = project / "data" / "prepared" / "a"
     assert pipeline(project, "run", "--no-prefect").returncode == 0 and (out / ".tokenmill-stage").is_file()
     (out / "my-notes.txt").write_text("precious")
-    for args in (("run", "--no-prefect", "-S", "prepare.shard_size=9"), ("stage", "prepare@a")):
+    for args in (("run", "--no-prefect", "-S", "prepare.shard_size=9"), ("stage", "prepare@a"), ("check",)):
         proc = pipeline(project, *args)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
         assert proc.stderr.startswith("error: dvc.lock: data/prepared/a, an output of stage prepare@a, holds "
