@@ -24,7 +24,6 @@ from typing import Any
 
 from pipeline import dvc_deps
 from pipeline.config import check_dataset_name, load_params
-from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError, main_guard
 from pipeline.prefect_server import project_server, same_path, server_home, supervise
 from pipeline.presets import resolve_overrides
@@ -133,7 +132,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     preset = _preset_param(args.preset)
     overrides = resolve_overrides(ROOT, preset, args.set)
     validate_overrides(ROOT, overrides)  # before anything is written or started
-    repair_rwlock(ROOT)
     select(stage_names(ROOT), args.stage)  # a typo in --stage is one line, before anything runs
     if args.no_prefect:
         cmd = ["dvc", "repro", "--keep-going", *(args.stage or [])] + (["--force"] if args.force else [])
@@ -169,7 +167,6 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_stage(args: argparse.Namespace) -> None:
     check_params(ROOT / "params.yaml", ROOT)
-    repair_rwlock(ROOT)
     if args.name not in stage_names(ROOT):
         raise UserError(f"unknown stage {args.name!r} (dvc.yaml has: {', '.join(stage_names(ROOT))})")
     _repro_undone_on_failure(["dvc", "repro", "--keep-going", "--single-item", args.name]
