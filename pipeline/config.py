@@ -320,6 +320,9 @@ def set_params_file(path: str | Path, overrides: list[str]) -> None:
     from pipeline.atomic import atomic_path
 
     yaml_rt = YAML()  # round-trip mode: comments survive
+    # ruamel writes None as an empty value (`key:`); params.yaml spells it `null`, so a diff shows only the change
+    yaml_rt.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null",
+                                                                                        "null"))
     path = Path(path)
     doc = yaml_rt.load(read_params_text(path))
     for text in overrides:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import sys
 from typing import Callable
 
@@ -37,6 +38,33 @@ def resource_message(exc: OSError) -> str:
     return f"{where}: {exc.strerror or exc} ({hint})"
 
 
+_ALLOC_BYTES = re.compile(r"tried to allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]?i?B)")
+
+
+def out_of_memory_message(exc: BaseException) -> str | None:
+    """One line for a failed allocation (a model or batch far larger than the machine), else None.
+
+    torch's CPU allocator raises a RuntimeError saying "can't allocate memory", CUDA a torch.OutOfMemoryError
+    (a RuntimeError) saying "out of memory", numpy a MemoryError; all of them come from sizes in params.yaml."""
+    text = str(exc)
+    if not (isinstance(exc, MemoryError) or isinstance(exc, RuntimeError)
+            and ("can't allocate memory" in text or "out of memory" in text)):
+        return None
+    match = _ALLOC_BYTES.search(text)
+    if match and match.group(1):
+        n, unit = int(match.group(1)) / 2**30, "GiB"
+        for bigger in ("TiB", "PiB", "EiB"):
+            if n >= 1024:
+                n, unit = n / 1024, bigger
+        size = f"{n:.1f} {unit}"
+    else:
+        size = match.group(2) if match else None
+    what = f"could not allocate {size}" if size else first_line(exc)
+    device = "GPU memory" if "CUDA" in text else "memory"
+    return (f"out of {device}: {what} (lower the model sizes, batch_size or the images held in memory in "
+            f"params.yaml)")
+
+
 def _close_progress_bars() -> None:
     """End any progress bar the failure left open, so the error starts its own line and is the last one printed."""
     tqdm_module = sys.modules.get("tqdm")
@@ -59,6 +87,13 @@ def main_guard(fn: Callable[[], None]) -> None:
             raise
         _close_progress_bars()
         print(f"error: {resource_message(exc)}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
+    except (MemoryError, RuntimeError) as exc:
+        message = out_of_memory_message(exc)
+        if message is None:
+            raise
+        _close_progress_bars()
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(UserError.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

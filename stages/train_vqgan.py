@@ -88,6 +88,9 @@ def check(params: dict, source: str) -> TrainVQGANParams:
                            ("dead_code_steps", m.dead_code_steps, 0), ("buffer_size", m.buffer_size, 1)):
         if value < lo:
             raise UserError(f"{source}: train_vqgan.model.{key} = {value} is out of range (allowed: >= {lo})")
+    if m.n_codes > 2**31:  # token stores hold indices as int32 above 65536 codes (docs/token-store.md)
+        raise UserError(f"{source}: train_vqgan.model.n_codes = {m.n_codes} is out of range (allowed: <= 2**31, "
+                        f"token indices are stored as int32)")
     if not 2 <= len(m.ch_mult) <= 5 or min(m.ch_mult) < 1:
         raise UserError(f"{source}: train_vqgan.model.ch_mult = {list(m.ch_mult)} is not allowed "
                         f"(allowed: 2 to 5 positive multipliers; downsampling f = 2**(len-1))")

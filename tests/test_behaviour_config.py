@@ -312,6 +312,20 @@ def test_set_params_file_keeps_comments_and_replaces_scalars_on_the_way(tmp_path
     assert list(p.parent.iterdir()) == [p]  # written through a temporary file, nothing left beside it
 
 
+def test_set_params_file_writes_null_as_null_so_a_diff_shows_only_the_change(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("a:\n  top_k: null  # off\n  ema: 0.9\n")
+    set_params_file(p, ["a.ema=null"])
+    assert p.read_text() == "a:\n  top_k: null  # off\n  ema: null\n"
+
+
+def test_the_project_params_spell_every_null_as_set_params_file_writes_it(tmp_path):
+    copy = tmp_path / "params.yaml"
+    copy.write_text((ROOT / "params.yaml").read_text())
+    set_params_file(copy, [])  # what every `-S` run does to params.yaml, minus the overrides
+    assert copy.read_text() == (ROOT / "params.yaml").read_text()
+
+
 def test_asdict_is_plain_data():
     d = C.asdict(build(inner={"size": 2}))
     assert d["inner"] == {"size": 2} and d["name"] == "s" and type(d["inner"]) is dict
@@ -471,3 +485,16 @@ def test_keys_from_the_params_file_stay_on_one_line_in_messages():
     with pytest.raises(UserError) as err:
         check_params_dict({**params, "x\ny": {}}, SRC, ROOT)
     assert str(err.value).startswith(f"{SRC}: unknown section 'x\\ny' (allowed: datasets,")
+
+
+def test_failed_allocations_become_one_line_and_other_runtime_errors_stay_tracebacks():
+    from pipeline.errors import out_of_memory_message
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 274877906944 bytes. Error code 12 (Cannot allocate memory)")
+    assert out_of_memory_message(cpu).startswith("out of memory: could not allocate 256.0 GiB (lower the model")
+    cuda = RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.10 GiB total capacity)")
+    assert out_of_memory_message(cuda).startswith("out of GPU memory: could not allocate 20.00 GiB (lower")
+    assert out_of_memory_message(MemoryError("Unable to allocate 8.00 PiB for an array")).startswith(
+        "out of memory: Unable to allocate 8.00 PiB for an array (lower")
+    assert out_of_memory_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert out_of_memory_message(ValueError("can't allocate memory")) is None

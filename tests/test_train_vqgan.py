@@ -11,7 +11,7 @@ from helpers import TINY_VQGAN_MODEL as TINY_MODEL
 from helpers import crash_after_first_checkpoint, make_idx_dataset, make_project, tiny_vqgan_params
 from models.vqgan import VQGANConfig
 from pipeline import checkpoint as ckpt
-from pipeline.errors import NonFiniteLoss, UserError
+from pipeline.errors import NonFiniteLoss, UserError, main_guard
 from stages import train_vqgan
 from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
 from stages.prepare import run as prepare_run
@@ -170,3 +170,20 @@ def test_two_gloo_ranks_under_torchrun(prepared, tmp_path):
     assert [p.name for p in ckpt.step_files(tmp_path / "ckpt")] == ["step-00000006.pt", "step-00000003.pt"]
     assert json.loads((tmp_path / "vqgan" / "metrics.json").read_text())["steps"] == 6
     assert (tmp_path / "vqgan" / "model.safetensors").exists()
+
+
+def test_a_model_larger_than_any_address_space_is_one_line_and_leaves_nothing(prepared, tmp_path, capsys):
+    """A typo'd size (extra zeros) fails to allocate: `error: out of memory ...` and exit 2, not a traceback.
+    2**40-wide codes need 2**49 bytes and more, beyond x86-64's 2**47-byte user space on any machine."""
+    with pytest.raises(Exception, match=r"train_vqgan.model.n_codes = 2147483649 is out of range \(allowed: <= "
+                                        r"2\*\*31, token indices are stored as int32\)"):
+        train_vqgan.check({"train_vqgan": {"model": {"n_codes": 2**31 + 1}}}, "params.yaml")
+    cfg = tiny_cfg(prepared, tmp_path)
+    cfg.model.code_dim = 2**40
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(lambda: train_vqgan.run(cfg))
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err, err
+    assert err.startswith("error: out of memory: could not allocate ") and "GiB" in err and err.endswith(
+        "(lower the model sizes, batch_size or the images held in memory in params.yaml)")
+    assert not (tmp_path / "vqgan").exists()
