@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ from typing import Any
 from pipeline import dvc_deps
 from pipeline.config import check_dataset_name, load_params
 from pipeline.errors import UserError, main_guard
-from pipeline.prefect_server import project_server, same_path, server_home, supervise
+from pipeline.prefect_server import project_server, same_path, server_home, supervise, temporary_server
 from pipeline.presets import resolve_overrides
 from pipeline.retokenize import tokenize_command, workers_option
 from pipeline.runs import (check_params, run_with_overrides, select, stage_names,
@@ -60,11 +61,8 @@ def _prefect_env(port: int, temp_server: bool = False) -> None:
         url = None if temp_server else project_server(port, os.environ["PREFECT_HOME"], os.environ.get(AUTH_ENV))
         if url:
             os.environ["PREFECT_API_URL"] = url
-        else:  # Prefect starts a temporary server: no browser UI needs it, so no origin may call it
+        else:  # cmd_run starts a temporary server: no browser UI needs it, so no origin may call it
             os.environ.setdefault("PREFECT_SERVER_CORS_ALLOWED_ORIGINS", "http://127.0.0.1")
-            # a signal to the whole process group (`timeout`, a closed terminal) stops that server too; without
-            # retries the client then gives up at once instead of retrying a dead server for minutes
-            os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "0")
 
 
 def _preset_param(preset: str | None) -> str | None:
@@ -138,16 +136,35 @@ def cmd_run(args: argparse.Namespace) -> None:
         _repro_undone_on_failure(cmd, overrides, targets=args.stage)
         return
     _prefect_env(args.port, args.temp_server)
-    if "PREFECT_API_URL" not in os.environ:
-        print(f"note: no Prefect server of this project on 127.0.0.1:{args.port}; running with a temporary one "
-              f"(start `python -m pipeline ui` to keep runs in the UI)", file=sys.stderr)
+    with contextlib.ExitStack() as server:  # the results are read while the server is still up
+        if "PREFECT_API_URL" not in os.environ:
+            print(f"note: no Prefect server of this project on 127.0.0.1:{args.port}; running with a temporary one "
+                  f"(start `python -m pipeline ui` to keep runs in the UI)", file=sys.stderr)
+            env = {**os.environ, "PYTHONPATH": _with_root(os.environ.get("PYTHONPATH"))}
+            os.environ["PREFECT_API_URL"] = server.enter_context(temporary_server(env))
+            server.callback(_drain_prefect)  # runs first: what Prefect still holds reaches the server before it stops
+        _run_flow(args, preset)
+
+
+def _drain_prefect() -> None:
+    """Send the logs and events Prefect's background workers still queue (they would go at exit, to a server gone
+    by then, as "Error logging to API")."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=5)
+
+
+def _run_flow(args: argparse.Namespace, preset: str | None) -> None:
     from pipeline.flow import PipelineFailed, tokenmill_pipeline
     from pipeline.runs import STOPPED_BY
+
     try:
         state = tokenmill_pipeline(stages=args.stage, force=args.force, overrides=args.set or [], preset=preset,
                                    root=str(ROOT), return_state=True)
     except Exception:
-        if STOPPED_BY:  # stopped and undone; what failed after it is Prefect reporting to a server that is gone
+        if STOPPED_BY:  # stopped and undone; what failed after it is Prefect reporting the stop
             raise KeyboardInterrupt from None
         raise
     if state.is_completed():

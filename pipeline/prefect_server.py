@@ -7,14 +7,17 @@ server to talk to).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 from pipeline.errors import UserError
 
@@ -59,6 +62,47 @@ def project_server(port: int, home: str, auth: str | None = None) -> str | None:
     started = f"it keeps its state in {found}" if found else "it does not say where it keeps its state"
     raise UserError(f"port {port} holds a Prefect server that is not this project's ({started}; this project's is "
                     f"{home}); use --port, stop that server, or pass --temp-server to run with a temporary one")
+
+
+STARTUP_S = 90.0  # a temporary server that does not answer this long after its start is a failure
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def temporary_server(env: dict[str, str], startup_s: float = STARTUP_S) -> Iterator[str]:
+    """A Prefect API server (pipeline/ui_server.serve_temporary) for one run; yields its API URL and stops it at
+    the end. Unlike the temporary server Prefect starts by itself, it is not in our process group: a signal to
+    the group (`timeout`, a closed terminal) stops the run, which then reports its end to a server still up,
+    instead of a stream of "Error logging to API" from a client whose server died with it."""
+    port = _free_port()
+    code = f"from pipeline.ui_server import serve_temporary; serve_temporary({port}, {os.getpid()})"
+    server_env = {**env, "PREFECT_UI_ENABLED": "0", "PREFECT_SERVER_API_HOST": "127.0.0.1",
+                  "PREFECT_SERVER_API_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=server_env, start_new_session=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + startup_s
+        while server_home(port) is None:
+            if proc.poll() is not None:
+                raise UserError(f"the temporary Prefect server on 127.0.0.1:{port} exited with code "
+                                f"{proc.returncode} before it answered (its error is above)")
+            if time.monotonic() > deadline:
+                raise UserError(f"the temporary Prefect server on 127.0.0.1:{port} did not answer within "
+                                f"{startup_s:.0f} s")
+            time.sleep(0.25)
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            proc.wait()
 
 
 def supervise(cmd: list[str], env: dict[str, str] | None = None, grace_s: float = GRACE_S) -> int:

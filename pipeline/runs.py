@@ -230,8 +230,9 @@ def _prefect_server(process: Any) -> bool:
     flow spends minutes retrying to report the run's end."""
     import psutil
 
-    try:
-        return "prefect.server.api.server:create_app" in process.cmdline()
+    try:  # Prefect's own temporary server, or the CLI's (pipeline/prefect_server.temporary_server)
+        return any("prefect.server.api.server:create_app" in arg or "import serve_temporary" in arg
+                   for arg in process.cmdline())
     except psutil.Error:
         return False
 

@@ -68,13 +68,35 @@ class LocalOnly:
             await send({"type": "websocket.close", "code": 1008, "reason": why[:120]})
 
 
-def create_app(port: int | None = None) -> ASGIApp:
+def create_app(port: int | None = None, ephemeral: bool = False) -> ASGIApp:
     """Prefect's server app as `prefect server start` builds it (API + UI; the scheduler and the other services
-    start in its lifespan), wrapped in LocalOnly for `port` (default: the setting PREFECT_SERVER_API_PORT)."""
+    start in its lifespan), wrapped in LocalOnly for `port` (default: the setting PREFECT_SERVER_API_PORT).
+    `ephemeral`: the API alone, without UI and services, as Prefect's own temporary server runs it."""
     from prefect.server.api.server import create_app as prefect_app
     from prefect.settings import PREFECT_SERVER_API_PORT
 
-    return LocalOnly(prefect_app(final=True, webserver_only=False), port or PREFECT_SERVER_API_PORT.value())
+    return LocalOnly(prefect_app(final=True, webserver_only=False, ephemeral=ephemeral),
+                     port or PREFECT_SERVER_API_PORT.value())
+
+
+def serve_temporary(port: int, parent: int) -> None:
+    """The temporary server of one `pipeline run` without a UI: create_app(ephemeral=True) on 127.0.0.1:`port`.
+    It runs in a session of its own (the CLI starts it so), so a signal to the run's process group (`timeout`, a
+    closed terminal) leaves it up while the run reports its end to it; it stops itself once `parent` is gone."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import uvicorn
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+
+    threading.Thread(target=watch, daemon=True).start()
+    uvicorn.run(create_app(port, ephemeral=True), host="127.0.0.1", port=port, log_level="error")
 
 
 def serve() -> None:
