@@ -106,6 +106,17 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     return data
 
 
+def check_dataset_ref(params: dict[str, Any], key: str, name: str, source: str = PARAMS_FILE) -> None:
+    """`key` (e.g. train_vqgan.dataset) names a dataset, which must be an entry of the datasets section: only then
+    does a prepare stage keep its data current (a prepared folder left from a removed entry never changes)."""
+    datasets = params.get("datasets")
+    if isinstance(datasets, dict) and name in datasets:
+        return
+    have = ", ".join(sorted(map(str, datasets))) if isinstance(datasets, dict) and datasets else "none"
+    raise UserError(f"{source}: {key} = {printable(repr(name))} is not an entry of the datasets section (it has: "
+                    f"{have}); add it with `python -m pipeline add-dataset {printable(str(name))} <path>`")
+
+
 def section(params: dict[str, Any], name: str, cls: type[T], source: str = PARAMS_FILE) -> T:
     """Validate params[name] against the dataclass `cls`."""
     if name not in params:

@@ -233,19 +233,21 @@ def check_unrecorded_changes(root: Path, targets: list[str] | None = None, with_
     `dvc status` calls modified and that holds a file whose bytes DVC's cache does not hold (a stage whose
     outputs changed is run again, or restored from the run cache, and both replace the whole folder). Outputs of
     another recorded version (after `git checkout` of an older dvc.lock, a discarded experiment) are all in the
-    cache and pass."""
+    cache and pass; so do outputs dvc.lock does not record."""
     cmd = ["dvc", "status", "--json", *(["--with-deps"] if targets and with_deps else []), *(targets or [])]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     try:
         status = json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else {}
     except json.JSONDecodeError:
         status = {}  # DVC reports its own trouble when the run starts
-    cache = None
+    cache, locked = None, locked_outs(root)
     for stage, changes in status.items():
         for change in changes if isinstance(changes, list) else []:
             outs = change.get("changed outs") if isinstance(change, dict) else None
             for path, what in (outs or {}).items():
-                if what != "modified" or not (root / path).exists():
+                # an output dvc.lock does not record (its stage run by hand) is no version DVC could restore:
+                # check_outputs decides whether it is the stage's own
+                if what != "modified" or (stage, path) not in locked or not (root / path).exists():
                     continue
                 cache = cache or _cache_dir(root)
                 if (lost := _uncached_file(root / path, cache)) is not None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.atomic import check_replaceable, new_partial_dir, replace_dir, sha256_file, write_json
-from pipeline.config import SEED_MAX, param, section
+from pipeline.config import SEED_MAX, check_dataset_ref, param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
 from pipeline.fid import Protocol, compute_metrics, protocol_id
@@ -59,7 +59,9 @@ class EvalVQGANParams:
 
 
 def check(params: dict, source: str) -> EvalVQGANParams:
-    return section(params, "eval_vqgan", EvalVQGANParams, source)
+    cfg = section(params, "eval_vqgan", EvalVQGANParams, source)
+    check_dataset_ref(params, "eval_vqgan.dataset", cfg.dataset, source)
+    return cfg
 
 
 @torch.no_grad()

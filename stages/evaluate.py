@@ -41,7 +41,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.atomic import check_replaceable, new_partial_dir, replace_dir, write_json
-from pipeline.config import SEED_MAX, param, section
+from pipeline.config import SEED_MAX, check_dataset_ref, param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
 from pipeline.fid import Protocol, compute_metrics, frechet_distance_features, protocol_id, with_protocol
@@ -85,7 +85,9 @@ class EvaluateParams:
 
 
 def check(params: dict, source: str) -> EvaluateParams:
-    return section(params, "evaluate", EvaluateParams, source)
+    cfg = section(params, "evaluate", EvaluateParams, source)
+    check_dataset_ref(params, "evaluate.dataset", cfg.dataset, source)
+    return cfg
 
 
 # ----------------------------------------------------------------------------- reading samples

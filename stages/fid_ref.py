@@ -29,7 +29,7 @@ import numpy as np
 
 from models.inception import NETWORK_NAME
 from pipeline.atomic import check_replaceable, replace_dir, write_json
-from pipeline.config import SEED_MAX, param, section
+from pipeline.config import SEED_MAX, check_dataset_ref, param, section
 from pipeline.errors import UserError
 from pipeline.fid import stats
 from pipeline.fid_reference import (FORMAT, NetworkParams, ResizeMode, features_of, image_batches, load_network,
@@ -58,7 +58,9 @@ class FidRefParams:
 
 
 def check(params: dict, source: str) -> FidRefParams:
-    return section(params, "fid_ref", FidRefParams, source)
+    cfg = section(params, "fid_ref", FidRefParams, source)
+    check_dataset_ref(params, "fid_ref.dataset", cfg.dataset, source)
+    return cfg
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.atomic import check_replaceable
-from pipeline.config import SEED_MAX, param, section
+from pipeline.config import SEED_MAX, check_dataset_ref, param, section
 from pipeline.device import init_distributed, pick_device
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
@@ -109,6 +109,7 @@ def check(params: dict, source: str) -> TrainTransformerParams:
     if cfg.kind == "gan" and cfg.ema is not None:
         raise UserError(f"{source}: train_transformer.ema = {cfg.ema} applies to kind 'ar' only; for kind 'gan' "
                         f"set train_transformer.gan.ema_decay (null = the family's)")
+    check_dataset_ref(params, "train_transformer.dataset", cfg.dataset, source)
     return cfg
 
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 from models.vqgan import VQGANConfig
 from pipeline.atomic import check_replaceable
-from pipeline.config import SEED_MAX, param, section
+from pipeline.config import SEED_MAX, check_dataset_ref, param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
 from training.common import code_id
@@ -99,6 +99,7 @@ def check(params: dict, source: str) -> TrainVQGANParams:
     if cfg.batch_size % cfg.grad_accum:
         raise UserError(f"{source}: train_vqgan.batch_size = {cfg.batch_size} is not divisible by "
                         f"grad_accum = {cfg.grad_accum}")
+    check_dataset_ref(params, "train_vqgan.dataset", cfg.dataset, source)
     return cfg
 
 

@@ -498,3 +498,17 @@ def test_failed_allocations_become_one_line_and_other_runtime_errors_stay_traceb
         "out of memory: Unable to allocate 8.00 PiB for an array (lower")
     assert out_of_memory_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
     assert out_of_memory_message(ValueError("can't allocate memory")) is None
+
+
+@pytest.mark.parametrize("stage", ["train_vqgan", "fid_ref", "eval_vqgan", "train_transformer", "evaluate"])
+def test_a_dataset_name_outside_the_datasets_section_is_refused_by_the_stage(stage):
+    """A prepared folder left from a removed entry is no stage's output: nothing would keep it current."""
+    import importlib
+
+    mod = importlib.import_module(f"stages.{stage}")
+    params = {"datasets": {"mine": {}, "fashion_mnist": {}}, stage: {"dataset": "flat"}}
+    with pytest.raises(UserError) as err:
+        mod.check(params, "p.yaml")
+    assert str(err.value) == (f"p.yaml: {stage}.dataset = 'flat' is not an entry of the datasets section (it has: "
+                              f"fashion_mnist, mine); add it with `python -m pipeline add-dataset flat <path>`")
+    mod.check({**params, stage: {"dataset": "mine"}}, "p.yaml")

@@ -244,7 +244,8 @@ def test_eval_vqgan_end_to_end(world, vqgan_dir, tmp_path, monkeypatch):
 
     # The Prefect publisher turns the same files into a table and a self-contained markdown artifact.
     created = {}
-    params = {"eval_vqgan": {"metrics": cfg.metrics, "report_dir": cfg.report_dir}}
+    params = {"datasets": {cfg.dataset: {}}, "eval_vqgan": {"metrics": cfg.metrics, "report_dir": cfg.report_dir,
+                                                           "dataset": cfg.dataset}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.setattr(artifacts, "create_table_artifact", lambda rows, key, description: created.update({key: rows}))
     monkeypatch.setattr(artifacts, "create_markdown_artifact", lambda md, key, description: created.update({key: md}))
@@ -571,7 +572,7 @@ def test_hostile_samples_through_the_command_line(world, tmp_path):
         section = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "network"}
         section["network"] = {"batch_size": 12, "device": "cpu"}
         params = tmp_path / name / "params.yaml"
-        params.write_text(yaml.safe_dump({"evaluate": section}))
+        params.write_text(yaml.safe_dump({"datasets": {cfg.dataset: {}}, "evaluate": section}))  # a name it knows
         proc = subprocess.run([sys.executable, "-m", "stages.evaluate", "--params", str(params)], cwd=ROOT,
                               capture_output=True, text=True, timeout=300)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]  # also log and progress lines

@@ -230,11 +230,14 @@ def test_files_put_in_an_output_after_its_stage_wrote_it_are_seen(tmp_path):
 
 def test_a_modified_output_holding_bytes_dvc_lacks_stops_the_run(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    for name in ("kept", "other_version"):
+    for name in ("kept", "other_version", "by_hand"):
         (tmp_path / name).mkdir()
         (tmp_path / name / ".tokenmill-stage").write_text(name)
         (tmp_path / name / "w.bin").write_text(f"weights of {name}")
     (tmp_path / "kept" / "notes.txt").write_text("mine")
+    (tmp_path / "by_hand" / "manifest.json").write_text("{}")  # `python -m stages.x` ran; dvc.lock lacks stage s3
+    (tmp_path / "dvc.lock").write_text(json.dumps({"stages": {"s1": {"outs": [{"path": "other_version"}]},
+                                                              "s2": {"outs": [{"path": "kept"}]}}}))
     for f in [*(tmp_path / "kept").iterdir(), *(tmp_path / "other_version").iterdir()]:
         if f.name != "notes.txt":  # what DVC stored: every file of every recorded version, not the user's notes
             digest = hashlib.md5(f.read_bytes()).hexdigest()
@@ -242,6 +245,7 @@ def test_a_modified_output_holding_bytes_dvc_lacks_stops_the_run(tmp_path, monke
             (cache / digest[:2] / digest[2:]).write_bytes(f.read_bytes())
     monkeypatch.setattr(out_guard, "_cache_dir", lambda root: cache)
     status = {"s1": [{"changed outs": {"other_version": "modified"}}],  # e.g. after git checkout of an older lock
+              "s3": [{"changed outs": {"by_hand": "modified"}}],  # what dvc status says of an unrecorded stage
               "s2": [{"changed deps": {"x": "modified"}}, {"changed outs": {"kept": "modified", "gone": "deleted"}}]}
     seen = []
     monkeypatch.setattr(out_guard.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or

@@ -160,7 +160,7 @@ def test_two_gloo_ranks_under_torchrun(prepared, tmp_path):
     cfg = tiny_cfg(prepared, tmp_path)
     raw = dataclasses.asdict(cfg)
     raw["model"]["ch_mult"] = list(raw["model"]["ch_mult"])
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train_vqgan": raw}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"datasets": {cfg.dataset: {}}, "train_vqgan": raw}))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "-m", "stages.train_vqgan", "--params", str(tmp_path / "params.yaml")], cwd=root,
@@ -184,6 +184,6 @@ def test_a_model_larger_than_any_address_space_is_one_line_and_leaves_nothing(pr
         main_guard(lambda: train_vqgan.run(cfg))
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "\n" not in err, err
-    assert err.startswith("error: out of memory: could not allocate ") and "GiB" in err and err.endswith(
+    assert err.startswith("error: out of memory: could not allocate ") and "TiB" in err and err.endswith(
         "(lower the model sizes, batch_size or the images held in memory in params.yaml)")
     assert not (tmp_path / "vqgan").exists()
