@@ -168,3 +168,21 @@ def test_interrupted_shard_never_has_final_name(tmp_path):
             raise RuntimeError("killed")
     assert sorted(p.name for p in out.iterdir()) == ["train-000000.tar"]  # the complete one only
     assert [k for k, _, _ in iter_tar_samples(out / "train-000000.tar")] == ["k0", "k1", "k2"]
+
+
+def test_report_counts_float_scaling_and_first_frames_apart(tmp_path):
+    d = tmp_path / "src" / "x"
+    d.mkdir(parents=True)
+    Image.fromarray(np.full((16, 16), 0.6, np.float32), "F").save(d / "unit.tif")
+    Image.fromarray(np.full((16, 16), 100.0, np.float32), "F").save(d / "bytes.tif")
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:])
+    c = cfg(tmp_path, "conv", source="folder", path=str(tmp_path / "src"), split="random", val_fraction=0.0,
+            resolution=16, channels=1)
+    run(c)
+    report = json.loads((c.out / "report.json").read_text())
+    assert report["skipped"] == []
+    assert report["converted"] == {"converted float image in 0..1": 1, "converted float image": 1,
+                                   "first frame of a multi-frame image": 1}
+    values = sorted(int(a[0, 0, 0]) for _, a, _ in load_split(c.out, "train"))
+    assert values == [76, 100, 153]  # red's luma; 100 as it was; 0.6 * 255
