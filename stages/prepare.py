@@ -1,7 +1,8 @@
 """Stage `prepare`: images from a source -> WebDataset shards at one resolution + manifest + skip report.
 
 Sources: Fashion-MNIST style IDX files, an image folder (class sub-folders become labels), or an existing
-WebDataset of images. Output `<out_dir>/<dataset>/`:
+WebDataset of images (label: `.cls`/`.label` text or `.json` "label", a non-negative integer class index; anything
+else is refused; one image per sample, the others skipped with a reason). Output `<out_dir>/<dataset>/`:
   <split>-%06d.tar   samples {key}.png (uint8 HxWxC), {key}.cls (label as text), {key}.json (origin)
   manifest.json      counts per split and class, resolution, channels, class names, source, fingerprint
   report.json        every skipped input with its reason, counts of conversions, and (channels: 1) the colour
@@ -189,36 +190,58 @@ def iter_webdataset(path: Path, spec: DatasetSpec, skipped: list[dict]) -> Itera
                                 f"use split: random")
         try:
             for key, files, problems in iter_tar_samples(shard):
-                skipped.extend({"origin": f"{shard.name}:{p.split(':')[0]}", "reason": p.split(": ", 1)[-1]}
-                               for p in problems)
+                for p in problems:  # "<member>: <reason>"; a member name may hold ':' itself
+                    member, reason = p.rsplit(": ", 1)
+                    skipped.append({"origin": f"{shard.name}:{member}", "reason": reason})
                 if not files:
                     continue
                 origin = f"{shard.name}:{key}"
-                ext = next((e for e in files if "." + e.split(".")[-1] in IMAGE_EXTS), None)
-                if ext is None:
+                images = [e for e in files if "." + e.split(".")[-1] in IMAGE_EXTS]
+                if not images:
                     skipped.append({"origin": origin, "reason": "sample has no image member"})
                     continue
-                label = _label_of(files)
+                ext = images[0]
+                for other in images[1:]:
+                    skipped.append({"origin": f"{shard.name}:{key}.{other}",
+                                    "reason": f"second image of a sample (sample {key!r} already has {key}.{ext}; "
+                                              f"WebDataset keys end at the first dot of the name)"})
+                label = _label_of(files, f"{shard}:{key}")
                 if label is None:  # unlabelled data is one class
                     label = 0
                 yield RawSample(_hash_key(f"{shard.name}/{key}"), origin, split, label, files[ext])
+        except UserError:
+            raise
         except Exception as exc:  # tarfile.ReadError, truncated archive, ...
             skipped.append({"origin": str(shard), "reason": f"unreadable tar after some samples ({exc})"})
 
 
-def _label_of(files: dict[str, bytes]) -> int | None:
+LABEL_RULE = "a label must be a non-negative integer class index"
+
+
+def _label_of(files: dict[str, bytes], where: str) -> int | None:
+    """The sample's class index from `.cls`/`.label` text or a `.json` "label", None when it has none.
+
+    `where` is "<tar>:<key>"; a label that is not a non-negative integer (a class name, -1, 2.0) is refused in
+    one line naming the member and the value: taking it as class 0 would mislabel the image silently.
+    """
     for ext in ("cls", "label"):
         if ext in files:
-            try:
-                return int(files[ext].decode().strip())
-            except ValueError:
-                return None
+            text = files[ext].decode("utf-8", "replace").strip()
+            if not text.isascii() or not text.isdigit():
+                raise UserError(f"{where}.{ext}: label {text[:40]!r} refused: {LABEL_RULE}")
+            return int(text)
     if "json" in files:
         try:
-            value = json.loads(files["json"]).get("label")
-            return int(value) if value is not None else None
-        except (ValueError, AttributeError, TypeError):
+            meta = json.loads(files["json"])
+        except ValueError as exc:
+            raise UserError(f"{where}.json: not valid JSON ({exc}); the label is read from its \"label\"") from None
+        value = meta.get("label") if isinstance(meta, dict) else None
+        if value is None:
             return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"{where}.json: label {json.dumps(value)[:40]} refused: {LABEL_RULE} "
+                            f"(class names go in the dataset's class_names)")
+        return value
     return None
 
 
