@@ -130,7 +130,12 @@ def folder_classes(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def iter_folder(root: Path, spec: DatasetSpec, skipped: list[dict]) -> Iterator[RawSample]:
+def folder_layout(root: Path, spec: DatasetSpec) -> tuple[dict[str, Path], list[str]]:
+    """The split folders ({"": root} for split: random) and the class names, in label order.
+
+    Class folders are the union over the splits, so a class folder only val/ has would be a class the model
+    never trains on (most often a typo'd or misplaced folder): refused in one line unless class_names lists it.
+    """
     split_dirs: dict[str, Path] = {"": root}
     if spec.split == "keep":
         val = next((root / n for n in ("val", "valid", "validation", "test") if (root / n).is_dir()), None)
@@ -138,10 +143,27 @@ def iter_folder(root: Path, spec: DatasetSpec, skipped: list[dict]) -> Iterator[
             raise UserError(f"{root}: split 'keep' needs train/ and val/ (or test/) sub-folders; "
                             f"use split: random")
         split_dirs = {"train": root / "train", "val": val}
-    classes = spec.class_names or sorted({c for d in split_dirs.values() for c in folder_classes(d)})
+    if spec.class_names:
+        return split_dirs, list(spec.class_names)
+    found = {split: folder_classes(d) for split, d in split_dirs.items()}
+    if spec.split == "keep":
+        val_only = sorted(set(found["val"]) - set(found["train"]))
+        if val_only:
+            val, name = split_dirs["val"], val_only[0]
+            more = f" (and {len(val_only) - 1} more: {', '.join(val_only[1:6])})" if len(val_only) > 1 else ""
+            raise UserError(f"{val / name}: class folder {name!r} is in {val.name}/ but not in train/{more}; "
+                            f"a class needs training images: move or rename the folder, or list every class "
+                            f"in class_names")
+    return split_dirs, sorted({c for classes in found.values() for c in classes})
+
+
+def iter_folder(root: Path, spec: DatasetSpec, skipped: list[dict]) -> Iterator[RawSample]:
+    split_dirs, classes = folder_layout(root, spec)
+    # Class folders anywhere mean every image needs one: a val/ of loose files beside train/<class>/ must not
+    # become class 0. Without any class folder (and no class_names) the dataset is one class.
+    by_class = any(folder_classes(d) for d in split_dirs.values())
     for split, base in split_dirs.items():
         files = sorted(p for p in base.rglob("*") if p.is_file() or p.is_symlink())
-        present = folder_classes(base)
         for p in files:
             rel = p.relative_to(base)
             if p.is_symlink() and not p.resolve().is_relative_to(root.resolve()):
@@ -150,7 +172,7 @@ def iter_folder(root: Path, spec: DatasetSpec, skipped: list[dict]) -> Iterator[
             if p.suffix.lower() not in IMAGE_EXTS:
                 skipped.append({"origin": str(p), "reason": f"not an image extension ({p.suffix or 'none'})"})
                 continue
-            if present:
+            if by_class:
                 if len(rel.parts) < 2:
                     skipped.append({"origin": str(p), "reason": "outside a class folder"})
                     continue
@@ -269,7 +291,7 @@ def run(cfg: PrepareConfig) -> None:
         if not src.is_dir():
             raise UserError(f"datasets.{cfg.name}.path: {src} is not a folder")
         samples = iter_folder(src, spec, skipped)
-        class_names = spec.class_names or None
+        class_names = folder_layout(src, spec)[1] or ["all"]
     else:
         samples = iter_webdataset(src, spec, skipped)
         class_names = spec.class_names
@@ -322,9 +344,7 @@ def run(cfg: PrepareConfig) -> None:
                             + (f" (skipped: {', '.join(f'{r} x{n}' for r, n in reasons)})" if reasons else ""))
         n_classes = max(max(c, default=-1) for c in counts.values()) + 1
         if class_names is None:
-            class_names = folder_classes(src / "train" if spec.split == "keep" else src) \
-                if spec.source == "folder" else [str(i) for i in range(n_classes)]
-            class_names = class_names or ["all"]
+            class_names = [str(i) for i in range(n_classes)] or ["all"]
         if n_classes > len(class_names):
             raise UserError(f"datasets.{cfg.name}.class_names has {len(class_names)} names "
                             f"but labels go up to {n_classes - 1}")

@@ -278,3 +278,60 @@ def test_webdataset_tar_of_a_folder_has_no_skips_for_its_directories(tmp_path):
     m = json.loads((c.out / "manifest.json").read_text())
     assert m["splits"]["train"]["count"] == 1 and m["skipped"] == 0
     assert json.loads((c.out / "report.json").read_text())["skipped"] == []
+
+
+def _folders(root: Path, layout: dict[str, int]) -> Path:
+    """{"train/cat": 2, ...}: that many small images per folder (an empty folder for 0), grey level = index."""
+    for rel, n in layout.items():
+        (root / rel).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("L", (16, 16), i).save(root / rel / f"{i}.png")
+    return root
+
+
+def test_folder_keep_refuses_a_class_folder_only_val_has(tmp_path):
+    src = _folders(tmp_path / "src", {"train/cat": 2, "train/dog": 2, "val/bird": 1, "val/cat": 1, "val/dog": 1})
+    c = cfg(tmp_path, "keepmis", source="folder", path=str(src), resolution=16, split="keep")
+    with pytest.raises(UserError) as err:
+        run(c)
+    assert str(err.value) == (f"{src / 'val' / 'bird'}: class folder 'bird' is in val/ but not in train/; a class "
+                              f"needs training images: move or rename the folder, or list every class in class_names")
+    assert not c.out.exists()
+
+
+def test_folder_keep_class_names_never_shift_against_the_labels(tmp_path):
+    """train/{cat,dog,eel(empty)} + val/{ant,cat}: labels counted over the union (ant 0, cat 1, dog 2) used to be
+    named after train/ alone (cat, dog, eel) without an error: every class mis-named. Now refused; listed
+    explicitly, the names are the labels'."""
+    src = _folders(tmp_path / "src", {"train/cat": 2, "train/dog": 1, "train/eel": 0, "val/ant": 1, "val/cat": 1})
+    c = cfg(tmp_path, "shift", source="folder", path=str(src), resolution=16, split="keep")
+    with pytest.raises(UserError, match=r"class folder 'ant' is in val/ but not in train/"):
+        run(c)
+    c = cfg(tmp_path, "shift", source="folder", path=str(src), resolution=16, split="keep",
+            class_names=["ant", "cat", "dog", "eel"])
+    run(c)
+    m = json.loads((c.out / "manifest.json").read_text())
+    assert m["class_names"] == ["ant", "cat", "dog", "eel"]
+    assert m["splits"]["train"]["per_class"] == [0, 2, 1, 0] and m["splits"]["val"]["per_class"] == [1, 1, 0, 0]
+
+
+def test_folder_keep_with_fewer_classes_in_val_keeps_train_names(tmp_path):
+    src = _folders(tmp_path / "src", {"train/cat": 2, "train/dog": 3, "val/dog": 1})
+    c = cfg(tmp_path, "fewer", source="folder", path=str(src), resolution=16, split="keep")
+    run(c)
+    m = json.loads((c.out / "manifest.json").read_text())
+    assert m["class_names"] == ["cat", "dog"]
+    assert m["splits"]["train"]["per_class"] == [2, 3] and m["splits"]["val"]["per_class"] == [0, 1]
+    assert [label for _, _, label in load_split(c.out, "val")] == [1]
+
+
+def test_folder_keep_loose_val_files_beside_train_classes_are_skipped_not_class_0(tmp_path):
+    """val/ with no class folder at all beside train/{cat,dog}: its images used to become class 0, 'cat'."""
+    src = _folders(tmp_path / "src", {"train/cat": 1, "train/dog": 1, "val": 0})
+    Image.new("L", (16, 16)).save(src / "val" / "loose.png")
+    c = cfg(tmp_path, "loose", source="folder", path=str(src), resolution=16, split="keep")
+    run(c)
+    m = json.loads((c.out / "manifest.json").read_text())
+    assert m["splits"]["train"]["per_class"] == [1, 1] and m["splits"]["val"]["per_class"] == [0, 0]
+    skipped = json.loads((c.out / "report.json").read_text())["skipped"]
+    assert skipped == [{"origin": str(src / "val" / "loose.png"), "reason": "outside a class folder"}]
