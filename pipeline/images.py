@@ -63,6 +63,9 @@ def is_colour(im: Image.Image) -> bool:
 def to_mode(im: Image.Image, channels: int, background: int) -> tuple[Image.Image, str | None]:
     """Convert any PIL mode to 'L' or 'RGB'. Returns the image and a note when a conversion changed data."""
     note = None
+    # An animated GIF/PNG/WebP or a multi-page TIFF is decoded at its first frame; say so (read before
+    # exif_transpose, whose copy no longer knows the frame count).
+    frames = getattr(im, "n_frames", 1)
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:  # broken EXIF is not worth losing the image over
@@ -75,7 +78,10 @@ def to_mode(im: Image.Image, channels: int, background: int) -> tuple[Image.Imag
         im, note = Image.fromarray(arr, "L"), f"converted {mode} to 8-bit"
     elif mode == "F":
         arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
-        im, note = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L"), "converted float image"
+        note = "converted float image"
+        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:  # the usual 0..1 convention, not 0..255
+            arr, note = arr * 255.0, "converted float image in 0..1 (scaled to 0..255)"
+        im = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L")
     if im.mode == "P":
         im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
         note = note or "converted palette image"
@@ -90,6 +96,8 @@ def to_mode(im: Image.Image, channels: int, background: int) -> tuple[Image.Imag
     target = "L" if channels == 1 else "RGB"
     if im.mode != target:
         im = im.convert(target)
+    if isinstance(frames, int) and frames > 1:  # the frames left out matter more than how the first was converted
+        note = f"first frame of a multi-frame image ({frames} frames; the others are not used)"
     return im, note
 
 

@@ -2,7 +2,8 @@
 
 Writer: fixed member metadata (mtime 0, uid/gid 0, mode 0644) so the same samples give byte-identical tars;
 each shard is written under a temp name and renamed when complete. Reader: iterates members in memory (never
-extracts), ignores links, absolute and `..` names, groups files into samples by WebDataset key rules.
+extracts), refuses links, absolute and `..` names, skips directory entries (`tar cf x.tar folder/` writes them),
+groups files into samples by WebDataset key rules.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from pipeline.atomic import tmp_name
 
 Sample = dict[str, bytes]  # extension -> payload, plus "__key__" -> key (as bytes-free str in the dict)
 
-# WebDataset's rule: the key is everything up to the first dot of the last path component.
+# WebDataset's rule: the key is everything up to the first dot of the last path component, so `photo.2023.01.png`
+# and `photo.2023.02.png` are two files (extensions `2023.01.png`, `2023.02.png`) of one sample `photo`, as are
+# `pair0.jpg` and `pair0.png`; a reader that wants one image per sample must say what it leaves out.
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
@@ -100,12 +103,15 @@ def safe_member(member: tarfile.TarInfo) -> bool:
 def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes], list[str]]]:
     """Yield (key, {ext: bytes}, problems) per sample of a tar, in member order.
 
-    `problems` lists members that were refused (links, unsafe names) so callers can report them.
-    Consecutive members with the same key form one sample (WebDataset semantics).
+    `problems` lists members that were refused (links, unsafe names, a second member of the same name in a
+    sample: the first is kept), each as "<member>: <reason>", so callers can report them. Directory entries carry
+    no data and are passed over. Consecutive members with the same key form one sample (WebDataset semantics).
     """
     current_key, current, problems = None, {}, []
     with tarfile.open(path, "r:*") as tar:
         for member in tar:
+            if member.isdir():
+                continue
             if not safe_member(member):
                 problems.append(f"{member.name}: refused tar member (link, absolute or '..' name)")
                 continue
@@ -118,6 +124,9 @@ def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes], 
                 yield current_key, current, problems
                 current, problems = {}, []
             current_key = key
+            if ext in current:
+                problems.append(f"{member.name}: duplicate member name, the sample's first one is kept")
+                continue
             fh = tar.extractfile(member)
             current[ext] = fh.read() if fh else b""
     if current or problems:

@@ -1,7 +1,8 @@
 """Stage `prepare`: images from a source -> WebDataset shards at one resolution + manifest + skip report.
 
 Sources: Fashion-MNIST style IDX files, an image folder (class sub-folders become labels), or an existing
-WebDataset of images. Output `<out_dir>/<dataset>/`:
+WebDataset of images (label: `.cls`/`.label` text or `.json` "label", a non-negative integer class index; anything
+else is refused; one image per sample, the others skipped with a reason). Output `<out_dir>/<dataset>/`:
   <split>-%06d.tar   samples {key}.png (uint8 HxWxC), {key}.cls (label as text), {key}.json (origin)
   manifest.json      counts per split and class, resolution, channels, class names, source, fingerprint
   report.json        every skipped input with its reason, counts of conversions, and (channels: 1) the colour
@@ -129,7 +130,12 @@ def folder_classes(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def iter_folder(root: Path, spec: DatasetSpec, skipped: list[dict]) -> Iterator[RawSample]:
+def folder_layout(root: Path, spec: DatasetSpec) -> tuple[dict[str, Path], list[str]]:
+    """The split folders ({"": root} for split: random) and the class names, in label order.
+
+    Class folders are the union over the splits, so a class folder only val/ has would be a class the model
+    never trains on (most often a typo'd or misplaced folder): refused in one line unless class_names lists it.
+    """
     split_dirs: dict[str, Path] = {"": root}
     if spec.split == "keep":
         val = next((root / n for n in ("val", "valid", "validation", "test") if (root / n).is_dir()), None)
@@ -137,10 +143,27 @@ def iter_folder(root: Path, spec: DatasetSpec, skipped: list[dict]) -> Iterator[
             raise UserError(f"{root}: split 'keep' needs train/ and val/ (or test/) sub-folders; "
                             f"use split: random")
         split_dirs = {"train": root / "train", "val": val}
-    classes = spec.class_names or sorted({c for d in split_dirs.values() for c in folder_classes(d)})
+    if spec.class_names:
+        return split_dirs, list(spec.class_names)
+    found = {split: folder_classes(d) for split, d in split_dirs.items()}
+    if spec.split == "keep":
+        val_only = sorted(set(found["val"]) - set(found["train"]))
+        if val_only:
+            val, name = split_dirs["val"], val_only[0]
+            more = f" (and {len(val_only) - 1} more: {', '.join(val_only[1:6])})" if len(val_only) > 1 else ""
+            raise UserError(f"{val / name}: class folder {name!r} is in {val.name}/ but not in train/{more}; "
+                            f"a class needs training images: move or rename the folder, or list every class "
+                            f"in class_names")
+    return split_dirs, sorted({c for classes in found.values() for c in classes})
+
+
+def iter_folder(root: Path, spec: DatasetSpec, skipped: list[dict]) -> Iterator[RawSample]:
+    split_dirs, classes = folder_layout(root, spec)
+    # Class folders anywhere mean every image needs one: a val/ of loose files beside train/<class>/ must not
+    # become class 0. Without any class folder (and no class_names) the dataset is one class.
+    by_class = any(folder_classes(d) for d in split_dirs.values())
     for split, base in split_dirs.items():
         files = sorted(p for p in base.rglob("*") if p.is_file() or p.is_symlink())
-        present = folder_classes(base)
         for p in files:
             rel = p.relative_to(base)
             if p.is_symlink() and not p.resolve().is_relative_to(root.resolve()):
@@ -149,7 +172,7 @@ def iter_folder(root: Path, spec: DatasetSpec, skipped: list[dict]) -> Iterator[
             if p.suffix.lower() not in IMAGE_EXTS:
                 skipped.append({"origin": str(p), "reason": f"not an image extension ({p.suffix or 'none'})"})
                 continue
-            if present:
+            if by_class:
                 if len(rel.parts) < 2:
                     skipped.append({"origin": str(p), "reason": "outside a class folder"})
                     continue
@@ -189,36 +212,58 @@ def iter_webdataset(path: Path, spec: DatasetSpec, skipped: list[dict]) -> Itera
                                 f"use split: random")
         try:
             for key, files, problems in iter_tar_samples(shard):
-                skipped.extend({"origin": f"{shard.name}:{p.split(':')[0]}", "reason": p.split(": ", 1)[-1]}
-                               for p in problems)
+                for p in problems:  # "<member>: <reason>"; a member name may hold ':' itself
+                    member, reason = p.rsplit(": ", 1)
+                    skipped.append({"origin": f"{shard.name}:{member}", "reason": reason})
                 if not files:
                     continue
                 origin = f"{shard.name}:{key}"
-                ext = next((e for e in files if "." + e.split(".")[-1] in IMAGE_EXTS), None)
-                if ext is None:
+                images = [e for e in files if "." + e.split(".")[-1] in IMAGE_EXTS]
+                if not images:
                     skipped.append({"origin": origin, "reason": "sample has no image member"})
                     continue
-                label = _label_of(files)
+                ext = images[0]
+                for other in images[1:]:
+                    skipped.append({"origin": f"{shard.name}:{key}.{other}",
+                                    "reason": f"second image of a sample (sample {key!r} already has {key}.{ext}; "
+                                              f"WebDataset keys end at the first dot of the name)"})
+                label = _label_of(files, f"{shard}:{key}")
                 if label is None:  # unlabelled data is one class
                     label = 0
                 yield RawSample(_hash_key(f"{shard.name}/{key}"), origin, split, label, files[ext])
+        except UserError:
+            raise
         except Exception as exc:  # tarfile.ReadError, truncated archive, ...
             skipped.append({"origin": str(shard), "reason": f"unreadable tar after some samples ({exc})"})
 
 
-def _label_of(files: dict[str, bytes]) -> int | None:
+LABEL_RULE = "a label must be a non-negative integer class index"
+
+
+def _label_of(files: dict[str, bytes], where: str) -> int | None:
+    """The sample's class index from `.cls`/`.label` text or a `.json` "label", None when it has none.
+
+    `where` is "<tar>:<key>"; a label that is not a non-negative integer (a class name, -1, 2.0) is refused in
+    one line naming the member and the value: taking it as class 0 would mislabel the image silently.
+    """
     for ext in ("cls", "label"):
         if ext in files:
-            try:
-                return int(files[ext].decode().strip())
-            except ValueError:
-                return None
+            text = files[ext].decode("utf-8", "replace").strip()
+            if not text.isascii() or not text.isdigit():
+                raise UserError(f"{where}.{ext}: label {text[:40]!r} refused: {LABEL_RULE}")
+            return int(text)
     if "json" in files:
         try:
-            value = json.loads(files["json"]).get("label")
-            return int(value) if value is not None else None
-        except (ValueError, AttributeError, TypeError):
+            meta = json.loads(files["json"])
+        except ValueError as exc:
+            raise UserError(f"{where}.json: not valid JSON ({exc}); the label is read from its \"label\"") from None
+        value = meta.get("label") if isinstance(meta, dict) else None
+        if value is None:
             return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"{where}.json: label {json.dumps(value)[:40]} refused: {LABEL_RULE} "
+                            f"(class names go in the dataset's class_names)")
+        return value
     return None
 
 
@@ -246,7 +291,7 @@ def run(cfg: PrepareConfig) -> None:
         if not src.is_dir():
             raise UserError(f"datasets.{cfg.name}.path: {src} is not a folder")
         samples = iter_folder(src, spec, skipped)
-        class_names = spec.class_names or None
+        class_names = folder_layout(src, spec)[1] or ["all"]
     else:
         samples = iter_webdataset(src, spec, skipped)
         class_names = spec.class_names
@@ -299,9 +344,7 @@ def run(cfg: PrepareConfig) -> None:
                             + (f" (skipped: {', '.join(f'{r} x{n}' for r, n in reasons)})" if reasons else ""))
         n_classes = max(max(c, default=-1) for c in counts.values()) + 1
         if class_names is None:
-            class_names = folder_classes(src / "train" if spec.split == "keep" else src) \
-                if spec.source == "folder" else [str(i) for i in range(n_classes)]
-            class_names = class_names or ["all"]
+            class_names = [str(i) for i in range(n_classes)] or ["all"]
         if n_classes > len(class_names):
             raise UserError(f"datasets.{cfg.name}.class_names has {len(class_names)} names "
                             f"but labels go up to {n_classes - 1}")

@@ -161,3 +161,40 @@ def test_the_resampling_filters_are_the_documented_ones():
     assert np.asarray(fit(src, 16, "center_crop", 0)).tolist() == np.asarray(want).tolist()
     shrunk = np.asarray(src.resize((16, 8), Image.Resampling.LANCZOS))
     assert np.asarray(fit(src, 16, "pad", 0))[4:12].tolist() == shrunk.tolist()
+
+
+def _tiff_f(values) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.array(values, dtype=np.float32), "F").save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def test_a_float_tiff_in_0_to_1_is_scaled_by_255():
+    im = decode_image(_tiff_f([[0.0, 0.2, 0.6, 1.0]] * 8), max_pixels=1000)  # a real mode-F TIFF, as Pillow writes it
+    assert im.mode == "F"
+    arr, note = conform(im, resolution=4, channels=1, resize="resize", background=0, min_side=4)
+    assert note == "converted float image in 0..1 (scaled to 0..255)"
+    assert arr[0, :, 0].tolist() == [0, 51, 153, 255]  # unscaled it would be [0, 0, 1, 1]: a black image
+
+
+def test_a_float_tiff_beyond_1_keeps_the_0_to_255_reading():
+    im = decode_image(_tiff_f([[0.0, 0.2, 0.6, 1.5]] * 8), max_pixels=1000)
+    arr, note = conform(im, resolution=4, channels=1, resize="resize", background=0, min_side=4)
+    assert note == "converted float image" and arr[0, :, 0].tolist() == [0, 0, 1, 2]
+
+
+def _gif(colours) -> bytes:
+    frames = [Image.new("RGB", (16, 16), c) for c in colours]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def test_an_animated_gif_keeps_its_first_frame_and_says_so():
+    im = decode_image(_gif([(255, 0, 0), (0, 255, 0), (0, 0, 255)]), max_pixels=1000)
+    arr, note = conform(im, resolution=16, channels=3, resize="pad", background=0, min_side=8)
+    assert note == "first frame of a multi-frame image (3 frames; the others are not used)"
+    assert (arr == [255, 0, 0]).all()
+    im = decode_image(_gif([(0, 0, 255)]), max_pixels=1000)  # one frame: a palette image like any other
+    arr, note = conform(im, resolution=16, channels=3, resize="pad", background=0, min_side=8)
+    assert note == "converted palette image" and (arr == [0, 0, 255]).all()

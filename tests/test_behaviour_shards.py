@@ -60,3 +60,35 @@ def test_reader_groups_by_key_and_reports_members_it_refuses(tmp_path):
     # a member without an extension does not end the archive, and each refusal travels with the sample it follows
     assert got[0][2] == ["README: no extension, not part of a sample"]
     assert got[1][2] == ["dir\\evil.png: refused tar member (link, absolute or '..' name)"]
+
+
+def test_directory_entries_are_passed_over_not_reported(tmp_path):
+    """`tar cf x.tar folder/` writes an entry per directory: no data, nothing refused, the samples inside kept."""
+    src = tmp_path / "folder" / "sub"
+    src.mkdir(parents=True)
+    (src / "a.png").write_bytes(b"p")
+    (src / "a.cls").write_bytes(b"3")
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w") as tar:
+        tar.add(tmp_path / "folder", arcname="folder")  # recursive: folder, folder/sub, then the files
+    assert [m.isdir() for m in tarfile.open(path)].count(True) == 2
+    assert list(iter_tar_samples(path)) == [("folder/sub/a", {"cls": b"3", "png": b"p"}, [])]
+
+
+def test_a_second_member_of_the_same_name_is_reported_and_the_first_kept(tmp_path):
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("a.png", b"1"), ("a.png", b"2"), ("a.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (key, files, problems), = iter_tar_samples(path)
+    assert key == "a" and files == {"png": b"1", "cls": b"0"}
+    assert problems == ["a.png: duplicate member name, the sample's first one is kept"]
+
+
+def test_the_key_ends_at_the_first_dot_of_the_base_name(tmp_path):
+    path = tmp_path / "t.tar"
+    _tar_with(path, ["d.v2/photo.2023.00.png", "d.v2/photo.2023.01.png", "pair0.jpg", "pair0.png"])
+    got = [(k, list(f)) for k, f, _ in iter_tar_samples(path)]
+    assert got == [("d.v2/photo", ["2023.00.png", "2023.01.png"]), ("pair0", ["jpg", "png"])]

@@ -168,3 +168,170 @@ def test_interrupted_shard_never_has_final_name(tmp_path):
             raise RuntimeError("killed")
     assert sorted(p.name for p in out.iterdir()) == ["train-000000.tar"]  # the complete one only
     assert [k for k, _, _ in iter_tar_samples(out / "train-000000.tar")] == ["k0", "k1", "k2"]
+
+
+def test_report_counts_float_scaling_and_first_frames_apart(tmp_path):
+    d = tmp_path / "src" / "x"
+    d.mkdir(parents=True)
+    Image.fromarray(np.full((16, 16), 0.6, np.float32), "F").save(d / "unit.tif")
+    Image.fromarray(np.full((16, 16), 100.0, np.float32), "F").save(d / "bytes.tif")
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:])
+    c = cfg(tmp_path, "conv", source="folder", path=str(tmp_path / "src"), split="random", val_fraction=0.0,
+            resolution=16, channels=1)
+    run(c)
+    report = json.loads((c.out / "report.json").read_text())
+    assert report["skipped"] == []
+    assert report["converted"] == {"converted float image in 0..1": 1, "converted float image": 1,
+                                   "first frame of a multi-frame image": 1}
+    values = sorted(int(a[0, 0, 0]) for _, a, _ in load_split(c.out, "train"))
+    assert values == [76, 100, 153]  # red's luma; 100 as it was; 0.6 * 255
+
+
+def _tar(path: Path, members) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_images_sharing_a_key_are_one_kept_and_the_rest_reported(tmp_path):
+    """`photo.2023.07.png` has key `photo` (WebDataset keys end at the first dot): 30 such files are one sample,
+    and `pair0.jpg` + `pair0.png` another. The first image is kept, every other one is in the report."""
+    src = tmp_path / "wds"
+    src.mkdir()
+    members = [(f"photo.2023.{i:02d}.png", png_bytes(Image.new("L", (16, 16), 10 + i))) for i in range(30)]
+    members += [("pair0.jpg", png_bytes(Image.new("L", (16, 16), 200))), ("pair0.cls", b"1"),
+                ("pair0.png", png_bytes(Image.new("L", (16, 16), 99)))]
+    _tar(src / "train-000000.tar", members)
+    c = cfg(tmp_path, "dotted", source="webdataset", path=str(src), resolution=16, split="random", val_fraction=0.0)
+    run(c)
+    m = json.loads((c.out / "manifest.json").read_text())
+    assert m["splits"]["train"]["count"] == 2 and m["skipped"] == 30
+    assert sorted((int(a[0, 0, 0]), label) for _, a, label in load_split(c.out, "train")) == [(10, 0), (200, 1)]
+    report = json.loads((c.out / "report.json").read_text())
+    assert report["skipped_by_reason"] == {"second image of a sample": 30}
+    origins = [s["origin"] for s in report["skipped"]]
+    want = [f"photo.2023.{i:02d}.png" for i in range(1, 30)] + ["pair0.png"]
+    assert origins == [f"train-000000.tar:{name}" for name in want]
+    assert report["skipped"][-1]["reason"] == ("second image of a sample (sample 'pair0' already has pair0.jpg; "
+                                               "WebDataset keys end at the first dot of the name)")
+
+
+@pytest.mark.parametrize("member,data,shown", [
+    ("a.cls", b"-1", "'-1'"), ("a.cls", b"2.0", "'2.0'"), ("a.cls", b"cat", "'cat'"), ("a.cls", b"", "''"),
+    ("a.label", b"+1", "'+1'"), ("a.json", b'{"label": "cat"}', '"cat"'), ("a.json", b'{"label": -1}', "-1"),
+    ("a.json", b'{"label": 2.0}', "2.0"), ("a.json", b'{"label": true}', "true"),
+])
+def test_webdataset_label_that_is_not_a_class_index_is_refused_in_one_line(tmp_path, member, data, shown):
+    src = tmp_path / "wds"
+    src.mkdir()
+    good = png_bytes(Image.new("L", (16, 16), 7))
+    _tar(src / "train-000000.tar", [("a.png", good), (member, data), ("b.png", good), ("b.cls", b"1")])
+    c = cfg(tmp_path, "lab", source="webdataset", path=str(src), resolution=16, split="random")
+    with pytest.raises(UserError) as err:
+        run(c)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{src / 'train-000000.tar'}:{member}: label {shown} refused: ")
+    assert "a label must be a non-negative integer class index" in msg
+    assert not c.out.exists()
+
+
+def test_webdataset_json_that_is_not_json_is_refused(tmp_path):
+    src = tmp_path / "wds"
+    src.mkdir()
+    _tar(src / "train-000000.tar", [("a.png", png_bytes(Image.new("L", (16, 16)))), ("a.json", b"{label: 1")])
+    c = cfg(tmp_path, "lab", source="webdataset", path=str(src), resolution=16, split="random")
+    with pytest.raises(UserError, match=r"train-000000.tar:a.json: not valid JSON \("):
+        run(c)
+
+
+def test_webdataset_labels_that_are_class_indices(tmp_path):
+    src = tmp_path / "wds"
+    src.mkdir()
+    members = []
+    for key, label_member in (("a", ("a.cls", b" 2\n")), ("b", ("b.json", b'{"label": 3}')),
+                              ("c", ("c.json", b'{"origin": "x"}')), ("d", ("d.json", b'{"label": null}')),
+                              ("e", ("e.label", b"1"))):
+        members += [(f"{key}.png", png_bytes(Image.new("L", (16, 16), ord(key)))), label_member]
+    _tar(src / "train-000000.tar", members)
+    c = cfg(tmp_path, "lab", source="webdataset", path=str(src), resolution=16, split="random", val_fraction=0.0)
+    run(c)
+    got = sorted((chr(int(a[0, 0, 0])), label) for _, a, label in load_split(c.out, "train"))
+    assert got == [("a", 2), ("b", 3), ("c", 0), ("d", 0), ("e", 1)]  # no label: one class, 0
+    m = json.loads((c.out / "manifest.json").read_text())
+    assert m["splits"]["train"]["per_class"] == [2, 1, 1, 1] and m["skipped"] == 0
+
+
+def test_webdataset_tar_of_a_folder_has_no_skips_for_its_directories(tmp_path):
+    folder = tmp_path / "data" / "train"
+    folder.mkdir(parents=True)
+    Image.new("L", (16, 16), 5).save(folder / "a.png")
+    (folder / "a.cls").write_text("0")
+    src = tmp_path / "wds"
+    src.mkdir()
+    with tarfile.open(src / "train-000000.tar", "w") as tar:  # as `tar cf train-000000.tar data/`
+        tar.add(tmp_path / "data", arcname="data")
+    c = cfg(tmp_path, "dirs", source="webdataset", path=str(src), resolution=16, split="keep")
+    run(c)
+    m = json.loads((c.out / "manifest.json").read_text())
+    assert m["splits"]["train"]["count"] == 1 and m["skipped"] == 0
+    assert json.loads((c.out / "report.json").read_text())["skipped"] == []
+
+
+def _folders(root: Path, layout: dict[str, int]) -> Path:
+    """{"train/cat": 2, ...}: that many small images per folder (an empty folder for 0), grey level = index."""
+    for rel, n in layout.items():
+        (root / rel).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("L", (16, 16), i).save(root / rel / f"{i}.png")
+    return root
+
+
+def test_folder_keep_refuses_a_class_folder_only_val_has(tmp_path):
+    src = _folders(tmp_path / "src", {"train/cat": 2, "train/dog": 2, "val/bird": 1, "val/cat": 1, "val/dog": 1})
+    c = cfg(tmp_path, "keepmis", source="folder", path=str(src), resolution=16, split="keep")
+    with pytest.raises(UserError) as err:
+        run(c)
+    assert str(err.value) == (f"{src / 'val' / 'bird'}: class folder 'bird' is in val/ but not in train/; a class "
+                              f"needs training images: move or rename the folder, or list every class in class_names")
+    assert not c.out.exists()
+
+
+def test_folder_keep_class_names_never_shift_against_the_labels(tmp_path):
+    """train/{cat,dog,eel(empty)} + val/{ant,cat}: labels counted over the union (ant 0, cat 1, dog 2) used to be
+    named after train/ alone (cat, dog, eel) without an error: every class mis-named. Now refused; listed
+    explicitly, the names are the labels'."""
+    src = _folders(tmp_path / "src", {"train/cat": 2, "train/dog": 1, "train/eel": 0, "val/ant": 1, "val/cat": 1})
+    c = cfg(tmp_path, "shift", source="folder", path=str(src), resolution=16, split="keep")
+    with pytest.raises(UserError, match=r"class folder 'ant' is in val/ but not in train/"):
+        run(c)
+    c = cfg(tmp_path, "shift", source="folder", path=str(src), resolution=16, split="keep",
+            class_names=["ant", "cat", "dog", "eel"])
+    run(c)
+    m = json.loads((c.out / "manifest.json").read_text())
+    assert m["class_names"] == ["ant", "cat", "dog", "eel"]
+    assert m["splits"]["train"]["per_class"] == [0, 2, 1, 0] and m["splits"]["val"]["per_class"] == [1, 1, 0, 0]
+
+
+def test_folder_keep_with_fewer_classes_in_val_keeps_train_names(tmp_path):
+    src = _folders(tmp_path / "src", {"train/cat": 2, "train/dog": 3, "val/dog": 1})
+    c = cfg(tmp_path, "fewer", source="folder", path=str(src), resolution=16, split="keep")
+    run(c)
+    m = json.loads((c.out / "manifest.json").read_text())
+    assert m["class_names"] == ["cat", "dog"]
+    assert m["splits"]["train"]["per_class"] == [2, 3] and m["splits"]["val"]["per_class"] == [0, 1]
+    assert [label for _, _, label in load_split(c.out, "val")] == [1]
+
+
+def test_folder_keep_loose_val_files_beside_train_classes_are_skipped_not_class_0(tmp_path):
+    """val/ with no class folder at all beside train/{cat,dog}: its images used to become class 0, 'cat'."""
+    src = _folders(tmp_path / "src", {"train/cat": 1, "train/dog": 1, "val": 0})
+    Image.new("L", (16, 16)).save(src / "val" / "loose.png")
+    c = cfg(tmp_path, "loose", source="folder", path=str(src), resolution=16, split="keep")
+    run(c)
+    m = json.loads((c.out / "manifest.json").read_text())
+    assert m["splits"]["train"]["per_class"] == [1, 1] and m["splits"]["val"]["per_class"] == [0, 0]
+    skipped = json.loads((c.out / "report.json").read_text())["skipped"]
+    assert skipped == [{"origin": str(src / "val" / "loose.png"), "reason": "outside a class folder"}]
