@@ -76,6 +76,9 @@ def run(cfg: FidRefParams) -> None:
     net, device = load_network(cfg.network)
     log.info("fid_ref %s/%s: %d of %d images, resize %s, network %s", cfg.dataset, cfg.split, len(order),
              len(data), cfg.resize, net.feature_network_hash[:12])
+    if cfg.n_ref is not None and cfg.n_ref > len(data):  # the protocol records n_ref = what was used
+        log.warning("fid_ref.n_ref = %d but %s/%s holds %d images: the statistics use all %d", cfg.n_ref,
+                    cfg.dataset, cfg.split, len(data), len(data))
     t0 = time.monotonic()
     feats = features_of(image_batches(data, order, cfg.network.batch_size), net, cfg.network, cfg.resize, device,
                         total=len(order))

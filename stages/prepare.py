@@ -237,7 +237,8 @@ def iter_webdataset(path: Path, spec: DatasetSpec, skipped: list[dict]) -> Itera
             skipped.append({"origin": str(shard), "reason": f"unreadable tar after some samples ({exc})"})
 
 
-LABEL_RULE = "a label must be a non-negative integer class index"
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; a label of 10**9 is a mistake that would size every per-class list
+LABEL_RULE = f"a label must be a non-negative integer class index below {MAX_CLASSES}"
 
 
 def _label_of(files: dict[str, bytes], where: str) -> int | None:
@@ -249,7 +250,7 @@ def _label_of(files: dict[str, bytes], where: str) -> int | None:
     for ext in ("cls", "label"):
         if ext in files:
             text = files[ext].decode("utf-8", "replace").strip()
-            if not text.isascii() or not text.isdigit():
+            if not text.isascii() or not text.isdigit() or int(text) >= MAX_CLASSES:
                 raise UserError(f"{where}.{ext}: label {text[:40]!r} refused: {LABEL_RULE}")
             return int(text)
     if "json" in files:
@@ -260,7 +261,7 @@ def _label_of(files: dict[str, bytes], where: str) -> int | None:
         value = meta.get("label") if isinstance(meta, dict) else None
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_CLASSES:
             raise UserError(f"{where}.json: label {json.dumps(value)[:40]} refused: {LABEL_RULE} "
                             f"(class names go in the dataset's class_names)")
         return value

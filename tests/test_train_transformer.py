@@ -110,6 +110,29 @@ def test_batch_larger_than_the_store_is_one_line_before_training(world, tmp_path
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.parametrize("kind", ["ar", "maskgit"])
+def test_a_store_without_val_tokens_is_one_line_before_training(tiny_world, tmp_path, kind):
+    """bits/token is the val loss: over no val tokens it was recorded as 0.0 (a perfect model, in `compare`)."""
+    from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
+    from stages.prepare import run as prepare
+    from stages.tokenize import TokenizeConfig, TokenizeParams
+    from stages.tokenize import run as tokenize
+    prepare(PrepareConfig("a", DatasetSpec(source="idx", path=str(tiny_world["base"] / "idx"), resolution=16,
+                                           channels=1, split="random", val_fraction=0.0),
+                          PrepareParams(out_dir=str(tmp_path / "prepared"))))
+    tokenize(TokenizeConfig("a", tmp_path / "prepared" / "a", tiny_world["vqgan"], tmp_path / "tokens" / "a",
+                            tmp_path / "tok_metrics.json", None,
+                            TokenizeParams(batch_size=16, shard_size=10, num_workers=0, roundtrip_images=8)))
+    cfg = ar_cfg(tiny_world["base"], tmp_path / "run", kind=kind, tokens_dir=str(tmp_path / "tokens"),
+                 prepared_dir=str(tmp_path / "prepared"))
+    with pytest.raises(UserError) as err:
+        tt.run(cfg)
+    assert str(err.value) == (f"{tmp_path / 'tokens' / 'a'}: split 'val' holds no tokens; the val loss needs some: "
+                              f"give dataset a images for val (split: random: raise datasets.a.val_fraction or add "
+                              f"images; split: keep: add a val/ folder)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_foreign_codebook_is_refused_by_training(world, tmp_path):
     with pytest.raises(UserError, match="codebook mismatch"):
         tt.run(ar_cfg(world, tmp_path, vqgan_dir=str(world / "other_vqgan")))

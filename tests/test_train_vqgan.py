@@ -187,3 +187,18 @@ def test_a_model_larger_than_any_address_space_is_one_line_and_leaves_nothing(pr
     assert err.startswith("error: out of memory: could not allocate ") and "TiB" in err and err.endswith(
         "(lower the model sizes, batch_size or the images held in memory in params.yaml)")
     assert not (tmp_path / "vqgan").exists()
+
+
+def test_a_dataset_without_val_images_is_one_line_before_training(tmp_path):
+    """The final metrics are means over the val split: with none the stage used to train every step, then divide
+    by zero. Now it stops before the first step and leaves nothing."""
+    src = make_idx_dataset(tmp_path / "idx", n_train=24, n_val=8)
+    spec = DatasetSpec(source="idx", path=str(src), resolution=16, split="random", val_fraction=0.0)
+    prepare_run(PrepareConfig("noval", spec, PrepareParams(out_dir=str(tmp_path / "prepared"))))
+    cfg = dataclasses.replace(tiny_cfg(tmp_path / "prepared", tmp_path), dataset="noval")
+    with pytest.raises(UserError) as err:
+        train_vqgan.run(cfg)
+    assert str(err.value) == (f"{tmp_path / 'prepared' / 'noval'}: split 'val' has no images; the VQGAN's final "
+                              f"metrics need some: give dataset noval images for val (split: random: raise "
+                              f"datasets.noval.val_fraction or add images; split: keep: add a val/ folder)")
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "vqgan").exists()

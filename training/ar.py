@@ -126,6 +126,10 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     store = Path(cfg.tokens_dir) / cfg.dataset
     train = TokenData.load(store, "train", cfg.hflip, fingerprint, str(vq_cfg_path))
     val = TokenData.load(store, "val", False, fingerprint, str(vq_cfg_path))
+    if len(val.tokens) == 0:  # the val loss (bits/token, the stage's metric) would be a mean over nothing
+        raise UserError(f"{store}: split 'val' holds no tokens; the val loss needs some: give dataset {cfg.dataset} "
+                        f"images for val (split: random: raise datasets.{cfg.dataset}.val_fraction or add images; "
+                        f"split: keep: add a val/ folder)")
     meta = train.meta
     class_names = json.loads((Path(cfg.prepared_dir) / cfg.dataset / "manifest.json").read_text())["class_names"] \
         if cfg.ar.conditional else []
@@ -270,7 +274,8 @@ def finish(cfg: Any, model: GPT | MaskGIT, gcfg: GPTConfig, history: list[dict],
     write_tsv(Path(cfg.plots), history, MASKGIT_LOG_KEYS if cfg.kind == "maskgit" else LOG_KEYS)
     plot_curves(out / "curves.png", history, unigram, cfg.kind)
     replace_dir(out, Path(cfg.out_dir), "train_transformer")
-    log.info("val %.3f bits/token (unigram entropy %.3f); %.0f tokens/s", metrics["val_bits_per_token"] or float("nan"),
-             unigram, tokens_per_s or 0)
+    what = "bits per masked token" if cfg.kind == "maskgit" else "bits/token"  # maskgit's loss is on masked ones
+    log.info("val %.3f %s (unigram entropy %.3f); %.0f tokens/s", metrics["val_bits_per_token"] or float("nan"),
+             what, unigram, tokens_per_s or 0)
 
 
