@@ -164,8 +164,8 @@ def train_vqgan(cfg: Any, code: str) -> None:
     check_batch_fits("train_vqgan.batch_size", cfg.batch_size, len(train), f"the train split of {cfg.dataset} (images)")
     if len(PreparedImages(prepared, "val")) == 0:  # the final metrics (PSNR, code usage) are means over it
         raise UserError(f"{prepared}: split 'val' has no images; the VQGAN's final metrics need some: give dataset "
-                        f"{cfg.dataset} images for val (split: random: raise datasets.{cfg.dataset}.val_fraction or add "
-                        f"images; split: keep: add a val/ folder)")
+                        f"{cfg.dataset} images for val (split: random: raise datasets.{cfg.dataset}.val_fraction or "
+                        f"add images; split: keep: add a val/ folder)")
     vectors = min(cfg.kmeans_images, len(train)) * (manifest["resolution"] // model.cfg.downsample) ** 2
     if cfg.kmeans_init and vectors < model.cfg.n_codes:
         raise UserError(f"train_vqgan.kmeans_init needs at least model.n_codes = {model.cfg.n_codes} encoder vectors; "
