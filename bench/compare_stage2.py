@@ -10,7 +10,7 @@ and FID reference (dvc repro fid_ref tokenize@fashion_mnist).
   python bench/compare_stage2.py --steps 2000 --fid-every 500   # the README table (~45 min on 2 CPU cores)
   python bench/compare_stage2.py                       # lada, transgan, stransgan; 300 steps each
   python bench/compare_stage2.py --families lada --steps 600
-  python bench/compare_stage2.py --reuse                # only the table, from earlier runs
+  python bench/compare_stage2.py --reuse                # trains only the families not yet evaluated under --out
   python bench/compare_stage2.py --families ar maskgit --tag seed1 --set train_transformer.seed=1  # AR seed spread
   python bench/compare_stage2.py --families lada --steps 1000 --tag image-recon \
       --set train_transformer.gan.d_space=image --set train_transformer.gan.snap=true   # a variant, its own rows

@@ -87,7 +87,7 @@ def _repro_keep_going(cmd: list[str]) -> list[tuple[str, int, str]]:
     import re
 
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    failed, current, error, text = [], "", "", b""
+    failed, current, error, missing, text = [], "", "", "", b""
     for chunk in iter(lambda: os.read(proc.stdout.fileno(), 4096), b""):
         sys.stdout.buffer.write(chunk)
         sys.stdout.flush()
@@ -101,10 +101,23 @@ def _repro_keep_going(cmd: list[str]) -> list[tuple[str, int, str]]:
                 error = line
             elif m := re.search(r"failed to run: .*, exited with (\d+)", line):
                 failed.append((current, int(m.group(1)), error))
+            elif m := re.search(r"No such file or directory: '([^']+)'|'([^']+)' does not exist", line):
+                missing = m.group(1) or m.group(2)  # DVC's WARNING before its "failed to reproduce"
+            elif (m := re.match(r"ERROR: failed to reproduce '([^']+)'", line)) and missing:
+                # DVC stopped before the stage's command: a dependency is missing (the stage never ran)
+                failed.append((m.group(1), 2, f"error: {m.group(1)}: {_missing_dependency(missing)}"))
+                missing = ""
     code = proc.wait()
     if code and not failed:  # DVC itself failed (a missing dependency, a lock): nothing to attribute
         failed.append(("dvc repro", code, ""))
     return failed
+
+
+def _missing_dependency(path: str) -> str:
+    full = (ROOT / path).resolve()
+    if full.is_relative_to(ROOT.resolve()):  # an output of an earlier stage
+        return f"its dependency {full.relative_to(ROOT.resolve())} does not exist (run the stage that makes it first)"
+    return f"its dependency {path} does not exist (a path params.yaml names: check it)"
 
 
 def _repro_undone_on_failure(cmd: list[str], overrides: list[str], started: str | None = None,
@@ -249,7 +262,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_add_dataset(args: argparse.Namespace) -> None:
     check_dataset_name(args.name, "add-dataset")
-    path = Path(args.path).resolve()
+    # absolute, but a symlink stays a symlink: re-pointing it later is a change of the data DVC sees
+    path = Path(os.path.abspath(Path(args.path).expanduser()))
     if not path.exists():
         raise UserError(f"{path} does not exist")
     source = args.source or ("webdataset" if path.suffix == ".tar" or any(path.glob("*.tar")) else "folder")

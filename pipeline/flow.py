@@ -77,7 +77,7 @@ class PipelineFailed(RuntimeError):
         return PipelineFailed, (self.results,)
 
 
-def _classify(name: str, code: int, lines: list[str], error_line: str | None) -> StageFailed:
+def _classify(name: str, code: int, lines: list[str], error_line: str | None, root: str) -> StageFailed:
     """DVC exits 255 for any failed command: the stage's own exit code is in DVC's last message. A dependency
     DVC cannot find (an earlier stage never ran) is the user's to fix too: one line saying so."""
     m = _STAGE_EXIT.search(" ".join(lines[-5:]))
@@ -87,7 +87,9 @@ def _classify(name: str, code: int, lines: list[str], error_line: str | None) ->
         missing = _MISSING.search(dvc_error or "")
         if missing:
             path = missing.group(1) or missing.group(2)
-            error_line = f"error: {path} does not exist: run the stages that make it first (python -m pipeline run)"
+            made_here = (Path(root) / path).resolve().is_relative_to(Path(root).resolve())  # else: the user's path
+            error_line = (f"error: {path} does not exist: run the stages that make it first (python -m pipeline run)"
+                          if made_here else f"error: {path} does not exist (a path params.yaml names: check it)")
             returncode = USER_ERROR_EXIT
     return StageFailed(name, returncode, " | ".join(lines[-5:]), error_line)
 
@@ -133,7 +135,7 @@ def run_stage(name: str, force: bool = False, root: str = str(PROJECT_ROOT)) -> 
     code = proc.wait()
     seconds = round(time.monotonic() - start, 2)
     if code != 0:
-        failure = _classify(name, code, lines, error_line)
+        failure = _classify(name, code, lines, error_line, root)
         if failure.user_error:
             logger.error(failure.summary)
             return Failed(message=failure.summary, data=failure)

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
@@ -42,6 +43,12 @@ def server_home(port: int, auth: str | None = None) -> str | None:
         return None
     try:
         return str(json.loads(_get(f"{url}/admin/settings", auth)).get("home") or "")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:  # a server started with TOKENMILL_PREFECT_AUTH: no answer without the password
+            raise UserError(f"the Prefect server on 127.0.0.1:{port} asks for a password"
+                            f"{' other than the one given' if auth else ''}: set TOKENMILL_PREFECT_AUTH=user:password "
+                            f"as when it was started, or use --port") from None
+        return ""
     except (OSError, ValueError, AttributeError):
         return ""
 

@@ -20,6 +20,6 @@ def resolve_overrides(root: Path, preset: str | None, overrides: list[str] | Non
     if not path.is_relative_to(configs) or path.suffix not in (".yaml", ".yml"):
         raise UserError(f"preset {preset}: must be a .yaml file under {configs}")
     if not path.is_file():
-        raise UserError(f"preset {preset}: file not found (presets live in configs/: "
-                        f"{', '.join(sorted(p.name for p in configs.glob('*.yaml')))})")
+        have = ", ".join(sorted(p.name for p in configs.glob("*.yaml"))) or "none here"
+        raise UserError(f"preset {preset}: file not found (presets live in configs/: {have})")
     return preset_overrides(path) + list(overrides or [])

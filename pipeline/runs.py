@@ -87,9 +87,20 @@ def check_params_dict(params: dict[str, Any], source: str, root: Path, outputs: 
     if unknown:
         raise UserError(f"{source}: unknown section '{printable(str(unknown[0]))}' "
                         f"(allowed: {', '.join(sorted(known))})")
+    check_dataset_paths(params, source, root)
     if outputs:  # an existing path DVC would delete before the stage could refuse it; overlapping outputs
         check_outputs(root, params, source)
     return list(params.get("datasets") or {})
+
+
+def check_dataset_paths(params: dict[str, Any], source: str, root: Path) -> None:
+    """Every dataset's source path must exist: DVC hashes it before prepare could say so, and its own message (a
+    WARNING, then "failed to reproduce") names neither the key nor what to do."""
+    for name, entry in (params.get("datasets") or {}).items():
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if isinstance(path, str) and path and not (Path(root) / Path(path).expanduser()).exists():
+            raise UserError(f"{source}: datasets.{printable(str(name))}.path = {printable(path)} does not exist "
+                            f"(install the dataset there, or point the path at it)")
 
 
 def check_params(path: Path, root: Path) -> list[str]:

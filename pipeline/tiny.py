@@ -30,6 +30,7 @@ DATASET = "fashion-mnist-small"  # inside the project; DVC and the prepare stage
 # commits of the tiny project name this identity: works without a git config, changes no config
 GIT_IDENTITY = ("-c", "user.name=pipeline tiny", "-c", "user.email=tiny@tokenmill.invalid")
 PRESET = ROOT / "configs" / "tiny.yaml"
+TINY_FILES = (*PROJECT_FILES, "configs")
 N_TRAIN, N_VAL = 2000, 400  # the first images of each Fashion-MNIST split
 RESULTS = (("report of the samples (gFID, per class, grids)", "data/reports/evaluate/report.md"),
            ("report of the VQGAN (rFID, worst reconstructions)", "data/reports/eval_vqgan/report.md"),
@@ -69,25 +70,27 @@ def build(dest: Path) -> Path:
     fashion_mnist_subset(dest / DATASET, N_TRAIN, N_VAL)
     params = tiny_params(DATASET)
     # same dvc.yaml, same relative out paths; the outputs that exist are in the tiny project, which this command made
-    check_params_dict(params, str(dest / "params.yaml"), ROOT, outputs=False)
+    # (the dataset's path is relative to the tiny project, not to this checkout)
+    at_dest = tiny_params(str(dest / DATASET))
+    check_params_dict(at_dest, str(dest / "params.yaml"), ROOT, outputs=False)
     text = ("# made by `python -m pipeline tiny`: the project's params.yaml + configs/tiny.yaml, small dataset\n"
             + yaml.safe_dump(params, sort_keys=False))
     refresh = (dest / MARKER).is_file()
-    if refresh:  # this checkout's code, same DVC repository and cache
-        for name in PROJECT_FILES:
-            src, dst = ROOT / name, dest / name
-            if src.is_dir():
-                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
-            elif src.exists():
-                shutil.copy2(src, dst)
-        (dest / "params.yaml").write_text(text)
-    else:
+    if not refresh:
         make_project(dest, text)
         (dest / MARKER).write_text(json.dumps({"made_by": "python -m pipeline tiny", "source": str(ROOT)}) + "\n")
+    # this checkout's code (again, on a refresh: same DVC repository and cache) and its presets (`--preset configs/..`)
+    for name in TINY_FILES:
+        src, dst = ROOT / name, dest / name
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        elif src.exists():
+            shutil.copy2(src, dst)
+    (dest / "params.yaml").write_text(text)
     (dest / ".gitignore").write_text(f"/data/\n/{DATASET}/\n__pycache__/\n/.prefect/\n")  # .prefect: its UI's state
     # `dvc exp run` needs a commit to start from
     commit(dest, f"pipeline tiny: {'code refreshed from' if refresh else 'the project files of'} {ROOT}",
-           [*PROJECT_FILES, "params.yaml", ".gitignore", MARKER, ".dvc", ".dvcignore"])
+           [*TINY_FILES, "params.yaml", ".gitignore", MARKER, ".dvc", ".dvcignore"])
     return dest
 
 

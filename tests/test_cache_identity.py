@@ -331,6 +331,21 @@ def test_add_dataset_refuses_bad_names_and_values_without_writing(prepare_projec
     assert (prepare_project / "params.yaml").read_bytes() == before
 
 
+def test_add_dataset_keeps_a_symlinked_folder_as_the_link(prepare_project, tmp_path):
+    """Pointing the link at other data later must be a change DVC sees: the entry names the link, not its target."""
+    from pipeline.config import load_params
+
+    before = (prepare_project / "params.yaml").read_bytes()
+    target = make_idx_dataset(tmp_path / "real", n_train=20, n_val=5)
+    (tmp_path / "link").symlink_to(target)
+    try:
+        proc = pipeline_cli(prepare_project, "add-dataset", "linked", str(tmp_path / "link"), "--no-run")
+        assert proc.returncode == 0, proc.stderr
+        assert load_params(prepare_project / "params.yaml")["datasets"]["linked"]["path"] == str(tmp_path / "link")
+    finally:
+        (prepare_project / "params.yaml").write_bytes(before)
+
+
 def test_deployment_has_no_root_parameter(tmp_path):
     import inspect
 

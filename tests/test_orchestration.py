@@ -245,3 +245,40 @@ def test_cli_help():
         assert command in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--help"], capture_output=True, text=True)
     assert "--stage" in proc.stdout and "--force" in proc.stdout
+
+
+def test_a_missing_dataset_path_and_a_missing_dependency_are_one_line_each(tmp_path):
+    """DVC hashes a stage's deps before its command runs, so it failed first: `dvc repro  exit 255` and no
+    message (--no-prefect), or advice to run earlier stages for the user's own folder (the flow)."""
+    b = make_idx_dataset(tmp_path / "src_b", n_train=20, n_val=5, seed=2)
+    project = make_project(tmp_path / "project", tiny_params({"b": b}), stages=("prepare",))
+    with open(project / "dvc.yaml", "a") as f:
+        f.write(COUNT_STAGE)
+    (project / "count.py").write_text(COUNT_PY)
+    params = (project / "params.yaml").read_text()
+    for cmd in (["run", "--no-prefect", "-S", "datasets.b.path=/nonexistent/fmnist"], ["run", "--stage", "prepare@b",
+                "--temp-server", "-S", "datasets.b.path=/nonexistent/fmnist"], ["stage", "count@b"]):
+        proc = subprocess.run([sys.executable, "-m", "pipeline", *cmd], cwd=project, capture_output=True, text=True)
+        assert proc.returncode == 2 and no_traceback(proc.stderr), proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        if cmd[0] == "run":  # refused before anything ran
+            assert last == ("error: params.yaml with datasets.b.path=/nonexistent/fmnist: datasets.b.path = "
+                            "/nonexistent/fmnist does not exist (install the dataset there, or point the path at it)")
+        else:  # prepare@b never ran: DVC stops before count@b's command, and the summary says why
+            assert last.split()[:3] == ["count@b", "exit", "2"] and last.endswith(
+                "error: count@b: its dependency data/prepared/b does not exist (run the stage that makes it first)"
+            ), proc.stderr[-2000:]
+        assert (project / "params.yaml").read_text() == params
+
+
+def test_the_flow_tells_a_missing_stage_output_from_a_missing_path_of_the_user(tmp_path):
+    from pipeline.flow import _classify
+
+    def line(path: str) -> str:
+        return _classify("s", 255, [f"ERROR: failed to reproduce 's': [Errno 2] No such file or directory: '{path}'"],
+                         None, str(tmp_path)).error_line
+
+    assert line(str(tmp_path / "data/prepared/a")) == (f"error: {tmp_path / 'data/prepared/a'} does not exist: run the "
+                                                      f"stages that make it first (python -m pipeline run)")
+    assert line("data/prepared/a").endswith("does not exist: run the stages that make it first (python -m pipeline run)")
+    assert line("/nonexistent/fmnist") == "error: /nonexistent/fmnist does not exist (a path params.yaml names: check it)"

@@ -58,3 +58,80 @@ def test_supervised_child_stops_with_its_parent(tmp_path, sig, child):
     while alive(child_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(child_pid)  # no orphan left holding the port
+
+
+def test_a_server_that_asks_for_a_password_is_named_as_such():
+    """A server started with TOKENMILL_PREFECT_AUTH answers its settings with 401: it used to be called "not this
+    project's" (it does not say where it keeps its state)."""
+    import http.server
+    import threading
+
+    from pipeline.errors import UserError
+    from pipeline.prefect_server import server_home
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the http.server name)
+            ok = self.path == "/api/health" or self.headers.get("Authorization") == "Basic dTpwdw=="  # u:pw
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+            self.wfile.write(b'{"home": "/somewhere"}' if ok else b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        with pytest.raises(UserError) as err:
+            server_home(port)
+        assert str(err.value) == (f"the Prefect server on 127.0.0.1:{port} asks for a password: set "
+                                  f"TOKENMILL_PREFECT_AUTH=user:password as when it was started, or use --port")
+        with pytest.raises(UserError, match="asks for a password other than the one given"):
+            server_home(port, "u:wrong")
+        assert server_home(port, "u:pw") == "/somewhere"
+    finally:
+        server.shutdown()
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    import psutil
+
+    try:
+        psutil.Process(pid).wait(timeout=seconds)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
+def test_the_temporary_server_is_out_of_the_run_group_and_ends_with_the_run(tmp_path):
+    """`pipeline run` without a UI: a signal to the run's process group (`timeout`) must not reach the server (the
+    run then reports its end to it), and the server must not outlive the run, even a SIGKILLed one."""
+    import json
+    import urllib.request
+
+    code = """import json, os, sys, time
+import psutil
+from pipeline.prefect_server import temporary_server
+with temporary_server(dict(os.environ)) as url:
+    server = [p for p in psutil.Process().children() if "serve_temporary" in " ".join(p.cmdline())][0]
+    print(json.dumps({"url": url, "pid": server.pid, "sid": os.getsid(server.pid)}), flush=True)
+    if sys.argv[1] == "hang":
+        time.sleep(600)
+print(json.dumps({"alive_after_exit": psutil.pid_exists(server.pid) and psutil.Process(server.pid).status() != "zombie"}))
+"""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code, "exit"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180)
+    first, last = (json.loads(line) for line in done.stdout.splitlines())
+    assert first["url"].startswith("http://127.0.0.1:") and first["sid"] != os.getsid(0)  # a session of its own
+    assert last == {"alive_after_exit": False}
+    hung = subprocess.Popen([sys.executable, "-c", code, "hang"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    info = json.loads(hung.stdout.readline())
+    with urllib.request.urlopen(info["url"] + "/health", timeout=10) as resp:
+        assert resp.status == 200
+    hung.kill()  # SIGKILL: no cleanup runs in the run's process; the server notices its parent is gone
+    hung.wait()
+    assert _wait_gone(info["pid"], 30)
