@@ -120,7 +120,8 @@ with temporary_server(dict(os.environ)) as url:
     print(json.dumps({"url": url, "pid": server.pid, "sid": os.getsid(server.pid)}), flush=True)
     if sys.argv[1] == "hang":
         time.sleep(600)
-print(json.dumps({"alive_after_exit": psutil.pid_exists(server.pid) and psutil.Process(server.pid).status() != "zombie"}))
+alive = psutil.pid_exists(server.pid) and psutil.Process(server.pid).status() != "zombie"
+print(json.dumps({"alive_after_exit": alive}))
 """
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code, "exit"], cwd=ROOT, env=env, capture_output=True, text=True,
