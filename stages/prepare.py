@@ -84,6 +84,7 @@ class RawSample:
     split: str | None  # from the source when it has one
     label: int
     data: bytes | np.ndarray
+    unlabelled: bool = False  # a webdataset sample without a label member: class 0
 
 
 # ---------------------------------------------------------------- sources
@@ -227,10 +228,8 @@ def iter_webdataset(path: Path, spec: DatasetSpec, skipped: list[dict]) -> Itera
                     skipped.append({"origin": f"{shard.name}:{key}.{other}",
                                     "reason": f"second image of a sample (sample {key!r} already has {key}.{ext}; "
                                               f"WebDataset keys end at the first dot of the name)"})
-                label = _label_of(files, f"{shard}:{key}")
-                if label is None:  # unlabelled data is one class
-                    label = 0
-                yield RawSample(_hash_key(f"{shard.name}/{key}"), origin, split, label, files[ext])
+                label = _label_of(files, f"{shard}:{key}")  # None: unlabelled data is one class, 0
+                yield RawSample(_hash_key(f"{shard.name}/{key}"), origin, split, label or 0, files[ext], label is None)
         except UserError:
             raise
         except Exception as exc:  # tarfile.ReadError, truncated archive, ...
@@ -304,6 +303,7 @@ def run(cfg: PrepareConfig) -> None:
     counts = {s: Counter() for s in SPLITS}
     conversions: Counter = Counter()
     made_grey: list[str] = []  # origins of colour images that channels: 1 made grey (lossy, unlike grey -> RGB)
+    unlabelled: list[str] = []  # origins of webdataset samples without a label (class 0 beside labelled ones?)
     digest = hashlib.sha256()
     seen_keys: set[str] = set()
     try:
@@ -329,6 +329,8 @@ def run(cfg: PrepareConfig) -> None:
             if spec.channels == 1 and not isinstance(sample.data, np.ndarray) and is_colour(im):
                 made_grey.append(sample.origin)
             seen_keys.add(sample.key)
+            if sample.unlabelled:
+                unlabelled.append(sample.origin)
             counts[split][sample.label] += 1
             digest.update(f"{split}/{sample.key}/{sample.label}/".encode())
             digest.update(arr.tobytes())
@@ -372,6 +374,10 @@ def run(cfg: PrepareConfig) -> None:
                   "skipped_by_reason": dict(Counter(s["reason"].split(" (")[0] for s in skipped))}
         if made_grey:  # only then: the reports of datasets without any stay as they were
             report["colour_made_grey"] = {"count": len(made_grey), "first": made_grey[:5]}
+        if unlabelled and len(unlabelled) < n_total:  # some samples labelled, some not: likely a missing .cls
+            report["unlabelled_as_class_0"] = {"count": len(unlabelled), "first": unlabelled[:5]}
+            log.warning("%s: %d of %d samples have no label and were made class 0 beside labelled ones (first: %s); "
+                        "see report.json", cfg.name, len(unlabelled), n_total, unlabelled[0])
         write_json(tmp / "report.json", report)
         write_json(tmp / "manifest.json", manifest)
         replace_dir(tmp, final, "prepare")

@@ -337,3 +337,24 @@ def test_folder_keep_loose_val_files_beside_train_classes_are_skipped_not_class_
     assert m["splits"]["train"]["per_class"] == [1, 1] and m["splits"]["val"]["per_class"] == [0, 0]
     skipped = json.loads((c.out / "report.json").read_text())["skipped"]
     assert skipped == [{"origin": str(src / "val" / "loose.png"), "reason": "outside a class folder"}]
+
+
+def test_unlabelled_samples_beside_labelled_ones_are_reported(tmp_path):
+    """A sample without a label is class 0 (the docs' rule); beside labelled ones that is most likely a missing
+    .cls, so report.json names them. A dataset with no labels at all is one class, reported as nothing."""
+    good = png_bytes(Image.new("L", (16, 16), 7))
+    for name, members in (("mixed", [("a.png", good), ("a.cls", b"2"), ("b.png", good), ("c.png", good),
+                                     ("c.cls", b"1")]),
+                          ("none", [("a.png", good), ("b.png", good)])):
+        src = tmp_path / name
+        src.mkdir()
+        _tar(src / "train-000000.tar", members)
+        c = cfg(tmp_path, name, source="webdataset", path=str(src), resolution=16, split="random", val_fraction=0.0)
+        run(c)
+        report = json.loads((c.out / "report.json").read_text())
+        per_class = json.loads((c.out / "manifest.json").read_text())["splits"]["train"]["per_class"]
+        if name == "mixed":
+            assert report["unlabelled_as_class_0"] == {"count": 1, "first": ["train-000000.tar:b"]}
+            assert per_class == [1, 1, 1]
+        else:
+            assert "unlabelled_as_class_0" not in report and per_class == [2]
