@@ -94,7 +94,7 @@ def temporary_server(env: dict[str, str], startup_s: float = STARTUP_S) -> Itera
                             stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + startup_s
-        while server_home(port) is None:
+        while server_home(port, env.get("PREFECT_API_AUTH_STRING")) is None:
             if proc.poll() is not None:
                 raise UserError(f"the temporary Prefect server on 127.0.0.1:{port} exited with code "
                                 f"{proc.returncode} before it answered (its error is above)")
