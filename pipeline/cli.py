@@ -29,7 +29,7 @@ from pipeline.errors import UserError, main_guard
 from pipeline.prefect_server import project_server, same_path, server_home, supervise, temporary_server
 from pipeline.presets import resolve_overrides
 from pipeline.retokenize import tokenize_command, workers_option
-from pipeline.runs import (check_params, run_with_overrides, select, stage_names,
+from pipeline.runs import (check_dataset_paths, check_params, run_with_overrides, select, stage_names,
                            validate_overrides)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,6 +221,8 @@ def cmd_deps(args: argparse.Namespace) -> None:
 
 def cmd_check(args: argparse.Namespace) -> None:
     names = check_params(Path(args.params), ROOT)
+    # before a plain `dvc repro`, every dataset's folder must be there; relative paths are the params file's project's
+    check_dataset_paths(load_params(Path(args.params)), args.params, Path(args.params).resolve().parent)
     if Path(args.params).resolve() == (ROOT / "params.yaml").resolve() and (ROOT / "dvc.lock").is_file():
         from pipeline.out_guard import check_unrecorded_changes
         check_unrecorded_changes(ROOT)  # before a plain `dvc repro` (scripts/run.sh): files of yours in outputs
@@ -267,14 +269,21 @@ def cmd_add_dataset(args: argparse.Namespace) -> None:
     if not path.exists():
         raise UserError(f"{path} does not exist")
     source = args.source or ("webdataset" if path.suffix == ".tar" or any(path.glob("*.tar")) else "folder")
-    entry = {"source": source, "path": str(path), "resolution": args.resolution, "channels": args.channels,
-             "resize": args.resize, "background": args.background, "split": args.split}
     params_path = ROOT / "params.yaml"
-    if args.name in (load_params(params_path).get("datasets") or {}):
+    params = load_params(params_path)
+    datasets = params.get("datasets") if isinstance(params.get("datasets"), dict) else {}
+    if args.name in datasets:
         raise UserError(f"{params_path}: dataset '{args.name}' exists already; edit it there")
+    # unset: the VQGAN's dataset's, so that tokenize@<name> takes it (it refuses another resolution or channels)
+    vq_name = params["train_vqgan"].get("dataset") if isinstance(params.get("train_vqgan"), dict) else None
+    vq_data = datasets.get(vq_name) if isinstance(datasets.get(vq_name), dict) else {}
+    resolution = args.resolution if args.resolution is not None else vq_data.get("resolution", 32)
+    channels = args.channels if args.channels is not None else vq_data.get("channels", 3)
+    entry = {"source": source, "path": str(path), "resolution": resolution, "channels": channels,
+             "resize": args.resize, "background": args.background, "split": args.split}
     overrides = [f"datasets.{args.name}.{k}={json.dumps(v)}" for k, v in entry.items()]
     # validated as a whole before writing; if its prepare stage fails the entry is taken out again
-    added = f"added datasets.{args.name} to params.yaml"
+    added = f"added datasets.{args.name} to params.yaml ({resolution} px, {channels} channel(s))"
     if args.no_run:
         with run_with_overrides(ROOT, overrides):
             print(added, file=sys.stderr)
@@ -345,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="dataset name (letters, digits, _)")
     p.add_argument("path", help="image folder (class sub-folders = labels), WebDataset tar(s), or IDX folder")
     p.add_argument("--source", choices=("folder", "webdataset", "idx"))
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    p.add_argument("--resolution", type=int, help="default: the resolution of the dataset the VQGAN trains on")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="default: the channels of the VQGAN's dataset")
     p.add_argument("--resize", default="pad", choices=("pad", "resize", "center_crop"))
     p.add_argument("--background", type=int, default=255)
     p.add_argument("--split", default="random", choices=("keep", "random"))

@@ -218,9 +218,25 @@ def changed_after_written(path: Path) -> bool:
     return run_log.is_file() and path.stat().st_mtime_ns > run_log.stat().st_mtime_ns
 
 
+def _written_by_stage(path: Path, stage: str, outs: list[Path]) -> bool:
+    """`path` is as `stage` wrote it: a folder with the stage's marker and no file newer than it, or a file no
+    newer than the `.run.json` of one of the stage's metrics (`outs`), which its run writes last."""
+    if path.is_dir():
+        marker = path / OWNER_FILE
+        return (marker.is_file() and marker.read_text(errors="replace").strip() == stage.split("@")[0]
+                and not changed_after_written(path))
+    logs = [out.with_name(f"{out.stem}.run.json") for out in outs if not out.is_dir()]
+    return any(log.is_file() and path.stat().st_mtime_ns <= log.stat().st_mtime_ns for log in logs)
+
+
 def _uncached_file(path: Path, cache: Path) -> Path | None:
-    """The first file of an output (a file or a folder) whose bytes DVC's cache does not hold, else None."""
+    """The first file of an output (a file or a folder) whose bytes DVC's cache does not hold, else None; files
+    newer than the folder's marker (most likely added by the user) first, so the message names one of them."""
     files = [path] if not path.is_dir() else sorted(f for f in path.rglob("*") if f.is_file() or f.is_symlink())
+    marker = path / OWNER_FILE
+    if path.is_dir() and marker.is_file():
+        written = marker.stat().st_mtime_ns
+        files.sort(key=lambda f: f.lstat().st_mtime_ns <= written)  # stable: sorted by name within each group
     for f in files:
         if f.is_symlink() or not _in_cache(f, cache):
             return f
@@ -249,9 +265,12 @@ def check_unrecorded_changes(root: Path, targets: list[str] | None = None, with_
                 # check_outputs decides whether it is the stage's own
                 if what != "modified" or (stage, path) not in locked or not (root / path).exists():
                     continue
+                if _written_by_stage(root / path, stage, [root / p for s, p in locked if s == stage]):
+                    continue  # `python -m stages.<name>` by hand: the stage's own output, nothing added since
                 cache = cache or _cache_dir(root)
                 if (lost := _uncached_file(root / path, cache)) is not None:
                     shown = lost.relative_to(root) if lost.is_relative_to(root) else lost
                     raise UserError(f"{source}: {path}, an output of stage {stage}, holds {shown}, which DVC's cache "
                                     f"does not hold; DVC replaces the whole output when {stage} runs: move it out, "
-                                    f"or drop the changes with `dvc checkout --force {stage}`")
+                                    f"keep the output as it is with `dvc commit {stage}`, or drop the changes with "
+                                    f"`dvc checkout --force {stage}`")

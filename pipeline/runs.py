@@ -19,7 +19,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 from pipeline.atomic import OWNER_FILE, write_bytes
 from pipeline.config import PROJECT_ROOT, apply_overrides, load_params, parse_override, printable, set_params_file
@@ -87,20 +87,28 @@ def check_params_dict(params: dict[str, Any], source: str, root: Path, outputs: 
     if unknown:
         raise UserError(f"{source}: unknown section '{printable(str(unknown[0]))}' "
                         f"(allowed: {', '.join(sorted(known))})")
-    check_dataset_paths(params, source, root)
+    check_dataset_paths(params, source, root, exist=())  # `~`; existence where the run names a path (below)
     if outputs:  # an existing path DVC would delete before the stage could refuse it; overlapping outputs
         check_outputs(root, params, source)
     return list(params.get("datasets") or {})
 
 
-def check_dataset_paths(params: dict[str, Any], source: str, root: Path) -> None:
-    """Every dataset's source path must exist: DVC hashes it before prepare could say so, and its own message (a
-    WARNING, then "failed to reproduce") names neither the key nor what to do."""
+def check_dataset_paths(params: dict[str, Any], source: str, base: Path,
+                        exist: Collection[str] | None = None) -> None:
+    """Dataset source paths: none may start with `~` (DVC does not expand it, so it hashes a folder named `~`),
+    and those of the datasets in `exist` (None: all) must exist, relative paths taken from `base`. DVC hashes the
+    path before prepare could say so, and its own message names neither the key nor what to do. Only the paths a
+    run sets are checked by it: a dataset folder that is absent (its outputs pulled) blocks no other stage."""
     for name, entry in (params.get("datasets") or {}).items():
         path = entry.get("path") if isinstance(entry, dict) else None
-        if isinstance(path, str) and path and not (Path(root) / Path(path).expanduser()).exists():
-            raise UserError(f"{source}: datasets.{printable(str(name))}.path = {printable(path)} does not exist "
-                            f"(install the dataset there, or point the path at it)")
+        if not isinstance(path, str) or not path:
+            continue  # prepare's own check names a missing path key
+        key = f"datasets.{printable(str(name))}.path = {printable(path)}"
+        if path.startswith("~"):
+            raise UserError(f"{source}: {key}: DVC does not expand '~'; write the full path "
+                            f"({printable(str(Path(path).expanduser()))})")
+        if (exist is None or name in exist) and not (Path(base) / path).exists():
+            raise UserError(f"{source}: {key} does not exist (install the dataset there, or point the path at it)")
 
 
 def check_params(path: Path, root: Path) -> list[str]:
@@ -135,6 +143,10 @@ def validate_overrides(root: Path, overrides: list[str]) -> dict[str, Any]:
         shown = ", ".join(overrides) if len(overrides) <= 3 else f"{len(overrides)} overrides"
         where = f"params.yaml with {shown}"
     check_params_dict(params, where, root)
+    # the dataset paths this run sets must exist (a whole `datasets` mapping: every one of them)
+    keys = [parse_override(text)[0].split(".") for text in overrides]
+    named = {k[1] for k in keys if k[0] == "datasets" and len(k) > 1}
+    check_dataset_paths(params, where, root, exist=None if ["datasets"] in keys else named)
     return params
 
 

@@ -70,9 +70,7 @@ def build(dest: Path) -> Path:
     fashion_mnist_subset(dest / DATASET, N_TRAIN, N_VAL)
     params = tiny_params(DATASET)
     # same dvc.yaml, same relative out paths; the outputs that exist are in the tiny project, which this command made
-    # (the dataset's path is relative to the tiny project, not to this checkout)
-    at_dest = tiny_params(str(dest / DATASET))
-    check_params_dict(at_dest, str(dest / "params.yaml"), ROOT, outputs=False)
+    check_params_dict(params, str(dest / "params.yaml"), ROOT, outputs=False)
     text = ("# made by `python -m pipeline tiny`: the project's params.yaml + configs/tiny.yaml, small dataset\n"
             + yaml.safe_dump(params, sort_keys=False))
     refresh = (dest / MARKER).is_file()

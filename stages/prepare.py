@@ -211,8 +211,13 @@ def iter_webdataset(path: Path, spec: DatasetSpec, skipped: list[dict]) -> Itera
             if split is None:
                 raise UserError(f"{shard}: split 'keep' needs shard names starting with train/val/test; "
                                 f"use split: random")
+        seen: set[str] = set()
         try:
             for key, files, problems in iter_tar_samples(shard):
+                if key in seen:  # a sample's members apart: its label or image would be lost without a word
+                    raise UserError(f"{shard}: the members of sample {key!r} are not next to each other (WebDataset "
+                                    f"reads a sample from consecutive members); make the tar with `tar --sort=name`")
+                seen.add(key)
                 for p in problems:  # "<member>: <reason>"; a member name may hold ':' itself
                     member, reason = p.rsplit(": ", 1)
                     skipped.append({"origin": f"{shard.name}:{member}", "reason": reason})

@@ -332,16 +332,22 @@ def test_add_dataset_refuses_bad_names_and_values_without_writing(prepare_projec
 
 
 def test_add_dataset_keeps_a_symlinked_folder_as_the_link(prepare_project, tmp_path):
-    """Pointing the link at other data later must be a change DVC sees: the entry names the link, not its target."""
+    """Pointing the link at other data later must be a change DVC sees: the entry names the link, not its target.
+    Unset resolution and channels are the VQGAN's dataset's (they were 32 px RGB whatever the VQGAN took)."""
     from pipeline.config import load_params
 
     before = (prepare_project / "params.yaml").read_bytes()
     target = make_idx_dataset(tmp_path / "real", n_train=20, n_val=5)
     (tmp_path / "link").symlink_to(target)
+    with open(prepare_project / "params.yaml", "a") as fh:
+        fh.write("train_vqgan:\n  dataset: a\n")
     try:
         proc = pipeline_cli(prepare_project, "add-dataset", "linked", str(tmp_path / "link"), "--no-run")
         assert proc.returncode == 0, proc.stderr
-        assert load_params(prepare_project / "params.yaml")["datasets"]["linked"]["path"] == str(tmp_path / "link")
+        entry = load_params(prepare_project / "params.yaml")["datasets"]["linked"]
+        assert entry["path"] == str(tmp_path / "link")
+        # no --resolution / --channels: the VQGAN's dataset's (a: 16 px grey), which tokenize@linked then takes
+        assert (entry["resolution"], entry["channels"]) == (16, 1) and "(16 px, 1 channel(s))" in proc.stderr
     finally:
         (prepare_project / "params.yaml").write_bytes(before)
 

@@ -1,4 +1,5 @@
 """DVC caching and the Prefect flow, in a throwaway copy of the project."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -269,6 +270,21 @@ def test_a_missing_dataset_path_and_a_missing_dependency_are_one_line_each(tmp_p
                 "error: count@b: its dependency data/prepared/b does not exist (run the stage that makes it first)"
             ), proc.stderr[-2000:]
         assert (project / "params.yaml").read_text() == params
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--no-prefect", "-S", "datasets.b.path=~/src_b"],
+                          cwd=project, capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: params.yaml with datasets.b.path=~/src_b: datasets.b.path = ~/src_b: DVC does not expand '~'; write "
+        f"the full path ({tmp_path / 'src_b'})")
+    # a dataset folder that is gone (its outputs made, or pulled) blocks only what reads it: prepare@b and `check`
+    pipeline = [sys.executable, "-m", "pipeline"]
+    assert subprocess.run([*pipeline, "stage", "prepare@b"], cwd=project, capture_output=True).returncode == 0
+    b.rename(tmp_path / "moved")
+    proc = subprocess.run([*pipeline, "stage", "count@b"], cwd=project, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run([*pipeline, "check"], cwd=project, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == (f"error: {project / 'params.yaml'}: datasets.b.path = {b} "
+                                                            f"does not exist (install the dataset there, or point the "
+                                                            f"path at it)")
 
 
 def test_the_flow_tells_a_missing_stage_output_from_a_missing_path_of_the_user(tmp_path):

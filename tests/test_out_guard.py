@@ -253,12 +253,44 @@ def test_a_modified_output_holding_bytes_dvc_lacks_stops_the_run(tmp_path, monke
     with pytest.raises(UserError) as err:
         out_guard.check_unrecorded_changes(tmp_path, ["s2"])
     assert str(err.value) == ("dvc.lock: kept, an output of stage s2, holds kept/notes.txt, which DVC's cache does "
-                              "not hold; DVC replaces the whole output when s2 runs: move it out, or drop the "
-                              "changes with `dvc checkout --force s2`")
+                              "not hold; DVC replaces the whole output when s2 runs: move it out, keep the output as "
+                              "it is with `dvc commit s2`, or drop the changes with `dvc checkout --force s2`")
     assert seen == [["dvc", "status", "--json", "--with-deps", "s2"]]
     del status["s2"]
     out_guard.check_unrecorded_changes(tmp_path, ["s1"], with_deps=False)
     assert seen[-1] == ["dvc", "status", "--json", "s1"]
+
+
+def test_a_recorded_stage_run_again_by_hand_is_its_own_output_until_a_file_is_added(tmp_path, monkeypatch):
+    """`python -m stages.train_vqgan` after a params edit rewrites outputs dvc.lock records: none of the new bytes
+    are in DVC's cache, yet nothing in them is the user's. A file added after the stage wrote them still is."""
+    monkeypatch.setattr(out_guard, "_cache_dir", lambda root: tmp_path / "empty-cache")
+    out, metrics = tmp_path / "data/vqgan", tmp_path / "data/metrics/train_vqgan.json"
+    out.mkdir(parents=True)
+    metrics.parent.mkdir(parents=True)
+    (out / "model.safetensors").write_text("retrained")
+    (out / ".tokenmill-stage").write_text("train_vqgan\n")
+    metrics.write_text("{}")
+    metrics.with_name("train_vqgan.run.json").write_text("{}")
+    for i, f in enumerate([out / "model.safetensors", out / ".tokenmill-stage", metrics,
+                           metrics.with_name("train_vqgan.run.json")]):
+        os.utime(f, ns=(10**18 + i, 10**18 + i))  # in the order the stage writes them
+    (tmp_path / "dvc.lock").write_text(json.dumps({"stages": {"train_vqgan": {"outs": [
+        {"path": "data/vqgan"}, {"path": "data/metrics/train_vqgan.json"}]}}}))
+    status = {"train_vqgan": [{"changed outs": {"data/vqgan": "modified", "data/metrics/train_vqgan.json":
+                                               "modified"}}]}
+    monkeypatch.setattr(out_guard.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 0, json.dumps(status), ""))
+    out_guard.check_unrecorded_changes(tmp_path)
+    (out / "notes.txt").write_text("mine")
+    os.utime(out / "notes.txt", ns=(10**18 + 9, 10**18 + 9))
+    with pytest.raises(UserError, match=r"data/vqgan, an output of stage train_vqgan, holds data/vqgan/notes.txt"):
+        out_guard.check_unrecorded_changes(tmp_path)
+    (out / "notes.txt").unlink()
+    (out / ".tokenmill-stage").write_text("sample\n")  # another stage's folder under this stage's path
+    os.utime(out / ".tokenmill-stage", ns=(10**18 + 1, 10**18 + 1))
+    with pytest.raises(UserError, match=r"holds data/vqgan/\.tokenmill-stage|holds data/vqgan/model"):
+        out_guard.check_unrecorded_changes(tmp_path)
 
 
 def test_a_failed_run_removes_what_it_made_at_new_paths_only(tmp_path):

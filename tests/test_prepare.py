@@ -358,3 +358,19 @@ def test_unlabelled_samples_beside_labelled_ones_are_reported(tmp_path):
             assert per_class == [1, 1, 1]
         else:
             assert "unlabelled_as_class_0" not in report and per_class == [2]
+
+
+def test_a_tar_whose_sample_members_are_apart_is_refused_in_one_line(tmp_path):
+    """`tar cf x.tar *.png *.cls` puts every image before every label: read in order, each image was an unlabelled
+    sample (class 0) and each label a sample without an image, and the stage ended with exit 0."""
+    good = png_bytes(Image.new("L", (16, 16), 7))
+    src = tmp_path / "apart"
+    src.mkdir()
+    _tar(src / "train-000000.tar", [("a.png", good), ("b.png", good), ("a.cls", b"1"), ("b.cls", b"2")])
+    c = cfg(tmp_path, "apart", source="webdataset", path=str(src), resolution=16, split="random")
+    with pytest.raises(UserError) as err:
+        run(c)
+    assert str(err.value) == (f"{src / 'train-000000.tar'}: the members of sample 'a' are not next to each other "
+                              f"(WebDataset reads a sample from consecutive members); make the tar with "
+                              f"`tar --sort=name`")
+    assert not c.out.exists()
