@@ -197,10 +197,9 @@ def _run_flow(args: argparse.Namespace, preset: str | None) -> None:
 
 def cmd_stage(args: argparse.Namespace) -> None:
     check_params(ROOT / "params.yaml", ROOT)
-    if args.name not in stage_names(ROOT):
-        raise UserError(f"unknown stage {args.name!r} (dvc.yaml has: {', '.join(stage_names(ROOT))})")
-    _repro_undone_on_failure(["dvc", "repro", "--keep-going", "--single-item", args.name]
-                             + (["--force"] if args.force else []), [], targets=[args.name], with_deps=False)
+    names = select(stage_names(ROOT), [args.name])  # a base name (`prepare`) is every prepare@..., as in run --stage
+    _repro_undone_on_failure(["dvc", "repro", "--keep-going", "--single-item", *names]
+                             + (["--force"] if args.force else []), [], targets=names, with_deps=False)
 
 
 def cmd_deps(args: argparse.Namespace) -> None:
@@ -327,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("stage", help="run one stage through DVC (no Prefect)")
-    p.add_argument("name", help="e.g. prepare@fashion_mnist")
+    p.add_argument("name", help="e.g. prepare@fashion_mnist, or prepare for every dataset's")
     p.add_argument("--force", action="store_true")
     p.set_defaults(fn=cmd_stage)
 

@@ -277,7 +277,8 @@ def test_a_missing_dataset_path_and_a_missing_dependency_are_one_line_each(tmp_p
         f"the full path ({tmp_path / 'src_b'})")
     # a dataset folder that is gone (its outputs made, or pulled) blocks only what reads it: prepare@b and `check`
     pipeline = [sys.executable, "-m", "pipeline"]
-    assert subprocess.run([*pipeline, "stage", "prepare@b"], cwd=project, capture_output=True).returncode == 0
+    proc = subprocess.run([*pipeline, "stage", "prepare"], cwd=project, capture_output=True, text=True)  # base name
+    assert proc.returncode == 0 and "Running stage 'prepare@b'" in proc.stdout, proc.stderr[-2000:]
     b.rename(tmp_path / "moved")
     proc = subprocess.run([*pipeline, "stage", "count@b"], cwd=project, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
