@@ -110,8 +110,8 @@ def test_tokenmill_recipe_is_todays_config(family):
     assert resolved(family) == {**TODAY[family], **NEUTRAL, **NEUTRAL_FAMILY[family], **TOKENMILL_SINCE[family]}
     # and params.yaml's gan section resolves to it (ms_weight: null there = the recipe's)
     section = yaml.safe_load((ROOT / "params.yaml").read_text())["train_transformer"]
-    cfg = train_transformer.check({"train_transformer": {**section, "kind": "gan",
-                                                         "gan": {**section["gan"], "family": family}}}, "params.yaml")
+    cfg = train_transformer.check({"datasets": {section["dataset"]: {}}, "train_transformer": {
+        **section, "kind": "gan", "gan": {**section["gan"], "family": family}}}, "params.yaml")
     assert cfg.gan.recipe == "tokenmill" and config_dict(family_config(cfg.gan, 8, 8, 10)) == resolved(family)
 
 

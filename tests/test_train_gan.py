@@ -283,13 +283,15 @@ def test_params_yaml_gan_section_and_errors():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     section = params["train_transformer"]
     assert section["kind"] == "ar" and "gan" in section
-    cfg = train_transformer.check({"train_transformer": {**section, "kind": "gan"}}, "params.yaml")
+    datasets = params["datasets"]
+    cfg = train_transformer.check({"datasets": datasets, "train_transformer": {**section, "kind": "gan"}},
+                                  "params.yaml")
     assert cfg.kind == "gan" and cfg.gan.family in FAMILIES
 
     def err(**gan) -> str:
         raw = {**section, "kind": "gan", "gan": {**section["gan"], **gan}}
         with pytest.raises(UserError) as exc:
-            train_transformer.check({"train_transformer": raw}, "params.yaml")
+            train_transformer.check({"datasets": datasets, "train_transformer": raw}, "params.yaml")
         return one_line(exc)
 
     assert "train_transformer.gan.family = 'biggan' is not allowed" in err(family="biggan")
