@@ -29,8 +29,8 @@ from pipeline.errors import UserError, main_guard
 from pipeline.prefect_server import project_server, same_path, server_home, supervise, temporary_server
 from pipeline.presets import resolve_overrides
 from pipeline.retokenize import tokenize_command, workers_option
-from pipeline.runs import (check_dataset_paths, check_params, run_with_overrides, select, stage_names,
-                           validate_overrides)
+from pipeline.runs import (check_dataset_paths, check_params, project_lock, run_with_overrides, select,
+                           stage_names, undo_killed_run, validate_overrides)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 4200
@@ -219,6 +219,9 @@ def cmd_deps(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
+    if Path(args.params).resolve() == (ROOT / "params.yaml").resolve():
+        with project_lock(ROOT):  # before a plain `dvc repro`: not with a killed run's overrides still applied
+            undo_killed_run(ROOT)
     names = check_params(Path(args.params), ROOT)
     # before a plain `dvc repro`, every dataset's folder must be there; relative paths are the params file's project's
     check_dataset_paths(load_params(Path(args.params)), args.params, Path(args.params).resolve().parent)

@@ -11,13 +11,16 @@
 """
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import importlib
 import json
 import logging
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Collection, Iterator
 
@@ -298,6 +301,42 @@ def _stop_on_terminate() -> contextlib.AbstractContextManager:
     return installed()
 
 
+def _journal(root: Path) -> Path:
+    return root / ".dvc" / "tmp" / "tokenmill-run.json"
+
+
+def undo_killed_run(root: Path) -> bool:
+    """Undo a run with overrides that was killed before it could undo itself (its journal is left): params.yaml
+    and dvc.lock back as they were before it, the outputs it replaced restored, those it made at new paths
+    removed, as after a failed run. Call with the project lock held: the killed run held it, so it is over."""
+    path = _journal(root)
+    if not path.is_file():
+        return False
+    try:
+        journal = json.loads(path.read_text())
+        saved = {name: base64.b64decode(data) for name, data in journal["saved"].items()}
+        before = {stage: tuple(tuple(s) if s else None for s in sigs) for stage, sigs in journal["before"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path}: the journal of a killed run is damaged ({exc}); check params.yaml and dvc.lock "
+                        f"against git, then delete it") from None
+    params = (root / "params.yaml").read_bytes() if (root / "params.yaml").is_file() else b""
+    if hashlib.sha256(params).hexdigest() != journal.get("written", hashlib.sha256(params).hexdigest()):
+        saved.pop("params.yaml", None)  # edited since the kill: the user's now, left as it is
+        log.warning("params.yaml changed after the killed run wrote its overrides; it is left as it is")
+    for name, data in saved.items():
+        if (root / name).read_bytes() != data:
+            write_bytes(root / name, data)
+    if "dvc.lock" not in saved and (root / "dvc.lock").is_file():
+        (root / "dvc.lock").unlink()
+    restore_outputs(root, before)
+    remove_new_outputs(root, set(journal.get("new") or []))
+    path.unlink()
+    log.warning("a run started %s with %s was killed before it could undo itself: params.yaml, dvc.lock and the "
+                "outputs are put back as they were before it", journal.get("started", "?"),
+                " ".join(journal.get("overrides") or []))
+    return True
+
+
 @contextlib.contextmanager
 def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | None = None,
                        with_deps: bool = True) -> Iterator[None]:
@@ -309,6 +348,8 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
     root = Path(root)
     params = validate_overrides(root, overrides)
     with project_lock(root), _stop_on_terminate():
+        if undo_killed_run(root):  # params.yaml was the killed run's: validate against the user's own again
+            params = validate_overrides(root, overrides)
         repair_rwlock(root)  # a killed dvc's cut table of running stages would read as "busy" for ever
         if running := running_stage_commands(root):
             raise UserError(f"a dvc stage is running in {root} ({running[0]}); run again when it has finished")
@@ -316,12 +357,21 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
         saved = {name: (root / name).read_bytes() for name in ("params.yaml", "dvc.lock") if (root / name).is_file()}
         before = recorded_outputs(root)
         new = {path for _, _, path, _ in planned_outputs(root, params) if not (root / path).exists()}
-        if overrides:
+        if overrides:  # until the run ends, a journal says how to undo it if it is killed (SIGKILL, a power cut)
+            journal = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "overrides": overrides,
+                       "saved": {name: base64.b64encode(data).decode() for name, data in saved.items()},
+                       "before": before, "new": sorted(new)}
+            _journal(root).parent.mkdir(parents=True, exist_ok=True)
+            write_bytes(_journal(root), json.dumps(journal).encode())
             _write_params_under_dvc_lock(root, overrides)
+            journal["written"] = hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest()
+            write_bytes(_journal(root), json.dumps(journal).encode())
         try:
             yield
+            _journal(root).unlink(missing_ok=True)
         except BaseException as exc:
             if isinstance(exc, SystemExit) and exc.code in (0, None):
+                _journal(root).unlink(missing_ok=True)
                 raise
             for name, data in saved.items():
                 if (root / name).read_bytes() != data:
@@ -331,6 +381,7 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
             restore_outputs(root, before)
             if removed := remove_new_outputs(root, new):
                 log.warning("removed what the failed run made at new paths: %s", ", ".join(removed))
+            _journal(root).unlink(missing_ok=True)
             log.warning("the run failed: params.yaml%s and the outputs are as they were before it",
                         " (overrides undone), dvc.lock" if overrides else ", dvc.lock")
             raise

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers import files_under, make_idx_dataset, make_project, tiny_params
+from pipeline.sandbox import ROOT
 from pipeline.config import set_params_file
 
 
@@ -300,3 +301,44 @@ def test_the_flow_tells_a_missing_stage_output_from_a_missing_path_of_the_user(t
     assert line("data/prepared/a") == f"error: data/prepared/a {hint}"
     assert line("/nonexistent/fmnist") == ("error: /nonexistent/fmnist does not exist (a path params.yaml names: "
                                            "check it)")
+
+
+KILLED_RUN = """import os, signal, sys
+from pathlib import Path
+from pipeline.runs import run_with_overrides
+with run_with_overrides(Path(sys.argv[1]), ["prepare.shard_size=7"]):
+    Path(sys.argv[1], "data", "prepared", "b").mkdir(parents=True)  # as a stage would have begun
+    Path(sys.argv[1], "data", "prepared", "b", ".tokenmill-stage").write_text("prepare")
+    os.kill(os.getpid(), signal.SIGKILL)  # no handler, no finally: what a power cut leaves
+"""
+
+
+@pytest.mark.parametrize("then", [["check"], ["run", "--no-prefect", "--stage", "count@b"], ["edited", "check"]])
+def test_a_killed_run_is_undone_by_the_next_command(tmp_path, then):
+    """SIGKILL leaves the run's overrides in params.yaml (and what it made); the next run or `check` (run before a
+    plain `dvc repro`) puts the project back from the run's journal first, and says so."""
+    b = make_idx_dataset(tmp_path / "src_b", n_train=20, n_val=5, seed=2)
+    project = make_project(tmp_path / "project", tiny_params({"b": b}), stages=("prepare",))
+    with open(project / "dvc.yaml", "a") as f:
+        f.write(COUNT_STAGE)
+    (project / "count.py").write_text(COUNT_PY)
+    params = (project / "params.yaml").read_text()
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(project)], cwd=ROOT, capture_output=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert killed.returncode == -9 and "shard_size: 7" in (project / "params.yaml").read_text()
+    if then[0] == "edited":  # the user fixed params.yaml by hand since: theirs now, not put back
+        then = then[1:]
+        (project / "params.yaml").write_text(params.replace("shard_size: 25", "shard_size: 9"))
+        params = (project / "params.yaml").read_text()
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *then], cwd=project, capture_output=True, text=True)
+    assert "was killed before it could undo itself: params.yaml, dvc.lock and the outputs are put back" in (
+        proc.stderr), proc.stderr[-2000:]
+    assert not (project / ".dvc/tmp/tokenmill-run.json").exists()
+    assert ("params.yaml changed after the killed run wrote its overrides; it is left as it is" in proc.stderr) == (
+        "shard_size: 9" in params)
+    if then == ["check"]:
+        assert proc.returncode == 0 and (project / "params.yaml").read_text() == params
+        assert not (project / "data/prepared/b").exists()  # made at a new path by the killed run: removed
+    else:  # undone first, then the run itself (prepare@b, count@b) with the user's params
+        assert proc.returncode == 0 and (project / "data/counts/b.json").read_text() == "20", proc.stderr[-2000:]
+        assert (project / "params.yaml").read_text() == params
