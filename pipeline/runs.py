@@ -301,6 +301,13 @@ def _stop_on_terminate() -> contextlib.AbstractContextManager:
     return installed()
 
 
+def _refuse_while_a_stage_runs(root: Path) -> None:
+    repair_rwlock(root)  # a killed dvc's cut table of running stages would read as "busy" for ever
+    if running := running_stage_commands(root):
+        raise UserError(f"a dvc stage is running in {root} ({running[0].strip('()')}); run again when it has "
+                        f"finished")
+
+
 def _journal(root: Path) -> Path:
     return root / ".dvc" / "tmp" / "tokenmill-run.json"
 
@@ -312,6 +319,7 @@ def undo_killed_run(root: Path) -> bool:
     path = _journal(root)
     if not path.is_file():
         return False
+    _refuse_while_a_stage_runs(root)  # the killed run's dvc may outlive it: let it finish first
     try:
         journal = json.loads(path.read_text())
         saved = {name: base64.b64decode(data) for name, data in journal["saved"].items()}
@@ -350,9 +358,7 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
     with project_lock(root), _stop_on_terminate():
         if undo_killed_run(root):  # params.yaml was the killed run's: validate against the user's own again
             params = validate_overrides(root, overrides)
-        repair_rwlock(root)  # a killed dvc's cut table of running stages would read as "busy" for ever
-        if running := running_stage_commands(root):
-            raise UserError(f"a dvc stage is running in {root} ({running[0]}); run again when it has finished")
+        _refuse_while_a_stage_runs(root)
         check_unrecorded_changes(root, targets, with_deps)
         saved = {name: (root / name).read_bytes() for name in ("params.yaml", "dvc.lock") if (root / name).is_file()}
         before = recorded_outputs(root)
