@@ -249,14 +249,20 @@ def test_cli_help():
     assert "--stage" in proc.stdout and "--force" in proc.stdout
 
 
-def test_a_missing_dataset_path_and_a_missing_dependency_are_one_line_each(tmp_path):
-    """DVC hashes a stage's deps before its command runs, so it failed first: `dvc repro  exit 255` and no
-    message (--no-prefect), or advice to run earlier stages for the user's own folder (the flow)."""
+def count_project(tmp_path: Path) -> tuple[Path, Path]:
+    """A project of one dataset b (its source folder returned too): prepare@b, then count@b reading its output."""
     b = make_idx_dataset(tmp_path / "src_b", n_train=20, n_val=5, seed=2)
     project = make_project(tmp_path / "project", tiny_params({"b": b}), stages=("prepare",))
     with open(project / "dvc.yaml", "a") as f:
         f.write(COUNT_STAGE)
     (project / "count.py").write_text(COUNT_PY)
+    return project, b
+
+
+def test_a_missing_dataset_path_and_a_missing_dependency_are_one_line_each(tmp_path):
+    """DVC hashes a stage's deps before its command runs, so it failed first: `dvc repro  exit 255` and no
+    message (--no-prefect), or advice to run earlier stages for the user's own folder (the flow)."""
+    project, b = count_project(tmp_path)
     params = (project / "params.yaml").read_text()
     for cmd in (["run", "--no-prefect", "-S", "datasets.b.path=/nonexistent/fmnist"], ["run", "--stage", "prepare@b",
                 "--temp-server", "-S", "datasets.b.path=/nonexistent/fmnist"], ["stage", "count@b"]):
@@ -317,11 +323,7 @@ with run_with_overrides(Path(sys.argv[1]), ["prepare.shard_size=7"]):
 def test_a_killed_run_is_undone_by_the_next_command(tmp_path, then):
     """SIGKILL leaves the run's overrides in params.yaml (and what it made); the next run or `check` (run before a
     plain `dvc repro`) puts the project back from the run's journal first, and says so."""
-    b = make_idx_dataset(tmp_path / "src_b", n_train=20, n_val=5, seed=2)
-    project = make_project(tmp_path / "project", tiny_params({"b": b}), stages=("prepare",))
-    with open(project / "dvc.yaml", "a") as f:
-        f.write(COUNT_STAGE)
-    (project / "count.py").write_text(COUNT_PY)
+    project, b = count_project(tmp_path)
     params = (project / "params.yaml").read_text()
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(project)], cwd=ROOT, capture_output=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
