@@ -308,6 +308,18 @@ def _refuse_while_a_stage_runs(root: Path) -> None:
                         f"finished")
 
 
+def _undo(root: Path, saved: dict[str, bytes], before: dict[str, tuple | None], new: set[str]) -> list[str]:
+    """Put params.yaml and dvc.lock back to `saved`, restore the outputs that changed since `before` and remove
+    those made at the `new` paths; returns what was removed."""
+    for name, data in saved.items():
+        if (root / name).read_bytes() != data:
+            write_bytes(root / name, data)
+    if "dvc.lock" not in saved and (root / "dvc.lock").is_file():
+        (root / "dvc.lock").unlink()  # the run's first: its outputs are new (removed below, in the run cache)
+    restore_outputs(root, before)
+    return remove_new_outputs(root, new)
+
+
 def _journal(root: Path) -> Path:
     return root / ".dvc" / "tmp" / "tokenmill-run.json"
 
@@ -331,13 +343,7 @@ def undo_killed_run(root: Path) -> bool:
     if hashlib.sha256(params).hexdigest() != journal.get("written", hashlib.sha256(params).hexdigest()):
         saved.pop("params.yaml", None)  # edited since the kill: the user's now, left as it is
         log.warning("params.yaml changed after the killed run wrote its overrides; it is left as it is")
-    for name, data in saved.items():
-        if (root / name).read_bytes() != data:
-            write_bytes(root / name, data)
-    if "dvc.lock" not in saved and (root / "dvc.lock").is_file():
-        (root / "dvc.lock").unlink()
-    restore_outputs(root, before)
-    remove_new_outputs(root, set(journal.get("new") or []))
+    _undo(root, saved, before, set(journal.get("new") or []))
     path.unlink()
     log.warning("a run started %s with %s was killed before it could undo itself: params.yaml, dvc.lock and the "
                 "outputs are put back as they were before it", journal.get("started", "?"),
@@ -369,7 +375,11 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
                        "before": before, "new": sorted(new)}
             _journal(root).parent.mkdir(parents=True, exist_ok=True)
             write_bytes(_journal(root), json.dumps(journal).encode())
-            _write_params_under_dvc_lock(root, overrides)
+            try:
+                _write_params_under_dvc_lock(root, overrides)
+            except BaseException:  # refused (a dvc command busy): params.yaml is as it was, nothing to undo
+                _journal(root).unlink(missing_ok=True)
+                raise
             journal["written"] = hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest()
             write_bytes(_journal(root), json.dumps(journal).encode())
         try:
@@ -379,13 +389,7 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
             if isinstance(exc, SystemExit) and exc.code in (0, None):
                 _journal(root).unlink(missing_ok=True)
                 raise
-            for name, data in saved.items():
-                if (root / name).read_bytes() != data:
-                    write_bytes(root / name, data)
-            if "dvc.lock" not in saved and (root / "dvc.lock").is_file():
-                (root / "dvc.lock").unlink()  # the run's first: its outputs are new (removed below, in the run cache)
-            restore_outputs(root, before)
-            if removed := remove_new_outputs(root, new):
+            if removed := _undo(root, saved, before, new):
                 log.warning("removed what the failed run made at new paths: %s", ", ".join(removed))
             _journal(root).unlink(missing_ok=True)
             log.warning("the run failed: params.yaml%s and the outputs are as they were before it",
