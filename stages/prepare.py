@@ -138,12 +138,20 @@ def folder_layout(root: Path, spec: DatasetSpec) -> tuple[dict[str, Path], list[
     never trains on (most often a typo'd or misplaced folder): refused in one line unless class_names lists it.
     """
     split_dirs: dict[str, Path] = {"": root}
-    if spec.split == "keep":
-        val = next((root / n for n in ("val", "valid", "validation", "test") if (root / n).is_dir()), None)
-        if not (root / "train").is_dir() or val is None:
+    if spec.split == "keep":  # folder names in any case (Train/, VAL/), as shard names are read
+        subdirs: dict[str, list[Path]] = {}
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            subdirs.setdefault(d.name.lower(), []).append(d)
+        for same in subdirs.values():
+            if len(same) > 1:
+                raise UserError(f"{root}: split folders {same[0].name}/ and {same[1].name}/ differ only in case; "
+                                f"keep one")
+        train = subdirs.get("train", [None])[0]
+        val = next((subdirs[n][0] for n in ("val", "valid", "validation", "test") if n in subdirs), None)
+        if train is None or val is None:
             raise UserError(f"{root}: split 'keep' needs train/ and val/ (or test/) sub-folders; "
                             f"use split: random")
-        split_dirs = {"train": root / "train", "val": val}
+        split_dirs = {"train": train, "val": val}
     if spec.class_names:
         return split_dirs, list(spec.class_names)
     found = {split: folder_classes(d) for split, d in split_dirs.items()}

@@ -374,3 +374,20 @@ def test_a_tar_whose_sample_members_are_apart_is_refused_in_one_line(tmp_path):
                               f"(WebDataset reads a sample from consecutive members); make the tar with "
                               f"`tar --sort=name`")
     assert not c.out.exists()
+
+
+def test_split_keep_reads_split_folders_in_any_case(tmp_path):
+    """`Train/` and `Val/` (as many exported datasets name them) were refused; two folders that differ only in
+    case are ambiguous and refused in one line."""
+    for split, n in (("Train", 3), ("VAL", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / "src" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (16, 16), 40 * i).save(tmp_path / "src" / split / cls / f"{i}.png")
+    c = cfg(tmp_path, "cased", source="folder", path=str(tmp_path / "src"), resolution=16, split="keep")
+    run(c)
+    m = json.loads((c.out / "manifest.json").read_text())
+    assert (m["splits"]["train"]["count"], m["splits"]["val"]["count"], m["class_names"]) == (6, 4, ["cat", "dog"])
+    (tmp_path / "src" / "train").mkdir()
+    with pytest.raises(UserError, match=r"split folders Train/ and train/ differ only in case; keep one"):
+        run(cfg(tmp_path, "cased2", source="folder", path=str(tmp_path / "src"), resolution=16, split="keep"))
