@@ -142,9 +142,14 @@ def _why_not_ours(path: Path, owner: str, cache: Path | None, run_logs: list[Pat
         return None if not any(path.iterdir()) else f"a folder without a {OWNER_FILE} marker"
     if path.with_name(f"{path.stem}.run.json").is_file() or (cache is not None and _in_cache(path, cache)):
         return None
-    if any(log.is_file() and path.stat().st_mtime_ns <= log.stat().st_mtime_ns for log in run_logs):
+    if _not_newer_than_a_run_log(path, run_logs):
         return None
     return "a file DVC's cache does not hold"
+
+
+def _not_newer_than_a_run_log(path: Path, run_logs: list[Path]) -> bool:
+    """The file is no newer than one of these `.run.json` files, which a stage's run writes last."""
+    return any(log.is_file() and path.stat().st_mtime_ns <= log.stat().st_mtime_ns for log in run_logs)
 
 
 def _named(path: str, keys: list[str]) -> str:
@@ -225,8 +230,7 @@ def _written_by_stage(path: Path, stage: str, outs: list[Path]) -> bool:
         marker = path / OWNER_FILE
         return (marker.is_file() and marker.read_text(errors="replace").strip() == stage.split("@")[0]
                 and not changed_after_written(path))
-    logs = [out.with_name(f"{out.stem}.run.json") for out in outs if not out.is_dir()]
-    return any(log.is_file() and path.stat().st_mtime_ns <= log.stat().st_mtime_ns for log in logs)
+    return _not_newer_than_a_run_log(path, [out.with_name(f"{out.stem}.run.json") for out in outs if not out.is_dir()])
 
 
 def _uncached_file(path: Path, cache: Path) -> Path | None:

@@ -375,18 +375,18 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
                        "before": before, "new": sorted(new)}
             _journal(root).parent.mkdir(parents=True, exist_ok=True)
             write_bytes(_journal(root), json.dumps(journal).encode())
-            try:
+        started = False
+        try:  # from the edit on, a signal at any point is undone below
+            if overrides:
                 _write_params_under_dvc_lock(root, overrides)
-            except BaseException:  # refused (a dvc command busy): params.yaml is as it was, nothing to undo
-                _journal(root).unlink(missing_ok=True)
-                raise
-            journal["written"] = hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest()
-            write_bytes(_journal(root), json.dumps(journal).encode())
-        try:
+                journal["written"] = hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest()
+                write_bytes(_journal(root), json.dumps(journal).encode())
+            started = True
             yield
             _journal(root).unlink(missing_ok=True)
         except BaseException as exc:
-            if isinstance(exc, SystemExit) and exc.code in (0, None):
+            unedited = not started and (root / "params.yaml").read_bytes() == saved.get("params.yaml")
+            if isinstance(exc, SystemExit) and exc.code in (0, None) or unedited:  # refused before any edit
                 _journal(root).unlink(missing_ok=True)
                 raise
             if removed := _undo(root, saved, before, new):

@@ -77,8 +77,8 @@ def build(dest: Path) -> Path:
     if not refresh:
         make_project(dest, text)
         (dest / MARKER).write_text(json.dumps({"made_by": "python -m pipeline tiny", "source": str(ROOT)}) + "\n")
-    # this checkout's code (again, on a refresh: same DVC repository and cache) and its presets (`--preset configs/..`)
-    for name in TINY_FILES:
+    # on a refresh this checkout's code again (same DVC repository and cache); the presets (`--preset configs/..`)
+    for name in TINY_FILES if refresh else [n for n in TINY_FILES if n not in PROJECT_FILES]:
         src, dst = ROOT / name, dest / name
         if src.is_dir():
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)

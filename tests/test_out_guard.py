@@ -377,6 +377,7 @@ def test_a_run_stops_before_dvc_would_replace_an_output_holding_the_users_files(
 
 
 def test_sigterm_undoes_a_run_like_ctrl_c(project):
+    assert pipeline(project, "run", "--no-prefect").returncode == 0  # recorded outputs to undo to, run alone too
     params = (project / "params.yaml").read_bytes()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--no-prefect", "-S", "prepare.shard_size=7"],
                             cwd=project, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
