@@ -72,16 +72,9 @@ def to_mode(im: Image.Image, channels: int, background: int) -> tuple[Image.Imag
         pass
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit (or 32-bit int) grey: keep the top 8 bits of the 16-bit range.
-        arr = np.asarray(im, dtype=np.int64)
-        arr = np.clip((arr + 128) // 257, 0, 255).astype(np.uint8)
-        im, note = Image.fromarray(arr, "L"), f"converted {mode} to 8-bit"
+        im, note = _int_grey_to_8_bit(np.asarray(im, dtype=np.int64), mode)
     elif mode == "F":
-        arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
-        note = "converted float image"
-        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:  # the usual 0..1 convention, not 0..255
-            arr, note = arr * 255.0, "converted float image in 0..1 (scaled to 0..255)"
-        im = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L")
+        im, note = _float_grey_to_8_bit(np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0))
     if im.mode == "P":
         im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
         note = note or "converted palette image"
@@ -99,6 +92,31 @@ def to_mode(im: Image.Image, channels: int, background: int) -> tuple[Image.Imag
     if isinstance(frames, int) and frames > 1:  # the frames left out matter more than how the first was converted
         note = f"first frame of a multi-frame image ({frames} frames; the others are not used)"
     return im, note
+
+
+def _int_grey_to_8_bit(arr: np.ndarray, mode: str) -> tuple[Image.Image, str]:
+    """16-bit grey keeps its top 8 bits. Mode I is a 32-bit container: 16-bit PGMs open as I (scaled to 0..65535),
+    but a 32-bit TIFF written from 8-bit data holds 0..255, which the 16-bit reading would turn black."""
+    note = f"converted {mode} to 8-bit"
+    top = int(arr.max()) if arr.size else 0
+    if mode == "I" and arr.size and arr.min() >= 0 and 0 < top <= 255:
+        return Image.fromarray(arr.astype(np.uint8), "L"), "converted I with values in 0..255 (read as 8-bit)"
+    if arr.size and (arr.min() < 0 or top > 65535):
+        note += f", values outside 0..65535 clipped ({int(arr.min())}..{top})"
+    elif 0 < top < 4096:  # 12 bits or fewer in a 16-bit file: read faithfully, but dark; the report says so
+        note += f", dark: every value under 4096 of 65535 (max {top})"
+    return Image.fromarray(np.clip((arr + 128) // 257, 0, 255).astype(np.uint8), "L"), note
+
+
+def _float_grey_to_8_bit(arr: np.ndarray) -> tuple[Image.Image, str]:
+    """0..255 unless every value lies in 0..1 (scaled by 255) or in -1..1 (the [-1, 1] convention of many
+    pipelines, mapped to 0..255); either of those read as 0..255 would be a black image."""
+    note = "converted float image"
+    if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+        arr, note = arr * 255.0, "converted float image in 0..1 (scaled to 0..255)"
+    elif arr.size and arr.min() >= -1.0 and arr.max() <= 1.0:
+        arr, note = (arr + 1.0) * 127.5, "converted float image in -1..1 (mapped to 0..255)"
+    return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L"), note
 
 
 def fit(im: Image.Image, resolution: int, mode: ResizeMode, background: int) -> Image.Image:

@@ -399,6 +399,8 @@ def run(cfg: PrepareConfig) -> None:
             w.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if conversions:  # a dark or rescaled reading should be seen without opening report.json
+        log.info("%s: %s", cfg.name, "; ".join(f"{n} x {kind}" for kind, n in sorted(conversions.items())))
     log.info("prepared %s: %s, %d skipped -> %s", cfg.name,
              ", ".join(f"{s} {manifest['splits'][s]['count']}" for s in SPLITS), len(skipped), final)
 

@@ -149,7 +149,31 @@ def test_decode_refuses_empty_unknown_truncated_and_oversized():
 def test_32_bit_integer_grey_is_read_as_16_bit_range():
     values = np.array([[-1000, -7, 0, 257 * 100 + 128, 65535, 100000]], dtype=np.int32)
     im, note = to_mode(Image.fromarray(values), 1, 0)  # int32: mode I; out of the 16-bit range: clipped
-    assert note == "converted I to 8-bit" and np.asarray(im).tolist() == [[0, 0, 0, 100, 255, 255]]
+    assert note == "converted I to 8-bit, values outside 0..65535 clipped (-1000..100000)"
+    assert np.asarray(im).tolist() == [[0, 0, 0, 100, 255, 255]]
+
+
+def test_a_32_bit_tiff_holding_8_bit_values_is_read_as_8_bit():
+    buf = io.BytesIO()
+    Image.fromarray(np.array([[0, 7, 100, 255]] * 8, dtype=np.int32)).save(buf, format="TIFF")
+    im = decode_image(buf.getvalue(), max_pixels=1000)
+    assert im.mode == "I"
+    arr, note = conform(im, resolution=4, channels=1, resize="resize", background=0, min_side=4)
+    assert note == "converted I with values in 0..255 (read as 8-bit)"
+    assert arr[0, :, 0].tolist() == [0, 7, 100, 255]  # the 16-bit reading would be [0, 0, 0, 1]: black
+
+
+def test_a_16_bit_pgm_stays_a_16_bit_reading_even_when_dark():
+    # Pillow opens a 16-bit PGM as mode I scaled to 0..65535; one whose maxval is 65535 but whose values stay
+    # low is a dark 16-bit image, not 8-bit data: it keeps the 16-bit reading and is counted as dark.
+    pgm = b"P5 4 1 65535\n" + np.array([0, 257, 1000, 4095], dtype=">u2").tobytes()
+    im = decode_image(pgm, max_pixels=1000)
+    assert im.mode == "I"
+    out, note = to_mode(im, 1, 0)
+    assert note == "converted I to 8-bit, dark: every value under 4096 of 65535 (max 4095)"
+    assert np.asarray(out).tolist() == [[0, 1, 4, 16]]
+    out, note = to_mode(Image.fromarray(np.array([[0, 4096]], dtype=np.uint16)), 1, 0)
+    assert note == "converted I;16 to 8-bit" and np.asarray(out).tolist() == [[0, 16]]  # 4096: not counted dark
 
 
 def test_the_resampling_filters_are_the_documented_ones():
@@ -175,6 +199,13 @@ def test_a_float_tiff_in_0_to_1_is_scaled_by_255():
     arr, note = conform(im, resolution=4, channels=1, resize="resize", background=0, min_side=4)
     assert note == "converted float image in 0..1 (scaled to 0..255)"
     assert arr[0, :, 0].tolist() == [0, 51, 153, 255]  # unscaled it would be [0, 0, 1, 1]: a black image
+
+
+def test_a_float_tiff_in_minus_1_to_1_is_mapped_to_0_to_255():
+    im = decode_image(_tiff_f([[-1.0, -0.2, 0.0, 1.0]] * 8), max_pixels=1000)
+    arr, note = conform(im, resolution=4, channels=1, resize="resize", background=0, min_side=4)
+    assert note == "converted float image in -1..1 (mapped to 0..255)"
+    assert arr[0, :, 0].tolist() == [0, 102, 128, 255]  # read as 0..255 it would be [0, 0, 0, 1]
 
 
 def test_a_float_tiff_beyond_1_keeps_the_0_to_255_reading():

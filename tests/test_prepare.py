@@ -170,22 +170,29 @@ def test_interrupted_shard_never_has_final_name(tmp_path):
     assert [k for k, _, _ in iter_tar_samples(out / "train-000000.tar")] == ["k0", "k1", "k2"]
 
 
-def test_report_counts_float_scaling_and_first_frames_apart(tmp_path):
+def test_report_and_log_count_each_reading_of_float_and_int_images_apart(tmp_path, caplog):
     d = tmp_path / "src" / "x"
     d.mkdir(parents=True)
     Image.fromarray(np.full((16, 16), 0.6, np.float32), "F").save(d / "unit.tif")
+    Image.fromarray(np.full((16, 16), -0.6, np.float32), "F").save(d / "signed.tif")
     Image.fromarray(np.full((16, 16), 100.0, np.float32), "F").save(d / "bytes.tif")
+    Image.fromarray(np.full((16, 16), 200, np.int32)).save(d / "int32.tif")
+    Image.fromarray(np.full((16, 16), 2000, np.uint16)).save(d / "twelve_bit.png")
     frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
     frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:])
     c = cfg(tmp_path, "conv", source="folder", path=str(tmp_path / "src"), split="random", val_fraction=0.0,
             resolution=16, channels=1)
-    run(c)
+    with caplog.at_level("INFO"):
+        run(c)
     report = json.loads((c.out / "report.json").read_text())
     assert report["skipped"] == []
-    assert report["converted"] == {"converted float image in 0..1": 1, "converted float image": 1,
+    dark = "converted I;16 to 8-bit, dark: every value under 4096 of 65535"
+    assert report["converted"] == {"converted float image in 0..1": 1, "converted float image in -1..1": 1,
+                                   "converted float image": 1, "converted I with values in 0..255": 1, dark: 1,
                                    "first frame of a multi-frame image": 1}
+    assert f"1 x {dark}" in caplog.text  # seen in the log, not only in report.json
     values = sorted(int(a[0, 0, 0]) for _, a, _ in load_split(c.out, "train"))
-    assert values == [76, 100, 153]  # red's luma; 100 as it was; 0.6 * 255
+    assert values == [8, 51, 76, 100, 153, 200]  # 2000/257; (1-0.6)*127.5; red's luma; 100; 0.6*255; 200
 
 
 def _tar(path: Path, members) -> None:
