@@ -111,10 +111,13 @@ def publish_train_vqgan(item: str, root: Path) -> None:
 def publish_train_transformer(item: str, root: Path) -> None:
     p = load_params(root / "params.yaml")["train_transformer"]
     m = read_json(root / p["out_dir"] / "metrics.json") | read_run_facts(root / p["metrics"])
+    backend = f"attention backend {m.get('attention_backend', '(restored from cache)')}"
     if m["kind"] == "ar":
         headline = (f"val {m['val_bits_per_token']:.3f} bits/token (unigram entropy "
-                    f"{m['unigram_bits_per_token']:.3f}), {m['params_m']}M params, attention backend "
-                    f"{m.get('attention_backend', '(restored from cache)')}")
+                    f"{m['unigram_bits_per_token']:.3f}), {m['params_m']}M params, {backend}")
+    elif m["kind"] == "maskgit":  # its val loss is per masked token, at a mask ratio drawn from the schedule
+        headline = (f"maskgit: val {m['val_bits_per_token']:.3f} bits per masked token, masked-token accuracy "
+                    f"{m['val_masked_accuracy']:.1%}, {m['params_m']}M params, {backend}")
     else:
         headline = (f"{m['family']}: D loss {m['d_loss']}, G loss {m['g_loss']}, D acc real/fake "
                     f"{m['d_acc_real']}/{m['d_acc_fake']}")

@@ -206,7 +206,10 @@ def _run_pipeline(stages: list[str] | None, force: bool, overrides: list[str] | 
                 graph = graph if graph is not None else upstream_stages(root)
                 continue
             result = state.result()
-            artifacts.publish_stage(name, root)
+            try:
+                artifacts.publish_stage(name, root)
+            except Exception as exc:  # the UI's view of a stage that succeeded must not fail (and undo) the run
+                logger.warning("%s: its artifacts were not published (%s: %s)", name, type(exc).__name__, exc)
             results.append(result)
         artifacts.publish_summary(results)
         if failed:

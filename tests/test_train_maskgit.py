@@ -66,6 +66,24 @@ def test_metrics_config_and_log(trained):
     model.load_state_dict(load_file(str(trained / "gpt" / "model.safetensors")))
 
 
+def test_the_prefect_artifact_reports_masked_bits(trained, tmp_path, monkeypatch):
+    """A maskgit run published the GAN headline and failed the flow with KeyError 'family' (the publisher read
+    every kind but ar as a GAN)."""
+    import yaml
+
+    from pipeline import artifacts
+    created = {}
+    monkeypatch.setattr(artifacts, "create_table_artifact", lambda rows, key, description: created.update({key: rows}))
+    monkeypatch.setattr(artifacts, "create_markdown_artifact", lambda md, key, description: created.update({key: md}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train_transformer": {
+        "out_dir": str(trained / "gpt"), "metrics": str(trained / "metrics.json")}}))
+    artifacts.publish_stage("train_transformer", tmp_path)
+    m = json.loads((trained / "gpt" / "metrics.json").read_text())
+    report = created["train-transformer-report"]
+    assert f"maskgit: val {m['val_bits_per_token']:.3f} bits per masked token" in report
+    assert f"masked-token accuracy {m['val_masked_accuracy']:.1%}" in report
+
+
 def sample_cfg(world, model_dir, out, **kw):
     return sample_stage.SampleParams(model_dir=str(model_dir), vqgan_dir=str(world / "vqgan"),
                                      out_dir=str(out / "samples"), metrics=str(out / "sample.json"), n=13,
