@@ -2,9 +2,9 @@
 
 A checkpoint is a dict of tensors and plain types (state dicts, step, RNG state as a uint8 tensor), so
 `torch.load(weights_only=True)` reads it. `save` writes `step-%08d.pt` under a temp name, renames it, then points
-`last.pt` at it (hard link swapped in atomically). `load_latest` tries `last.pt` and then older step files,
-warning with the name of any file it cannot read, so a truncated or corrupt checkpoint costs one interval, not
-the run.
+`last.pt` at it (hard link swapped in atomically). `load_latest` tries `last.pt` and then older step files (older
+by the time they were written), warning with the name of any file it cannot read, so a truncated or corrupt
+checkpoint costs one interval, not the run.
 """
 from __future__ import annotations
 
@@ -29,11 +29,23 @@ _STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
 
 
 def step_files(ckpt_dir: Path) -> list[Path]:
-    """Periodic checkpoints, newest first."""
+    """Periodic checkpoints, newest written first (then by step, for files written within one clock tick).
+
+    By time, not by step: a run with other params that stops at a lower step than an earlier run's files would
+    otherwise see its own files as the oldest, prune each one right after writing it, and fall back to the
+    earlier run's (which it may not resume) when its last.pt is damaged.
+    """
     if not ckpt_dir.is_dir():
         return []
-    files = [p for p in ckpt_dir.iterdir() if _STEP_RE.match(p.name)]
-    return sorted(files, key=lambda p: int(_STEP_RE.match(p.name).group(1)), reverse=True)
+    files = []
+    for p in ckpt_dir.iterdir():
+        match = _STEP_RE.match(p.name)
+        if match:
+            try:
+                files.append((p.stat().st_mtime_ns, int(match.group(1)), p))
+            except FileNotFoundError:  # pruned by another process between listing and stat
+                continue
+    return [p for _, _, p in sorted(files, key=lambda t: (t[0], t[1]), reverse=True)]
 
 
 def save(ckpt_dir: str | Path, state: dict[str, Any], step: int, keep: int = 2) -> Path:
