@@ -161,13 +161,29 @@ def _inside(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
 
 
-def check_overlaps(root: Path, params: dict[str, Any], source: str) -> None:
+WorkDir = tuple[str, str, str]  # (stage, path, params key): a folder a stage writes that is no DVC output
+
+
+def check_overlaps(root: Path, params: dict[str, Any], source: str, work: list[WorkDir] = ()) -> None:
     """One line for what DVC refuses in a block of text: two outputs that are one path or nested (across all
-    stages), or a stage that would read a path holding its own output."""
+    stages), or a stage that would read a path holding its own output; and for what DVC never sees: a work folder
+    (checkpoints) that is, holds or lies inside any stage's output or input, or is another stage's work folder."""
     def full(path: str) -> str:
         return os.path.normpath(os.path.join(root, path))
 
     outs = planned_outputs(root, params)
+    paths = outs + planned_outputs(root, params, ("deps",))
+    for i, (stage, path, key) in enumerate(work):
+        for other, _, other_path, other_keys in paths:
+            if _inside(full(path), full(other_path)) or _inside(full(other_path), full(path)):
+                raise UserError(f"{source}: {key} = {path}, where stage {stage} keeps its checkpoints, and "
+                                f"{_named(other_path, other_keys)} of stage {other} are the same path or one inside "
+                                f"the other (DVC would delete or rewrite one with the other); give the checkpoints "
+                                f"a folder of their own")
+        for other, other_path, other_key in work[i + 1:]:
+            if full(path) == full(other_path):  # nested is harmless: each prunes only its own folder's step files
+                raise UserError(f"{source}: {key} and {other_key} are both {path}; each stage prunes the checkpoints "
+                                f"in its folder, so give each its own")
     for i, (stage, _, path, keys) in enumerate(outs):
         for other, _, other_path, other_keys in outs[i + 1:]:
             if _inside(full(path), full(other_path)) or _inside(full(other_path), full(path)):
@@ -180,11 +196,39 @@ def check_overlaps(root: Path, params: dict[str, Any], source: str) -> None:
                                 f"{_named(path, out_keys)}; point one of them elsewhere")
 
 
-def check_outputs(root: Path, params: dict[str, Any], source: str) -> None:
+def check_stale_inputs(root: Path, params: dict[str, Any], source: str) -> None:
+    """A stage input set by params that lies in a folder a tokenmill stage wrote but that is no stage's output under
+    these params (`-S sample.out_dir=other` with `evaluate.samples_dir` still at the old samples): the stage would
+    read the leftovers, and DVC would never re-run it for new ones. Dataset sources and folders without a stage's
+    marker (a VQGAN of the user's own) are not checked."""
+    root = Path(root).resolve()
+    outs = planned_outputs(root, params)
+    made = [os.path.normpath(root / p) for _, _, p, _ in outs]
+    for stage, _, dep, keys in planned_outputs(root, params, ("deps",)):
+        if not keys or any(k.startswith("datasets.") for k in keys):
+            continue
+        path = Path(os.path.normpath(root / dep))
+        if not _inside(str(path), str(root)) or any(_inside(str(path), m) for m in made):
+            continue
+        for folder in [path, *path.parents]:
+            if folder == root or not _inside(str(folder), str(root)):
+                break
+            marker = folder / OWNER_FILE
+            if marker.is_file():
+                writer = marker.read_text(errors="replace").strip()
+                now = [p for s, o, p, _ in planned_outputs(root, params, ("outs",)) if o == writer]
+                raise UserError(f"{source}: stage {stage} would read {_named(dep, keys)}, which an earlier run of "
+                                f"{writer} left and no stage makes under these params ({writer} now writes "
+                                f"{', '.join(now) or 'nothing'}); point it at the output it should read")
+
+
+def check_outputs(root: Path, params: dict[str, Any], source: str, work: list[WorkDir] = ()) -> None:
     """UserError naming the first existing output path that a run with `params` would delete but no stage made,
-    or outputs that overlap (check_overlaps)."""
+    outputs that overlap (check_overlaps), or an input that only leftovers of an earlier run hold
+    (check_stale_inputs)."""
     root = Path(root)
-    check_overlaps(root, params, source)
+    check_overlaps(root, params, source, work)
+    check_stale_inputs(root, params, source)
     planned = [(s, o, p, k) for s, o, p, k in planned_outputs(root, params)
                if (root / p).exists() or (root / p).is_symlink()]
     if not planned:

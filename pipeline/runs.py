@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -77,13 +78,14 @@ def check_params_dict(params: dict[str, Any], source: str, root: Path, outputs: 
     Raises UserError."""
     known: set[str] = set()
     used = pipeline_stages(root)
+    work: list[tuple[str, str, str]] = []
     token = PROJECT_ROOT.set(Path(root))
     try:
         for name in STAGE_MODULES:
             mod = importlib.import_module(f"stages.{name}")
             known.update(mod.SECTIONS)
             if name in used:
-                mod.check(params, source)
+                work += _work_dirs(name, mod.check(params, source), root, params)
     finally:
         PROJECT_ROOT.reset(token)
     unknown = sorted(set(params) - known, key=str)  # YAML keys may be ints or None too
@@ -92,8 +94,18 @@ def check_params_dict(params: dict[str, Any], source: str, root: Path, outputs: 
                         f"(allowed: {', '.join(sorted(known))})")
     check_dataset_paths(params, source, root, exist=())  # `~`; existence where the run names a path (below)
     if outputs:  # an existing path DVC would delete before the stage could refuse it; overlapping outputs
-        check_outputs(root, params, source)
+        check_outputs(root, params, source, work)
     return list(params.get("datasets") or {})
+
+
+def _work_dirs(stage: str, cfg: Any, root: Path, params: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(stage, path, key) of each path a stage writes (kind out_path) that dvc.yaml does not name as an output:
+    its checkpoint folder. DVC never sees it, so nothing else keeps it apart from the outputs."""
+    if not dataclasses.is_dataclass(cfg):
+        return []
+    named = {k for _, _, _, keys in planned_outputs(root, params) for k in keys}
+    return [(stage, getattr(cfg, f.name), f"{stage}.{f.name}") for f in dataclasses.fields(cfg)
+            if f.metadata.get("kind") == "out_path" and f"{stage}.{f.name}" not in named]
 
 
 def check_dataset_paths(params: dict[str, Any], source: str, base: Path,

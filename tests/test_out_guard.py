@@ -148,6 +148,82 @@ def test_overlapping_outs_and_a_stage_reading_its_own_output_are_one_line(proj):
     out_guard.check_overlaps(proj, {**params(), "make": {"out_dir": "data/model2"}}, "params.yaml")  # a prefix only
 
 
+def test_a_checkpoint_folder_stays_apart_from_every_output_input_and_other_checkpoint_folder(proj):
+    """DVC never sees a checkpoint folder: inside another stage's output its files made that output 'modified' and
+    blocked every later run; as its own stage's output, DVC deleted it before the run."""
+    ckpt = [("train", "data/ckpt/train", "train.ckpt_dir"), ("make", "data/ckpt/make", "make.ckpt_dir")]
+    out_guard.check_overlaps(proj, params(), "params.yaml", ckpt)
+    for path, other in (("data/made/a", "data/made/a (make.out_dir) of stage make@a"),
+                        ("data/model/ckpt", "data/model (train.out_dir) of stage train"),
+                        ("data", "data/made/a (make.out_dir) of stage make@a"),
+                        ("src/a/ck", "src/a (datasets.<name>.path) of stage make@a")):
+        with pytest.raises(UserError) as err:
+            out_guard.check_overlaps(proj, params(), "params.yaml", [("train", path, "train.ckpt_dir"), ckpt[1]])
+        assert str(err.value) == (f"params.yaml: train.ckpt_dir = {path}, where stage train keeps its checkpoints, "
+                                  f"and {other} are the same path or one inside the other (DVC would delete or "
+                                  f"rewrite one with the other); give the checkpoints a folder of their own")
+    with pytest.raises(UserError, match=r"^params.yaml: train.ckpt_dir and make.ckpt_dir are both data/ckpt; each "
+                                        r"stage prunes the checkpoints in its folder, so give each its own$"):
+        out_guard.check_overlaps(proj, params(), "params.yaml", [("train", "data/ckpt", "train.ckpt_dir"),
+                                                                 ("make", "data/./ckpt", "make.ckpt_dir")])
+    # nested checkpoint folders are fine: each stage prunes only the step files directly in its own
+    out_guard.check_overlaps(proj, params(), "params.yaml", [("train", "data/ckpt", "train.ckpt_dir"), ckpt[1]])
+
+
+def test_the_real_stages_checkpoint_folders_are_found_from_their_params(tmp_path):
+    from pipeline.config import apply_overrides, load_params
+    base = load_params(ROOT / "params.yaml")
+    with pytest.raises(UserError, match=r"train_vqgan.ckpt_dir = data/vqgan, where stage train_vqgan keeps its "
+                                        r"checkpoints, and data/vqgan \(train_vqgan.out_dir\) of stage train_vqgan"):
+        runs.check_params_dict(apply_overrides(base, ["train_vqgan.ckpt_dir=data/vqgan"]), "params.yaml", ROOT)
+    with pytest.raises(UserError, match=r"train_vqgan.ckpt_dir and train_transformer.ckpt_dir are both data/ck;"):
+        runs.check_params_dict(apply_overrides(base, ["train_vqgan.ckpt_dir=data/ck",
+                                                      "train_transformer.ckpt_dir=data/ck"]), "params.yaml", ROOT)
+
+
+STALE_YAML = """stages:
+  sample:
+    cmd: python -m stages.sample
+    deps:
+      - ${sample.model_dir}
+    outs:
+      - ${sample.out_dir}
+  evaluate:
+    cmd: python -m stages.evaluate
+    deps:
+      - ${evaluate.samples_dir}
+      - ${evaluate.extra}/x.json
+    metrics:
+      - ${evaluate.metrics}
+"""
+
+
+def test_an_input_only_an_earlier_run_left_is_refused(tmp_path):
+    """`-S sample.out_dir=data/s/other` alone: evaluate would score the old samples left at data/s/default, and DVC
+    would call it unchanged, so the new samples were given the old gFID."""
+    (tmp_path / "dvc.yaml").write_text(STALE_YAML)
+    old = tmp_path / "data" / "s" / "default"
+    old.mkdir(parents=True)
+    (old / ".tokenmill-stage").write_text("sample\n")
+    (tmp_path / "mine").mkdir()  # a folder of the user's own: no marker
+
+    def check(**kw):
+        p = {"sample": {"model_dir": "mine", "out_dir": "data/s/other"},
+             "evaluate": {"samples_dir": "data/s/other", "extra": "mine", "metrics": "data/e.json"}}
+        p["evaluate"].update(kw)
+        out_guard.check_stale_inputs(tmp_path, p, "params.yaml")
+
+    check()  # reads what sample makes now
+    check(samples_dir="mine", extra="/elsewhere")  # the user's own folder, a path outside the project
+    for kw, dep in (({"samples_dir": "data/s/default"}, "data/s/default (evaluate.samples_dir)"),
+                    ({"extra": "data/s/default/sub"}, "data/s/default/sub/x.json (evaluate.extra)")):
+        with pytest.raises(UserError) as err:
+            check(**kw)
+        assert str(err.value) == (f"params.yaml: stage evaluate would read {dep}, which an earlier run of sample "
+                                  f"left and no stage makes under these params (sample now writes data/s/other); "
+                                  f"point it at the output it should read")
+
+
 @pytest.mark.parametrize("text, message", [
     ("stages:\n  a: [\n", "not valid YAML"), ("[1, 2]\n", "no `stages:` mapping"), ("", "no `stages:` mapping"),
     ("stages:\n  a: 3\n", "stage 'a' is not a mapping")])
