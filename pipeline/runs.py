@@ -238,7 +238,9 @@ def restore_outputs(root: Path, before: dict[str, tuple | None]) -> None:
     stages = sorted(stage for stage, sigs in recorded_outputs(root).items() if before.get(stage) != sigs)
     if not stages:
         return
-    proc = subprocess.run(["dvc", "checkout", "--force", *stages], cwd=root, capture_output=True, text=True)
+    # in a session of its own: a second Ctrl-C at the terminal must not stop the restore half-way
+    proc = subprocess.run(["dvc", "checkout", "--force", *stages], cwd=root, capture_output=True, text=True,
+                          start_new_session=True)
     if proc.returncode != 0:  # e.g. outputs this project never made: nothing of them to restore
         log.warning("dvc checkout restored what the cache holds; not every output recorded in dvc.lock is there")
 
@@ -313,6 +315,31 @@ def _stop_on_terminate() -> contextlib.AbstractContextManager:
     return installed()
 
 
+@contextlib.contextmanager
+def _signals_wait() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done (one line says so); the journal covers a SIGKILL."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    told: list[int] = []
+
+    def wait(signum: int, frame: Any) -> None:
+        if not told:
+            log.warning("still undoing the run (params.yaml, dvc.lock, outputs); it stops when that is done")
+        told.append(signum)
+
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, wait) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _refuse_while_a_stage_runs(root: Path) -> None:
     repair_rwlock(root)  # a killed dvc's cut table of running stages would read as "busy" for ever
     if running := running_stage_commands(root):
@@ -351,16 +378,26 @@ def undo_killed_run(root: Path) -> bool:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{path}: the journal of a killed run is damaged ({exc}); check params.yaml and dvc.lock "
                         f"against git, then delete it") from None
+    what = f"a run started {journal.get('started', '?')} with {' '.join(journal.get('overrides') or [])}"
     params = (root / "params.yaml").read_bytes() if (root / "params.yaml").is_file() else b""
-    if hashlib.sha256(params).hexdigest() != journal.get("written", hashlib.sha256(params).hexdigest()):
+    written = journal.get("written") == hashlib.sha256(params).hexdigest()  # (no "written": killed before the edit)
+    if written and _up_to_date(root):  # finished since (a plain `dvc repro`), or killed after its last stage
+        path.unlink()
+        log.warning("%s was killed, but its result is complete (dvc status: up to date); it is kept", what)
+        return True
+    if not written and params != saved.get("params.yaml"):
         saved.pop("params.yaml", None)  # edited since the kill: the user's now, left as it is
         log.warning("params.yaml changed after the killed run wrote its overrides; it is left as it is")
     _undo(root, saved, before, set(journal.get("new") or []))
     path.unlink()
-    log.warning("a run started %s with %s was killed before it could undo itself: params.yaml, dvc.lock and the "
-                "outputs are put back as they were before it", journal.get("started", "?"),
-                " ".join(journal.get("overrides") or []))
+    log.warning("%s was killed before it could undo itself: %s and the outputs are put back as they were before it",
+                what, "params.yaml, dvc.lock" if "params.yaml" in saved else "dvc.lock")
     return True
+
+
+def _up_to_date(root: Path) -> bool:
+    """`dvc status` finds nothing to run and no output missing or modified."""
+    return subprocess.run(["dvc", "status", "--quiet"], cwd=root, capture_output=True).returncode == 0
 
 
 @contextlib.contextmanager
@@ -401,9 +438,10 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
             if isinstance(exc, SystemExit) and exc.code in (0, None) or unedited:  # refused before any edit
                 _journal(root).unlink(missing_ok=True)
                 raise
-            if removed := _undo(root, saved, before, new):
-                log.warning("removed what the failed run made at new paths: %s", ", ".join(removed))
-            _journal(root).unlink(missing_ok=True)
+            with _signals_wait():  # a second Ctrl-C would leave the run half undone
+                if removed := _undo(root, saved, before, new):
+                    log.warning("removed what the failed run made at new paths: %s", ", ".join(removed))
+                _journal(root).unlink(missing_ok=True)
             log.warning("the run failed: params.yaml%s and the outputs are as they were before it",
                         " (overrides undone), dvc.lock" if overrides else ", dvc.lock")
             raise

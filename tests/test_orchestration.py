@@ -319,28 +319,77 @@ with run_with_overrides(Path(sys.argv[1]), ["prepare.shard_size=7"]):
 """
 
 
-@pytest.mark.parametrize("then", [["check"], ["run", "--no-prefect", "--stage", "count@b"], ["edited", "check"]])
+@pytest.mark.parametrize("then", [["check"], ["run", "--no-prefect", "--stage", "count@b"], ["edited", "check"],
+                                  ["put back", "check"], ["finished", "check"]])
 def test_a_killed_run_is_undone_by_the_next_command(tmp_path, then):
     """SIGKILL leaves the run's overrides in params.yaml (and what it made); the next run or `check` (run before a
-    plain `dvc repro`) puts the project back from the run's journal first, and says so."""
+    plain `dvc repro`) puts the project back from the run's journal first, and says so. A params.yaml edited since
+    is the user's; one already back (a second Ctrl-C stopped the undo) is not called edited; a run the user
+    finished since with `dvc repro` (dvc status up to date) is kept."""
     project, b = count_project(tmp_path)
     params = (project / "params.yaml").read_text()
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(project)], cwd=ROOT, capture_output=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert killed.returncode == -9 and "shard_size: 7" in (project / "params.yaml").read_text()
-    if then[0] == "edited":  # the user fixed params.yaml by hand since: theirs now, not put back
-        then = then[1:]
+    what, then = (then[0], then[1:]) if then[0] in ("edited", "put back", "finished") else ("", then)
+    if what == "edited":  # the user fixed params.yaml by hand since: theirs now, not put back
         (project / "params.yaml").write_text(params.replace("shard_size: 25", "shard_size: 9"))
         params = (project / "params.yaml").read_text()
+    elif what == "put back":
+        (project / "params.yaml").write_text(params)
+    elif what == "finished":
+        repro = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True)
+        assert repro.returncode == 0, repro.stderr[-2000:]
+        params = (project / "params.yaml").read_text()
+        assert "shard_size: 7" in params
     proc = subprocess.run([sys.executable, "-m", "pipeline", *then], cwd=project, capture_output=True, text=True)
-    assert "was killed before it could undo itself: params.yaml, dvc.lock and the outputs are put back" in (
-        proc.stderr), proc.stderr[-2000:]
     assert not (project / ".dvc/tmp/tokenmill-run.json").exists()
     assert ("params.yaml changed after the killed run wrote its overrides; it is left as it is" in proc.stderr) == (
-        "shard_size: 9" in params)
+        what == "edited")
+    if what == "finished":
+        assert "was killed, but its result is complete (dvc status: up to date); it is kept" in proc.stderr
+        assert proc.returncode == 0 and (project / "params.yaml").read_text() == params
+        assert (project / "data/counts/b.json").is_file()
+        return
+    put_back = "dvc.lock" if what == "edited" else "params.yaml, dvc.lock"
+    assert f"was killed before it could undo itself: {put_back} and the outputs are put back" in (
+        proc.stderr), proc.stderr[-2000:]
     if then == ["check"]:
         assert proc.returncode == 0 and (project / "params.yaml").read_text() == params
         assert not (project / "data/prepared/b").exists()  # made at a new path by the killed run: removed
     else:  # undone first, then the run itself (prepare@b, count@b) with the user's params
         assert proc.returncode == 0 and (project / "data/counts/b.json").read_text() == "20", proc.stderr[-2000:]
         assert (project / "params.yaml").read_text() == params
+
+
+INTERRUPTED_TWICE = """import logging, os, signal, sys
+from pathlib import Path
+from pipeline import runs
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+real_undo = runs._undo
+
+def undo(*args):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C pressed again while the run undoes itself, and again
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_undo(*args)
+
+runs._undo = undo
+try:
+    with runs.run_with_overrides(Path(sys.argv[1]), ["prepare.shard_size=7"]):
+        raise KeyboardInterrupt  # the first Ctrl-C
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_a_second_ctrl_c_waits_for_the_undo_to_finish(tmp_path):
+    """A second Ctrl-C during the undo killed the run half-undone (params.yaml back, the outputs still deleted, the
+    journal left). It now waits, with one line, and the undo completes."""
+    project, _ = count_project(tmp_path)
+    params = (project / "params.yaml").read_text()
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_TWICE, str(project)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr.count("still undoing the run (params.yaml, dvc.lock, outputs); it stops when that is done") == 1
+    assert "the run failed: params.yaml (overrides undone), dvc.lock and the outputs are as they were" in proc.stderr
+    assert (project / "params.yaml").read_text() == params and not (project / ".dvc/tmp/tokenmill-run.json").exists()
