@@ -281,8 +281,20 @@ def cmd_add_dataset(args: argparse.Namespace) -> None:
     vq_data = datasets.get(vq_name) if isinstance(datasets.get(vq_name), dict) else {}
     resolution = args.resolution if args.resolution is not None else vq_data.get("resolution", 32)
     channels = args.channels if args.channels is not None else vq_data.get("channels", 3)
+    # every dataset is tokenized with the one VQGAN (tokenize@<name>), which refuses another resolution, and other
+    # channels unless converted: refused here, before the entry would fail every later run
+    vq = f"the VQGAN's dataset '{vq_name}'"
+    if vq_data.get("resolution") not in (None, resolution):
+        raise UserError(f"add-dataset: --resolution {resolution} differs from {vq_data['resolution']}, that of {vq}; "
+                        f"tokenize@{args.name} would refuse it (leave --resolution out to take "
+                        f"{vq_data['resolution']})")
+    if vq_data.get("channels") not in (None, channels) and not args.convert_channels:
+        raise UserError(f"add-dataset: --channels {channels} differs from {vq_data['channels']}, that of {vq}; add "
+                        f"--convert-channels to convert at tokenize, or leave --channels out")
     entry = {"source": source, "path": str(path), "resolution": resolution, "channels": channels,
              "resize": args.resize, "background": args.background, "split": args.split}
+    if args.convert_channels:
+        entry["convert_channels"] = True
     overrides = [f"datasets.{args.name}.{k}={json.dumps(v)}" for k, v in entry.items()]
     # validated as a whole before writing; if its prepare stage fails the entry is taken out again
     added = f"added datasets.{args.name} to params.yaml ({resolution} px, {channels} channel(s))"
@@ -361,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", default="pad", choices=("pad", "resize", "center_crop"))
     p.add_argument("--background", type=int, default=255)
     p.add_argument("--split", default="random", choices=("keep", "random"))
+    p.add_argument("--convert-channels", action="store_true", help="grey <-> RGB at tokenize, when --channels differs "
+                   "from the VQGAN's")
     p.add_argument("--no-run", action="store_true", help="only add the params entry")
     p.set_defaults(fn=cmd_add_dataset)
 

@@ -348,6 +348,21 @@ def test_add_dataset_keeps_a_symlinked_folder_as_the_link(prepare_project, tmp_p
         assert entry["path"] == str(tmp_path / "link")
         # no --resolution / --channels: the VQGAN's dataset's (a: 16 px grey), which tokenize@linked then takes
         assert (entry["resolution"], entry["channels"]) == (16, 1) and "(16 px, 1 channel(s))" in proc.stderr
+        # what tokenize@<name> would refuse, every run after: refused here, params.yaml untouched
+        added = (prepare_project / "params.yaml").read_bytes()
+        assert one_error_line(pipeline_cli(prepare_project, "add-dataset", "big", str(target), "--resolution", "32",
+                                           "--no-run")) == (
+            "error: add-dataset: --resolution 32 differs from 16, that of the VQGAN's dataset 'a'; tokenize@big would "
+            "refuse it (leave --resolution out to take 16)")
+        assert one_error_line(pipeline_cli(prepare_project, "add-dataset", "rgb", str(target), "--channels", "3",
+                                           "--no-run")) == (
+            "error: add-dataset: --channels 3 differs from 1, that of the VQGAN's dataset 'a'; add --convert-channels "
+            "to convert at tokenize, or leave --channels out")
+        assert (prepare_project / "params.yaml").read_bytes() == added
+        proc = pipeline_cli(prepare_project, "add-dataset", "rgb", str(target), "--channels", "3", "--convert-channels",
+                            "--no-run")
+        assert proc.returncode == 0, proc.stderr
+        assert load_params(prepare_project / "params.yaml")["datasets"]["rgb"]["convert_channels"] is True
     finally:
         (prepare_project / "params.yaml").write_bytes(before)
 
