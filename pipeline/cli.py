@@ -84,9 +84,34 @@ def _print_results(results: list[dict[str, Any]]) -> None:
 def _repro_keep_going(cmd: list[str]) -> list[tuple[str, int, str]]:
     """`dvc repro --keep-going`, its output passed through as it comes; returns the failed stages as
     (stage, exit code, its last `error:` line or '')."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        return _follow_repro(proc)
+    except BaseException:  # Ctrl-C reached dvc too: let it finish stopping (and release its locks) before the undo
+        _reap(proc)
+        raise
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    import threading
+
+    # keep reading what it prints while it stops, so a full pipe never blocks it
+    threading.Thread(target=lambda: sys.stdout.buffer.write(proc.stdout.read() or b""), daemon=True).start()
+    for stop, grace in ((None, 30), (proc.terminate, 10), (proc.kill, 10)):
+        if stop is not None:
+            stop()
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except KeyboardInterrupt:  # pressed again: stop waiting politely
+            continue
+
+
+def _follow_repro(proc: subprocess.Popen) -> list[tuple[str, int, str]]:
     import re
 
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     failed, current, error, missing, text = [], "", "", "", b""
     for chunk in iter(lambda: os.read(proc.stdout.fileno(), 4096), b""):
         sys.stdout.buffer.write(chunk)

@@ -393,3 +393,28 @@ def test_a_second_ctrl_c_waits_for_the_undo_to_finish(tmp_path):
     assert proc.stderr.count("still undoing the run (params.yaml, dvc.lock, outputs); it stops when that is done") == 1
     assert "the run failed: params.yaml (overrides undone), dvc.lock and the outputs are as they were" in proc.stderr
     assert (project / "params.yaml").read_text() == params and not (project / ".dvc/tmp/tokenmill-run.json").exists()
+
+
+CTRL_C_DURING_REPRO = """import os, signal, sys, threading, time
+from pathlib import Path
+from pipeline import cli
+done = Path(sys.argv[1])
+child = ("import signal, sys, time; from pathlib import Path\\n"
+         "def stop(*a):\\n    time.sleep(1.5); Path(sys.argv[1]).write_text('stopped'); sys.exit(130)\\n"
+         "signal.signal(signal.SIGINT, stop)\\nprint(\\"Running stage 'x':\\", flush=True)\\n"
+         "while True: time.sleep(0.1)\\n")
+threading.Timer(1.5, lambda: os.killpg(0, signal.SIGINT)).start()  # the terminal's Ctrl-C: the whole group
+try:
+    cli._repro_keep_going([sys.executable, "-c", child, str(done)])
+except KeyboardInterrupt:
+    print("child stopped before the undo:", done.exists())
+"""
+
+
+def test_ctrl_c_during_dvc_repro_waits_for_dvc_to_stop(tmp_path):
+    """The CLI went on to undo the run (dvc checkout) while the interrupted `dvc repro` was still stopping, holding
+    DVC's locks (`dvc status` right after: 'is busy ... blocked by dvc repro')."""
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_DURING_REPRO, str(tmp_path / "done")], cwd=ROOT,
+                          capture_output=True, text=True, start_new_session=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "child stopped before the undo: True" in proc.stdout, proc.stdout + proc.stderr[-2000:]
