@@ -9,6 +9,7 @@ number and is shown as `n/c`, with the ids listed below the table.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,8 +27,10 @@ def _runs(entries: list[dict], name: str | None = None) -> Iterator[dict]:
     for entry in entries:
         data = entry.get("data") or {}
         if data.get("params") is not None or data.get("metrics") is not None:
-            label = entry.get("name") or name or entry.get("rev", "?")
-            yield {"name": str(label)[:24], "rev": entry.get("rev", ""),
+            label = str(entry.get("name") or name or entry.get("rev", "?"))
+            if re.fullmatch(r"[0-9a-f]{40}", label):  # a detached HEAD or a bare commit: git's short form
+                label = label[:7]
+            yield {"name": label[:24], "rev": entry.get("rev", ""),
                    "timestamp": data.get("timestamp"), "params": data.get("params") or {},
                    "metrics": data.get("metrics") or {}}
         for exp in entry.get("experiments") or []:

@@ -58,3 +58,9 @@ def test_no_runs_and_option_like_revisions_are_one_line(tmp_path):
     for rev in ("--all-commits", "", "a\nb"):
         with pytest.raises(UserError, match="not a git revision"):
             C.compare(tmp_path, [rev])
+
+
+def test_a_detached_head_is_named_by_its_short_hash():
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    _, rows, _ = C.rows_of([run(sha, params(), {}), run("b" * 40, params(), {}, name="a-long-experiment-name-xyz")])
+    assert [r["run"] for r in rows] == ["0123456", "a-long-experiment-name-x"]
