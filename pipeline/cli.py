@@ -95,8 +95,9 @@ def _repro_keep_going(cmd: list[str]) -> list[tuple[str, int, str]]:
 def _reap(proc: subprocess.Popen) -> None:
     import threading
 
-    # keep reading what it prints while it stops, so a full pipe never blocks it
-    threading.Thread(target=lambda: sys.stdout.buffer.write(proc.stdout.read() or b""), daemon=True).start()
+    # keep reading what it prints while it stops, so a full pipe never blocks it; not shown: after a stop it is
+    # DVC's own "interrupted" noise, or a traceback when the signal caught it starting up
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
     for stop, grace in ((None, 30), (proc.terminate, 10), (proc.kill, 10)):
         if stop is not None:
             stop()
