@@ -107,8 +107,8 @@ def check(params: dict, source: str) -> TrainTransformerParams:
         raise UserError(f"{source}: train_transformer.grad_accum = {cfg.grad_accum} is not supported with kind 'gan' "
                         f"(allowed: 1)")
     if cfg.kind == "gan" and cfg.ema is not None:
-        raise UserError(f"{source}: train_transformer.ema = {cfg.ema} applies to kind 'ar' only; for kind 'gan' "
-                        f"set train_transformer.gan.ema_decay (null = the family's)")
+        raise UserError(f"{source}: train_transformer.ema = {cfg.ema} applies to kinds 'ar' and 'maskgit'; for "
+                        f"kind 'gan' set train_transformer.gan.ema_decay (null = the family's)")
     check_dataset_ref(params, "train_transformer.dataset", cfg.dataset, source)
     return cfg
 

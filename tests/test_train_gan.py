@@ -296,12 +296,17 @@ def test_params_yaml_gan_section_and_errors():
 
     assert "train_transformer.gan.family = 'biggan' is not allowed" in err(family="biggan")
     assert "unknown key 'train_transformer.gan.model.g_dimz'" in err(model={"g_dimz": [8]})
+    # a key of the family used before `-S ...gan.family=transgan`: named as such, with the way to clear it
+    assert err(family="transgan", model={"d_base": 8}) == (
+        "params.yaml: train_transformer.gan.model.d_base is a setting of family lada, not of transgan (gan.family); "
+        "clear the family's settings with -S 'train_transformer.gan.model={}' or set transgan's own")
+    assert "is a setting of family lada and stransgan, not of transgan" in err(family="transgan", model={"g_dims": [8]})
     assert "train_transformer.gan.model.g_depth = 'two' has the wrong type" in err(model={"g_depth": "two"})
     assert "gan.model.grid cannot be set here (it comes from the token store)" in err(model={"grid": 8})
     assert "gan.model.lr_g cannot be set here (it comes from train_transformer.gan.lr_g)" in err(model={"lr_g": 1.0})
     assert "diffaug entries must be in" in err(diffaug="translation,colour")
     assert "n_heads to be a multiple of 4" in err(attention_kind="ylg", model={"n_heads": 2})
-    with pytest.raises(UserError, match="applies to kind 'ar' only"):
+    with pytest.raises(UserError, match="applies to kinds 'ar' and 'maskgit'; for kind 'gan' set train_transformer"):
         train_transformer.check({"train_transformer": {**section, "kind": "gan", "ema": 0.99}}, "params.yaml")
 
 

@@ -54,8 +54,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.gan_common import (GANConfig, d_loss, diff_augment, g_loss, gan_config, r1_penalty, random_interpolates,
-                               recipe_fields, wgan_gp_penalty)
+from models.gan_common import (FAMILIES, GANConfig, d_loss, diff_augment, g_loss, gan_config, r1_penalty,
+                               random_interpolates, recipe_fields, wgan_gp_penalty)
 from models.gan import build_discriminator, build_generator, embed_tokens, project_to_codes_space, snap_to_codes
 from models.gan_pixel_d import PixelDiscriminator, straight_through_snap
 from models.gan_transgan import sr_loss
@@ -128,6 +128,13 @@ def check_gan(g: GANParams, source: str) -> None:
         if key in RESERVED:
             raise UserError(f"{source}: {where}.{key} cannot be set here (it comes from {RESERVED[key]})")
     family_cls = type(gan_config(g.family))
+    own = {f.name for f in dataclasses.fields(family_cls)}
+    for key in g.model:
+        others = [f for f in FAMILIES if f != g.family and key in {x.name for x in dataclasses.fields(gan_config(f))}]
+        if key not in own and others:  # left from another family (a switch of gan.family with -S, say)
+            raise UserError(f"{source}: {where}.{key} is a setting of family {' and '.join(others)}, not of "
+                            f"{g.family} (gan.family); clear the family's settings with -S '{where}={{}}' or set "
+                            f"{g.family}'s own")
     try:
         from_dict(family_cls, g.model, where, source)
         family_config(g, code_dim=16, grid=8, n_classes=0)
