@@ -34,6 +34,8 @@ from pipeline.runs import (check_dataset_paths, check_params, project_lock, run_
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 4200
+# a deployment's flow run, stopped with `serve`: up to 30 s to stop its stage (runs._stop_on_terminate), then undo
+RUN_STOP_S = 60.0
 
 
 AUTH_ENV = "TOKENMILL_PREFECT_AUTH"  # optional 'user:password' for the local server's basic auth
@@ -286,7 +288,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # in a child we can always stop: Prefect's runner ignores an inherited SIGINT-ignore and can hang on SIGTERM
     code = supervise([sys.executable, "-c", "import sys; from pathlib import Path; from pipeline.flow import serve; "
                       "serve(Path(sys.argv[1]), sys.argv[2])", str(ROOT), args.name],
-                     env={**os.environ, "PYTHONPATH": _with_root(os.environ.get("PYTHONPATH"))})
+                     env={**os.environ, "PYTHONPATH": _with_root(os.environ.get("PYTHONPATH"))},
+                     runs_first=RUN_STOP_S)
     sys.exit(code)
 
 

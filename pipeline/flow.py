@@ -273,6 +273,34 @@ def deployment_flow(root: Path):
 
 
 def serve(root: Path, name: str) -> None:
-    """Serve the deployment (`python -m pipeline serve` runs this in a child process it can always stop)."""
-    deployment_flow(root).serve(name=name, description="tokenmill pipeline in " + str(root)
-                                + "; set stages / force / overrides / preset when starting a run")
+    """Serve the deployment (`python -m pipeline serve` runs this in a child process it can always stop).
+
+    As `Flow.serve`, except that the deployment's parameter schema admits no other parameter: a misspelt one
+    (`overides`) is refused by the server when the run is created (409, one line naming it), instead of the run's
+    process crashing on Prefect's signature check with nothing in the run's log."""
+    import asyncio
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
+    from prefect.utilities.callables import ParameterSchema
+
+    class ClosedParameters(ParameterSchema):
+        additionalProperties: bool = False
+
+    tokenmill = deployment_flow(root)
+    deployment = tokenmill.to_deployment(
+        name=name, description=f"tokenmill pipeline in {root}; set stages / force / overrides / preset when starting "
+                               f"a run")
+    schema = deployment._parameter_openapi_schema
+    deployment._parameter_openapi_schema = ClosedParameters(**schema.model_dump(), additionalProperties=False)
+    # the rest as Runner.add_flow does it (prefect pinned at 3.8.8): runs execute here, with this flow object
+    deployment.work_pool_name = None
+    deployment.work_queue_name = None
+    runner = Runner(name=name, pause_on_shutdown=True)
+    runner._deployment_registry.register_flow(runner.add_deployment(deployment), tokenmill)
+    print(f"Your flow 'tokenmill' is being served as deployment 'tokenmill/{name}' (start runs from the UI)",
+          flush=True)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal):
+        pass

@@ -112,11 +112,14 @@ def temporary_server(env: dict[str, str], startup_s: float = STARTUP_S) -> Itera
             proc.wait()
 
 
-def supervise(cmd: list[str], env: dict[str, str] | None = None, grace_s: float = GRACE_S) -> int:
+def supervise(cmd: list[str], env: dict[str, str] | None = None, grace_s: float = GRACE_S,
+              runs_first: float = 0.0) -> int:
     """Run a long-lived child until it exits or this process gets SIGINT / SIGTERM; then stop it: SIGTERM, and
     after `grace_s` SIGKILL to its whole process group. The handlers are installed explicitly, so a SIGINT
     works even when the shell started us with SIGINT ignored (`cmd &` in a script), and the child never outlives
-    us. Returns the child's exit code (130 / 143 when stopped by a signal)."""
+    us. With `runs_first`, the flow runs the child started (a deployment's runner) get SIGTERM first and that many
+    seconds to undo themselves and report their end, before the runner is stopped. Returns the child's exit code
+    (130 / 143 when stopped by a signal)."""
     stop = {"signal": None}
 
     def on_signal(signum, frame) -> None:
@@ -129,6 +132,8 @@ def supervise(cmd: list[str], env: dict[str, str] | None = None, grace_s: float 
             time.sleep(0.2)
         if stop["signal"] is not None and proc.poll() is None:
             print(f"stopping ({signal.Signals(stop['signal']).name})...", file=sys.stderr)
+            if runs_first:
+                _stop_flow_runs(proc.pid, runs_first)
             proc.terminate()
             try:
                 proc.wait(timeout=grace_s)
@@ -140,6 +145,23 @@ def supervise(cmd: list[str], env: dict[str, str] | None = None, grace_s: float 
         for s, handler in old.items():
             signal.signal(s, handler)
     return 128 + stop["signal"] if stop["signal"] is not None else proc.returncode
+
+
+def _stop_flow_runs(pid: int, grace_s: float) -> None:
+    """SIGTERM to the flow-run processes under `pid` (Prefect starts each as `python -m prefect.engine`): each stops
+    its stage and undoes itself as on Ctrl-C (pipeline/runs.py), while the server can still hear its end."""
+    import psutil
+
+    try:
+        runs = [p for p in psutil.Process(pid).children(recursive=True) if "prefect.engine" in " ".join(p.cmdline())]
+    except psutil.Error:
+        return
+    if runs:
+        print(f"stopping {len(runs)} flow run(s); each undoes itself (up to {grace_s:.0f} s)...", file=sys.stderr)
+    for p in runs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    psutil.wait_procs(runs, timeout=grace_s)
 
 
 def _kill_group(pgid: int) -> None:

@@ -75,6 +75,9 @@ def cli(project: str, *args: str, env: dict | None = None) -> dict:
     return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
+MISSPELT: dict = {}  # what the server answered a run with a misspelt parameter (stop_time fills it)
+
+
 def stop_time(project: str, command: list[str], sig: int) -> float | None:
     """Seconds a `python -m pipeline <command>` takes to exit after `sig`, started with SIGINT ignored (as `cmd &`
     in a script starts it); None when it still runs 30 s later (it is killed then)."""
@@ -85,6 +88,11 @@ def stop_time(project: str, command: list[str], sig: int) -> float | None:
         if "being served" in line:
             break
     time.sleep(1)
+    if sig == signal.SIGINT:  # meanwhile: a run started from the API with a misspelt parameter
+        deployment = next(d for d in api("POST", "/deployments/filter") if d["name"] == "tokenmill-local")
+        resp = httpx.post(f"{PREFECT_API_URL.value()}/deployments/{deployment['id']}/create_flow_run",
+                          json={"parameters": {"overides": ["sample.n=8"]}})
+        MISSPELT.update(status=resp.status_code, detail=resp.json().get("detail"))
     start = time.monotonic()
     proc.send_signal(sig)
     try:
@@ -119,6 +127,7 @@ def keep_going(project: str) -> dict:
     out["foreign"] = cli(project, "run", "--port", str(port), env={"PREFECT_HOME": str(Path(project) / "other")})
     out["serve_stop_s"] = {name: stop_time(project, ["serve", "--port", str(port)], sig)
                            for name, sig in (("SIGINT", signal.SIGINT), ("SIGTERM", signal.SIGTERM))}
+    out["misspelt"] = MISSPELT
     return out
 
 

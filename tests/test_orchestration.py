@@ -222,6 +222,13 @@ def test_serve_stops_within_seconds(keep_going):
     assert keep_going["serve_stop_s"]["SIGTERM"] is not None and keep_going["serve_stop_s"]["SIGTERM"] < 15
 
 
+def test_a_misspelt_deployment_parameter_is_refused_when_the_run_is_created(keep_going):
+    """It used to be accepted, and the run's process crashed on Prefect's signature check: state Crashed, no line in
+    the run's log, a traceback only in the serve terminal."""
+    assert keep_going["misspelt"] == {"status": 409, "detail": "Error creating flow run: Validation failed. Failure "
+                                      "reason: Additional properties are not allowed ('overides' was unexpected)"}
+
+
 def test_no_prefect_run_keeps_going_and_names_the_failed_stage(broken_a):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--no-prefect"], cwd=broken_a,
                           capture_output=True, text=True)

@@ -136,3 +136,32 @@ print(json.dumps({"alive_after_exit": alive}))
     hung.kill()  # SIGKILL: no cleanup runs in the run's process; the server notices its parent is gone
     hung.wait()
     assert _wait_gone(info["pid"], 30)
+
+
+# A runner stand-in that starts one "flow run" (its command line names prefect.engine, as Prefect's does) which
+# needs 2 s after SIGTERM to undo itself.
+RUNNER = """
+import sys
+from pipeline.prefect_server import supervise
+run = ("import signal, sys, time\\n"
+       "def stop(*a):\\n    time.sleep(2); open(sys.argv[1], 'w').write('undone'); sys.exit(143)\\n"
+       "signal.signal(signal.SIGTERM, stop)\\nopen(sys.argv[1] + '.started', 'w').close()\\ntime.sleep(600)\\n")
+runner = ("import subprocess, sys, time; "
+          "subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2], 'prefect.engine']); time.sleep(600)")
+sys.exit(supervise([sys.executable, "-c", runner, run, sys.argv[1]], grace_s=1, runs_first=30))
+"""
+
+
+def test_stopping_serve_lets_its_flow_runs_undo_themselves_first(tmp_path):
+    """Ctrl-C on `pipeline serve` killed the runner's group after 8 s: a flow run in the middle of a stage never
+    undid itself (params.yaml left edited, the journal left, the run 'Running' in the UI for ever)."""
+    done = tmp_path / "run"
+    parent = subprocess.Popen([sys.executable, "-c", RUNNER, str(done)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 30
+    while not Path(f"{done}.started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    parent.send_signal(signal.SIGINT)
+    assert parent.wait(timeout=60) == 130
+    assert done.read_text() == "undone"
+    assert "stopping 1 flow run(s); each undoes itself (up to 30 s)..." in parent.stderr.read()
