@@ -53,8 +53,9 @@ def _metrics_of(run: dict, section: str, params: dict) -> dict:
     return entry.get("data") or {}
 
 
-def rows_of(shown: list[dict]) -> tuple[list[str], list[dict[str, str]], list[str]]:
-    """(columns, rows, notes) of the comparison table for the parsed output of `dvc exp show --json`."""
+def rows_of(shown: list[dict], stale: set[str] = frozenset()) -> tuple[list[str], list[dict[str, str]], list[str]]:
+    """(columns, rows, notes) of the comparison table for the parsed output of `dvc exp show --json`. `stale`: the
+    stages (base names) whose workspace outputs predate the workspace's params or code (marked `*`)."""
     runs = list(_runs(shown))
     if not runs:
         raise UserError("dvc exp show: no runs to compare (run the pipeline or `dvc exp run` first)")
@@ -64,7 +65,7 @@ def rows_of(shown: list[dict]) -> tuple[list[str], list[dict[str, str]], list[st
     differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1
               and not k.startswith("datasets.")]
     reference_protocol: dict[str, str | None] = {}
-    rows, notes = [], []
+    rows, notes, marked = [], [], []
     for run, p, f in zip(runs, params, flat):
         row = {"run": run["name"], "when": (run["timestamp"] or "now")[:16].replace("T", " ")}
         row.update({k: json.dumps(f.get(k)) if not isinstance(f.get(k), str) else f[k] for k in differ})
@@ -79,7 +80,13 @@ def rows_of(shown: list[dict]) -> tuple[list[str], list[dict[str, str]], list[st
                                  f"row (other sample counts, reference or network): not comparable")
                     value = "n/c"
             row[column] = value if isinstance(value, str) else "-" if value is None else f"{value:.4g}"
+            if run["rev"] == "workspace" and section in stale and value is not None:
+                row[column] += "*"
+                marked.append(column)
         rows.append(row)
+    if marked:
+        notes.append(f"* workspace: {', '.join(marked)} predate its params or code (out of date, or after a stage "
+                     f"that is: {', '.join(sorted(stale))}); run the pipeline to measure them")
     return ["run", "when", *differ, *(c for c, _, _ in COLUMNS)], rows, notes
 
 
@@ -104,5 +111,21 @@ def compare(root: Path, revs: list[str] | None = None) -> str:
         shown = json.loads(proc.stdout)
     except json.JSONDecodeError:
         raise UserError("dvc exp show --json printed no JSON; is this a DVC project with a git commit?") from None
-    columns, rows, notes = rows_of(shown)
+    columns, rows, notes = rows_of(shown, stale_stages(root))
     return table(columns, rows) + "".join(f"\nnote: {n}" for n in notes)
+
+
+def stale_stages(root: Path) -> set[str]:
+    """Base names of the stages `dvc status` calls out of date, and of every stage downstream of one: their
+    outputs in the workspace are not what the workspace's params and code make."""
+    from pipeline.runs import upstream_stages
+
+    proc = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True)
+    try:
+        changed = set(json.loads(proc.stdout or "{}")) if proc.returncode == 0 else set()
+    except json.JSONDecodeError:
+        changed = set()
+    if not changed:
+        return set()
+    below = {stage for stage, ups in upstream_stages(root).items() if ups & changed}
+    return {name.split("@")[0] for name in changed | below}

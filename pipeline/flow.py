@@ -26,7 +26,7 @@ from pipeline import artifacts
 from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError
 from pipeline.presets import resolve_overrides
-from pipeline.runs import run_with_overrides, select, stage_names
+from pipeline.runs import run_with_overrides, select, stage_names, upstream_stages
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 USER_ERROR_EXIT = 2  # stages exit 2 on a user mistake: retrying cannot help
@@ -34,7 +34,6 @@ _STAGE_EXIT = re.compile(r"exited with (\d+)")
 _PROGRESS = re.compile(r"\d+(\.\d+)?(it|img|step|tok|s)/s")
 _DVC_ERROR = re.compile(r"^ERROR: failed to reproduce '[^']+': (.*)$")
 _MISSING = re.compile(r"No such file or directory: '([^']+)'|'([^']+)' does not exist")
-_EDGE = re.compile(r'^"([^"]+)"\s*->\s*"([^"]+)"')
 
 
 class StageFailed(RuntimeError):
@@ -143,26 +142,6 @@ def run_stage(name: str, force: bool = False, root: str = str(PROJECT_ROOT)) -> 
     status = "ran" if ran else "restored from DVC's run cache" if restored else "skipped (unchanged)"
     logger.info("%s: %s in %.1f s", name, status, seconds)
     return {"stage": name, "status": status, "seconds": seconds}
-
-
-def upstream_stages(root: Path) -> dict[str, set[str]]:
-    """For each stage, every stage it depends on, directly or not (DVC's own graph: `dvc dag --dot`, whose edges
-    run from a stage to the stages that read its outputs)."""
-    proc = subprocess.run(["dvc", "dag", "--dot"], cwd=root, capture_output=True, text=True, env=os.environ.copy())
-    parents: dict[str, set[str]] = {}
-    for line in proc.stdout.splitlines():
-        m = _EDGE.match(line.strip())
-        if m:
-            parents.setdefault(m.group(2), set()).add(m.group(1))
-
-    def ancestors(name: str, seen: set[str]) -> set[str]:
-        for p in parents.get(name, ()):
-            if p not in seen:
-                seen.add(p)
-                ancestors(p, seen)
-        return seen
-
-    return {name: ancestors(name, set()) for name in parents}
 
 
 def run_name() -> str:

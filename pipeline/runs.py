@@ -19,6 +19,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -32,6 +33,7 @@ from pipeline.errors import UserError
 from pipeline.locks import exclusive
 from pipeline.out_guard import check_outputs, check_unrecorded_changes, locked_outs, planned_outputs
 
+_EDGE = re.compile(r'^"([^"]+)"\s*->\s*"([^"]+)"')  # an edge of `dvc dag --dot`
 log = logging.getLogger("tokenmill.runs")
 STAGE_MODULES = ("prepare", "train_vqgan", "tokenize", "fid_ref", "eval_vqgan", "train_transformer", "sample",
                  "evaluate")  # stages/<name>.py, in pipeline order
@@ -59,6 +61,26 @@ def dvc(args: list[str], root: Path) -> str:
 def stage_names(root: Path) -> list[str]:
     """All stages (foreach expanded, e.g. prepare@fashion_mnist), in dvc.yaml order."""
     return [line.split()[0] for line in dvc(["stage", "list", "--name-only"], root).splitlines() if line.strip()]
+
+
+def upstream_stages(root: Path) -> dict[str, set[str]]:
+    """For each stage, every stage it depends on, directly or not (DVC's own graph: `dvc dag --dot`, whose edges
+    run from a stage to the stages that read its outputs)."""
+    proc = subprocess.run(["dvc", "dag", "--dot"], cwd=root, capture_output=True, text=True, env=os.environ.copy())
+    parents: dict[str, set[str]] = {}
+    for line in proc.stdout.splitlines():
+        m = _EDGE.match(line.strip())
+        if m:
+            parents.setdefault(m.group(2), set()).add(m.group(1))
+
+    def ancestors(name: str, seen: set[str]) -> set[str]:
+        for p in parents.get(name, ()):
+            if p not in seen:
+                seen.add(p)
+                ancestors(p, seen)
+        return seen
+
+    return {name: ancestors(name, set()) for name in parents}
 
 
 def select(names: list[str], wanted: list[str] | None) -> list[str]:

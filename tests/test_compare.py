@@ -64,3 +64,17 @@ def test_a_detached_head_is_named_by_its_short_hash():
     sha = "0123456789abcdef0123456789abcdef01234567"
     _, rows, _ = C.rows_of([run(sha, params(), {}), run("b" * 40, params(), {}, name="a-long-experiment-name-xyz")])
     assert [r["run"] for r in rows] == ["0123456", "a-long-experiment-name-x"]
+
+
+def test_workspace_metrics_of_out_of_date_stages_are_marked():
+    """After `--stage train_transformer -S train_transformer.kind=maskgit` the workspace row showed the old GAN's
+    gFID beside kind maskgit, unmarked (sample and evaluate were out of date)."""
+    metrics = {"data/metrics/evaluate.json": {"fid": 299.6, "recall": 0.0, "protocol": "p"},
+               "data/metrics/eval_vqgan.json": {"fid": 236.5, "protocol": "r"}}
+    shown = [run("workspace", params(steps=5), metrics, when=None), run("abc", params(), metrics, name="main")]
+    _, rows, notes = C.rows_of(shown, stale={"sample", "evaluate", "train_transformer"})
+    assert [(r["run"], r["gFID"], r["recall"], r["rFID"]) for r in rows] == [
+        ("workspace", "299.6*", "0*", "236.5"), ("main", "299.6", "0", "236.5")]  # only the workspace's; rFID current
+    assert notes == ["* workspace: gFID, recall predate its params or code (out of date, or after a stage that is: evaluate, sample, "
+                     "train_transformer); run the pipeline to measure them"]
+    assert C.rows_of(shown)[2] == []  # up to date: nothing marked
