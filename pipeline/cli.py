@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -264,6 +265,16 @@ def _with_root(pythonpath: str | None) -> str:
     return os.pathsep.join(filter(None, [str(ROOT), pythonpath]))
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1..65535)")
+    return port
+
+
 def cmd_ui(args: argparse.Namespace) -> None:
     os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
     home = server_home(args.port)
@@ -272,6 +283,12 @@ def cmd_ui(args: argparse.Namespace) -> None:
         raise UserError(f"port {args.port} already holds " + ("this project's Prefect server: open "
                         f"http://127.0.0.1:{args.port}" if mine else f"another Prefect server (state in "
                         f"{home or 'an unknown folder'}); use --port"))
+    with socket.socket() as probe:  # another program there: one line here, not the server's failed start-up
+        try:
+            probe.bind(("127.0.0.1", args.port))
+        except OSError as exc:
+            raise UserError(f"port {args.port} on 127.0.0.1 is in use by another program ({exc.strerror}); use "
+                            f"--port") from None
     print(f"Prefect UI on http://127.0.0.1:{args.port}  (runs reach it when started from this project; "
           f"Ctrl-C stops it)", file=sys.stderr)
     # not `prefect server start`: the same app and services, behind pipeline.ui_server.LocalOnly, which refuses
@@ -364,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="edit params.yaml first")
     p.add_argument("--preset", help="a configs/*.yaml file merged into params.yaml first")
     p.add_argument("--no-prefect", action="store_true", help="plain `dvc repro --keep-going`, no flow")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="this project's Prefect server (`ui`) port")
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="this project's Prefect server (`ui`) port")
     p.add_argument("--temp-server", action="store_true",
                    help="run with a temporary Prefect server even when this project's UI runs")
     p.set_defaults(fn=cmd_run)
@@ -385,12 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("ui", help="start the Prefect server and UI on 127.0.0.1")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT)
     p.set_defaults(fn=cmd_ui)
 
     p = sub.add_parser("serve", help="serve the flow as a deployment (start runs from the UI)")
     p.add_argument("--name", default="tokenmill-local")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT)
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("add-dataset", help="add a dataset from a path to params.yaml and prepare it")

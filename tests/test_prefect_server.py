@@ -165,3 +165,22 @@ def test_stopping_serve_lets_its_flow_runs_undo_themselves_first(tmp_path):
     assert parent.wait(timeout=60) == 130
     assert done.read_text() == "undone"
     assert "stopping 1 flow run(s); each undoes itself (up to 30 s)..." in parent.stderr.read()
+
+
+def test_ui_refuses_a_bad_port_and_a_port_another_program_holds(tmp_path):
+    """--port 99999 printed the UI's address, then an OverflowError traceback; a port held by another program gave
+    one line and then a traceback of Prefect's shutdown."""
+    import socket
+
+    cmd = [sys.executable, "-m", "pipeline", "ui", "--port"]
+    proc = subprocess.run([*cmd, "99999"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(
+        "tokenmill ui: error: argument --port: '99999' is not a TCP port (1..65535)")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = subprocess.run([*cmd, str(port)], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")})
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: port {port} on 127.0.0.1 is in use by another program (Address already in use); use --port")
