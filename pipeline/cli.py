@@ -305,7 +305,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # in a child we can always stop: Prefect's runner ignores an inherited SIGINT-ignore and can hang on SIGTERM
     code = supervise([sys.executable, "-c", "import sys; from pathlib import Path; from pipeline.flow import serve; "
                       "serve(Path(sys.argv[1]), sys.argv[2])", str(ROOT), args.name],
-                     env={**os.environ, "PYTHONPATH": _with_root(os.environ.get("PYTHONPATH"))},
+                     env={"PREFECT_LOGGING_EXTRA_LOGGERS": "tokenmill", **os.environ,  # the undo's lines reach the UI
+                          "PYTHONPATH": _with_root(os.environ.get("PYTHONPATH"))},
                      runs_first=RUN_STOP_S)
     sys.exit(code)
 
