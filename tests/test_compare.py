@@ -75,6 +75,6 @@ def test_workspace_metrics_of_out_of_date_stages_are_marked():
     _, rows, notes = C.rows_of(shown, stale={"sample", "evaluate", "train_transformer"})
     assert [(r["run"], r["gFID"], r["recall"], r["rFID"]) for r in rows] == [
         ("workspace", "299.6*", "0*", "236.5"), ("main", "299.6", "0", "236.5")]  # only the workspace's; rFID current
-    assert notes == ["* workspace: gFID, recall predate its params or code (out of date, or after a stage that is: evaluate, sample, "
-                     "train_transformer); run the pipeline to measure them"]
+    assert notes == ["* workspace: gFID, recall predate its params or code (out of date, or after a stage that "
+                     "is: evaluate, sample, train_transformer); run the pipeline to measure them"]
     assert C.rows_of(shown)[2] == []  # up to date: nothing marked

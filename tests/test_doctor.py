@@ -147,7 +147,8 @@ def test_pair_command_passes_a_match_and_a_cpu_install(monkeypatch, capsys):
     assert doctor.main(["--pair", "--require-cuda"]) == 1  # a CPU torch on a CUDA machine is an error
     out = capsys.readouterr()
     assert "matches torch 2.10.0+cu128" in out.out and "CPU build" in out.out
-    assert out.err.startswith("error: torch 2.13.0+cpu is a CPU build") and "--require-cuda asks for the CUDA pair" in out.err
+    assert out.err.startswith("error: torch 2.13.0+cpu is a CPU build")
+    assert "--require-cuda asks for the CUDA pair" in out.err
 
 
 # --- the fallback messages -------------------------------------------------------------------------------------------
