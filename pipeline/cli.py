@@ -28,7 +28,7 @@ from pipeline import dvc_deps
 from pipeline.config import check_dataset_name, load_params
 from pipeline.errors import UserError, main_guard
 from pipeline.prefect_server import project_server, same_path, server_home, supervise, temporary_server
-from pipeline.presets import resolve_overrides
+from pipeline.presets import resolve_overrides, unread_note
 from pipeline.retokenize import tokenize_command, workers_option
 from pipeline.runs import (check_dataset_paths, check_params, project_lock, run_with_overrides, select,
                            stage_names, undo_killed_run, validate_overrides)
@@ -173,6 +173,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     overrides = resolve_overrides(ROOT, preset, args.set)
     validate_overrides(ROOT, overrides)  # before anything is written or started
     select(stage_names(ROOT), args.stage)  # a typo in --stage is one line, before anything runs
+    if note := unread_note(ROOT, overrides, args.set):
+        print(note, file=sys.stderr)
     if args.no_prefect:
         cmd = ["dvc", "repro", "--keep-going", *(args.stage or [])] + (["--force"] if args.force else [])
         _repro_undone_on_failure(cmd, overrides, targets=args.stage)

@@ -25,7 +25,7 @@ from prefect.states import Failed, State
 from pipeline import artifacts
 from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError
-from pipeline.presets import resolve_overrides
+from pipeline.presets import resolve_overrides, unread_note
 from pipeline.runs import run_with_overrides, select, stage_names, upstream_stages
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +164,8 @@ def _run_pipeline(stages: list[str] | None, force: bool, overrides: list[str] | 
         artifacts.publish_parameters(preset, list(overrides or []), applied, stages, force)
         if applied:
             logger.info("params.yaml updated: %s", ", ".join(applied))
+        if note := unread_note(root, applied, overrides):
+            logger.warning(note)
         names = select(stage_names(root), stages)
         results: list[dict[str, Any]] = []
         failed: list[str] = []

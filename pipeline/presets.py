@@ -7,14 +7,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.config import apply_overrides, load_params
 from pipeline.errors import UserError
 from pipeline.runs import preset_overrides
 
 
 def resolve_overrides(root: Path, preset: str | None, overrides: list[str] | None) -> list[str]:
     """The preset's settings (a file under the project's configs/), then the explicit overrides: the second win."""
+    return _with_preset(root, preset, list(overrides or []))
+
+
+def unread_note(root: Path, combined: list[str], explicit: list[str] | None) -> str | None:
+    """For a validated run: `-S train_transformer.gan.x=...` with kind ar or maskgit is valid, but no code reads it;
+    train_transformer still re-runs (its params section changed) and trains the same model. A note says so."""
+    unread = [t for t in explicit or [] if t.startswith("train_transformer.gan.")]
+    if not unread:
+        return None
+    kind = (apply_overrides(load_params(root / "params.yaml"), combined).get("train_transformer") or {}).get("kind")
+    if kind == "gan":
+        return None
+    return (f"note: {unread[0].split('=')[0]}: train_transformer.gan.* is read only with kind gan (this run's kind "
+            f"is {kind}): train_transformer re-runs for it and trains the same model")
+
+
+def _with_preset(root: Path, preset: str | None, overrides: list[str]) -> list[str]:
     if not preset:
-        return list(overrides or [])
+        return overrides
     configs = (root / "configs").resolve()
     path = (root / preset).resolve()
     if not path.is_relative_to(configs) or path.suffix not in (".yaml", ".yml"):
@@ -22,4 +40,4 @@ def resolve_overrides(root: Path, preset: str | None, overrides: list[str] | Non
     if not path.is_file():
         have = ", ".join(sorted(p.name for p in configs.glob("*.yaml"))) or "none here"
         raise UserError(f"preset {preset}: file not found (presets live in configs/: {have})")
-    return preset_overrides(path) + list(overrides or [])
+    return preset_overrides(path) + overrides

@@ -513,3 +513,17 @@ def test_a_dataset_name_outside_the_datasets_section_is_refused_by_the_stage(sta
     assert str(err.value) == (f"p.yaml: {stage}.dataset = 'flat' is not an entry of the datasets section (it has: "
                               f"fashion_mnist, mine); add it with `python -m pipeline add-dataset flat <path>`")
     mod.check({**params, stage: {"dataset": "mine"}}, "p.yaml")
+
+
+def test_a_gan_setting_for_another_kind_gets_a_note_and_a_preset_alone_none():
+    """`-S train_transformer.gan.attention_kind=ylg` with kind ar retrained the AR model for nothing, unremarked."""
+    from pipeline.presets import resolve_overrides, unread_note
+    from pipeline.sandbox import ROOT
+
+    ylg = ["train_transformer.gan.attention_kind=ylg"]
+    assert unread_note(ROOT, ylg, ylg) == (
+        "note: train_transformer.gan.attention_kind: train_transformer.gan.* is read only with kind gan (this run's "
+        "kind is ar): train_transformer re-runs for it and trains the same model")
+    assert unread_note(ROOT, ["train_transformer.kind=gan", *ylg], ylg) is None  # read: kind gan
+    tiny = resolve_overrides(ROOT, "configs/tiny.yaml", [])  # the preset sets gan.* for kind ar: not the user's -S
+    assert any(t.startswith("train_transformer.gan.") for t in tiny) and unread_note(ROOT, tiny, []) is None
