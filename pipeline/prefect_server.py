@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from pipeline.errors import UserError
 
@@ -148,12 +148,18 @@ def supervise(cmd: list[str], env: dict[str, str] | None = None, grace_s: float 
 
 
 def _stop_flow_runs(pid: int, grace_s: float) -> None:
-    """SIGTERM to the flow-run processes under `pid` (Prefect starts each as `python -m prefect.engine`): each stops
-    its stage and undoes itself as on Ctrl-C (pipeline/runs.py), while the server can still hear its end."""
+    """SIGTERM to the flow-run processes of the runner `pid`: each stops its stage and undoes itself as on Ctrl-C
+    (pipeline/runs.py), while the server can still hear its end. Prefect 3.8's runner starts a served flow's run
+    as a multiprocessing spawn child of its own (`... --multiprocessing-fork`), other runs as `python -m
+    prefect.engine`; only its direct children are meant (a stage's loader workers are the run's to stop)."""
     import psutil
 
+    def a_run(p: psutil.Process) -> bool:
+        args = p.cmdline()
+        return "--multiprocessing-fork" in args or "prefect.engine" in args
+
     try:
-        runs = [p for p in psutil.Process(pid).children(recursive=True) if "prefect.engine" in " ".join(p.cmdline())]
+        runs = [p for p in psutil.Process(pid).children() if a_run(p)]
     except psutil.Error:
         return
     if runs:
@@ -161,7 +167,19 @@ def _stop_flow_runs(pid: int, grace_s: float) -> None:
     for p in runs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    psutil.wait_procs(runs, timeout=grace_s)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_running(p) for p in runs):
+        time.sleep(0.2)
+
+
+def _running(p: Any) -> bool:
+    """Not exited; a zombie (exited, its parent not yet told) counts as exited."""
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _kill_group(pgid: int) -> None:
