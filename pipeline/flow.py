@@ -260,6 +260,7 @@ def serve(root: Path, name: str) -> None:
     (`overides`) is refused by the server when the run is created (409, one line naming it), instead of the run's
     process crashing on Prefect's signature check with nothing in the run's log."""
     import asyncio
+    import warnings
 
     from prefect.exceptions import TerminationSignal
     from prefect.runner import Runner
@@ -281,6 +282,9 @@ def serve(root: Path, name: str) -> None:
     runner._deployment_registry.register_flow(runner.add_deployment(deployment), tokenmill)
     print(f"Your flow 'tokenmill' is being served as deployment 'tokenmill/{name}' (start runs from the UI)",
           flush=True)
+    # Prefect 3.8's SIGTERM handler calls the async-dispatched Runner.stop from inside the loop, which only makes a
+    # coroutine; it pauses the deployments and exits anyway, so the warning about it is noise
+    warnings.filterwarnings("ignore", message="coroutine 'Runner.astop' was never awaited")
     try:
         asyncio.run(runner.start())
     except (KeyboardInterrupt, TerminationSignal):
