@@ -197,28 +197,25 @@ def check_overlaps(root: Path, params: dict[str, Any], source: str, work: list[W
 
 
 def check_stale_inputs(root: Path, params: dict[str, Any], source: str) -> None:
-    """A stage input set by params that lies in a folder a tokenmill stage wrote but that is no stage's output under
+    """A stage input set by params that lies in what dvc.lock records as a stage's output but no stage makes under
     these params (`-S sample.out_dir=other` with `evaluate.samples_dir` still at the old samples): the stage would
-    read the leftovers, and DVC would never re-run it for new ones. Dataset sources and folders without a stage's
-    marker (a VQGAN of the user's own) are not checked."""
+    read leftovers, and DVC would never re-run it for new ones. Dataset sources and paths dvc.lock does not record
+    (a copy of the user's, a VQGAN of their own) are not checked."""
     root = Path(root).resolve()
-    outs = planned_outputs(root, params)
-    made = [os.path.normpath(root / p) for _, _, p, _ in outs]
+    made = [os.path.normpath(root / p) for _, _, p, _ in planned_outputs(root, params)]
+    recorded = sorted(locked_outs(root))
     for stage, _, dep, keys in planned_outputs(root, params, ("deps",)):
         if not keys or any(k.startswith("datasets.") for k in keys):
             continue
-        path = Path(os.path.normpath(root / dep))
-        if not _inside(str(path), str(root)) or any(_inside(str(path), m) for m in made):
+        path = os.path.normpath(root / dep)
+        if any(_inside(path, m) for m in made):
             continue
-        for folder in [path, *path.parents]:
-            if folder == root or not _inside(str(folder), str(root)):
-                break
-            marker = folder / OWNER_FILE
-            if marker.is_file():
-                writer = marker.read_text(errors="replace").strip()
-                now = [p for s, o, p, _ in planned_outputs(root, params, ("outs",)) if o == writer]
-                raise UserError(f"{source}: stage {stage} would read {_named(dep, keys)}, which an earlier run of "
-                                f"{writer} left and no stage makes under these params ({writer} now writes "
+        for writer, out in recorded:
+            if _inside(path, os.path.normpath(root / out)):
+                base = writer.split("@")[0]
+                now = [p for s, o, p, _ in planned_outputs(root, params, ("outs",)) if o == base]
+                raise UserError(f"{source}: stage {stage} would read {_named(dep, keys)}, which dvc.lock records as "
+                                f"an output of {writer} but no stage makes under these params ({base} now writes "
                                 f"{', '.join(now) or 'nothing'}); point it at the output it should read")
 
 

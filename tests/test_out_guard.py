@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,12 +201,14 @@ STALE_YAML = """stages:
 
 def test_an_input_only_an_earlier_run_left_is_refused(tmp_path):
     """`-S sample.out_dir=data/s/other` alone: evaluate would score the old samples left at data/s/default, and DVC
-    would call it unchanged, so the new samples were given the old gFID."""
+    would call it unchanged, so the new samples were given the old gFID. A copy of the user's is theirs to read."""
     (tmp_path / "dvc.yaml").write_text(STALE_YAML)
     old = tmp_path / "data" / "s" / "default"
     old.mkdir(parents=True)
     (old / ".tokenmill-stage").write_text("sample\n")
-    (tmp_path / "mine").mkdir()  # a folder of the user's own: no marker
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  sample:\n    outs:\n    - path: data/s/default\n")
+    shutil.copytree(old, tmp_path / "data" / "keep")  # the user's frozen copy: marker and all, not in dvc.lock
+    (tmp_path / "mine").mkdir()
 
     def check(**kw):
         p = {"sample": {"model_dir": "mine", "out_dir": "data/s/other"},
@@ -214,13 +217,13 @@ def test_an_input_only_an_earlier_run_left_is_refused(tmp_path):
         out_guard.check_stale_inputs(tmp_path, p, "params.yaml")
 
     check()  # reads what sample makes now
-    check(samples_dir="mine", extra="/elsewhere")  # the user's own folder, a path outside the project
+    check(samples_dir="data/keep", extra="/elsewhere")  # a copy of the user's; a path outside the project
     for kw, dep in (({"samples_dir": "data/s/default"}, "data/s/default (evaluate.samples_dir)"),
                     ({"extra": "data/s/default/sub"}, "data/s/default/sub/x.json (evaluate.extra)")):
         with pytest.raises(UserError) as err:
             check(**kw)
-        assert str(err.value) == (f"params.yaml: stage evaluate would read {dep}, which an earlier run of sample "
-                                  f"left and no stage makes under these params (sample now writes data/s/other); "
+        assert str(err.value) == (f"params.yaml: stage evaluate would read {dep}, which dvc.lock records as an output "
+                                  f"of sample but no stage makes under these params (sample now writes data/s/other); "
                                   f"point it at the output it should read")
 
 
