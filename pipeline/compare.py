@@ -85,8 +85,9 @@ def rows_of(shown: list[dict], stale: set[str] = frozenset()) -> tuple[list[str]
                 marked.append(column)
         rows.append(row)
     if marked:
-        notes.append(f"* workspace: {', '.join(marked)} predate its params or code (out of date, or after a stage "
-                     f"that is: {', '.join(sorted(stale))}); run the pipeline to measure them")
+        verb, them = ("predates", "it") if len(marked) == 1 else ("predate", "them")
+        notes.append(f"* workspace: {', '.join(marked)} {verb} its params or code (out of date, or after a stage "
+                     f"that is: {', '.join(sorted(stale))}); run the pipeline to measure {them}")
     return ["run", "when", *differ, *(c for c, _, _ in COLUMNS)], rows, notes
 
 
@@ -111,20 +112,28 @@ def compare(root: Path, revs: list[str] | None = None) -> str:
         shown = json.loads(proc.stdout)
     except json.JSONDecodeError:
         raise UserError("dvc exp show --json printed no JSON; is this a DVC project with a git commit?") from None
-    columns, rows, notes = rows_of(shown, stale_stages(root))
-    return table(columns, rows) + "".join(f"\nnote: {n}" for n in notes)
+    try:
+        stale, unknown = stale_stages(root), None
+    except RuntimeError as exc:  # a run holds DVC's lock: what is current is not known now
+        stale, unknown = set(), f"workspace: whether its metrics are current is not known ({exc})"
+    columns, rows, notes = rows_of(shown, stale)
+    return table(columns, rows) + "".join(f"\nnote: {n}" for n in notes + ([unknown] if unknown else []))
 
 
 def stale_stages(root: Path) -> set[str]:
     """Base names of the stages `dvc status` calls out of date, and of every stage downstream of one: their
-    outputs in the workspace are not what the workspace's params and code make."""
+    outputs in the workspace are not what the workspace's params and code make. RuntimeError when dvc status fails
+    (a running `dvc repro` holds its lock)."""
     from pipeline.runs import upstream_stages
 
     proc = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True)
     try:
-        changed = set(json.loads(proc.stdout or "{}")) if proc.returncode == 0 else set()
-    except json.JSONDecodeError:
-        changed = set()
+        if proc.returncode != 0:
+            raise ValueError
+        changed = set(json.loads(proc.stdout or "{}"))
+    except ValueError:  # (json's decode error too)
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"dvc status: {last[:160]}") from None
     if not changed:
         return set()
     below = {stage for stage, ups in upstream_stages(root).items() if ups & changed}

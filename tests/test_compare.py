@@ -78,3 +78,23 @@ def test_workspace_metrics_of_out_of_date_stages_are_marked():
     assert notes == ["* workspace: gFID, recall predate its params or code (out of date, or after a stage that "
                      "is: evaluate, sample, train_transformer); run the pipeline to measure them"]
     assert C.rows_of(shown)[2] == []  # up to date: nothing marked
+    assert C.rows_of(shown, stale={"eval_vqgan"})[2] == [
+        "* workspace: rFID predates its params or code (out of date, or after a stage that is: eval_vqgan); run the "
+        "pipeline to measure it"]
+
+
+def test_a_failed_dvc_status_is_said_not_taken_for_up_to_date(tmp_path, monkeypatch):
+    """During a run `dvc status` fails ("is busy"): compare showed the old metrics unmarked, as if current."""
+    import subprocess
+
+    shown = [run("workspace", params(), {"data/metrics/evaluate.json": {"fid": 40.6, "protocol": "p"}}, when=None)]
+
+    def fake(cmd, **kw):
+        if cmd[:2] == ["dvc", "status"]:
+            return subprocess.CompletedProcess(cmd, 255, "", "ERROR: 'data/x' is busy, it is being blocked by dvc repro")
+        return subprocess.CompletedProcess(cmd, 0, __import__("json").dumps(shown), "")
+
+    monkeypatch.setattr(C.subprocess, "run", fake)
+    out = C.compare(tmp_path)
+    assert out.splitlines()[-1] == ("note: workspace: whether its metrics are current is not known (dvc status: "
+                                    "ERROR: 'data/x' is busy, it is being blocked by dvc repro)")
