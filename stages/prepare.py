@@ -385,6 +385,8 @@ def run(cfg: PrepareConfig) -> None:
         }
         report = {"skipped": skipped, "converted": dict(conversions),
                   "skipped_by_reason": dict(Counter(s["reason"].split(" (")[0] for s in skipped))}
+        if mixed := mixed_scales(conversions):
+            report["mixed_scales"] = mixed
         if made_grey:  # only then: the reports of datasets without any stay as they were
             report["colour_made_grey"] = {"count": len(made_grey), "first": made_grey[:5]}
         if unlabelled and len(unlabelled) < n_total:  # some samples labelled, some not: likely a missing .cls
@@ -401,8 +403,27 @@ def run(cfg: PrepareConfig) -> None:
         raise
     if conversions:  # a dark or rescaled reading should be seen without opening report.json
         log.info("%s: %s", cfg.name, "; ".join(f"{n} x {kind}" for kind, n in sorted(conversions.items())))
+    for mode, readings in mixed_scales(conversions).items():
+        log.warning("%s: the %s images were read at %d scales (%s; pipeline/images.py decides per image): if they "
+                    "hold one kind of data, convert them to 8-bit yourself", cfg.name, mode, len(readings),
+                    "; ".join(f"{n} x {r}" for r, n in readings.items()))
     log.info("prepared %s: %s, %d skipped -> %s", cfg.name,
              ", ".join(f"{s} {manifest['splits'][s]['count']}" for s in SPLITS), len(skipped), final)
+
+
+def mixed_scales(conversions: Counter) -> dict[str, dict[str, int]]:
+    """Image kinds (32-bit integer, float) whose images were given more than one reading of their values (8-bit or
+    16-bit; 0..1, -1..1 or 0..255): decided per image, so one dataset may mix them."""
+    readings: dict[str, Counter] = {"32-bit integer": Counter(), "float": Counter()}
+    for note, n in conversions.items():
+        if note.startswith("converted I with"):
+            readings["32-bit integer"]["as 8-bit"] += n
+        elif note.startswith("converted I to"):
+            readings["32-bit integer"]["as 16-bit"] += n
+        elif note.startswith("converted float image"):
+            scale = note.removeprefix("converted float image").strip() or "in 0..255"
+            readings["float"][scale] += n
+    return {kind: dict(sorted(c.items())) for kind, c in readings.items() if len(c) > 1}
 
 
 SECTIONS = ("datasets", "prepare")

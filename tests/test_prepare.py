@@ -191,6 +191,10 @@ def test_report_and_log_count_each_reading_of_float_and_int_images_apart(tmp_pat
                                    "converted float image": 1, "converted I with values in 0..255": 1, dark: 1,
                                    "first frame of a multi-frame image": 1}
     assert f"1 x {dark}" in caplog.text  # seen in the log, not only in report.json
+    # three readings of float images in one dataset: decided per image, so said (one 16-bit PNG: not mixed)
+    assert report["mixed_scales"] == {"float": {"in -1..1": 1, "in 0..1": 1, "in 0..255": 1}}
+    assert ("conv: the float images were read at 3 scales (1 x in -1..1; 1 x in 0..1; 1 x in 0..255; "
+            "pipeline/images.py decides per image)") in caplog.text
     values = sorted(int(a[0, 0, 0]) for _, a, _ in load_split(c.out, "train"))
     assert values == [8, 51, 76, 100, 153, 200]  # 2000/257; (1-0.6)*127.5; red's luma; 100; 0.6*255; 200
 
