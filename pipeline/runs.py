@@ -460,10 +460,11 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
             if isinstance(exc, SystemExit) and exc.code in (0, None) or unedited:  # refused before any edit
                 _journal(root).unlink(missing_ok=True)
                 raise
+            how = "was stopped" if isinstance(exc, KeyboardInterrupt) else "failed"  # Ctrl-C, SIGTERM, a cancel
             with _signals_wait():  # a second Ctrl-C would leave the run half undone
                 if removed := _undo(root, saved, before, new):
-                    log.warning("removed what the failed run made at new paths: %s", ", ".join(removed))
+                    log.warning("removed what the run made at new paths: %s", ", ".join(removed))
                 _journal(root).unlink(missing_ok=True)
-            log.warning("the run failed: params.yaml%s and the outputs are as they were before it",
+            log.warning("the run %s: params.yaml%s and the outputs are as they were before it", how,
                         " (overrides undone), dvc.lock" if overrides else ", dvc.lock")
             raise

@@ -398,7 +398,8 @@ def test_a_second_ctrl_c_waits_for_the_undo_to_finish(tmp_path):
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert proc.stderr.count("still undoing the run (params.yaml, dvc.lock, outputs); it stops when that is done") == 1
-    assert "the run failed: params.yaml (overrides undone), dvc.lock and the outputs are as they were" in proc.stderr
+    assert "the run was stopped: params.yaml (overrides undone), dvc.lock and the outputs are as they were" in (
+        proc.stderr)
     assert (project / "params.yaml").read_text() == params and not (project / ".dvc/tmp/tokenmill-run.json").exists()
 
 
