@@ -340,8 +340,9 @@ def cmd_add_dataset(args: argparse.Namespace) -> None:
     if vq_data.get("channels") not in (None, channels) and not args.convert_channels:
         raise UserError(f"add-dataset: --channels {channels} differs from {vq_data['channels']}, that of {vq}; add "
                         f"--convert-channels to convert at tokenize, or leave --channels out")
+    background = args.background if args.background is not None else vq_data.get("background", 255)
     entry = {"source": source, "path": str(path), "resolution": resolution, "channels": channels,
-             "resize": args.resize, "background": args.background, "split": args.split}
+             "resize": args.resize, "background": background, "split": args.split}
     if args.convert_channels:
         entry["convert_channels"] = True
     overrides = [f"datasets.{args.name}.{k}={json.dumps(v)}" for k, v in entry.items()]
@@ -420,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="default: the resolution of the dataset the VQGAN trains on")
     p.add_argument("--channels", type=int, choices=(1, 3), help="default: the channels of the VQGAN's dataset")
     p.add_argument("--resize", default="pad", choices=("pad", "resize", "center_crop"))
-    p.add_argument("--background", type=int, default=255)
+    p.add_argument("--background", type=int, help="padding and alpha fill, 0..255 (default: the VQGAN's dataset's)")
     p.add_argument("--split", default="random", choices=("keep", "random"))
     p.add_argument("--convert-channels", action="store_true", help="grey <-> RGB at tokenize, when --channels differs "
                    "from the VQGAN's")

@@ -341,6 +341,9 @@ def test_add_dataset_keeps_a_symlinked_folder_as_the_link(prepare_project, tmp_p
     (tmp_path / "link").symlink_to(target)
     with open(prepare_project / "params.yaml", "a") as fh:
         fh.write("train_vqgan:\n  dataset: a\n")
+    params = yaml.safe_load((prepare_project / "params.yaml").read_text())
+    params["datasets"]["a"]["background"] = 7
+    (prepare_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         proc = pipeline_cli(prepare_project, "add-dataset", "linked", str(tmp_path / "link"), "--no-run")
         assert proc.returncode == 0, proc.stderr
@@ -348,6 +351,7 @@ def test_add_dataset_keeps_a_symlinked_folder_as_the_link(prepare_project, tmp_p
         assert entry["path"] == str(tmp_path / "link")
         # no --resolution / --channels: the VQGAN's dataset's (a: 16 px grey), which tokenize@linked then takes
         assert (entry["resolution"], entry["channels"]) == (16, 1) and "(16 px, 1 channel(s))" in proc.stderr
+        assert entry["background"] == 7  # the padding the VQGAN saw (it was 255 whatever the VQGAN took)
         # what tokenize@<name> would refuse, every run after: refused here, params.yaml untouched
         added = (prepare_project / "params.yaml").read_bytes()
         assert one_error_line(pipeline_cli(prepare_project, "add-dataset", "big", str(target), "--resolution", "32",
