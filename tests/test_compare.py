@@ -91,7 +91,8 @@ def test_a_failed_dvc_status_is_said_not_taken_for_up_to_date(tmp_path, monkeypa
 
     def fake(cmd, **kw):
         if cmd[:2] == ["dvc", "status"]:
-            return subprocess.CompletedProcess(cmd, 255, "", "ERROR: 'data/x' is busy, it is being blocked by dvc repro")
+            busy = "ERROR: 'data/x' is busy, it is being blocked by dvc repro"
+            return subprocess.CompletedProcess(cmd, 255, "", busy)
         return subprocess.CompletedProcess(cmd, 0, __import__("json").dumps(shown), "")
 
     monkeypatch.setattr(C.subprocess, "run", fake)
