@@ -69,6 +69,8 @@ def rows_of(shown: list[dict], stale: set[str] = frozenset()) -> tuple[list[str]
     for run, p, f in zip(runs, params, flat):
         row = {"run": run["name"], "when": (run["timestamp"] or "now")[:16].replace("T", " ")}
         row.update({k: json.dumps(f.get(k)) if not isinstance(f.get(k), str) else f[k] for k in differ})
+        if f.get("train_transformer.kind") != "gan":  # gan.* settings of an ar or maskgit run: read by no code
+            row.update({k: "-" for k in differ if k.startswith("train_transformer.gan.")})
         for column, section, key in COLUMNS:
             m = _metrics_of(run, section, p)
             value = m.get(key)

@@ -99,3 +99,13 @@ def test_a_failed_dvc_status_is_said_not_taken_for_up_to_date(tmp_path, monkeypa
     out = C.compare(tmp_path)
     assert out.splitlines()[-1] == ("note: workspace: whether its metrics are current is not known (dvc status: "
                                     "ERROR: 'data/x' is busy, it is being blocked by dvc repro)")
+
+
+def test_gan_settings_of_a_run_of_another_kind_show_as_unread():
+    """An AR run listed `attention_kind ylg` beside a GAN run's `native`, as if it applied to the AR model."""
+    def p(kind, attention):
+        return {**params(), "train_transformer": {"kind": kind, "gan": {"attention_kind": attention}}}
+
+    _, rows, _ = C.rows_of([run("workspace", p("ar", "ylg"), {}, when=None), run("abc", p("gan", "native"), {})])
+    assert [(r["train_transformer.kind"], r["train_transformer.gan.attention_kind"]) for r in rows] == [
+        ("ar", "-"), ("gan", "native")]
