@@ -31,7 +31,7 @@ from pipeline.config import PROJECT_ROOT, apply_overrides, load_params, parse_ov
 from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError
 from pipeline.locks import exclusive
-from pipeline.out_guard import check_outputs, check_unrecorded_changes, locked_outs, planned_outputs
+from pipeline.out_guard import WorkDir, check_outputs, check_unrecorded_changes, locked_outs, planned_outputs
 
 _EDGE = re.compile(r'^"([^"]+)"\s*->\s*"([^"]+)"')  # an edge of `dvc dag --dot`
 log = logging.getLogger("tokenmill.runs")
@@ -100,14 +100,14 @@ def check_params_dict(params: dict[str, Any], source: str, root: Path, outputs: 
     Raises UserError."""
     known: set[str] = set()
     used = pipeline_stages(root)
-    work: list[tuple[str, str, str]] = []
+    work: list[WorkDir] = []
     token = PROJECT_ROOT.set(Path(root))
     try:
         for name in STAGE_MODULES:
             mod = importlib.import_module(f"stages.{name}")
             known.update(mod.SECTIONS)
             if name in used:
-                work += _work_dirs(name, mod.check(params, source), root, params)
+                work += _work_dirs(name, mod.check(params, source))
     finally:
         PROJECT_ROOT.reset(token)
     unknown = sorted(set(params) - known, key=str)  # YAML keys may be ints or None too
@@ -116,18 +116,18 @@ def check_params_dict(params: dict[str, Any], source: str, root: Path, outputs: 
                         f"(allowed: {', '.join(sorted(known))})")
     check_dataset_paths(params, source, root, exist=())  # `~`; existence where the run names a path (below)
     if outputs:  # an existing path DVC would delete before the stage could refuse it; overlapping outputs
-        check_outputs(root, params, source, work)
+        named = {k for _, _, _, keys in planned_outputs(root, params) for k in keys}  # dvc.yaml's outs
+        check_outputs(root, params, source, [w for w in work if w[2] not in named])
     return list(params.get("datasets") or {})
 
 
-def _work_dirs(stage: str, cfg: Any, root: Path, params: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(stage, path, key) of each path a stage writes (kind out_path) that dvc.yaml does not name as an output:
-    its checkpoint folder. DVC never sees it, so nothing else keeps it apart from the outputs."""
+def _work_dirs(stage: str, cfg: Any) -> list[WorkDir]:
+    """(stage, path, key) of each path a stage's params say it writes (kind out_path); those dvc.yaml does not name
+    as outputs are its work folders (checkpoints), which DVC never sees, so nothing else keeps them apart."""
     if not dataclasses.is_dataclass(cfg):
         return []
-    named = {k for _, _, _, keys in planned_outputs(root, params) for k in keys}
     return [(stage, getattr(cfg, f.name), f"{stage}.{f.name}") for f in dataclasses.fields(cfg)
-            if f.metadata.get("kind") == "out_path" and f"{stage}.{f.name}" not in named]
+            if f.metadata.get("kind") == "out_path"]
 
 
 def check_dataset_paths(params: dict[str, Any], source: str, base: Path,
