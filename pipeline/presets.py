@@ -14,7 +14,17 @@ from pipeline.runs import preset_overrides
 
 def resolve_overrides(root: Path, preset: str | None, overrides: list[str] | None) -> list[str]:
     """The preset's settings (a file under the project's configs/), then the explicit overrides: the second win."""
-    return _with_preset(root, preset, list(overrides or []))
+    overrides = list(overrides or [])
+    if not preset:
+        return overrides
+    configs = (root / "configs").resolve()
+    path = (root / preset).resolve()
+    if not path.is_relative_to(configs) or path.suffix not in (".yaml", ".yml"):
+        raise UserError(f"preset {preset}: must be a .yaml file under {configs}")
+    if not path.is_file():
+        have = ", ".join(sorted(p.name for p in configs.glob("*.yaml"))) or "none here"
+        raise UserError(f"preset {preset}: file not found (presets live in configs/: {have})")
+    return preset_overrides(path) + overrides
 
 
 def unread_note(root: Path, combined: list[str], explicit: list[str] | None) -> str | None:
@@ -28,16 +38,3 @@ def unread_note(root: Path, combined: list[str], explicit: list[str] | None) -> 
         return None
     return (f"note: {unread[0].split('=')[0]}: train_transformer.gan.* is read only with kind gan (this run's kind "
             f"is {kind}): train_transformer re-runs for it and trains the same model")
-
-
-def _with_preset(root: Path, preset: str | None, overrides: list[str]) -> list[str]:
-    if not preset:
-        return overrides
-    configs = (root / "configs").resolve()
-    path = (root / preset).resolve()
-    if not path.is_relative_to(configs) or path.suffix not in (".yaml", ".yml"):
-        raise UserError(f"preset {preset}: must be a .yaml file under {configs}")
-    if not path.is_file():
-        have = ", ".join(sorted(p.name for p in configs.glob("*.yaml"))) or "none here"
-        raise UserError(f"preset {preset}: file not found (presets live in configs/: {have})")
-    return preset_overrides(path) + overrides
