@@ -42,16 +42,19 @@ def _lookup(expr: str, params: dict[str, Any], key: str | None, item: Any) -> An
 
 
 def _resolve(template: str, params: dict[str, Any], key: str | None = None, item: Any = None) -> str:
-    return _REF.sub(lambda m: str(_lookup(m.group(1), params, key, item)), template)
+    return _REF.sub(lambda m: _dvc_str(_lookup(m.group(1), params, key, item)), template)
 
 
-def _paths(body: dict[str, Any], kinds: tuple[str, ...]) -> Iterator[tuple[str, list[str]]]:
-    """(template, the params keys it names) of each entry of `kinds` (outs, metrics, plots, deps) of a stage body."""
+def _paths(body: dict[str, Any], kinds: tuple[str, ...], over: str | None) -> Iterator[tuple[str, list[str]]]:
+    """(template, the params keys it names) of each entry of `kinds` (outs, metrics, plots, deps) of a stage body;
+    `over`: the params key a foreach stage iterates (`${item.path}` of `${datasets}` is datasets.<name>.path), None
+    for a literal foreach, whose items are no params."""
     for kind in kinds:
         for entry in body.get(kind) or []:
             template = next(iter(entry)) if isinstance(entry, dict) else str(entry)
-            keys = [k for k in _REF.findall(template) if k != "key"]
-            yield template, [f"datasets.<name>.{k[5:]}" if k.startswith("item.") else k for k in keys]
+            keys = [(f"{over}.<name>{k[4:]}" if over else None) if k.split(".")[0] == "item" else k
+                    for k in _REF.findall(template) if k != "key"]
+            yield template, [k for k in keys if k]
 
 
 OUTS = ("outs", "metrics", "plots")
@@ -69,11 +72,11 @@ def planned_outputs(root: Path, params: dict[str, Any],
             continue
         if "foreach" in body:
             items = _resolve_foreach(body["foreach"], params)
-            do = body.get("do") or {}
+            do, over = body.get("do") or {}, _foreach_key(body["foreach"])
         else:
-            items, do = {None: None}, body
+            items, do, over = {None: None}, body, None
         for key, item in items.items():
-            for template, keys in _paths(do, kinds):
+            for template, keys in _paths(do, kinds, over):
                 try:
                     path = _resolve(template, params, key, item)
                 except KeyError as exc:  # DVC would stop in a block of text, after the overrides were written
@@ -84,12 +87,29 @@ def planned_outputs(root: Path, params: dict[str, Any],
 
 
 def _resolve_foreach(expr: Any, params: dict[str, Any]) -> dict[str, Any]:
-    m = _REF.fullmatch(str(expr).strip())
+    """{key: item} as DVC names a foreach stage's copies: `${params.key}` or a literal dict or list; a list of
+    plain values keys each by its value, a list holding dicts or lists by its index. Unresolvable: no copies."""
+    over = _foreach_key(expr)
     try:
-        value = _lookup(m.group(1), params, None, None) if m else None
+        value = _lookup(over, params, None, None) if over else expr
     except KeyError:
-        value = None
-    return value if isinstance(value, dict) else {}
+        return {}
+    if isinstance(value, dict):
+        return {_dvc_str(k): v for k, v in value.items()}
+    if isinstance(value, list):
+        if any(isinstance(v, (dict, list)) for v in value):
+            return {str(i): v for i, v in enumerate(value)}
+        return {_dvc_str(v): v for v in value}
+    return {}
+
+
+def _foreach_key(expr: Any) -> str | None:
+    m = _REF.fullmatch(expr.strip()) if isinstance(expr, str) else None
+    return m.group(1) if m else None
+
+
+def _dvc_str(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def locked_outs(root: Path) -> set[tuple[str, str]]:

@@ -21,7 +21,7 @@ from pipeline.errors import UserError, main_guard
 
 DVC_YAML = """stages:
   make:
-    foreach: ${sets}
+    foreach: ${datasets}
     do:
       cmd: python -m stages.make --set ${key}
       deps:
@@ -42,7 +42,7 @@ DVC_YAML = """stages:
 
 
 def params(**train):
-    return {"sets": {"a": {"path": "src/a"}}, "make": {"out_dir": "data/made"},
+    return {"datasets": {"a": {"path": "src/a"}}, "make": {"out_dir": "data/made"},
             "train": {"out_dir": "data/model", "metrics": "data/train.json", **train}}
 
 
@@ -142,7 +142,7 @@ def test_overlapping_outs_and_a_stage_reading_its_own_output_are_one_line(proj):
     with pytest.raises(UserError, match=r"data/made/a \(make.out_dir\) of stage make@a and data/made/./a/m.json "
                                         r"\(train.metrics\) of stage train"):
         out_guard.check_overlaps(proj, params(metrics="data/made/./a/m.json"), "params.yaml")
-    bad = {**params(), "sets": {"a": {"path": "."}}}
+    bad = {**params(), "datasets": {"a": {"path": "."}}}
     with pytest.raises(UserError, match=r"stage make@a would read \. \(datasets.<name>.path\), which holds its own "
                                         r"output data/made/a \(make.out_dir\)"):
         out_guard.check_overlaps(proj, bad, "params.yaml")
@@ -256,6 +256,7 @@ def test_live_processes_in_dvcs_table_of_running_stages_count_dead_ones_not(tmp_
         assert runs.running_stage_commands(tmp_path) == ["(DVC is writing its table of running stages)"]
     finally:
         live.kill()
+        live.wait()  # reaped here, not by whatever process runs the tests (mutmut's os.wait() takes any child)
 
 
 def test_a_failed_run_restores_the_stages_whose_outputs_it_changed_only(tmp_path, monkeypatch):
