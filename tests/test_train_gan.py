@@ -277,6 +277,47 @@ def test_fid_over_training_is_logged_with_its_protocol(world, tmp_path, monkeypa
     one_line(err)
 
 
+
+def test_fid_tracker_noise_labels_and_protocol_follow_the_seed(world, tmp_path, monkeypatch):
+    """The points of the FID curve differ only by the weights: the noise is drawn once from the run's seed (stream
+    FID_NOISE of step 0), labels cycle through the classes, and the protocol names the seeds, the sampler and the
+    reference; a reference for other channels or from another feature network is refused."""
+    stub = lambda p: (TinyNet(), torch.device("cpu"))  # noqa: E731
+    monkeypatch.setattr(fid_ref, "load_network", stub)
+    ref = FidRefParams(dataset="a", prepared_dir=str(world["base"] / "prepared"), out_dir=str(tmp_path / "ref"),
+                       n_ref=None, seed=5)
+    fid_ref.run(ref)
+    meta = json.loads((ref.folder / "meta.json").read_text())
+    monkeypatch.setattr(gan_training, "load_network", stub)
+    g = GANParams(family="lada", model=TINY["lada"], fid_every=3, fid_images=7, fid_reference=str(ref.folder))
+    fp = meta["dataset_fingerprint"]
+    tracker = gan_training.FIDTracker(g, 11, 16, 3, fp, 1)
+    expected_z = torch.randn(7, 16, generator=gan_training.step_generator(11, 0, gan_training.FID_NOISE))
+    assert torch.equal(tracker.z, expected_z) and tracker.y.tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert gan_training.FIDTracker(g, 11, 16, 0, fp, 1).y is None
+    p = tracker.protocol
+    assert (p["seed"], p["ref_seed"], p["n_gen"]) == (11, 5, 7)
+    assert p["sampler"] == {"generator": "ema", "snap": "nearest code", "z_seed": 11}
+    with pytest.raises(UserError, match="this evaluation uses 3;"):
+        gan_training.FIDTracker(g, 11, 16, 3, fp, 3)
+
+    class OtherNet(TinyNet):
+        feature_network_hash = "other"
+    monkeypatch.setattr(gan_training, "load_network", lambda p: (OtherNet(), torch.device("cpu")))
+    with pytest.raises(UserError, match="this evaluation uses 'other';"):
+        gan_training.FIDTracker(g, 11, 16, 3, fp, 1)
+
+
+def test_mode_seeking_ratio_is_each_pairs_output_distance_over_its_noise_distance_averaged():
+    """Pair 0: outputs differ by 1 on average, noise by 2 -> 0.5; pair 1: 3 over 1 -> 3; the mean is 1.75 (MSGAN's
+    ratio of batch means would give 2 / 1.5 = 1.33: tokenmill averages per pair, docs/gan_recipes.md)."""
+    fake1 = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    fake2 = torch.tensor([[[[2.0, 1.0], [4.0, 3.0]]], [[[3.0, -3.0], [3.0, -3.0]]]])
+    z1 = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    z2 = torch.tensor([[3.0, -1.0, 3.0], [1.0, -1.0, 1.0]])
+    assert gan_training.mode_seeking_ratio(fake1, fake2, z1, z2).item() == pytest.approx(1.75, rel=1e-6)
+
+
 # ---------------------------------------------------------------- params
 
 def test_params_yaml_gan_section_and_errors():
