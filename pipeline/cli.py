@@ -30,8 +30,8 @@ from pipeline.errors import UserError, main_guard
 from pipeline.prefect_server import project_server, same_path, server_home, supervise, temporary_server
 from pipeline.presets import resolve_overrides, unread_note
 from pipeline.retokenize import tokenize_command, workers_option
-from pipeline.runs import (check_dataset_paths, check_params, project_lock, run_with_overrides, select,
-                           stage_names, undo_killed_run, validate_overrides)
+from pipeline.runs import (check_dataset_paths, check_params, missing_dependency, project_lock, run_with_overrides,
+                           select, stage_names, stale_upstream_note, undo_killed_run, validate_overrides)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 4200
@@ -134,19 +134,12 @@ def _follow_repro(proc: subprocess.Popen) -> list[tuple[str, int, str]]:
                 missing = m.group(1) or m.group(2)  # DVC's WARNING before its "failed to reproduce"
             elif (m := re.match(r"ERROR: failed to reproduce '([^']+)'", line)) and missing:
                 # DVC stopped before the stage's command: a dependency is missing (the stage never ran)
-                failed.append((m.group(1), 2, f"error: {m.group(1)}: {_missing_dependency(missing)}"))
+                failed.append((m.group(1), 2, f"error: {m.group(1)}: {missing_dependency(missing, ROOT)}"))
                 missing = ""
     code = proc.wait()
     if code and not failed:  # DVC itself failed (a missing dependency, a lock): nothing to attribute
         failed.append(("dvc repro", code, ""))
     return failed
-
-
-def _missing_dependency(path: str) -> str:
-    full = (ROOT / path).resolve()
-    if full.is_relative_to(ROOT.resolve()):  # an output of an earlier stage
-        return f"its dependency {full.relative_to(ROOT.resolve())} does not exist (run the stage that makes it first)"
-    return f"its dependency {path} does not exist (a path params.yaml names: check it)"
 
 
 def _repro_undone_on_failure(cmd: list[str], overrides: list[str], started: str | None = None,
@@ -229,6 +222,8 @@ def _run_flow(args: argparse.Namespace, preset: str | None) -> None:
 def cmd_stage(args: argparse.Namespace) -> None:
     check_params(ROOT / "params.yaml", ROOT)
     names = select(stage_names(ROOT), [args.name])  # a base name (`prepare`) is every prepare@..., as in run --stage
+    if note := stale_upstream_note(ROOT, names):
+        print(f"note: {note}", file=sys.stderr)
     _repro_undone_on_failure(["dvc", "repro", "--keep-going", "--single-item", *names]
                              + (["--force"] if args.force else []), [], targets=names, with_deps=False)
 
@@ -257,7 +252,9 @@ def cmd_check(args: argparse.Namespace) -> None:
     # before a plain `dvc repro`, every dataset's folder must be there; relative paths are the params file's project's
     check_dataset_paths(load_params(Path(args.params)), args.params, Path(args.params).resolve().parent)
     if Path(args.params).resolve() == (ROOT / "params.yaml").resolve() and (ROOT / "dvc.lock").is_file():
+        from pipeline.dvc_repair import repair_rwlock
         from pipeline.out_guard import check_unrecorded_changes
+        repair_rwlock(ROOT)  # a killed dvc's cut table of running stages makes `dvc status` fail
         check_unrecorded_changes(ROOT)  # before a plain `dvc repro` (scripts/run.sh): files of yours in outputs
     print(f"{args.params}: ok ({len(names)} dataset(s): {', '.join(names)})")
 
@@ -446,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="raw images, a VQGAN whose config records no training resolution: "
                    "prepare them at this one (otherwise the recorded one, the only one allowed)")
     p.add_argument("--resize", default="pad", choices=("pad", "resize", "center_crop"))
-    p.add_argument("--background", type=int, default=0)
+    p.add_argument("--background", type=int, default=0,
+                   help="padding and alpha fill, 0..255 (default 0, black: a VQGAN folder records no dataset setting)")
     p.add_argument("--split", default="random", choices=("keep", "random"))
     p.set_defaults(fn=cmd_tokenize)
 

@@ -62,9 +62,15 @@ def rows_of(shown: list[dict], stale: set[str] = frozenset()) -> tuple[list[str]
         raise UserError("dvc exp show: no runs to compare (run the pipeline or `dvc exp run` first)")
     params = [(r["params"].get("params.yaml") or {}).get("data") or {} for r in runs]
     flat = [_flat(p) for p in params]
+    # a dataset some runs lack is one column (yes / -); its path is left out (it differs per machine)
+    sets = [set((p.get("datasets") or {}) if isinstance(p.get("datasets"), dict) else ()) for p in params]
+    partial = {name for name in set().union(*sets) if any(name not in s for s in sets)}
+    for f, names in zip(flat, sets):
+        f.update({f"datasets.{name}": "yes" if name in names else "-" for name in partial})
     keys = sorted({k for f in flat for k in f})
     differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1
-              and not k.startswith("datasets.")]
+              and not (k.startswith("datasets.") and (k.endswith(".path") or k.split(".")[1] in partial
+                                                       and k.count(".") > 1))]
     reference_protocol: dict[str, str | None] = {}
     rows, notes, marked = [], [], []
     for run, p, f in zip(runs, params, flat):

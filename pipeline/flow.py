@@ -26,7 +26,8 @@ from pipeline import artifacts
 from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError
 from pipeline.presets import resolve_overrides, unread_note
-from pipeline.runs import run_with_overrides, select, stage_names, upstream_stages
+from pipeline.runs import (missing_dependency, run_with_overrides, select, stage_names, stale_upstream_note,
+                         upstream_stages)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 USER_ERROR_EXIT = 2  # stages exit 2 on a user mistake: retrying cannot help
@@ -85,10 +86,7 @@ def _classify(name: str, code: int, lines: list[str], error_line: str | None, ro
         dvc_error = next((x for x in reversed(lines) if _DVC_ERROR.match(x)), None)
         missing = _MISSING.search(dvc_error or "")
         if missing:
-            path = missing.group(1) or missing.group(2)
-            made_here = (Path(root) / path).resolve().is_relative_to(Path(root).resolve())  # else: the user's path
-            error_line = (f"error: {path} does not exist: run the stages that make it first (python -m pipeline run)"
-                          if made_here else f"error: {path} does not exist (a path params.yaml names: check it)")
+            error_line = f"error: {name}: {missing_dependency(missing.group(1) or missing.group(2), Path(root))}"
             returncode = USER_ERROR_EXIT
     return StageFailed(name, returncode, " | ".join(lines[-5:]), error_line)
 
@@ -167,6 +165,8 @@ def _run_pipeline(stages: list[str] | None, force: bool, overrides: list[str] | 
         if note := unread_note(root, applied, overrides):
             logger.warning(note)
         names = select(stage_names(root), stages)
+        if stages and (note := stale_upstream_note(root, names)):
+            logger.warning(note)
         results: list[dict[str, Any]] = []
         failed: list[str] = []
         graph: dict[str, set[str]] | None = None

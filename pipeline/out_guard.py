@@ -318,9 +318,14 @@ def check_unrecorded_changes(root: Path, targets: list[str] | None = None, with_
     cmd = ["dvc", "status", "--json", *(["--with-deps"] if targets and with_deps else []), *(targets or [])]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     try:
-        status = json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else {}
+        status = json.loads(proc.stdout) if proc.returncode == 0 else None
     except json.JSONDecodeError:
-        status = {}  # DVC reports its own trouble when the run starts
+        status = None
+    if not isinstance(status, dict):  # unknown is not "unchanged": the run would let DVC delete what it finds
+        said = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+        error = next((line for line in said if line.startswith("ERROR")), said[-1] if said else "no output")
+        raise UserError(f"{source}: `{' '.join(cmd)}` failed ({error}), so whether a recorded output holds files of "
+                        f"yours is unknown; nothing was run")
     cache, locked = None, locked_outs(root)
     for stage, changes in status.items():
         for change in changes if isinstance(changes, list) else []:

@@ -83,6 +83,37 @@ def upstream_stages(root: Path) -> dict[str, set[str]]:
     return {name: ancestors(name, set()) for name in parents}
 
 
+def missing_dependency(path: str, root: Path) -> str:
+    """Why a stage never ran, from the dependency DVC could not find: an earlier stage's output is made by running
+    that stage; any other path is one params.yaml names (e.g. a dataset's folder)."""
+    full = (Path(root) / path).resolve()
+    if full.is_relative_to(Path(root).resolve()):
+        return f"its dependency {full.relative_to(Path(root).resolve())} does not exist (run the stage that makes it " \
+               f"first)"
+    return f"its dependency {path} does not exist (a path params.yaml names: check it)"
+
+
+def stale_upstream_note(root: Path, selected: list[str]) -> str | None:
+    """A note when stages the selected ones depend on are out of date but not selected: each selected stage runs
+    alone (`--single-item`) on their outputs as they are, e.g. evaluate scoring the samples of the old
+    `sample.n`. None when all are current, or `dvc status` cannot tell (the run reports DVC's trouble itself)."""
+    proc = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True,
+                          env=os.environ.copy())
+    try:
+        changed = set(json.loads(proc.stdout)) if proc.returncode == 0 else set()
+    except (json.JSONDecodeError, TypeError):
+        changed = set()
+    if not changed - set(selected):
+        return None
+    ups = upstream_stages(root)
+    behind = sorted({u for name in selected for u in ups.get(name, ()) if u in changed and u not in selected})
+    if not behind:
+        return None
+    return (f"{', '.join(behind)} {'is' if len(behind) == 1 else 'are'} out of date and not selected: "
+            f"{', '.join(selected)} will read {'its' if len(behind) == 1 else 'their'} outputs as they are (select "
+            f"{'it' if len(behind) == 1 else 'them'} too, or run the whole pipeline)")
+
+
 def select(names: list[str], wanted: list[str] | None) -> list[str]:
     """Keep stages named in `wanted`, by full name or by base name (`prepare` selects every prepare@...)."""
     if not wanted:

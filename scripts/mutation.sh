@@ -5,6 +5,7 @@
 #
 #   scripts/mutation.sh                       # every module below
 #   scripts/mutation.sh pipeline/atomic.py    # one or more of them
+#   MUT_NAMES='training.gan.x_d_*' scripts/mutation.sh training/gan.py   # some of a module's mutants
 #
 # Each module runs in its own scratch copy of the code ($MUT_WORK/<module>, default under /tmp), so the checkout
 # is never touched; `mutmut results` / `mutmut show <name>` work inside that folder afterwards. mutmut lives in its
@@ -52,15 +53,22 @@ declare -A TESTS=(
   [models/vqgan.py]="tests/test_behaviour_vqgan_model.py tests/test_vqgan_models.py tests/test_behaviour_channels.py
     tests/test_behaviour_vqgan.py"
   [models/lpips.py]="tests/test_vqgan_models.py"
+  [pipeline/out_guard.py]="tests/test_out_guard.py tests/test_behaviour_out_guard.py"
+  [training/gan.py]="tests/test_behaviour_gan.py tests/test_gan_image_d.py tests/test_gan_recipes.py
+    tests/test_train_gan.py"
+  [training/ar.py]="tests/test_train_transformer.py tests/test_train_maskgit.py"
+  [stages/sample.py]="tests/test_eval_stages.py tests/test_train_gan.py tests/test_train_maskgit.py"
 )
 # extra pytest arguments, one per line (the FID network tests take a minute each call: left to the main suite)
 declare -A ARGS=(
   [pipeline/fid.py]=$'-k\nnot real_network'
+  # the out_guard tests that run dvc and the CLI in subprocesses (5-20 s each) never see a mutant: main suite
+  [pipeline/out_guard.py]=$'-k\nnot (stops_before_dvc or cli_refuses or failed_first_run or sigterm_undoes)'
 )
 ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py pipeline/tokens.py
        models/attention.py pipeline/config.py pipeline/codegraph.py pipeline/dvc_deps.py pipeline/checkpoint.py
        models/gpt.py models/maskgit.py training/vq_loss.py pipeline/shards.py pipeline/images.py models/vqgan.py
-       models/lpips.py)
+       models/lpips.py pipeline/out_guard.py training/gan.py training/ar.py stages/sample.py)
 
 [ -x .venv/bin/python ] || bash scripts/install.sh
 if [ ! -x "$VENV/bin/mutmut" ]; then
@@ -87,9 +95,10 @@ for module in "${modules[@]}"; do
     echo "    pipeline"
     echo "    models"
     echo "    training"
+    echo "    stages"
     echo "only_mutate = $module"
     echo "also_copy ="
-    printf '    %s\n' stages configs scripts params.yaml dvc.yaml
+    printf '    %s\n' configs scripts params.yaml dvc.yaml
     echo "pytest_add_cli_args ="
     # mutmut's trampolines make long lines: the width check would fail every run
     printf '    %s\n' -p no:cacheprovider -q --deselect
@@ -101,7 +110,9 @@ for module in "${modules[@]}"; do
   } > "$dir/setup.cfg"
   echo "== $module (tests: $tests)"
   start=$(date +%s)
-  (cd "$dir" && "$VENV/bin/mutmut" run --max-children "$JOBS" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -n 3)
+  # MUT_NAMES: only these mutants (mutmut's names, globs allowed), e.g. 'training.gan.x_ema_decay_at*'
+  (set -f; cd "$dir" && "$VENV/bin/mutmut" run --max-children "$JOBS" ${MUT_NAMES:-} 2>&1 | tr '\r' '\n' | grep -v '^\s*$' |
+    tail -n 3)
   (cd "$dir" && "$VENV/bin/mutmut" export-cicd-stats >/dev/null && cat mutants/mutmut-cicd-stats.json && echo)
   echo "survivors ($module, $(( $(date +%s) - start )) s):"
   (cd "$dir" && "$VENV/bin/mutmut" results | grep -v ': killed$' || true)

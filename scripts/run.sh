@@ -11,8 +11,8 @@ if [ "${1:-}" = "--tiny" ]; then  # the first run: every stage on a small copy, 
   shift
   exec python -m pipeline tiny "$@"
 fi
-python -m pipeline check
 python -c 'from pipeline.dvc_repair import repair_rwlock; repair_rwlock(".")'  # after a killed run
+python -m pipeline check  # after the repair: a corrupt table of running stages makes `dvc status` fail
 # --keep-going: a failing stage (one dataset's) skips only the stages that need it; DVC names it at the end
 dvc repro --keep-going "$@"
 dvc push -q || echo "run: dvc push to the default remote failed (outputs are still in the local cache)" >&2

@@ -308,12 +308,23 @@ def test_a_modified_folder_without_a_marker_names_its_uncached_file(tmp_path, ca
     assert unrecorded_refusal(tmp_path).startswith("dvc.lock: out, an output of stage s, holds out/a.bin, which")
 
 
-@pytest.mark.parametrize("returncode, stdout", [(1, None), (0, "ERROR: not json"), (0, "")])
-def test_dvc_status_that_fails_is_left_to_dvc_to_report(tmp_path, cache, monkeypatch, returncode, stdout):
+@pytest.mark.parametrize("returncode, stdout, said", [
+    (1, "", "ERROR: unexpected error - Expecting value: line 1 column 1"), (0, "not json", "not json"),
+    (0, "[]", "[]")])
+def test_dvc_status_that_fails_stops_the_run_naming_dvcs_error(tmp_path, cache, monkeypatch, returncode, stdout, said):
+    """Unknown is not unchanged: a scripts/run.sh that went on after a failed `dvc status` (a corrupt table of
+    running stages) let `dvc repro` delete a file of the user's in an output."""
     write(tmp_path / "m.json", "user edit")
     write(tmp_path / "dvc.lock", json.dumps({"stages": {"s": {"outs": [{"path": "m.json"}]}}}))
-    fake_status(monkeypatch, tmp_path, {"s": [{"changed outs": {"m.json": "modified"}}]}, returncode, stdout)
-    out_guard.check_unrecorded_changes(tmp_path)
+
+    def run(cmd, **kw):
+        err = "Traceback: x\nERROR: unexpected error - Expecting value: line 1 column 1\n" if returncode else ""
+        return subprocess.CompletedProcess(cmd, returncode, stdout, err)
+    monkeypatch.setattr(out_guard.subprocess, "run", run)
+    assert unrecorded_refusal(tmp_path) == (
+        f"dvc.lock: `dvc status --json` failed ({said}), so whether a recorded output holds files of yours is "
+        f"unknown; nothing was run")
+    assert (tmp_path / "m.json").read_text() == "user edit"
 
 
 def test_the_cache_is_where_dvc_keeps_a_files_bytes(tmp_path):

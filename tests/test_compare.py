@@ -30,7 +30,7 @@ def test_rows_columns_and_each_runs_own_metrics_path():
                                       "data/metrics/eval_vqgan.json": {"fid": 22.98, "protocol": "r"}},
                  name="main", experiments=[{"name": "exp-big", "revs": [exp]}])]
     columns, rows, notes = C.rows_of(shown)
-    # params that differ between runs, datasets.* left out (a path differs per machine), then the metrics
+    # params that differ between runs, a dataset's path left out (it differs per machine), then the metrics
     assert columns == ["run", "when", "evaluate.metrics", "train_transformer.steps", "gFID", "rFID", "PSNR",
                        "recall", "bits/token"]
     assert [r["run"] for r in rows] == ["workspace", "main", "exp-big"]
@@ -50,6 +50,21 @@ def test_a_fid_under_another_protocol_is_not_comparable():
                      "reference or network): not comparable"]
     text = C.table(*C.rows_of(shown)[:2])
     assert text.splitlines()[0].split() == ["run", "when", "sample.n", "gFID", "rFID", "PSNR", "recall", "bits/token"]
+
+
+
+def test_dataset_settings_that_differ_are_shown_a_path_or_a_datasets_entries_are_not():
+    """An experiment at another resolution shows it; a path differs per machine and is left out; a dataset added
+    in one run (add-dataset) is one column saying which runs have it, not one per setting of its entry."""
+    base = params()
+    other = params(path="/elsewhere")
+    other["datasets"]["fm"]["resolution"] = 28
+    other["datasets"]["pets"] = {"path": "/p", "resolution": 32, "channels": 3}
+    base["datasets"]["fm"]["resolution"] = 16
+    shown = [run("workspace", other, {}), run("abc", base, {})]
+    columns, rows, _ = C.rows_of(shown)
+    assert columns[:4] == ["run", "when", "datasets.fm.resolution", "datasets.pets"]
+    assert [(r["datasets.fm.resolution"], r["datasets.pets"]) for r in rows] == [("28", "yes"), ("16", "-")]
 
 
 def test_no_runs_and_option_like_revisions_are_one_line(tmp_path):

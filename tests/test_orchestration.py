@@ -309,11 +309,12 @@ def test_the_flow_tells_a_missing_stage_output_from_a_missing_path_of_the_user(t
         return _classify("s", 255, [f"ERROR: failed to reproduce 's': [Errno 2] No such file or directory: '{path}'"],
                          None, str(tmp_path)).error_line
 
-    hint = "does not exist: run the stages that make it first (python -m pipeline run)"
-    assert line(str(tmp_path / "data/prepared/a")) == f"error: {tmp_path / 'data/prepared/a'} {hint}"
-    assert line("data/prepared/a") == f"error: data/prepared/a {hint}"
-    assert line("/nonexistent/fmnist") == ("error: /nonexistent/fmnist does not exist (a path params.yaml names: "
-                                           "check it)")
+    # the same line as `pipeline stage` prints (the CLI reads DVC's output with the same function)
+    hint = "error: s: its dependency data/prepared/a does not exist (run the stage that makes it first)"
+    assert line(str(tmp_path / "data/prepared/a")) == hint
+    assert line("data/prepared/a") == hint
+    assert line("/nonexistent/fmnist") == ("error: s: its dependency /nonexistent/fmnist does not exist (a path "
+                                           "params.yaml names: check it)")
 
 
 KILLED_RUN = """import os, signal, sys
@@ -426,3 +427,27 @@ def test_ctrl_c_during_dvc_repro_waits_for_dvc_to_stop(tmp_path):
                           capture_output=True, text=True, start_new_session=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "child stopped before the undo: True" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_selected_stage_is_told_which_out_of_date_stages_it_reads(tmp_path, monkeypatch):
+    """`--stage evaluate` after `-S sample.n=40`: evaluate runs alone on the old samples; the note names sample,
+    not the selected stage itself nor an out-of-date stage it does not read."""
+    import json
+    from pipeline import runs
+
+    status = {"sample": ["changed params"], "evaluate": ["changed deps"], "eval_vqgan": ["changed params"]}
+    answer = {"code": 0}
+    monkeypatch.setattr(runs.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, answer["code"], json.dumps(status), ""))
+    monkeypatch.setattr(runs, "upstream_stages", lambda root: {"evaluate": {"sample", "train_transformer"},
+                                                               "sample": {"train_transformer"}})
+    assert runs.stale_upstream_note(tmp_path, ["evaluate"]) == (
+        "sample is out of date and not selected: evaluate will read its outputs as they are (select it too, or run "
+        "the whole pipeline)")
+    status["train_transformer"] = ["changed params"]
+    assert runs.stale_upstream_note(tmp_path, ["evaluate"]).startswith(
+        "sample, train_transformer are out of date and not selected: evaluate will read their outputs")
+    assert runs.stale_upstream_note(tmp_path, ["sample", "evaluate", "train_transformer"]) is None
+    assert runs.stale_upstream_note(tmp_path, ["eval_vqgan"]) is None  # out of date itself: it runs
+    answer["code"] = 1  # dvc status failed: nothing to say here, the run reports DVC's trouble
+    assert runs.stale_upstream_note(tmp_path, ["evaluate"]) is None
