@@ -467,6 +467,8 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
         if undo_killed_run(root):  # params.yaml was the killed run's: validate against the user's own again
             params = validate_overrides(root, overrides)
         _refuse_while_a_stage_runs(root)
+        if targets:  # a misspelt stage is one line of its own, not a failed `dvc status` below
+            select(stage_names(root), targets)
         check_unrecorded_changes(root, targets, with_deps)
         saved = {name: (root / name).read_bytes() for name in ("params.yaml", "dvc.lock") if (root / name).is_file()}
         before = recorded_outputs(root)
