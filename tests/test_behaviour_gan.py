@@ -153,3 +153,69 @@ def test_every_sampling_batch_draws_its_own_noise(world, tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, run_and_record(0)))
     other = run_and_record(1)
     assert all(not torch.equal(a, b) for a, b in zip(first, other))
+
+
+class _TwoRanks:
+    """A Dist of world 2 whose all-reduce mean stands in for the other rank: (g + (g + 2)) / 2 = g + 1."""
+    world = 2
+
+    @staticmethod
+    def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+        return t + 1
+
+
+def test_gradients_are_averaged_over_ranks_in_place_of_every_trainable_parameter():
+    m = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    m[1].bias.requires_grad_(False)  # frozen: not averaged, not given a gradient
+    m(torch.ones(1, 3)).sum().backward()
+    m[1].weight.grad = None  # a parameter this rank's loss did not reach counts as zero
+    before = {name: None if p.grad is None else p.grad.clone() for name, p in m.named_parameters()}
+    gan_training.average_gradients(m, _TwoRanks())
+    for name, p in m.named_parameters():
+        if name == "1.bias":
+            assert p.grad is None
+        elif name == "1.weight":
+            assert torch.equal(p.grad, torch.ones_like(p))
+        else:
+            assert torch.equal(p.grad, before[name] + 1), name
+    m[0].weight.grad = torch.zeros_like(m[0].weight)
+    gan_training.average_gradients(m, type("One", (), {"world": 1, "all_reduce_mean": _TwoRanks.all_reduce_mean}))
+    assert torch.equal(m[0].weight.grad, torch.zeros_like(m[0].weight))  # one process: untouched
+
+
+def test_gradient_clipping_bounds_the_total_norm_and_skips_parameters_without_gradients():
+    m = torch.nn.Linear(2, 2)
+    m.weight.grad = torch.full((2, 2), 3.0)  # norm 6
+    gan_training.clip_gradients(m, 0.5)  # bias.grad is None: left so
+    assert m.weight.grad.norm().item() == pytest.approx(0.5, rel=1e-5) and m.bias.grad is None
+    gan_training.clip_gradients(m, 0.0)  # 0 = off
+    assert m.weight.grad.norm().item() == pytest.approx(0.5, rel=1e-5)
+
+
+def test_d_sees_grids_augmented_by_the_steps_own_generator():
+    """The augmentation draws from the step's generator, never the global RNG: a resumed run sees the same D inputs."""
+    grids = torch.randn(8, 4, 4, 4)
+    seen = []
+
+    def D(x, y):
+        seen.append(x)
+        return x.flatten(1).sum(1)
+
+    torch.manual_seed(123)
+    gan_training.d_logits(D, grids, None, "translation,cutout", torch.Generator().manual_seed(5))
+    torch.manual_seed(999)
+    gan_training.d_logits(D, grids, None, "translation,cutout", torch.Generator().manual_seed(5))
+    torch.manual_seed(123)
+    gan_training.d_logits(D, grids, None, "translation,cutout", torch.Generator().manual_seed(6))
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[2])
+    assert not torch.equal(seen[0], grids)
+
+
+def test_an_image_discriminator_is_conditional_and_uses_minibatch_std_as_the_family_says():
+    vqgan = VQGAN(VQGANConfig(in_channels=1, ch=8, ch_mult=(1, 2), z_channels=4, n_codes=8, code_dim=4))
+    g = GANParams(family="lada", model=LADA, d_space="image", image_d_channels=8)
+    gcfg = gan_training.family_config(g, code_dim=4, grid=8, n_classes=10)
+    gcfg.mbstd_group = 4
+    D = gan_training.build_d(g, gcfg, vqgan, 16)
+    assert D.embed is not None and D.embed.num_embeddings == 10 and D.mbstd_group == 4
+    assert D.head.in_features == D.embed.embedding_dim + 1  # the minibatch-std feature

@@ -288,8 +288,9 @@ def test_fid_tracker_noise_labels_and_protocol_follow_the_seed(world, tmp_path, 
                        n_ref=None, seed=5)
     fid_ref.run(ref)
     meta = json.loads((ref.folder / "meta.json").read_text())
-    monkeypatch.setattr(gan_training, "load_network", stub)
     g = GANParams(family="lada", model=TINY["lada"], fid_every=3, fid_images=7, fid_reference=str(ref.folder))
+    # the network the run's params name (its weights file, device, batch size)
+    monkeypatch.setattr(gan_training, "load_network", lambda p: stub(p) if p == g.fid_network else None)
     fp = meta["dataset_fingerprint"]
     tracker = gan_training.FIDTracker(g, 11, 16, 3, fp, 1)
     expected_z = torch.randn(7, 16, generator=gan_training.step_generator(11, 0, gan_training.FID_NOISE))
