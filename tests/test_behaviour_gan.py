@@ -3,6 +3,7 @@ going down: R1 differentiates D at the real grids (spied), the EMA applies its w
 back from checkpoints), and every sampling batch draws its own noise (spied)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,30 @@ def test_an_image_discriminator_is_conditional_and_uses_minibatch_std_as_the_fam
     D = gan_training.build_d(g, gcfg, vqgan, 16)
     assert D.embed is not None and D.embed.num_embeddings == 10 and D.mbstd_group == 4
     assert D.head.in_features == D.embed.embedding_dim + 1  # the minibatch-std feature
+
+
+def test_d_runs_on_the_math_backend_only_when_its_input_gradient_is_differentiated():
+    """R1 or WGAN-GP take a double backward, which the fused kernels lack; without either, and whenever the user
+    chose a backend, D keeps the config's."""
+    g = GANParams(family="lada", model=LADA)
+    cfg = gan_training.family_config(g, code_dim=4, grid=4, n_classes=0)
+    for r1, loss, backend, want in ((0.0, "nonsat", None, None), (0.1, "nonsat", None, "math"),
+                                    (0.0, "wgan-gp", None, "math"), (0.1, "hinge", "sdpa", "sdpa")):
+        c = dataclasses.replace(cfg, r1_gamma=r1, loss=loss, backend=backend)
+        assert gan_training.d_config(c).backend == want, (r1, loss, backend)
+
+
+def test_step_generators_are_seeded_as_the_published_runs_were():
+    """(seed, step, stream, rank) -> one torch seed, the formula every recorded GAN run used: changing it changes
+    every trained weight and gFID in docs/results.md (and what a resumed run draws)."""
+    for seed, step, stream, rank in ((0, 0, 0, 0), (3, 17, gan_training.MS_NOISE, 1), (7, 2, 4, 5)):
+        want = ((seed * 1_000_003 + step) * 8 + stream) * 4096 + rank
+        assert gan_training.step_generator(seed, step, stream, rank).initial_seed() == want
+    assert gan_training.step_generator(3, 17, 2).initial_seed() == ((3 * 1_000_003 + 17) * 8 + 2) * 4096
+
+
+def test_a_family_config_with_other_than_two_betas_is_refused_naming_them():
+    g = GANParams(family="lada", model={**LADA, "betas": [0.5, 0.9, 0.99]})
+    with pytest.raises(ValueError) as err:
+        gan_training.family_config(g, code_dim=4, grid=4, n_classes=0)
+    assert str(err.value) == "betas must be two numbers, got [0.5, 0.9, 0.99]"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -69,11 +70,24 @@ def test_image_d_judges_decoded_pixels_and_its_gradient_reaches_only_g(world):
 def test_dataset_reals_are_the_images_the_store_was_made_from(world):
     inputs, codebook, data = setup(world, hflip=True, d_space="image", image_reals="dataset")
     n = data.meta["counts"]["train"]
-    idx = torch.tensor([5, 0, n + 5])  # n + 5: the flipped copy of image 5
-    images = inputs.real(torch.zeros(3, 4, 4, 4), idx)
+    idx = torch.tensor([5, 0, n + 5, n])  # n + i: the flipped copy of image i, from n on
+    images = inputs.real(torch.zeros(4, 4, 4, 4), idx)
     tokens = inputs.vqgan.encode(images)[1]
     assert torch.equal(tokens[:2].flatten(1), data.tokens[[5, 0]])  # image i is the one store record i came from
-    assert torch.equal(images[2], images[0].flip(-1))
+    assert torch.equal(images[2], images[0].flip(-1)) and torch.equal(images[3], images[1].flip(-1))
+    assert not torch.equal(images[1], images[1].flip(-1))  # (an image its own mirror would prove nothing)
+    grey_vqgan = SimpleNamespace(cfg=SimpleNamespace(in_channels=3))
+    with pytest.raises(UserError) as err:
+        TrainingInputs(GANParams(d_space="image", image_reals="dataset"), grey_vqgan, codebook, True,
+                       world["prepared"], data.meta, False)
+    assert str(err.value) == (f"{world['prepared']}: images have 1 channel(s), the VQGAN decodes 3; use "
+                              f"train_transformer.gan.image_reals: recon")
+    more = dict(data.meta, counts={**data.meta["counts"], "train": n + 1})
+    with pytest.raises(UserError) as err:
+        TrainingInputs(GANParams(d_space="image", image_reals="dataset"), inputs.vqgan, codebook, True,
+                       world["prepared"], more, False)
+    assert str(err.value) == (f"{world['prepared']}: the train split has {n} images, the token store {n + 1}; "
+                              f"re-run tokenize")
     wrong = dict(data.meta, dataset_fingerprint="0" * 64)
     with pytest.raises(UserError, match="not the prepared dataset the token store was made from"):
         TrainingInputs(GANParams(d_space="image", image_reals="dataset"), inputs.vqgan, codebook, True,
