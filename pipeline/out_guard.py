@@ -324,6 +324,8 @@ def check_unrecorded_changes(root: Path, targets: list[str] | None = None, with_
     if not isinstance(status, dict):  # unknown is not "unchanged": the run would let DVC delete what it finds
         said = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
         error = next((line for line in said if line.startswith("ERROR")), said[-1] if said else "no output")
+        if "Unable to acquire lock" in error:  # DVC's repository lock: another dvc command holds it
+            raise UserError(f"a dvc command is running in {root}; nothing was run (run again when it has finished)")
         raise UserError(f"{source}: `{' '.join(cmd)}` failed ({error}), so whether a recorded output holds files of "
                         f"yours is unknown; nothing was run")
     cache, locked = None, locked_outs(root)

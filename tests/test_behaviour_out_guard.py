@@ -327,6 +327,14 @@ def test_dvc_status_that_fails_stops_the_run_naming_dvcs_error(tmp_path, cache, 
     assert (tmp_path / "m.json").read_text() == "user edit"
 
 
+def test_dvc_status_kept_out_by_another_dvc_command_says_so(tmp_path, cache, monkeypatch):
+    write(tmp_path / "dvc.lock", json.dumps({"stages": {}}))
+    monkeypatch.setattr(out_guard.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, "", "ERROR: Unable to acquire lock. Most likely another DVC process is running or was terminated"))
+    assert unrecorded_refusal(tmp_path) == (f"a dvc command is running in {tmp_path}; nothing was run (run again when "
+                                            f"it has finished)")
+
+
 def test_the_cache_is_where_dvc_keeps_a_files_bytes(tmp_path):
     """The guard finds a file's bytes by DVC 3's layout (md5 of the content, files/md5/<2>/<30> under the cache
     folder DVC reports); a DVC that stored them elsewhere would make every output look like the user's."""
