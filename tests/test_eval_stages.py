@@ -541,6 +541,23 @@ def test_per_class_fid_takes_the_low_rank_route(stub_world, monkeypatch):
     assert [e["value"] for e in out.values()] == expected and not skipped
 
 
+def test_a_class_is_unreliable_when_either_side_has_fewer_samples_than_min_count(stub_world):
+    """3 generated images of class 0 against its whole reference: unreliable though the reference side is large
+    enough; class 1 with as many generated as reference images, all at least min_count: reliable."""
+    from pipeline import fid
+
+    ref = load_reference(stub_world["ref"])
+    real = np.bincount(ref.labels, minlength=2)
+    min_count = int(real.min())
+    assert min_count > 3  # the fixture's per-class counts keep the two cases apart
+    keep = np.concatenate([np.flatnonzero(ref.labels == 0)[:3], np.flatnonzero(ref.labels == 1)])
+    fake, labels = ref.features[keep].astype(np.float64) + 0.5, ref.labels[keep]
+    protocol = fid.Protocol(n_gen=len(keep), n_ref=len(ref.labels), ref_split="val", resize_mode="tf_bilinear",
+                            feature_network_hash="stub", seed=0)
+    out, _ = evaluate.per_class_fid(ref, fake, labels, CLASSES, protocol, min_count=min_count)
+    assert [(e["protocol"]["n_gen"], e["unreliable"]) for e in out.values()] == [(3, True), (int(real[1]), False)]
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares width x height 8-bit grey pixels: what a decompression bomb shows before decoding."""
     def chunk(kind: bytes, data: bytes) -> bytes:

@@ -9,8 +9,8 @@ import torch
 
 from helpers import reference_stack
 from models.gpt import GPTConfig
-from models.maskgit import (MaskGIT, MaskGITConfig, cosine_schedule, decode_schedule, maskgit_config, masked_loss,
-                            n_masked, random_mask)
+from models.maskgit import (MaskGIT, MaskGITConfig, cosine_schedule, decode_schedule, gumbel_noise, maskgit_config,
+                            masked_loss, n_masked, random_mask)
 
 GRID = (3, 4)  # not square, so rows and columns cannot be confused
 N = GRID[0] * GRID[1]
@@ -345,6 +345,29 @@ def test_each_step_keeps_the_most_confident_predictions():
                                                               choice_temperature=20.0, generator=seeded(seed)))
         picks.add(tuple((seen[1][0] != model.mask_id).tolist()))
     assert len(picks) > 1
+
+
+
+def test_the_gumbel_noise_on_confidences_is_scaled_by_the_steps_left():
+    """Step t adds choice_temperature * (1 - (t+1)/T) Gumbel noise: at T = 2 step 0 uses half the temperature (one
+    step late it would be the whole). Greedy codes draw nothing, so the noise is the generator's first draw and
+    step 0's kept positions can be rebuilt by hand."""
+    model = sharpened(tiny())
+    labels = torch.tensor([1, 2, 0])
+    steps, c = 2, 3.0
+    _, seen = record_inputs(model, lambda: model.generate(3, labels, steps=steps, temperature=0,
+                                                          choice_temperature=c, generator=seeded(4)))
+    with torch.no_grad():
+        confidence = model(all_masked(model, 3), labels).float().log_softmax(-1).max(-1).values
+    noise = gumbel_noise((3, N), seeded(4), torch.device("cpu"))
+    remasked = decode_schedule(N, steps)[0]
+
+    def kept(scale: float) -> torch.Tensor:
+        masked = (confidence + scale * noise).topk(remasked, dim=1, largest=False).indices
+        return torch.ones(3, N, dtype=torch.bool).scatter(1, masked, False)
+
+    assert torch.equal(seen[1] != model.mask_id, kept(c * 0.5))
+    assert not torch.equal(kept(c * 0.5), kept(c))  # the inputs tell the two schedules apart
 
 
 def test_cfg_scale_zero_is_the_unconditional_path_and_one_skips_it():

@@ -101,3 +101,7 @@ def test_samples_have_no_mask_left_and_are_seeded(world, trained, tmp_path):
     sample_stage.run(sample_cfg(world, trained / "gpt", tmp_path / "c", maskgit_steps=2))
     read = lambda d: (d / "samples" / "samples-000000.tar").read_bytes()  # noqa: E731
     assert read(tmp_path / "a") == read(tmp_path / "b") and read(tmp_path / "a") != read(tmp_path / "c")
+    # the noise on the confidences is the params' (the manifest records it: it must be what sampled)
+    sample_stage.run(sample_cfg(world, trained / "gpt", tmp_path / "d", maskgit_steps=4, choice_temperature=0.0))
+    sample_stage.run(sample_cfg(world, trained / "gpt", tmp_path / "e", maskgit_steps=4, choice_temperature=50.0))
+    assert len({read(tmp_path / d) for d in "ade"}) == 3
