@@ -201,3 +201,22 @@ def test_weight_decay_groups_are_every_matrix_but_the_class_prefix():
         assert sorted(decayed + free) == sorted(names.values())
         if isinstance(model, GPT):
             assert "wpe.weight" in decayed
+
+
+def test_gradient_accumulation_gives_the_full_batch_gradient(world, tmp_path, monkeypatch):
+    """batch 8 as 2 micro-batches of 4: each micro-batch loss is divided by 2 before backward, so the summed
+    gradient is the full batch's mean-loss gradient (Adam would hide a 2x scale; the clip threshold would not)."""
+    seen = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **kw):
+        params = list(params)
+        seen.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]).clone())
+        return clip(params, max_norm, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    ar = tt.ARParams(n_layer=1, n_head=2, n_embd=16, class_dropout=0.0)  # no label draws to differ by
+    for accum in (1, 2):
+        tt.run(ar_cfg(world, tmp_path / str(accum), steps=1, grad_accum=accum, ar=ar, ckpt_every=1, eval_every=1))
+    assert len(seen) == 2 and seen[0].abs().max() > 0
+    assert torch.allclose(seen[1], seen[0], rtol=1e-4, atol=1e-7)  # float32 sums in another order
