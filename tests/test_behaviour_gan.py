@@ -47,7 +47,8 @@ def gan_cfg(base: Path, out: Path, steps: int, **gan) -> TrainTransformerParams:
         kind="gan", dataset="a", tokens_dir=str(base / "tokens"), prepared_dir=str(base / "prepared"),
         vqgan_dir=str(base / "vqgan"), out_dir=str(out / "model"), ckpt_dir=str(out / "ckpt"),
         metrics=str(out / "metrics.json"), plots=str(out / "log.tsv"), steps=steps, batch_size=8, ckpt_every=1,
-        ckpt_keep=steps, log_every=1, device="cpu", gan=GANParams(family="lada", model=dict(LADA), **gan))
+        ckpt_keep=steps, log_every=1, device="cpu",
+        gan=GANParams(family="lada", **{"model": dict(LADA), **gan}))
 
 
 def distance_to_codebook(grids: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -125,6 +126,22 @@ def test_ema_applies_the_warm_up_decay_at_every_step(world, tmp_path, monkeypatc
         assert used == pytest.approx(1 - ema_decay_at(step - 1, 0.15), abs=1e-4), step
         assert torch.allclose(averaged, used * moved, atol=1e-6)
         previous = shadow
+
+
+
+def test_the_ema_warm_up_counts_generator_updates_not_steps(world, tmp_path, monkeypatch):
+    """n_critic 2 over 4 steps: G (and its EMA) update at steps 0 and 2, with the decays of the first and second G
+    update, ema_decay_at(0) and ema_decay_at(1); counted by steps the second would be ema_decay_at(2)."""
+    used = []
+
+    class SpyEMA(EMA):
+        def update(self):
+            used.append(self.decay)
+            super().update()
+
+    monkeypatch.setattr(gan_training, "EMA", SpyEMA)
+    train_transformer.run(gan_cfg(world, tmp_path, steps=4, ema_decay=0.999, model={**LADA, "n_critic": 2}))
+    assert used == [pytest.approx(ema_decay_at(0, 0.999)), pytest.approx(ema_decay_at(1, 0.999))]
 
 
 def test_every_sampling_batch_draws_its_own_noise(world, tmp_path, monkeypatch):

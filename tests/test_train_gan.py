@@ -309,6 +309,21 @@ def test_fid_tracker_noise_labels_and_protocol_follow_the_seed(world, tmp_path, 
         gan_training.FIDTracker(g, 11, 16, 3, fp, 1)
 
 
+
+def test_transgan_is_told_the_fraction_of_training_done_before_each_step(world, tmp_path, monkeypatch):
+    """step / steps: 0 at the first step, never 1 (the locality mask's last widening is the run's last quarter
+    here); one step is a valid run."""
+    from models.gan_transgan import TransGANGenerator
+    seen = []
+    original = TransGANGenerator.set_progress
+    monkeypatch.setattr(TransGANGenerator, "set_progress", lambda self, p: seen.append(p) or original(self, p))
+    train_transformer.run(gan_cfg(world, tmp_path / "a", "transgan", steps=4, ckpt_every=2))
+    assert seen == [0.0, 0.25, 0.5, 0.75]
+    seen.clear()
+    train_transformer.run(gan_cfg(world, tmp_path / "b", "transgan", steps=1, ckpt_every=1, log_every=1))
+    assert seen == [0.0]
+
+
 def test_mode_seeking_ratio_is_each_pairs_output_distance_over_its_noise_distance_averaged():
     """Pair 0: outputs differ by 1 on average, noise by 2 -> 0.5; pair 1: 3 over 1 -> 3; the mean is 1.75 (MSGAN's
     ratio of batch means would give 2 / 1.5 = 1.33: tokenmill averages per pair, docs/gan_recipes.md)."""
