@@ -124,6 +124,31 @@ def test_the_loop_calls_lpips_from_lpips_start_on(prepared, tmp_path, monkeypatc
     assert len(made) == 1 and made[0].calls == 2 * 2  # steps 3 and 4, two micro-batches each
 
 
+
+def test_the_discriminator_follows_the_generators_schedule_scaled_to_its_own_rate(prepared, tmp_path, monkeypatch):
+    """Warm-up and cosine decay apply to both optimisers: D's rate is the generator's times disc_lr / lr."""
+    from training.common import cosine_lr
+    rates: list[tuple[int, float]] = []
+    real_set_lr = vqgan_loop.set_lr
+    monkeypatch.setattr(vqgan_loop, "set_lr", lambda opt, lr: rates.append((id(opt), lr)) or real_set_lr(opt, lr))
+    monkeypatch.setattr(vqgan_loop, "finish", lambda *a, **k: None)  # only the loop is under test
+    cfg = TrainVQGANParams(
+        dataset="tiny", prepared_dir=str(prepared), out_dir=str(tmp_path / "vqgan"), ckpt_dir=str(tmp_path / "ckpt"),
+        metrics=str(tmp_path / "m.json"), plots=str(tmp_path / "log.tsv"), steps=5, batch_size=4, ckpt_every=5,
+        log_every=1, kmeans_init=False, device="cpu", val_images=4,
+        model=VQGANConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, n_codes=16, code_dim=4,
+                          dead_code_steps=0),
+        loss=LossParams(lpips_weight=0.0, disc_weight=0.5, disc_start=0))
+    cfg.optim.lr, cfg.optim.disc_lr, cfg.optim.warmup_steps = 1e-3, 4e-4, 2
+    train_vqgan.run(cfg)
+    g_opt, d_opt = rates[0][0], rates[1][0]
+    assert g_opt != d_opt and len(rates) == 2 * 5
+    for step in range(5):
+        lr = cosine_lr(step, 1e-3, 2, 5, cfg.optim.min_lr_ratio)
+        assert rates[2 * step] == (g_opt, lr) and rates[2 * step + 1][0] == d_opt
+        assert rates[2 * step + 1][1] == pytest.approx(lr * 0.4, rel=1e-12), step
+
+
 class LinearD(torch.nn.Module):
     """A discriminator whose logits are a fixed weighted sum of the image, one logit per image."""
 
@@ -170,6 +195,31 @@ def test_generator_loss_adds_the_adaptively_weighted_gan_term(rec_kind, disc_los
     assert float(parts["q"].detach()) == 0.125 and float(parts["lpips"].detach()) == 0.0
     assert float(total.detach()) == pytest.approx(float(rec + 0.125 + w * g), rel=1e-9)
     assert not parts["d_weight"].requires_grad  # the weight is a constant of the step, as in Taming
+
+
+
+class QuadraticLPIPS(torch.nn.Module):
+    """A perceptual distance with a closed-form gradient: per image sum of c * (recon - x)^2."""
+
+    def __init__(self, c: torch.Tensor):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x, recon):
+        return (self.c * (recon - x).pow(2)).flatten(1).sum(1)
+
+
+def test_the_adaptive_weight_balances_the_gan_term_against_the_whole_reconstruction_loss():
+    """Taming's lambda uses the gradient of the NLL, rec + lpips_weight * LPIPS, not of the pixel term alone."""
+    x, b, v, a = _gan_case()
+    c = torch.tensor([[[1.0, 3.0], [0.5, 2.0]]], dtype=torch.float64)
+    loss = LossParams(rec="l1", lpips_weight=2.0, disc_weight=0.5, disc_loss="hinge", adaptive_max=1e4)
+    _, parts = vq_loss.generator_loss(x, a * b, torch.tensor(0.0, dtype=torch.float64), loss, QuadraticLPIPS(c),
+                                      LinearD(v), a, gan_on=True)
+    r = a.detach() * b - x
+    dnll = (r.sign() * b).mean() + 2.0 * (2 * c * r * b).flatten(1).sum(1).mean()
+    dg = -(b * v).flatten(1).sum(1).mean()
+    assert float(parts["d_weight"].detach()) == pytest.approx(float(0.5 * dnll.abs() / (dg.abs() + 1e-4)), rel=1e-9)
 
 
 def test_generator_loss_clamps_the_adaptive_weight_at_adaptive_max():
