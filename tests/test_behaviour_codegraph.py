@@ -47,6 +47,18 @@ def test_closure_follows_package_submodule_relative_and_function_level_imports(t
         codegraph.imports_of("pipeline.missing", tmp_path)
 
 
+
+def test_relative_imports_climb_one_package_per_dot_beyond_the_first(tmp_path):
+    """In a subpackage two and three levels deep (`..` from models/sub/deep.py is models), where dropping a level
+    too many or too few lands on another module or none."""
+    deep = "from ..net import X\n"
+    fake_tree(tmp_path, {"models/net.py": "", "models/sub/__init__.py": "", "models/sub/deep.py": deep,
+                         "pipeline/helpers.py": "", "pipeline/a/__init__.py": "", "pipeline/a/b/__init__.py": "",
+                         "pipeline/a/b/c.py": "from ...helpers import Y\nfrom .. import b\n"})
+    assert codegraph.imports_of("models.sub.deep", tmp_path) == {"models.net"}
+    assert codegraph.imports_of("pipeline.a.b.c", tmp_path) == {"pipeline.helpers", "pipeline.a", "pipeline.a.b"}
+
+
 def test_project_modules_names_packages_by_their_name(tmp_path):
     fake_tree(tmp_path, {"models/net.py": "", "stages/s.py": ""})
     assert codegraph.project_modules(tmp_path) == ["models", "models.net", "pipeline", "training", "stages",

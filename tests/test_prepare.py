@@ -1,3 +1,4 @@
+import hashlib
 import io
 import json
 import tarfile
@@ -402,3 +403,19 @@ def test_split_keep_reads_split_folders_in_any_case(tmp_path):
     (tmp_path / "src" / "train").mkdir()
     with pytest.raises(UserError, match=r"split folders Train/ and train/ differ only in case; keep one"):
         run(cfg(tmp_path, "cased2", source="folder", path=str(tmp_path / "src"), resolution=16, split="keep"))
+
+
+def test_a_random_split_is_a_function_of_the_seed_and_the_key_alone():
+    """Each key's split is decided by sha256("<seed>:<key>") against val_fraction: the same for any file order,
+    other for another seed (a seed that changed nothing would make `prepare.seed` a lie)."""
+    from stages.prepare import DatasetSpec, RawSample, assign_split
+    spec = DatasetSpec(source="folder", path="x", split="random", val_fraction=0.25)
+    keys = [f"img{i:03d}" for i in range(200)]
+    splits = {seed: [assign_split(RawSample(k, k, None, 0, b""), spec, seed) for k in keys] for seed in (0, 1)}
+    assert splits[0] != splits[1]
+    for seed in (0, 1):
+        assert 30 < splits[seed].count("val") < 70  # about a quarter of 200
+    h = int(hashlib.sha256(b"1:img007").hexdigest()[:8], 16) / 2**32
+    assert splits[1][7] == ("val" if h < 0.25 else "train")
+    kept = RawSample("a", "a", "val", 0, b"")
+    assert assign_split(kept, DatasetSpec(source="folder", path="x", split="keep"), 0) == "val"
