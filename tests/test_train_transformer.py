@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -11,14 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import crash_after_first_checkpoint, transformer_cfg
+from models.gpt import GPT, GPTConfig
 from pipeline.sandbox import IDX_STEMS, read_idx, write_idx
-from pipeline.tokens import read_meta
+from pipeline.tokens import TokenData, read_meta
 from pipeline.errors import UserError
 from pipeline.shards import iter_tar_samples
 from pipeline.images import decode_png
 from stages import sample as sample_stage
 from stages import train_transformer as tt
 from pipeline.runlog import read_run_facts
+from training.ar import LOG_KEYS, unigram_bits
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +105,31 @@ def test_metrics_and_outputs(world, tmp_path):
     assert run["mfu"] is None  # no peak figure for a CPU
     cfg = json.loads((tmp_path / "gpt" / "config.json").read_text())
     assert cfg["model"]["n_classes"] == 10 and cfg["model"]["vocab_size"] == 16
+    # the record is the run's own log: its last row, its last and first evaluations, the store's unigram entropy
+    rows = [dict(zip(LOG_KEYS, line.split("\t"))) for line in (tmp_path / "log.tsv").read_text().splitlines()[1:]]
+    assert (tmp_path / "log.tsv").read_text().splitlines()[0].split("\t") == LOG_KEYS
+    evals = [r for r in rows if r["val_loss"]]
+    assert [r["step"] for r in rows] == ["2", "3", "4", "6"] and [r["step"] for r in evals] == ["3", "6"]
+    assert f"{m['train_loss']:.6g}" == rows[-1]["train_loss"] and f"{m['val_loss']:.6g}" == evals[-1]["val_loss"]
+    assert f"{m['val_bits_per_token_first_eval']:.6g}" == evals[0]["val_bits_per_token"]
+    assert m["val_bits_per_token"] == pytest.approx(m["val_loss"] / math.log(2), rel=1e-12)
+    store = TokenData.load(world / "tokens" / "a", "train", False, cfg["fingerprint"], "test")
+    assert m["unigram_bits_per_token"] == pytest.approx(unigram_bits(store.tokens, 16), rel=1e-12)
+    model = GPT(GPTConfig(**{**cfg["model"], "grid": tuple(cfg["model"]["grid"])}))
+    assert m["params_m"] == round(model.num_params() / 1e6, 3) and m["steps"] == 6
+    assert m["fingerprint"] == cfg["fingerprint"] == read_meta(world / "tokens" / "a")["fingerprint"]
+    assert {k: cfg[k] for k in ("kind", "dataset", "steps", "class_names")} == {
+        "kind": "ar", "dataset": "a", "steps": 6, "class_names": [str(i) for i in range(10)]}
+    assert run["device"] == "cpu" and run["achieved_tflops"] == pytest.approx(
+        model.flops_per_token() * run["tokens_per_s"] / 1e12, rel=1e-9)
+    assert (tmp_path / "gpt" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "gpt" / ".tokenmill-stage").read_text().strip() == "train_transformer"
+
+
+def test_unigram_entropy_by_hand():
+    # codes 0, 0, 1, 3 of 4: probabilities 1/2, 1/4, 0, 1/4 -> 1.5 bits; unused codes add nothing
+    assert unigram_bits(torch.tensor([[0, 0], [1, 3]]), 4) == pytest.approx(1.5, rel=1e-12)
+    assert unigram_bits(torch.tensor([2, 2, 2]), 4) == 0.0
 
 
 def test_batch_larger_than_the_store_is_one_line_before_training(world, tmp_path):
