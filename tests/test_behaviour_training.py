@@ -214,3 +214,19 @@ def test_init_distributed_reads_world_and_local_rank(tmp_path, monkeypatch):
         assert init_distributed(torch.device("cpu")).local_rank == 0  # absent: 0
     finally:
         dist.destroy_process_group()
+
+
+def test_ema_averages_a_tied_weight_under_both_of_its_names():
+    """GPT with tie_head: head.weight is wte.weight. Copied raw under its second name, the raw weights were loaded
+    over the average, so the exported model held no average at all for that matrix."""
+    from training.common import EMA
+    m = torch.nn.ModuleDict({"wte": torch.nn.Embedding(3, 2), "head": torch.nn.Linear(2, 3, bias=False)})
+    m["head"].weight = m["wte"].weight
+    start = m["wte"].weight.detach().clone()
+    ema = EMA(m, 0.75)
+    with torch.no_grad():
+        m["wte"].weight.add_(4.0)
+    ema.update()
+    averaged = ema.averaged()
+    want = start + 0.25 * 4.0
+    assert torch.allclose(averaged["wte"].weight, want) and torch.allclose(averaged["head"].weight, want)

@@ -27,12 +27,12 @@ def world(tiny_world) -> dict:
     return tiny_world
 
 
-def setup(world: dict, hflip: bool = False, **gan) -> tuple[TrainingInputs, torch.Tensor, TokenData]:
+def setup(world: dict, **gan) -> tuple[TrainingInputs, torch.Tensor, TokenData]:
     vqgan, vmeta = load_vqgan(world["vqgan"])
     vqgan.eval().requires_grad_(False)
     codebook = vqgan.quantizer.codes().detach()
     data = TokenData.load(world["tokens"], "train", False, vmeta["fingerprint"], "test")
-    inputs = TrainingInputs(GANParams(**gan), vqgan, codebook, True, world["prepared"], data.meta, hflip)
+    inputs = TrainingInputs(GANParams(**gan), vqgan, codebook, True, world["prepared"], data.meta)
     return inputs, codebook, data
 
 
@@ -68,7 +68,7 @@ def test_image_d_judges_decoded_pixels_and_its_gradient_reaches_only_g(world):
 
 
 def test_dataset_reals_are_the_images_the_store_was_made_from(world):
-    inputs, codebook, data = setup(world, hflip=True, d_space="image", image_reals="dataset")
+    inputs, codebook, data = setup(world, d_space="image", image_reals="dataset")
     n = data.meta["counts"]["train"]
     idx = torch.tensor([5, 0, n + 5, n])  # n + i: the flipped copy of image i, from n on
     images = inputs.real(torch.zeros(4, 4, 4, 4), idx)
@@ -79,19 +79,19 @@ def test_dataset_reals_are_the_images_the_store_was_made_from(world):
     grey_vqgan = SimpleNamespace(cfg=SimpleNamespace(in_channels=3))
     with pytest.raises(UserError) as err:
         TrainingInputs(GANParams(d_space="image", image_reals="dataset"), grey_vqgan, codebook, True,
-                       world["prepared"], data.meta, False)
+                       world["prepared"], data.meta)
     assert str(err.value) == (f"{world['prepared']}: images have 1 channel(s), the VQGAN decodes 3; use "
                               f"train_transformer.gan.image_reals: recon")
     more = dict(data.meta, counts={**data.meta["counts"], "train": n + 1})
     with pytest.raises(UserError) as err:
         TrainingInputs(GANParams(d_space="image", image_reals="dataset"), inputs.vqgan, codebook, True,
-                       world["prepared"], more, False)
+                       world["prepared"], more)
     assert str(err.value) == (f"{world['prepared']}: the train split has {n} images, the token store {n + 1}; "
                               f"re-run tokenize")
     wrong = dict(data.meta, dataset_fingerprint="0" * 64)
     with pytest.raises(UserError, match="not the prepared dataset the token store was made from"):
         TrainingInputs(GANParams(d_space="image", image_reals="dataset"), inputs.vqgan, codebook, True,
-                       world["prepared"], wrong, False)
+                       world["prepared"], wrong)
 
 
 def test_pixel_discriminator_projection_uses_the_class():

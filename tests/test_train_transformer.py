@@ -248,3 +248,44 @@ def test_gradient_accumulation_gives_the_full_batch_gradient(world, tmp_path, mo
         tt.run(ar_cfg(world, tmp_path / str(accum), steps=1, grad_accum=accum, ar=ar, ckpt_every=1, eval_every=1))
     assert len(seen) == 2 and seen[0].abs().max() > 0
     assert torch.allclose(seen[1], seen[0], rtol=1e-4, atol=1e-7)  # float32 sums in another order
+
+
+def test_the_run_builds_the_model_optimiser_and_data_its_params_name(world, tmp_path, monkeypatch):
+    """Every ar.* and optim.* setting reaches what it sets (config.json, AdamW's groups and betas), an
+    unconditional model has no classes, the val split is never flipped, and with ema the EMA weights are exported."""
+    from training import ar as ar_loop
+    loads, opts = [], []
+    real_load = ar_loop.TokenData.load
+
+    def load(store, split, hflip, *a, **kw):
+        loads.append((split, hflip))
+        return real_load(store, split, hflip, *a, **kw)
+
+    class SpyAdamW(torch.optim.AdamW):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            opts.append(self)
+
+    monkeypatch.setattr(ar_loop.TokenData, "load", staticmethod(load))
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    ar = tt.ARParams(n_layer=1, n_head=2, n_embd=16, dropout=0.1, conditional=False, class_dropout=0.3,
+                     norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_head=True)
+    optim = tt.OptimParams(lr=3e-3, warmup_steps=2, beta1=0.8, beta2=0.9, weight_decay=0.07)
+    tt.run(ar_cfg(world, tmp_path, ar=ar, optim=optim, ema=0.5, ckpt_keep=6))
+    assert loads == [("train", False), ("val", False)]
+    model = json.loads((tmp_path / "gpt" / "config.json").read_text())["model"]
+    assert {k: model[k] for k in ("n_layer", "n_head", "n_embd", "dropout", "n_classes", "class_dropout", "norm",
+                                  "mlp", "pos", "bias", "tie_head")} == {
+        "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.1, "n_classes": 0, "class_dropout": 0.3,
+        "norm": "layernorm", "mlp": "gelu", "pos": "learned", "bias": True, "tie_head": True}
+    (opt,) = opts
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.07, 0.0]
+    assert all(g["betas"] == (0.8, 0.9) for g in opt.param_groups)
+    exported = load_file(str(tmp_path / "gpt" / "model.safetensors"))
+    from pipeline import checkpoint as ckpt
+    last = ckpt.read(tmp_path / "ckpt" / "step-00000006.pt")
+    shadow = last["ema"]["shadow"]
+    assert all(torch.equal(exported[k], shadow[k]) for k in exported)
+    assert any(not torch.equal(exported[k], last["model"][k]) for k in exported)  # not the raw weights
+    loaded, _ = sample_stage.load_stage2(tmp_path / "gpt", torch.device("cpu"))  # the tied head loads back tied
+    assert loaded.head.weight is loaded.wte.weight and torch.equal(loaded.wte.weight, shadow["wte.weight"])

@@ -126,7 +126,9 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.model, self.decay = model, decay
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self._params = {name for name, _ in model.named_parameters()}
+        # every name of a parameter: a tied one (GPT's head.weight is wte.weight) is averaged under both, not copied
+        # raw under its second name and loaded over the average
+        self._params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
 
     @torch.no_grad()
     def update(self) -> None:
@@ -180,9 +182,11 @@ def write_tsv(path: str | os.PathLike, history: list[dict], keys: list[str]) -> 
 
 
 def export_weights(folder: str | os.PathLike, model: nn.Module) -> None:
-    """The model's weights as `model.safetensors` in `folder` (tensors only: no pickle, loads anywhere)."""
+    """The model's weights as `model.safetensors` in `folder` (tensors only: no pickle, loads anywhere). Tied
+    weights (a GPT with tie_head) are written once per name: safetensors refuses tensors that share memory, and
+    load_state_dict fills both names from equal copies."""
     from safetensors.torch import save_file
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
         save_file(sd, str(tmp))
 

@@ -290,8 +290,7 @@ class FIDTracker:
 class TrainingInputs:
     """The discriminator's inputs for a step: real and fake grids mapped into `gan.d_space` (see the docstring)."""
 
-    def __init__(self, g: GANParams, vqgan: "VQGAN", codebook: Tensor, l2_norm: bool, prepared: Path, meta: dict,
-                 hflip: bool):
+    def __init__(self, g: GANParams, vqgan: "VQGAN", codebook: Tensor, l2_norm: bool, prepared: Path, meta: dict):
         self.g, self.vqgan, self.codebook, self.l2_norm = g, vqgan, codebook, l2_norm
         self.images: PreparedImages | None = None
         if g.d_space == "image" and g.image_reals == "dataset":
@@ -307,7 +306,6 @@ class TrainingInputs:
             if len(self.images) != self.n:
                 raise UserError(f"{prepared}: the train split has {len(self.images)} images, the token store "
                                 f"{self.n}; re-run tokenize")
-        self.hflip = hflip
 
     def real(self, grids: Tensor, idx: Tensor) -> Tensor:
         if self.g.d_space == "latent":
@@ -393,7 +391,7 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
         log.info("resuming from %s at step %d", cfg.ckpt_dir, start)
 
     conditional = gcfg.n_classes > 0
-    inputs = TrainingInputs(g, vqgan, codebook, l2_norm, Path(cfg.prepared_dir) / cfg.dataset, meta, cfg.hflip)
+    inputs = TrainingInputs(g, vqgan, codebook, l2_norm, Path(cfg.prepared_dir) / cfg.dataset, meta)
     fid = None
     if g.fid_every and dist.main:
         fid = FIDTracker(g, cfg.seed, gcfg.z_dim, gcfg.n_classes, manifest["fingerprint"], vqgan.cfg.in_channels)
