@@ -1,0 +1,166 @@
+"""Checks of the side commands and the orchestration that a planted bug slipped past (session 21's second round):
+`pipeline tokenize`'s guards of the user's files, the run lock from another folder, failure reporting when a user
+error and a crash meet, `compare`'s stale marks, server identity, reference meta, pixel conversion, run-log names,
+and params range checks at their boundaries."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import compare, retokenize, runs
+from pipeline.errors import UserError
+
+
+def one_line(run) -> str:
+    with pytest.raises(UserError) as err:
+        run()
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+# ------------------------------------------------------------------ pipeline tokenize: the user's files
+
+def test_a_store_that_holds_the_source_is_never_the_out(tmp_path):
+    store = tmp_path / "store"
+    (store / "imgs").mkdir(parents=True)
+    assert "overlaps the source" in one_line(lambda: retokenize.check_out(store, store / "imgs", tmp_path / "vq", {}))
+
+
+def test_a_json_of_the_users_with_the_metric_keys_and_more_is_not_replaced(tmp_path):
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"images": 1, "perplexity": 2, "usage_pct": 3, "note": "mine"}))
+    assert "is not a metrics file written by `pipeline tokenize`" in one_line(
+        lambda: retokenize.check_metrics(mine, tmp_path / "src", tmp_path / "vq", tmp_path / "out", {}))
+
+
+def test_a_file_of_the_users_in_the_work_folder_is_refused_before_it_would_be_removed(tmp_path):
+    staging = tmp_path / ".g.prepared"
+    staging.mkdir()
+    (staging / "notes.txt").write_text("mine")
+    assert one_line(lambda: retokenize.check_staging(staging)).endswith("holds notes.txt, not this command's; "
+                                                                        "move it away")
+
+
+def test_the_pipelines_token_stores_follow_tokenize_out_dir(tmp_path):
+    (tmp_path / "params.yaml").write_text("datasets:\n  a:\n    path: x\ntokenize:\n  out_dir: store\n"
+                                          "  metrics_dir: m\n")
+    outs = retokenize.pipeline_outputs(tmp_path)
+    assert outs[(tmp_path / "store" / "a").resolve()] == "tokenize@a"
+    assert outs[(tmp_path / "m" / "tokenize_a.json").resolve()] == "tokenize@a"
+
+
+# ------------------------------------------------------------------ runs: lock, failure reporting
+
+def test_the_run_lock_is_the_projects_from_any_working_folder(tmp_path, monkeypatch):
+    project, elsewhere = tmp_path / "p", tmp_path / "elsewhere"
+    (project / ".dvc" / "tmp").mkdir(parents=True)
+    elsewhere.mkdir()
+    with runs.project_lock(project):
+        monkeypatch.chdir(elsewhere)
+        assert "is in use by" in one_line(lambda: runs.project_lock(project).__enter__())
+
+
+def test_a_pipeline_with_a_crashed_stage_is_no_user_error():
+    from pipeline.flow import PipelineFailed
+    rows = [{"stage": "a", "status": "failed", "user_error": True, "error": "error: a: bad value"},
+            {"stage": "b", "status": "failed", "user_error": False, "error": "b: Traceback"}]
+    assert not PipelineFailed(rows).user_error and PipelineFailed(rows[:1]).user_error
+
+
+def test_each_failed_stage_keeps_its_own_error_line():
+    """DVC's output of two failed stages: the second, which printed no `error:` line, must not inherit the
+    first's."""
+    from pipeline.cli import _follow_repro
+    text = ("Running stage 'a':\nerror: a: bad value\nERROR: failed to reproduce 'a': failed to run: x, exited with 2\n"
+            "Running stage 'b':\nTraceback (most recent call last):\n"
+            "ERROR: failed to reproduce 'b': failed to run: y, exited with 1\n")
+    proc = subprocess.Popen([sys.executable, "-c", f"import sys; sys.stdout.write({text!r})"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert _follow_repro(proc) == [("a", 2, "error: a: bad value"), ("b", 1, "")]
+
+
+# ------------------------------------------------------------------ compare, server identity, references
+
+def test_an_out_of_date_stage_is_marked_with_the_stages_after_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 0, json.dumps({"train_vqgan": ["changed params"]}), ""))
+    monkeypatch.setattr(compare, "upstream_stages", lambda root: {"tokenize@a": {"train_vqgan"}, "fid_ref": set()})
+    assert compare.stale_stages(tmp_path) == {"train_vqgan", "tokenize"}
+
+
+def test_a_server_that_does_not_say_where_it_keeps_its_state_is_not_the_projects(monkeypatch):
+    from pipeline import prefect_server
+    monkeypatch.setattr(prefect_server, "server_home", lambda port, auth=None: "")
+    assert "it does not say where it keeps its state" in one_line(
+        lambda: prefect_server.project_server(4200, "/p/.prefect"))
+
+
+def test_a_reference_whose_meta_lacks_a_key_is_refused(tmp_path):
+    from pipeline.fid_reference import Reference, check_reference
+    ref = Reference.__new__(Reference)
+    ref.meta, ref.folder = {}, tmp_path
+    assert "None, but this evaluation uses 'abc'" in one_line(
+        lambda: check_reference(ref, feature_network_hash="abc"))
+
+
+def test_pixels_survive_the_model_range_round_trip_exactly():
+    from pipeline.vqgan_io import to_model_range, to_uint8
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    assert torch.equal(to_uint8(to_model_range(levels)), levels)
+    assert to_uint8(torch.tensor([0.0, -1.0, 1.0, 0.999])).tolist() == [128, 0, 255, 255]  # rounded, not cut
+
+
+def test_run_facts_sit_beside_the_metrics_under_its_stem(tmp_path):
+    from pipeline.runlog import run_log_path, write_metrics
+    from pipeline.out_guard import _why_not_ours
+    assert run_log_path("m/x.json") == Path("m/x.run.json")
+    write_metrics(tmp_path / "x.json", {"fid": 1.0}, {"seconds": 2.0})
+    assert (tmp_path / "x.run.json").is_file()
+    assert _why_not_ours(tmp_path / "x.json", "evaluate", None) is None  # the out guard finds the run's file
+
+
+# ------------------------------------------------------------------ params at their boundaries
+
+def test_params_checks_hold_at_their_boundaries():
+    import yaml
+    from pipeline.sandbox import ROOT
+    from stages import train_transformer, train_vqgan
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def vq(**model):
+        section = {**params["train_vqgan"], "model": {**params["train_vqgan"].get("model", {}), **model}}
+        return train_vqgan.check({**params, "train_vqgan": section}, "params.yaml")
+
+    assert "beta" in one_line(lambda: vq(beta=0)) and vq(beta=10).model.beta == 10
+
+    def tt(**ar):
+        section = {**params["train_transformer"], "ar": {**params["train_transformer"]["ar"], **ar}}
+        return train_transformer.check({**params, "train_transformer": section}, "params.yaml")
+
+    assert "divisible by 4" in one_line(lambda: tt(n_embd=24, n_head=4, pos="rope2d"))  # head dim 6
+    assert tt(n_embd=32, n_head=4, pos="rope2d").ar.n_embd == 32
+    assert tt(n_embd=24, n_head=4, pos="learned").ar.pos == "learned"
+
+
+def test_the_artifact_gives_the_feature_networks_own_rate(tmp_path, monkeypatch):
+    from pipeline import artifacts
+    seen = []
+    monkeypatch.setattr(artifacts, "create_markdown_artifact", lambda text, **kw: seen.append(text))
+    monkeypatch.setattr(artifacts, "create_table_artifact", lambda *a, **kw: None)
+    report = tmp_path / "data" / "reports" / "evaluate"
+    report.mkdir(parents=True)
+    (report / "metrics.json").write_text("{}")
+    (report / "report.md").write_text("# evaluate\n")
+    metrics = tmp_path / "data" / "metrics" / "evaluate.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("{}")
+    (metrics.parent / "evaluate.run.json").write_text(json.dumps(
+        {"images": 100, "feature_seconds": 2.0, "seconds": 10.0, "device": "cpu"}))
+    (tmp_path / "params.yaml").write_bytes((Path(__file__).resolve().parents[1] / "params.yaml").read_bytes())
+    artifacts.publish_evaluation("evaluate", tmp_path)
+    assert any("50.0 images/s" in text for text in seen), seen
