@@ -164,3 +164,29 @@ def test_the_artifact_gives_the_feature_networks_own_rate(tmp_path, monkeypatch)
     (tmp_path / "params.yaml").write_bytes((Path(__file__).resolve().parents[1] / "params.yaml").read_bytes())
     artifacts.publish_evaluation("evaluate", tmp_path)
     assert any("50.0 images/s" in text for text in seen), seen
+
+
+def test_the_guard_judges_the_first_of_repeated_headers_as_the_app_reads_it():
+    from pipeline.ui_server import LocalOnly
+    guard = LocalOnly(lambda *a: None, 4200)
+    twice = [(b"host", b"evil.example"), (b"host", b"127.0.0.1:4200")]
+    assert guard.refusal({"headers": twice}).startswith("Host evil.example is not this server")
+    origins = [(b"host", b"127.0.0.1:4200"), (b"origin", b"http://evil.example"), (b"origin", b"http://127.0.0.1:4200")]
+    assert guard.refusal({"headers": origins}).startswith("cross-origin request from http://evil.example refused")
+
+
+def test_cuda_asked_of_a_cuda_build_without_a_visible_gpu_is_refused(monkeypatch):
+    from pipeline.device import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        pick_device("cuda")
+
+
+def test_a_stage_reading_a_path_inside_its_own_output_is_refused(tmp_path):
+    from pipeline import out_guard
+    (tmp_path / "dvc.yaml").write_text("stages:\n  ev:\n    cmd: python -m stages.ev\n    deps:\n"
+                                       "      - ${ev.reference}\n    outs:\n      - ${ev.report_dir}\n")
+    for reference, report_dir in (("rep/ref", "rep"), ("ref", "ref/rep")):  # the input inside, or holding, the output
+        assert "would read" in one_line(lambda: out_guard.check_overlaps(
+            tmp_path, {"ev": {"reference": reference, "report_dir": report_dir}}, "params.yaml"))
