@@ -214,7 +214,22 @@ def eval_cfg(world, vqgan_dir, tmp_path, **kw) -> EvalVQGANParams:
 
 def test_eval_vqgan_end_to_end(world, vqgan_dir, tmp_path, monkeypatch):
     cfg = eval_cfg(world, vqgan_dir, tmp_path, n_images=8)
+    seen: dict = {}
+    real_report, real_grid = eval_vqgan.write_report, eval_vqgan.save_rows_grid
+
+    def report_spy(*args):
+        seen["data"], seen["order"], seen["distance"] = args[5], args[6], args[7]
+        return real_report(*args)
+
+    monkeypatch.setattr(eval_vqgan, "write_report", report_spy)
+    monkeypatch.setattr(eval_vqgan, "save_rows_grid", lambda path, rows, **kw: seen.setdefault(Path(path).name, rows)
+                        and real_grid(path, rows, **kw))
     eval_vqgan.run(cfg)
+    # the "worst" grid: the images farthest from their reconstructions, farthest first
+    distance, data, order = seen["distance"], seen["data"], seen["order"]
+    worst = np.argsort(-distance)[:eval_vqgan.N_WORST]
+    assert distance[worst[0]] > distance[worst[-1]]
+    assert torch.equal(seen["worst.png"][0], torch.stack([data[order[p]][0] for p in worst]))
     metrics = json.loads((Path(cfg.report_dir) / "metrics.json").read_text())  # the full record
     assert set(metrics) == {"rfid", "rkid_mean", "rkid_std", "rprecision", "rrecall"}
     # The metrics file DVC shows: flat columns, the protocol as one id (not spread into columns).
