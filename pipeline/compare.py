@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.errors import UserError
-from pipeline.runs import upstream_stages
+from pipeline.runs import changed_stages, upstream_stages
 
 # (column, metrics file of params.yaml's section, key); the protocol of FID columns is checked
 COLUMNS = (("gFID", "evaluate", "fid"), ("rFID", "eval_vqgan", "fid"), ("PSNR", "train_vqgan", "psnr"),
@@ -133,14 +133,7 @@ def stale_stages(root: Path) -> set[str]:
     """Base names of the stages `dvc status` calls out of date, and of every stage downstream of one: their
     outputs in the workspace are not what the workspace's params and code make. RuntimeError when dvc status fails
     (a running `dvc repro` holds its lock)."""
-    proc = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True)
-    try:
-        if proc.returncode != 0:
-            raise ValueError
-        changed = set(json.loads(proc.stdout or "{}"))
-    except ValueError:  # (json's decode error too)
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"dvc status: {last[:160]}") from None
+    changed = changed_stages(root)
     if not changed:
         return set()
     below = {stage for stage, ups in upstream_stages(root).items() if ups & changed}

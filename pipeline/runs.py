@@ -93,16 +93,31 @@ def missing_dependency(path: str, root: Path) -> str:
     return f"its dependency {path} does not exist (a path params.yaml names: check it)"
 
 
+def changed_stages(root: Path) -> set[str]:
+    """The stages `dvc status` calls out of date (full names, e.g. tokenize@a). RuntimeError naming DVC's last
+    line when it fails (a running `dvc repro` holds its lock)."""
+    proc = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True,
+                          env=os.environ.copy())
+    try:
+        if proc.returncode != 0:
+            raise ValueError
+        status = json.loads(proc.stdout or "{}")
+        if not isinstance(status, dict):
+            raise ValueError
+    except ValueError:  # (json's decode error too)
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"dvc status: {last[:160]}") from None
+    return set(status)
+
+
 def stale_upstream_note(root: Path, selected: list[str]) -> str | None:
     """A note when stages the selected ones depend on are out of date but not selected: each selected stage runs
     alone (`--single-item`) on their outputs as they are, e.g. evaluate scoring the samples of the old
     `sample.n`. None when all are current, or `dvc status` cannot tell (the run reports DVC's trouble itself)."""
-    proc = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True,
-                          env=os.environ.copy())
     try:
-        changed = set(json.loads(proc.stdout)) if proc.returncode == 0 else set()
-    except (json.JSONDecodeError, TypeError):
-        changed = set()
+        changed = changed_stages(root)
+    except RuntimeError:
+        return None
     if not changed - set(selected):
         return None
     ups = upstream_stages(root)
