@@ -206,6 +206,21 @@ def test_a_recorded_output_is_passed_and_the_next_path_still_judged(tmp_path, ca
     assert "data/model (train.root, train.name) exists and is a folder without" in refusal(tmp_path, literal_params())
 
 
+
+def test_a_foreach_copys_recorded_file_is_looked_up_under_the_copys_name(tmp_path, cache):
+    """dvc.lock records a foreach copy's outputs under `tok@a`, not `tok`: a file it recorded passes even with no
+    cache copy and no run log beside it (an uncached metrics file DVC made); one recorded for another copy does
+    not vouch for it."""
+    (tmp_path / "dvc.yaml").write_text("stages:\n  tok:\n    foreach: ${datasets}\n    do:\n"
+                                       "      cmd: python -m stages.tok\n      outs:\n        - m/${key}.json:\n"
+                                       "            cache: false\n")
+    write(tmp_path / "m" / "a.json", "{}")
+    params = {"datasets": {"a": {"path": "src/a"}, "b": {"path": "src/b"}}}
+    write(tmp_path / "dvc.lock", json.dumps({"stages": {"tok@a": {"outs": [{"path": "m/a.json"}]}}}))
+    out_guard.check_outputs(tmp_path, params, "params.yaml")
+    write(tmp_path / "dvc.lock", json.dumps({"stages": {"tok@b": {"outs": [{"path": "m/a.json"}]}}}))
+    assert "m/a.json exists and is a file DVC" in refusal(tmp_path, params)
+
 STALE_YAML = """stages:
   prep:
     foreach: ${datasets}

@@ -84,6 +84,23 @@ def test_each_failed_stage_keeps_its_own_error_line():
     assert _follow_repro(proc) == [("a", 2, "error: a: bad value"), ("b", 1, "")]
 
 
+@pytest.mark.parametrize("failed, code", [
+    ([("a", 2, "error: a: bad value"), ("b", 1, "")], 1),                         # a crash beside a user error
+    ([("a", 2, "error: a: bad value"), ("b", 2, "error: b: missing x")], 2),      # every one the user's
+    ([("a", 2, "")], 1),                                                          # exit 2 without our error line
+])
+def test_run_without_prefect_exits_2_only_when_every_failed_stage_was_a_user_error(monkeypatch, capsys, failed, code):
+    import contextlib
+
+    from pipeline import cli
+    monkeypatch.setattr(cli, "run_with_overrides", lambda *a, **kw: contextlib.nullcontext())
+    monkeypatch.setattr(cli, "_repro_keep_going", lambda cmd: failed)
+    with pytest.raises(SystemExit) as exit_:
+        cli._repro_undone_on_failure(["dvc", "repro"], [])
+    assert exit_.value.code == code
+    assert [line.split()[0] for line in capsys.readouterr().err.splitlines()[1:]] == [s for s, _, _ in failed]
+
+
 # ------------------------------------------------------------------ compare, server identity, references
 
 def test_an_out_of_date_stage_is_marked_with_the_stages_after_it(tmp_path, monkeypatch):

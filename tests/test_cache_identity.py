@@ -242,6 +242,24 @@ def test_a_params_file_that_is_not_utf8_is_one_line_with_nothing_written(prepare
     assert files_under(prepare_project / "data") == before
 
 
+def test_check_of_another_params_file_reads_its_relative_dataset_paths_from_that_files_folder(prepare_project,
+                                                                                                tmp_path):
+    """`check --params other/params.yaml`: a relative dataset path is the other project's, not this checkout's."""
+    other = tmp_path / "other"
+    params = yaml.safe_load((prepare_project / "params.yaml").read_text())
+    params["datasets"]["a"]["path"] = "imgs"
+    other.mkdir()
+    (other / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (prepare_project / "imgs").mkdir()  # here, in the checkout, only: the other project's imgs is missing
+    line = one_error_line(pipeline_cli(prepare_project, "check", "--params", str(other / "params.yaml")))
+    assert line == (f"error: {other / 'params.yaml'}: datasets.a.path = imgs does not exist (install the dataset "
+                    f"there, or point the path at it)")
+    (prepare_project / "imgs").rmdir()
+    (other / "imgs").mkdir()
+    proc = pipeline_cli(prepare_project, "check", "--params", str(other / "params.yaml"))
+    assert proc.returncode == 0 and proc.stdout.startswith(f"{other / 'params.yaml'}: ok"), proc.stderr
+
+
 def test_override_waits_for_nobody_and_edits_nothing_while_another_run_holds_the_project(prepare_project):
     before = (prepare_project / "params.yaml").read_bytes()
     with exclusive(prepare_project / ".dvc/tmp/tokenmill-run.lock", "test"):
@@ -364,9 +382,10 @@ def test_add_dataset_keeps_a_symlinked_folder_as_the_link(prepare_project, tmp_p
             "to convert at tokenize, or leave --channels out")
         assert (prepare_project / "params.yaml").read_bytes() == added
         proc = pipeline_cli(prepare_project, "add-dataset", "rgb", str(target), "--channels", "3", "--convert-channels",
-                            "--no-run")
+                            "--background", "0", "--no-run")
         assert proc.returncode == 0, proc.stderr
-        assert load_params(prepare_project / "params.yaml")["datasets"]["rgb"]["convert_channels"] is True
+        rgb = load_params(prepare_project / "params.yaml")["datasets"]["rgb"]
+        assert rgb["convert_channels"] is True and rgb["background"] == 0  # given 0 is 0, not "unset" (7)
     finally:
         (prepare_project / "params.yaml").write_bytes(before)
 
