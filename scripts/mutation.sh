@@ -57,7 +57,8 @@ declare -A TESTS=(
   [training/gan.py]="tests/test_behaviour_gan.py tests/test_gan_image_d.py tests/test_gan_recipes.py
     tests/test_train_gan.py"
   [training/ar.py]="tests/test_train_transformer.py tests/test_train_maskgit.py"
-  [stages/sample.py]="tests/test_eval_stages.py tests/test_train_gan.py tests/test_train_maskgit.py"
+  [stages/sample.py]="tests/test_train_transformer.py tests/test_eval_stages.py tests/test_train_gan.py
+    tests/test_train_maskgit.py"
 )
 # extra pytest arguments, one per line (the FID network tests take a minute each call: left to the main suite)
 declare -A ARGS=(
@@ -82,6 +83,8 @@ fi
 modules=("$@")
 [ ${#modules[@]} -gt 0 ] || modules=("${ORDER[@]}")
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+# tests that run `dvc` find the project venv's (after the mutmut venv, whose python runs the tests)
+export PATH="$PATH:$ROOT/.venv/bin"
 for module in "${modules[@]}"; do
   tests=${TESTS[$module]:-}
   [ -n "$tests" ] || { echo "error: no test list for $module (known: ${ORDER[*]})" >&2; exit 2; }

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from models.gpt import GPT, GPTConfig
 from models.maskgit import MaskGIT, MaskGITConfig
-from pipeline.atomic import check_replaceable, replace_dir, sha256_file, write_json
+from pipeline.atomic import check_replaceable, new_partial_dir, replace_dir, sha256_file, write_json
 from pipeline.config import SEED_MAX, param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
@@ -108,11 +107,10 @@ def run(cfg: SampleParams) -> None:
         gcfg = model.config
         h, w = gcfg.grid
         n_codes = gcfg.vocab_size
-    tok_dtype = np.dtype("<u2") if n_codes <= 65536 else np.dtype("<i4")
+    tok_dtype = np.dtype("<u2") if n_codes <= 65536 else np.dtype("<i4")  # as the token store (tokens.dtype_code)
     labels = labels_for(cfg.n, gcfg.n_classes)
     final = Path(cfg.out_dir)
-    tmp = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = new_partial_dir(final)  # a killed run's leftovers are not part of this one
     grid_rows: dict[int, list[torch.Tensor]] = {}
     t0, done = time.monotonic(), 0
     with ShardWriter(tmp, "samples", cfg.shard_size) as writer:

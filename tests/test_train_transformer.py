@@ -3,6 +3,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -210,9 +211,27 @@ def test_sampling_is_reproducible_and_seeded(world, trained, tmp_path):
 
 def test_sample_refuses_a_foreign_codebook(world, trained, tmp_path):
     cfg = dataclasses.replace(sample_cfg(world, trained, tmp_path), vqgan_dir=str(world / "other_vqgan"))
-    with pytest.raises(UserError, match=r"codebook mismatch: tokens in .* have fingerprint [0-9a-f]{16}, the VQGAN"):
+    with pytest.raises(UserError) as err:
         sample_stage.run(cfg)
+    # both folders named, the model's as what holds the fingerprint of the tokens it was trained on
+    assert re.match(rf"codebook mismatch: tokens in {re.escape(str(trained))} \(the tokens it was trained on\) have "
+                    rf"fingerprint [0-9a-f]{{16}}, the VQGAN in {re.escape(str(world / 'other_vqgan'))} has",
+                    str(err.value)), str(err.value)
     assert not (tmp_path / "samples").exists()
+
+
+def test_sample_replaces_its_own_output_and_drops_a_killed_runs_leftovers(world, trained, tmp_path):
+    """A second run into the same folder replaces the first (its marker says sample); shards a killed run left in
+    the work folder (`.samples.partial`) are not carried into the new output."""
+    cfg = sample_cfg(world, trained, tmp_path)
+    sample_stage.run(cfg)
+    first = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    leftover = tmp_path / ".samples.partial" / "samples-000009.tar"
+    leftover.parent.mkdir()
+    leftover.write_bytes(b"a killed run's shard")
+    sample_stage.run(cfg)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == first
+    assert not (tmp_path / ".samples.partial").exists()
 
 
 def test_weight_decay_groups_are_every_matrix_but_the_class_prefix():
