@@ -209,6 +209,33 @@ def test_sampling_is_reproducible_and_seeded(world, trained, tmp_path):
     assert read(tmp_path / "a") != read(tmp_path / "c")
 
 
+def test_sampled_tokens_and_images_are_the_models_generate_with_the_documented_seeds(world, trained, tmp_path):
+    """Batch b of `sample` is `generate` with a generator seeded seed * 1_000_003 + b, the batch's labels (classes
+    cycling 0..K-1 over the whole run) and every sampler setting; its images are the VQGAN's decoding of those
+    tokens. Pins what a regenerated batch must match, which a reproducibility check alone would not."""
+    from pipeline.vqgan_io import load_vqgan, to_uint8
+    settings = dict(temperature=0.8, top_k=9, top_p=0.9, seed=3)
+    sample_stage.run(sample_cfg(world, trained, tmp_path, **settings))
+    rows = {}
+    for shard in json.loads((tmp_path / "samples" / "manifest.json").read_text())["shards"]:
+        for key, files, _ in iter_tar_samples(tmp_path / "samples" / shard):
+            rows[int(key[1:])] = (np.frombuffer(files["tok"], "<u2"), int(files["cls"]), decode_png(files["png"]))
+    cpu = torch.device("cpu")
+    model, _ = sample_stage.load_stage2(trained, cpu)
+    vqgan, _ = load_vqgan(str(world / "vqgan"), cpu)
+    for b, start in enumerate(range(0, 13, 5)):  # n=13, batch_size=5: batches of 5, 5, 3
+        n = min(5, 13 - start)
+        y = (torch.arange(start, start + n) % 10)
+        g = torch.Generator().manual_seed(3 * 1_000_003 + b)
+        with torch.no_grad():
+            tokens = model.generate(n, y, temperature=0.8, top_k=9, top_p=0.9, cfg_scale=2.0, generator=g)
+            images = to_uint8(vqgan.decode_indices(tokens.view(n, 4, 4)).float())
+        for i in range(n):
+            tok, cls, png = rows[start + i]
+            assert cls == int(y[i]) and np.array_equal(tok, tokens[i].numpy())
+            assert np.array_equal(png, images[i].permute(1, 2, 0).numpy())
+
+
 def test_sample_refuses_a_foreign_codebook(world, trained, tmp_path):
     cfg = dataclasses.replace(sample_cfg(world, trained, tmp_path), vqgan_dir=str(world / "other_vqgan"))
     with pytest.raises(UserError) as err:
