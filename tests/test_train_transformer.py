@@ -186,17 +186,24 @@ def test_sample_writes_the_samples_contract(world, trained, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["count"] == 13 and m["grid"] == [4, 4] and m["token_dtype"] == "uint16" and m["conditional"]
     assert m["shards"] == ["samples-000000.tar", "samples-000001.tar", "samples-000002.tar"]
-    seen = []
+    seen, images = [], {}
     for shard in m["shards"]:
         for key, files, problems in iter_tar_samples(out / shard):
             assert not problems
             tok = np.frombuffer(files["tok"], "<u2")
             assert tok.shape == (16,) and tok.max() < 16
-            assert decode_png(files["png"]).shape == (16, 16, 1)
+            images[key] = decode_png(files["png"])
+            assert images[key].shape == (16, 16, 1)
             seen.append((key, int(files["cls"])))
     assert [k for k, _ in seen] == [f"s{i:07d}" for i in range(13)]
     assert [c for _, c in seen] == [i % 10 for i in range(13)]  # classes in equal shares
-    assert (out / "grid.png").exists()
+    # grid.png: one row per class (0..9), as many cells as the fullest row (classes 0-2 have 2), 18 px cells
+    # (16 + 2 grey), drawn 2x; row 3's first cell is sample 3
+    from PIL import Image
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape == (2 * (2 + 10 * 18), 2 * (2 + 2 * 18))
+    y = 2 * (2 + 3 * 18)
+    assert np.array_equal(grid[y:y + 32:2, 4:36:2], images["s0000003"][:, :, 0])
     assert json.loads((tmp_path / "sample.json").read_text())["images"] == 13
 
 
@@ -234,6 +241,22 @@ def test_sampled_tokens_and_images_are_the_models_generate_with_the_documented_s
             tok, cls, png = rows[start + i]
             assert cls == int(y[i]) and np.array_equal(tok, tokens[i].numpy())
             assert np.array_equal(png, images[i].permute(1, 2, 0).numpy())
+
+
+def test_a_stage2_folder_without_its_files_or_of_an_unknown_kind_is_one_line(trained, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text((trained / "config.json").read_text())
+    with pytest.raises(UserError) as err:
+        sample_stage.load_stage2(folder, torch.device("cpu"))
+    assert str(err.value) == f"{folder / 'model.safetensors'}: not found (run train_transformer first)"
+    shutil.copy(trained / "model.safetensors", folder)
+    (folder / "config.json").write_text(json.dumps({**json.loads((trained / "config.json").read_text()),
+                                                    "kind": "diffusion"}))
+    with pytest.raises(UserError) as err:
+        sample_stage.load_stage2(folder, torch.device("cpu"))
+    assert str(err.value) == (f"{folder / 'config.json'}: kind 'diffusion' cannot be sampled (allowed: 'ar', "
+                              f"'maskgit', 'gan')")
 
 
 def test_sample_refuses_a_foreign_codebook(world, trained, tmp_path):
