@@ -52,6 +52,9 @@ def test_repo_params_are_valid():
     ("prepare.out_dir=/etc", "prepare.out_dir = '/etc' is not allowed"),
     ("train_vqgan.metrics=../outside.json", "train_vqgan.metrics = '../outside.json' is not allowed"),
     ("fid_ref.split=../x", "fid_ref.split = '../x' is not allowed"),
+    ("sample.top_p=1.5", "sample.top_p = 1.5 is out of range (allowed: <= 1.0"),   # the sample stage's own check
+    ("sample.device=tpu", "sample.device = 'tpu' is not allowed (allowed: 'auto' | 'cpu' | 'cuda'"),
+    ("sample.cfg_scal=2", "unknown key 'sample.cfg_scal'"),
 ])
 def test_validation_errors_name_key_value_and_allowed(tmp_path, edit, expected):
     # the repo's params (every stage section) with the small dataset d1 in place of the real ones
