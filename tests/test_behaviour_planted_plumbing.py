@@ -1,0 +1,627 @@
+"""Checks that bugs planted by hand in the plumbing slipped past (session 22's round on doctor, install.sh, the UI
+server's guard, the Prefect server helpers, sandbox, dvc_repair, locks, runlog, vqgan_io, prepared, env, errors,
+stage_cli, artifacts, tiny, report and fid_reference).
+
+Each test pins one behaviour with an input on which the planted variant answers differently: the xformers fallback
+wording and `--pair --require-cuda` without xformers, scripts/install.sh's choice of pair check and its refusal to
+stamp a failed install, an Origin that only starts like the UI's own, the temporary server's 127.0.0.1 binding,
+server homes spelled differently, which runner children count as flow runs, deterministic IDX bytes, locks taken
+by another spelling of the path or on a file a holder removed, one-line messages that name the right file, key
+and fingerprint, and the reference checks at their edges. All in process or in short subprocesses; no network.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def message(run) -> str:
+    with pytest.raises(UserError) as err:
+        run()
+    return str(err.value)
+
+
+# ------------------------------------------------------------------ doctor: fallback text and --pair
+
+def test_a_reason_that_mentions_loaded_is_still_the_fallback():
+    from pipeline.doctor import attention_fallback_text
+
+    reason = "not loaded: OSError: libcudart.so.12: cannot open shared object file"
+    assert attention_fallback_text("cuda", True, reason) == (
+        f"torch sdpa on CUDA: fallback, xformers unavailable ({reason})")
+
+
+def test_pair_require_cuda_fails_without_xformers_and_says_what_to_install(monkeypatch, capsys):
+    from pipeline import doctor
+
+    monkeypatch.setattr(doctor, "installed_pair", lambda: doctor.check_pair(None, "2.10.0+cu128", "12.8"))
+    assert doctor.main(["--pair"]) == 0  # informational where no GPU asked for the CUDA pair
+    assert capsys.readouterr().out.startswith("xformers: xformers is not installed")
+    assert doctor.main(["--pair", "--require-cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: xformers is not installed") and len(err.splitlines()) == 1
+    assert "--require-cuda asks for the CUDA pair: install the pair pinned in requirements/constraints-cuda.txt" in err
+
+
+# ------------------------------------------------------------------ scripts/install.sh: which pair check, and its end
+
+FAKE_PYTHON = """#!/bin/sh
+echo "$*" >> "$INSTALL_LOG"
+case "$*" in *pipeline.doctor*) exit "$DOCTOR_RC";; esac
+exit 0
+"""
+
+
+def install_project(tmp_path: Path) -> Path:
+    """A copy of what install.sh reads, with a .venv/bin/python that logs its arguments instead of installing."""
+    root = tmp_path / "proj"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "install.sh", root / "scripts" / "install.sh")
+    shutil.copytree(ROOT / "requirements", root / "requirements")
+    shutil.copy2(ROOT / "pyproject.toml", root / "pyproject.toml")
+    python = root / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    return root
+
+
+def run_install(root: Path, tmp_path: Path, gpu: bool | None, doctor_rc: int = 0) -> tuple[int, list[str]]:
+    """install.sh with PATH holding only the tools it needs (no apt-get, no pip) and a fake nvidia-smi:
+    gpu None = no nvidia-smi, False = a driver that sees no GPU (`nvidia-smi -L` fails), True = a GPU."""
+    tools = tmp_path / "tools"
+    if tools.exists():
+        shutil.rmtree(tools)
+    tools.mkdir()
+    for name in ("cat", "sha256sum", "cut", "grep", "dirname", "id", "sh"):
+        found = shutil.which(name)
+        assert found, name
+        (tools / name).symlink_to(found)
+    if gpu is not None:
+        smi = tools / "nvidia-smi"
+        smi.write_text(f"#!/bin/sh\nexit {0 if gpu else 9}\n")
+        smi.chmod(0o755)
+    log = tmp_path / "install.log"
+    log.write_text("")
+    env = {"PATH": str(tools), "INSTALL_LOG": str(log), "DOCTOR_RC": str(doctor_rc), "PYTHON": "/nonexistent",
+           "HOME": str(tmp_path)}
+    r = subprocess.run([shutil.which("bash"), str(root / "scripts" / "install.sh")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    return r.returncode, log.read_text().splitlines()
+
+
+def doctor_calls(log: list[str]) -> list[str]:
+    return [line for line in log if "pipeline.doctor" in line]
+
+
+def test_install_checks_the_cuda_pair_only_where_nvidia_smi_lists_a_gpu(tmp_path):
+    root = install_project(tmp_path)
+    code, log = run_install(root, tmp_path, gpu=False)  # a driver without a GPU: the CPU install
+    assert code == 0 and doctor_calls(log) == ["-m pipeline.doctor --pair"], log
+    assert "install -q -c requirements/constraints.txt -r requirements/cpu.txt" in " | ".join(log)
+    # the same venv on a machine with a GPU: the stamp names the CPU requirements, so it installs again
+    code, log = run_install(root, tmp_path, gpu=True)
+    assert code == 0 and doctor_calls(log) == ["-m pipeline.doctor --pair --require-cuda"], log
+    assert "install -q -c requirements/constraints-cuda.txt -r requirements/cuda.txt" in " | ".join(log)
+    code, log = run_install(root, tmp_path, gpu=True)  # unchanged: only the stamp is read
+    assert code == 0 and log == []
+
+
+def test_install_stops_and_writes_no_stamp_when_the_pair_check_fails(tmp_path):
+    root = install_project(tmp_path)
+    code, log = run_install(root, tmp_path, gpu=True, doctor_rc=1)
+    assert code == 1 and doctor_calls(log) == ["-m pipeline.doctor --pair --require-cuda"]
+    assert not (root / ".venv" / ".tokenmill-installed").exists()
+    code, log = run_install(root, tmp_path, gpu=True, doctor_rc=0)  # the next run checks again
+    assert code == 0 and doctor_calls(log) == ["-m pipeline.doctor --pair --require-cuda"]
+
+
+# ------------------------------------------------------------------ ui_server: the guard and the bind address
+
+def scope(headers: dict[str, str]) -> dict:
+    return {"type": "http", "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]}
+
+
+def test_an_origin_that_only_starts_like_the_uis_own_is_refused():
+    from pipeline.ui_server import LocalOnly
+
+    guard = LocalOnly(lambda *a: None, 4311)
+    host = {"host": "127.0.0.1:4311"}
+    assert guard.refusal(scope({**host, "origin": "http://127.0.0.1:4311"})) is None
+    for origin in ("http://127.0.0.1:43111", "http://localhost:43110", "http://127.0.0.1:4311/x"):
+        why = guard.refusal(scope({**host, "origin": origin}))
+        assert why is not None and why.startswith(f"cross-origin request from {origin} refused"), origin
+
+
+def test_the_temporary_server_binds_127_0_0_1_only(monkeypatch):
+    import threading
+
+    import uvicorn
+
+    from pipeline import ui_server
+
+    seen = {}
+    monkeypatch.setattr(ui_server, "create_app", lambda port, ephemeral=False: ("app", port, ephemeral))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+
+    class NoThread:  # the parent watch would SIGTERM this process once the given parent is not its parent
+        def __init__(self, target, daemon):
+            pass
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(threading, "Thread", NoThread)
+    ui_server.serve_temporary(4999, os.getppid())
+    assert seen["app"] == ("app", 4999, True) and seen["host"] == "127.0.0.1" and seen["port"] == 4999
+
+
+# ------------------------------------------------------------------ prefect_server: homes, flow runs, zombies
+
+def test_a_server_home_spelled_another_way_is_the_projects(tmp_path, monkeypatch):
+    from pipeline import prefect_server
+
+    home = tmp_path / "proj" / ".prefect"
+    home.mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "proj")
+    assert prefect_server.same_path(str(link / ".prefect"), str(home))
+    assert prefect_server.same_path(str(tmp_path / "proj" / "x" / ".." / ".prefect"), str(home))
+    monkeypatch.setattr(prefect_server, "server_home", lambda port, auth=None: str(link / ".prefect"))
+    assert prefect_server.project_server(4200, str(home)) == "http://127.0.0.1:4200/api"
+
+
+class FakeProc:
+    def __init__(self, cmdline: list[str], status: str = "running"):
+        self._cmdline, self._status, self.terminated = cmdline, status, False
+
+    def cmdline(self) -> list[str]:
+        return self._cmdline
+
+    def terminate(self) -> None:
+        import psutil
+        self.terminated, self._status = True, psutil.STATUS_ZOMBIE
+
+    def status(self) -> str:
+        return self._status
+
+
+def test_both_kinds_of_flow_run_process_are_stopped_and_nothing_else(monkeypatch):
+    import psutil
+
+    from pipeline import prefect_server
+
+    fork = FakeProc(["python", "-c", "from multiprocessing.spawn import spawn_main", "--multiprocessing-fork"])
+    engine = FakeProc(["python", "-m", "prefect.engine"])
+    other = FakeProc(["python", "-m", "stages.tokenize"])
+
+    class Runner:
+        def __init__(self, pid):
+            assert pid == 1234
+
+        def children(self):
+            return [fork, engine, other]
+
+    monkeypatch.setattr(psutil, "Process", Runner)
+    prefect_server._stop_flow_runs(1234, 5.0)
+    assert (fork.terminated, engine.terminated, other.terminated) == (True, True, False)
+
+
+def test_a_zombie_flow_run_has_ended():
+    import psutil
+
+    from pipeline.prefect_server import _running
+
+    assert _running(FakeProc([], psutil.STATUS_RUNNING)) and _running(FakeProc([], psutil.STATUS_SLEEPING))
+    assert not _running(FakeProc([], psutil.STATUS_ZOMBIE))
+
+    class Gone(FakeProc):
+        def status(self):
+            raise psutil.NoSuchProcess(1)
+
+    assert not _running(Gone([]))
+
+
+# ------------------------------------------------------------------ sandbox: IDX bytes, subsets, the read-only probe
+
+def test_idx_files_carry_no_timestamp(tmp_path):
+    from pipeline.sandbox import read_idx, write_idx
+
+    arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.gz", arr)
+    raw = (tmp_path / "a.gz").read_bytes()
+    assert raw[4:8] == b"\0\0\0\0"  # gzip's MTIME field: equal arrays give equal bytes on any day
+    assert np.array_equal(read_idx(tmp_path / "a.gz"), arr)
+
+
+def test_fashion_mnist_subset_takes_the_first_train_and_val_images(tmp_path):
+    from pipeline.sandbox import fashion_mnist_subset, make_idx_dataset, read_idx
+
+    source = make_idx_dataset(tmp_path / "src", n_train=7, n_val=5)
+    out = fashion_mnist_subset(tmp_path / "out", 4, 2, source=source)
+    for stem, n in (("train", 4), ("t10k", 2)):
+        images = read_idx(out / f"{stem}-images-idx3-ubyte.gz")
+        assert images.shape == (n, 28, 28), stem
+        assert np.array_equal(images, read_idx(source / f"{stem}-images-idx3-ubyte.gz")[:n])
+        assert np.array_equal(read_idx(out / f"{stem}-labels-idx1-ubyte.gz"),
+                              read_idx(source / f"{stem}-labels-idx1-ubyte.gz")[:n])
+
+
+@pytest.mark.parametrize("stderr, usable", [("touch: cannot touch 'x/.probe': Read-only file system", True),
+                                            ("unshare: unshare failed: Operation not permitted", False)])
+def test_read_only_prefix_for_root_is_used_only_when_the_probe_hit_a_read_only_mount(tmp_path, monkeypatch,
+                                                                                     stderr, usable):
+    from pipeline import sandbox
+
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(sandbox.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr))
+    prefix = sandbox.read_only_prefix(tmp_path)
+    assert (prefix is not None) == usable
+    if usable:
+        assert prefix[:2] == ["unshare", "-m"]
+
+
+# ------------------------------------------------------------------ dvc_repair: a file cut inside a character
+
+def test_an_rwlock_cut_inside_a_utf8_character_is_removed(tmp_path):
+    from pipeline.dvc_repair import repair_rwlock
+
+    tmp = tmp_path / ".dvc" / "tmp"
+    tmp.mkdir(parents=True)
+    (tmp / "rwlock").write_bytes('{"read": {"data/caf\u00e9'.encode()[:-1])  # the kill came mid-character
+    assert repair_rwlock(tmp_path) and not (tmp / "rwlock").exists()
+
+
+# ------------------------------------------------------------------ locks: nesting by any spelling, a removed file
+
+def test_a_nested_lock_is_the_same_lock_under_another_spelling_of_its_path(tmp_path, monkeypatch):
+    from pipeline.locks import exclusive
+
+    (tmp_path / "sub").mkdir()
+    lock = tmp_path / "store.lock"
+    monkeypatch.chdir(tmp_path / "sub")
+    with exclusive(lock, "token store", nested=True):
+        with exclusive(Path("..") / "store.lock", "token store"):  # the stage the command runs, from its folder
+            pass
+        with exclusive("../store.lock", "token store"):
+            pass
+
+
+def test_a_lock_file_removed_by_its_last_holder_is_not_the_one_kept(tmp_path, monkeypatch):
+    """The file opened may be unlinked (by a holder with remove=True) before flock returns: the lock must end on the
+    file now at the path, or a second writer locks that one too."""
+    from pipeline import locks
+
+    lock = tmp_path / "store.lock"
+    real_open, calls = os.open, []
+
+    def open_then_replaced(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        calls.append(path)
+        if len(calls) == 1:  # the holder finished: removed the file; a new writer made a new one
+            os.unlink(path)
+            os.close(real_open(path, os.O_RDWR | os.O_CREAT, 0o644))
+        return fd
+
+    monkeypatch.setattr(locks.os, "open", open_then_replaced)
+    with locks.exclusive(lock, "token store"):
+        monkeypatch.setattr(locks.os, "open", real_open)
+        fd = real_open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    assert len(calls) == 2
+
+
+# ------------------------------------------------------------------ runlog: headline columns
+
+def test_headline_gives_none_for_a_missing_key_and_unwraps_protocol_entries():
+    from pipeline.runlog import headline
+
+    record = {"fid": {"value": 12.5, "protocol": {"n_gen": 10}}, "per_class": {"cat": {"value": 3.0}}, "n": 4}
+    cols = {"fid": "fid", "cat": "per_class.cat", "dog": "per_class.dog", "deep": "absent.x.y", "n": "n"}
+    assert headline(record, cols) == {"fid": 12.5, "cat": 3.0, "dog": None, "deep": None, "n": 4}
+    with pytest.raises(TypeError, match="metrics column 'pc' \\(per_class\\) is dict, not a scalar"):
+        headline(record, {"pc": "per_class"})
+
+
+# ------------------------------------------------------------------ vqgan_io: eval mode and messages
+
+@pytest.fixture
+def saved_vqgan(tmp_path):
+    from helpers import tiny_vqgan
+
+    from pipeline.vqgan_io import save_vqgan
+    folder = tmp_path / "vq"
+    fp = save_vqgan(folder, tiny_vqgan().train(), {"source": "test"})
+    return folder, fp
+
+
+def test_a_loaded_vqgan_is_in_eval_mode(saved_vqgan):
+    from pipeline.vqgan_io import load_vqgan
+
+    folder, fp = saved_vqgan
+    model, meta = load_vqgan(folder)
+    assert meta["fingerprint"] == fp
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+def test_missing_weights_are_named_before_anything_is_loaded(saved_vqgan):
+    from pipeline.vqgan_io import load_vqgan
+
+    folder, _ = saved_vqgan
+    (folder / "model.safetensors").unlink()
+    assert message(lambda: load_vqgan(folder)) == (f"{folder / 'model.safetensors'}: not found (train the VQGAN "
+                                                   f"first: dvc repro train_vqgan)")
+
+
+def test_a_codebook_mismatch_names_each_fingerprint_with_its_owner():
+    from pipeline.vqgan_io import check_fingerprint
+
+    text = message(lambda: check_fingerprint("a" * 64, "b" * 64, "data/tokens/x", "data/vqgan"))
+    assert text == ("codebook mismatch: tokens in data/tokens/x have fingerprint " + "a" * 16 +
+                    ", the VQGAN in data/vqgan has " + "b" * 16 + "; re-tokenize with this VQGAN")
+
+
+# ------------------------------------------------------------------ prepared: per-process file handles
+
+def write_prepared(root: Path) -> Path:
+    from pipeline.images import encode_png
+
+    root.mkdir(parents=True)
+    with tarfile.open(root / "train-000000.tar", "w") as tar:
+        for i in range(2):
+            for name, data in ((f"s{i}.png", encode_png(np.full((4, 4, 1), 50 * i, np.uint8))),
+                               (f"s{i}.cls", str(7 - i).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (root / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": ["train-000000.tar"]}},
+                                                    "channels": 1, "resolution": 4}))
+    return root
+
+
+def test_a_worker_process_opens_its_own_shard_handles(tmp_path):
+    from pipeline.prepared import PreparedImages
+
+    ds = PreparedImages(write_prepared(tmp_path / "prep"), "train")
+    assert [ds[i][1] for i in range(len(ds))] == [7, 6] and ds.keys() == ["s0", "s1"]
+    parents = ds._files[0]
+    ds._pid = os.getpid() + 1  # as a forked DataLoader worker sees the dataset: its parent opened the handles
+    image, _ = ds[1]
+    assert ds._files[0] is not parents and int(image.max()) == 50
+    parents.close()
+
+
+# ------------------------------------------------------------------ env: the user's values, the venv's tools first
+
+def env_after_import(extra: dict[str, str], code: str) -> subprocess.CompletedProcess:
+    from pipeline.env import CPU_ISA_CAPS
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in CPU_ISA_CAPS and not k.startswith(("TOKENMILL_", "OMP_", "PREFECT_LOGGING"))}
+    env.update(extra, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", "import os, sys, pipeline\n" + code], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_the_users_own_settings_win_over_the_defaults():
+    r = env_after_import({"OMP_WAIT_POLICY": "ACTIVE", "PREFECT_LOGGING_LEVEL": "DEBUG"},
+                         "print(os.environ['OMP_WAIT_POLICY'], os.environ['PREFECT_LOGGING_LEVEL'])")
+    assert r.returncode == 0 and r.stdout.split() == ["ACTIVE", "DEBUG"], r.stderr
+
+
+def test_cpu_isa_mode_takes_any_case_and_spacing():
+    r = env_after_import({"TOKENMILL_CPU_ISA": " Native "},
+                         "from pipeline import env\nprint(env.cpu_isa_mode(), os.environ.get('MKL_CBWR'))")
+    assert r.returncode == 0 and r.stdout.split() == ["native", "None"], r.stderr
+
+
+def test_the_interpreters_own_bin_comes_first_on_path(tmp_path):
+    r = env_after_import({"PATH": "/usr/bin:/bin"},
+                         "print(os.environ['PATH'].split(os.pathsep)[0] == os.path.dirname(os.path.abspath("
+                         "sys.executable)))")
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr
+
+
+# ------------------------------------------------------------------ errors: sizes, hints, first lines
+
+def test_an_allocation_of_exactly_one_tib_is_named_in_tib():
+    from pipeline.errors import out_of_memory_message
+
+    exc = RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {2**40} bytes.")
+    assert out_of_memory_message(exc).startswith("out of memory: could not allocate 1.0 TiB (lower")
+
+
+def test_a_full_quota_is_told_to_free_space():
+    from pipeline.errors import resource_message
+
+    assert resource_message(OSError(errno.EDQUOT, "Disk quota exceeded", "/data/x")) == (
+        "/data/x: Disk quota exceeded (free some space)")
+
+
+def test_first_line_skips_leading_blank_lines():
+    from pipeline.errors import first_line
+
+    assert first_line(ValueError("\n  the real reason\nmore")) == "the real reason"
+    assert first_line(EOFError()) == "EOFError"
+
+
+# ------------------------------------------------------------------ stage_cli: the named params file and DVC_ROOT
+
+def stage_cli_run(monkeypatch, argv: list[str], check) -> None:
+    from pipeline import stage_cli
+
+    monkeypatch.setattr(sys, "argv", ["stage", *argv])
+    monkeypatch.setattr(stage_cli, "setup_logging", lambda: None)  # pytest owns the root logger here
+    stage_cli.run_stage_cli("a stage\n", lambda cfg: None, check=check)
+
+
+def test_stage_errors_name_the_params_file_given(tmp_path, monkeypatch, capsys):
+    params = tmp_path / "other" / "p.yaml"
+    params.parent.mkdir()
+    params.write_text("train_vqgan: {}\n")
+
+    def check(raw, source):
+        raise UserError(f"{source}: train_vqgan.steps is missing")
+
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        stage_cli_run(monkeypatch, ["--params", str(params)], check)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: {params}: train_vqgan.steps is missing\n"
+
+
+def test_the_running_stage_check_looks_in_dvc_root(tmp_path, monkeypatch):
+    from pipeline import dvc_deps
+
+    seen, ran = [], []
+    params = tmp_path / "params.yaml"
+    params.write_text("x: 1\n")
+    monkeypatch.setenv("DVC_STAGE", "train_vqgan")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setattr(dvc_deps, "check_running_stage", lambda stage, root: seen.append((stage, root)))
+    stage_cli_run(monkeypatch, ["--params", str(params)], lambda raw, source: ran.append(raw))
+    assert seen == [("train_vqgan", tmp_path)] and ran == [{"x": 1}]
+
+
+def test_stage_logs_go_to_stderr():
+    code = ("import logging\nfrom pipeline.stage_cli import setup_logging\nsetup_logging()\n"
+            "logging.getLogger('tokenmill.x').info('hello')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "" and "tokenmill.x INFO hello" in r.stderr
+
+
+# ------------------------------------------------------------------ artifacts: which publisher, and its key
+
+def test_publish_stage_splits_a_foreach_name_at_its_at_sign(monkeypatch, tmp_path):
+    from pipeline import artifacts
+
+    calls = []
+    for base in ("train_vqgan", "tokenize"):
+        monkeypatch.setitem(artifacts.PUBLISHERS, base, lambda item, root, base=base: calls.append((base, item)))
+    artifacts.publish_stage("train_vqgan", tmp_path)
+    artifacts.publish_stage("tokenize@fashion_mnist", tmp_path)
+    artifacts.publish_stage("fid_ref", tmp_path)  # no publisher: nothing
+    assert calls == [("train_vqgan", ""), ("tokenize", "fashion_mnist")]
+
+
+def test_artifact_keys_are_lower_case_dashes():
+    from pipeline.artifacts import artifact_key
+
+    assert artifact_key("Prepare", "Fashion_MNIST", "counts") == "prepare-fashion-mnist-counts"
+    assert artifact_key("tokenize", "Fashion MNIST!") == "tokenize-fashion-mnist"
+
+
+# ------------------------------------------------------------------ tiny: a folder of the user's, other datasets
+
+def test_tiny_refuses_a_folder_of_the_users_and_leaves_it(tmp_path, monkeypatch):
+    from pipeline import tiny
+
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("keep")
+    monkeypatch.setattr(tiny, "fashion_mnist_subset", lambda *a, **k: pytest.fail("started building"))
+    assert message(lambda: tiny.build(dest)) == (f"{dest}: exists and was not made by `pipeline tiny`; give another "
+                                                 f"--dest")
+    assert [p.name for p in dest.iterdir()] == ["notes.txt"]
+
+
+def test_tiny_params_hold_only_the_small_dataset(monkeypatch):
+    from pipeline import tiny
+
+    real = tiny.load_params
+
+    def with_a_user_dataset(path):
+        params = real(path)
+        params["datasets"]["mine"] = {**params["datasets"]["fashion_mnist"], "path": "/somewhere/else"}
+        return params
+
+    monkeypatch.setattr(tiny, "load_params", with_a_user_dataset)
+    datasets = tiny.tiny_params("fashion-mnist-small")["datasets"]
+    assert list(datasets) == ["fashion_mnist"] and datasets["fashion_mnist"]["path"] == "fashion-mnist-small"
+
+
+# ------------------------------------------------------------------ report: numbers and tables
+
+def test_negative_values_are_formatted_like_positive_ones():
+    from pipeline.report import _fmt
+
+    assert _fmt(-0.25) == "-0.25" and _fmt(0.25) == "0.25" and _fmt(-0.0001) == "-1.000e-04"
+
+
+def test_a_column_that_only_later_rows_have_is_kept():
+    from pipeline.report import markdown_table
+
+    table = markdown_table([{"metric": "fid", "value": 1}, {"metric": "fid.cat", "value": 2, "note": "few samples"}])
+    assert table.splitlines()[0] == "| metric | value | note |"
+    assert table.splitlines()[3] == "| fid.cat | 2 | few samples |"
+
+
+def test_metric_names_keep_every_level():
+    from pipeline.report import iter_metrics
+
+    entry = {"value": 1.0, "protocol": {}}
+    names = [n for n, _ in iter_metrics({"fid": entry, "per_class": {"cat": {"fid": entry, "kid": entry}}})]
+    assert names == ["fid", "per_class.cat.fid", "per_class.cat.kid"]
+
+
+# ------------------------------------------------------------------ fid_reference: hashes and the reference's edges
+
+def test_an_expected_hash_in_upper_case_matches(tmp_path):
+    import hashlib
+
+    from pipeline.fid_reference import verify_network_file
+
+    f = tmp_path / "net.pt"
+    f.write_bytes(b"network")
+    digest = hashlib.sha256(b"network").hexdigest()
+    assert verify_network_file(f, digest.upper()) == digest
+
+
+def write_reference(folder: Path, n: int, features: np.ndarray) -> Path:
+    from pipeline.fid_reference import FORMAT
+
+    folder.mkdir()
+    d = features.shape[1]
+    (folder / "meta.json").write_text(json.dumps({"format": FORMAT, "n_ref": n, "feature_dim": d}))
+    for name, arr in (("mu", np.zeros(d)), ("sigma", np.eye(d)), ("features", features.astype(np.float32)),
+                      ("labels", np.zeros(len(features), np.int64))):
+        np.save(folder / f"{name}.npy", arr, allow_pickle=False)
+    (folder / "keys.txt").write_text("".join(f"k{i}\n" for i in range(len(features))))
+    return folder
+
+
+def test_a_reference_of_no_images_is_refused(tmp_path):
+    from pipeline.fid_reference import load_reference
+
+    folder = write_reference(tmp_path / "ref", 0, np.zeros((0, 2)))
+    assert message(lambda: load_reference(folder)).startswith(
+        f"{folder / 'meta.json'}: n_ref is 0, not a positive integer")
+
+
+def test_a_reference_with_nan_features_is_refused(tmp_path):
+    from pipeline.fid_reference import load_reference
+
+    good = load_reference(write_reference(tmp_path / "good", 2, np.ones((2, 2))))
+    assert good.keys == ["k0", "k1"]
+    folder = write_reference(tmp_path / "ref", 2, np.array([[0.0, np.nan], [1.0, 1.0]]))
+    assert message(lambda: load_reference(folder)).startswith(f"{folder}: features.npy contains NaN or infinite")
