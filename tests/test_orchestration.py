@@ -408,13 +408,20 @@ CTRL_C_DURING_REPRO = """import os, signal, sys, threading, time
 from pathlib import Path
 from pipeline import cli
 done = Path(sys.argv[1])
+ready = done.with_name("ready")
 child = ("import signal, sys, time; from pathlib import Path\\n"
          "def stop(*a):\\n    time.sleep(1.5); Path(sys.argv[1]).write_text('stopped'); sys.exit(130)\\n"
-         "signal.signal(signal.SIGINT, stop)\\nprint(\\"Running stage 'x':\\", flush=True)\\n"
-         "while True: time.sleep(0.1)\\n")
-threading.Timer(1.5, lambda: os.killpg(0, signal.SIGINT)).start()  # the terminal's Ctrl-C: the whole group
+         "signal.signal(signal.SIGINT, stop)\\nPath(sys.argv[2]).touch()\\n"
+         "print(\\"Running stage 'x':\\", flush=True)\\nwhile True: time.sleep(0.1)\\n")
+
+def ctrl_c():  # the terminal's Ctrl-C (the whole group), once the child's handler is in place however slow its start
+    while not ready.exists():
+        time.sleep(0.05)
+    os.killpg(0, signal.SIGINT)
+
+threading.Thread(target=ctrl_c, daemon=True).start()
 try:
-    cli._repro_keep_going([sys.executable, "-c", child, str(done)])
+    cli._repro_keep_going([sys.executable, "-c", child, str(done), str(ready)])
 except KeyboardInterrupt:
     print("child stopped before the undo:", done.exists())
 """
