@@ -118,8 +118,8 @@ def check_pair(build: dict | None, torch_version: str, torch_cuda: str | None,
     problems = []
     if _release(torch_version) != _release(built_torch):
         problems.append(f"torch {torch_version} is installed")
-    if torch_hip is not None:
-        if built_hip is None:
+    if torch_hip is not None:  # ROCm versions as torch.version.hip writes them ("6.4.43482-0f2d60242")
+        if built_hip is None or str(built_hip).split(".")[:2] != str(torch_hip).split(".")[:2]:
             problems.append(f"torch is a ROCm {torch_hip} build")
     elif built_cuda is None:
         problems.append("xformers was built without CUDA")

@@ -85,6 +85,13 @@ def test_pair_rocm_torch_against_a_cuda_build(tmp_path):
     assert pair.status == "mismatch" and "ROCm 6.4" in pair.message
 
 
+def test_pair_rocm_torch_against_a_rocm_build_compares_the_rocm_release():
+    rocm = {"version": {"cuda": None, "hip": "6.2.41133-dd7f95766", "torch": "2.10.0+rocm6.2", "python": "3.10"}}
+    assert check_pair(rocm, "2.10.0+rocm6.2", None, torch_hip="6.2.41134-65d174c3e").status == "match"
+    other = check_pair(rocm, "2.10.0+rocm6.4", None, torch_hip="6.4.43482-0f2d60242")
+    assert other.status == "mismatch" and "torch is a ROCm 6.4.43482-0f2d60242 build" in other.message
+
+
 def test_pair_xformers_missing_or_without_build_info(tmp_path):
     assert build_in(tmp_path, None) is None
     assert check_pair(None, "2.13.0", "13.0").status == "missing"
