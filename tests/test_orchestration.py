@@ -407,6 +407,7 @@ def test_a_second_ctrl_c_waits_for_the_undo_to_finish(tmp_path):
 CTRL_C_DURING_REPRO = """import os, signal, sys, threading, time
 from pathlib import Path
 from pipeline import cli
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's: not the SIG_IGN a test runner may pass on
 done = Path(sys.argv[1])
 ready = done.with_name("ready")
 child = ("import signal, sys, time; from pathlib import Path\\n"
