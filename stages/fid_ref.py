@@ -20,7 +20,6 @@ reference" is itself a random subset.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from models.inception import NETWORK_NAME
-from pipeline.atomic import check_replaceable, replace_dir, write_json
+from pipeline.atomic import check_replaceable, new_partial_dir, replace_dir, write_json
 from pipeline.config import SEED_MAX, check_dataset_ref, param, section
 from pipeline.errors import UserError
 from pipeline.fid import stats
@@ -96,9 +95,7 @@ def run(cfg: FidRefParams) -> None:
         "per_class": np.bincount(labels, minlength=len(manifest["class_names"])).tolist(),
     }
     final = cfg.folder
-    tmp = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = new_partial_dir(final)
     for name, arr in (("mu", mu), ("sigma", sigma), ("features", feats.astype(np.float32)), ("labels", labels)):
         np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
     (tmp / "keys.txt").write_text("".join(k + "\n" for k in keys))

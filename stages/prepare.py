@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.atomic import check_replaceable, replace_dir, write_json
+from pipeline.atomic import check_replaceable, new_partial_dir, replace_dir, write_json
 from pipeline.config import SEED_MAX, asdict, check_dataset_name, from_dict, load_params, param, section
 from pipeline.errors import UserError
 from pipeline.stage_cli import run_stage_cli
@@ -310,8 +310,7 @@ def run(cfg: PrepareConfig) -> None:
         class_names = spec.class_names
 
     final = cfg.out
-    tmp = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = new_partial_dir(final)
     writers = {s: ShardWriter(tmp, s, pp.shard_size) for s in SPLITS}
     counts = {s: Counter() for s in SPLITS}
     conversions: Counter = Counter()
