@@ -130,6 +130,20 @@ def test_an_interrupted_run_with_ema_exports_and_logs_what_the_uninterrupted_one
     assert len(log_a.splitlines()) == 1 + 4 and (tmp_path / "b" / "log.tsv").read_text() == log_a
 
 
+def test_a_resume_between_two_log_rows_logs_what_the_uninterrupted_run_does(prepared, tmp_path, monkeypatch):
+    """A checkpoint at step 3 with a log row every 2 steps: row 4 averages steps 3 and 4 and counts their codes
+    either way (the partial row's sums and the code counts are in the checkpoint). Before the fix the resumed row
+    held step 4 alone and reset counts (rec 0.475029 instead of 0.474367)."""
+    kw = dict(ckpt_every=3, log_every=2)
+    train_vqgan.run(vq_cfg(prepared, tmp_path / "a", **kw))
+    crash_after_first_checkpoint(lambda: train_vqgan.run(vq_cfg(prepared, tmp_path / "b", **kw)), monkeypatch)
+    assert ckpt.load_latest(str(tmp_path / "b" / "ckpt"), "cpu")["step"] == 3
+    train_vqgan.run(vq_cfg(prepared, tmp_path / "b", **kw))
+    log_a = (tmp_path / "a" / "log.tsv").read_text()
+    assert [line.split("\t")[0] for line in log_a.splitlines()[1:]] == ["2", "4"]
+    assert (tmp_path / "b" / "log.tsv").read_text() == log_a
+
+
 def test_ema_with_decay_1_exports_the_model_as_kmeans_left_it(prepared, tmp_path):
     """The shadow starts from the k-means-initialised model and decay 1 never moves it, so the export equals the
     model of a run that cannot learn (lr 0): not the random init from before k-means, not the trained weights."""

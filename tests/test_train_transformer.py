@@ -44,6 +44,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(world, tmp_path, monkeypat
     resumed = load_file(str(tmp_path / "b" / "gpt" / "model.safetensors"))
     # label dropout (ar: the global RNG) and maskgit's masks (its generator) came from the restored states
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    # the checkpoint at step 3 falls inside the log row of steps 3-4: its partial sum is restored, so the
+    # resumed log is the uninterrupted one line for line (it held step 4's loss alone before the window was saved)
+    log_a = (tmp_path / "a" / "log.tsv").read_text()
+    assert [line.split("\t")[0] for line in log_a.splitlines()[1:]] == ["2", "3", "4", "6"]
+    assert (tmp_path / "b" / "log.tsv").read_text() == log_a
 
 
 @pytest.fixture(scope="module")

@@ -151,6 +151,7 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     ema = EMA(model, cfg.ema) if cfg.ema is not None else None
     state = ckpt.load_latest(cfg.ckpt_dir, device, expect={"run_id": run_id, "code": code})
     history: list[dict] = []
+    window: list[float] = []  # step losses since the last log row
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -161,6 +162,7 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
         if masks is not None:
             masks.set_state(state["masks"].cpu())  # a generator state is a CPU byte tensor on any device
         history, start = list(state["history"]), int(state["step"])
+        window = list(state["window"])
         log.info("resuming from %s at step %d", cfg.ckpt_dir, start)
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -183,7 +185,7 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
         if dist.main:
             ckpt.save(cfg.ckpt_dir, {"step": step, "run_id": run_id, "code": code, "model": core.state_dict(),
                                      "opt": opt.state_dict(), "ema": ema.state_dict() if ema else {},
-                                     "rng": ckpt.rng_state(), "history": history,
+                                     "rng": ckpt.rng_state(), "history": history, "window": window,
                                      **({"masks": masks.get_state()} if masks is not None else {})},
                       step, keep=cfg.ckpt_keep)
         dist.barrier()
@@ -191,7 +193,7 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc="train_transformer", unit="step", disable=not dist.main,
                mininterval=2.0, file=sys.stderr)
-    t0, done_tokens, window = time.monotonic(), 0, []
+    t0, done_tokens = time.monotonic(), 0
     for step in range(start, cfg.steps):
         lr = cosine_lr(step, o.lr, o.warmup_steps, cfg.steps, o.min_lr_ratio)
         set_lr(opt, lr)

@@ -340,8 +340,6 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     """Train cfg.gan's family on the token store, checkpointing for exact resume; the main rank writes the outputs."""
     if dist.main:
         log.info("%s", doctor.summary(device))  # what this machine runs, in the stage's own log
-    # imported here: stages.train_transformer imports this module for GANParams
-
     g = cfg.gan
     vq_dir = Path(cfg.vqgan_dir)
     vqgan, vmeta = load_vqgan(vq_dir, device)

@@ -175,6 +175,7 @@ def train_vqgan(cfg: Any, code: str) -> None:
 
     state = ckpt.load_latest(cfg.ckpt_dir, device, expect={"run_id": run_id, "code": code})
     history: list[dict] = []
+    window: dict[str, float] = {}  # sums over the steps since the last log row
     if state is not None:
         model.load_state_dict(state["model"])
         disc.load_state_dict(state["disc"])
@@ -184,6 +185,7 @@ def train_vqgan(cfg: Any, code: str) -> None:
             ema.load_state_dict(state["ema"])
         ckpt.set_rng_state(state["rng"])
         history, start = list(state["history"]), int(state["step"])
+        window = dict(state["window"])  # the log row being summed (its code counts came back with the model)
         log.info("resuming from %s at step %d", cfg.ckpt_dir, start)
     else:
         start = 0
@@ -195,6 +197,7 @@ def train_vqgan(cfg: Any, code: str) -> None:
             kmeans_init(model, images, cfg.seed, device)
             if ema is not None:
                 ema = EMA(model, cfg.ema)
+        model.quantizer.reset_usage()  # code counts start with the first log row
 
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -209,14 +212,13 @@ def train_vqgan(cfg: Any, code: str) -> None:
                 "step": step, "run_id": run_id, "code": code, "model": core.state_dict(),
                 "disc": unwrap(disc).state_dict(),
                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": ckpt.rng_state(),
-                "ema": ema.state_dict() if ema is not None else {}, "history": history}, step, keep=cfg.ckpt_keep)
+                "ema": ema.state_dict() if ema is not None else {}, "history": history, "window": window},
+                step, keep=cfg.ckpt_keep)
         dist.barrier()
 
     model.train(), disc.train()
     bar = tqdm(total=cfg.steps, initial=start, desc="train_vqgan", unit="step", disable=not dist.main,
                mininterval=2.0, file=sys.stderr)
-    window: dict[str, float] = {}
-    core.quantizer.reset_usage()
     t0, img_count = time.monotonic(), 0
     for step, batch in zip(range(start, cfg.steps), batches.iterate(start, cfg.steps)):
         lr = cosine_lr(step, o.lr, o.warmup_steps, cfg.steps, o.min_lr_ratio)
