@@ -81,7 +81,7 @@ class TrainTransformerParams:
     ckpt_keep: int = param(2, min=1)
     log_every: int = param(25, min=1)
     eval_every: int = param(250, min=1)
-    val_batches: int = param(20, min=1)  # val loss over this many batches (fixed, seeded)
+    val_batches: int = param(20, min=1)  # val loss over the first val_batches * batch_size val records
     seed: int = param(0, min=0, max=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True

@@ -338,6 +338,24 @@ def test_ar_val_loss_is_the_token_mean_over_the_val_split_of_the_ema_weights(wor
     assert m["val_loss"] == history[-1]["val_loss"]
 
 
+def test_ar_val_set_is_val_batches_global_batches_whatever_grad_accum(world, tmp_path):
+    """val_batches 1 of batch_size 8 with grad_accum 2 (micro-batches of 4): the val loss is over the first 8 val
+    records, recomputed here in float64 from the exported weights; it was over micro * val_batches = 4 records
+    before, so raising grad_accum (a memory setting) changed the metric."""
+    train_transformer.run(transformer_cfg(world["base"], tmp_path, steps=2, grad_accum=2, val_batches=1,
+                                          eval_every=2, ckpt_every=2))
+    model, meta = sample.load_stage2(tmp_path / "gpt", torch.device("cpu"))
+    val = TokenData.load(world["tokens"], "val", False, meta["fingerprint"], "test")
+    with torch.no_grad():
+        logits = model(val.tokens[:8, :-1], val.labels[:8])[0].double()
+    want = float(-logits.log_softmax(-1).gather(-1, val.tokens[:8, :, None]).mean())
+    with torch.no_grad():
+        logits4 = model(val.tokens[:4, :-1], val.labels[:4])[0].double()
+    four = float(-logits4.log_softmax(-1).gather(-1, val.tokens[:4, :, None]).mean())
+    assert abs(want - four) > 100 * REL * want  # the two record counts give different answers
+    assert last_state(tmp_path)["history"][-1]["val_loss"] == pytest.approx(want, rel=REL)
+
+
 def test_maskgit_val_loss_and_accuracy_weigh_each_batch_by_its_records(world):
     """val_loss over the 12 val records in batches of 8 (2 batches: 8 + 4): the loss and the masked-token accuracy
     are the batch values weighted by the batch's record count, each batch's masks the next draws of one generator
@@ -346,7 +364,7 @@ def test_maskgit_val_loss_and_accuracy_weigh_each_batch_by_its_records(world):
     val = TokenData.load(world["tokens"], "val", False, vmeta["fingerprint"], "test")
     torch.manual_seed(0)
     model = MaskGIT(MaskGITConfig(vocab_size=16, grid=(4, 4), n_layer=1, n_head=2, n_embd=16, n_classes=10))
-    loss, acc = ar_loop.val_loss(model, val, 8, 2, torch.device("cpu"), True, False)
+    loss, acc = ar_loop.val_loss(model, val, 16, 8, torch.device("cpu"), True, False)
     assert model.training
     model.eval()
     masks, parts = torch.Generator().manual_seed(ar_loop.VAL_MASK_SEED), []

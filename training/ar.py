@@ -68,15 +68,15 @@ def objective(model: torch.nn.Module, mask_id: int | None, x: torch.Tensor, y: t
 
 
 @torch.no_grad()
-def val_loss(model: GPT | MaskGIT, data: TokenData, batch_size: int, n_batches: int, device: torch.device,
+def val_loss(model: GPT | MaskGIT, data: TokenData, n_records: int, batch_size: int, device: torch.device,
              conditional: bool, bf16: bool) -> tuple[float, float | None]:
-    """(mean token cross-entropy in nats, maskgit's masked-token accuracy or None) over fixed val batches (the first
-    n_batches * batch_size samples; maskgit's masks from a fixed seed)."""
+    """(mean token cross-entropy in nats, maskgit's masked-token accuracy or None) over the first n_records val
+    samples (all if fewer), batch_size at a time; maskgit's masks from a fixed seed."""
     model.eval()
     mask_id = model.mask_id if isinstance(model, MaskGIT) else None
     masks = torch.Generator(device=device).manual_seed(VAL_MASK_SEED) if mask_id is not None else None
     total, correct, count = 0.0, 0.0, 0
-    n = min(len(data.tokens), batch_size * n_batches)
+    n = min(len(data.tokens), n_records)
     for start in range(0, n, batch_size):
         x = data.tokens[start:start + batch_size].to(device)
         y = data.labels[start:start + batch_size].to(device) if conditional else None
@@ -223,8 +223,9 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
             row = {"step": done, "train_loss": sum(window) / len(window), "lr": lr, "tokens_per_s": rate}
             window = []
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            vl, acc = val_loss(ema.averaged() if ema else core, val, micro, cfg.val_batches, device, conditional,
-                               cfg.bf16)
+            # val_batches global batches, in micro-batches: the same records whatever grad_accum and world size
+            vl, acc = val_loss(ema.averaged() if ema else core, val, cfg.val_batches * cfg.batch_size, micro, device,
+                               conditional, cfg.bf16)
             row = row or {"step": done, "train_loss": step_loss, "lr": lr, "tokens_per_s": None}
             row.update(val_loss=vl, val_bits_per_token=vl / math.log(2))
             if maskgit:
