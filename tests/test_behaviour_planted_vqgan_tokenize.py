@@ -144,6 +144,19 @@ def test_a_resume_between_two_log_rows_logs_what_the_uninterrupted_run_does(prep
     assert (tmp_path / "b" / "log.tsv").read_text() == log_a
 
 
+def test_the_run_log_is_the_last_file_train_vqgan_writes(prepared, tmp_path, monkeypatch):
+    """The out guard reads the plots file as this run's when no newer than the metrics' `.run.json` (see
+    test_train_transformer.py's test of the same name): the run log is the last atomic rename of the run."""
+    import os
+    renamed: list[str] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst, *a, **kw: (renamed.append(str(dst)),
+                                                                   real_replace(src, dst, *a, **kw))[1])
+    cfg = vq_cfg(prepared, tmp_path, steps=2)
+    train_vqgan.run(cfg)
+    assert renamed[-1] == str(tmp_path / "m.run.json") and {cfg.plots, cfg.metrics, cfg.out_dir} <= set(renamed)
+
+
 def test_ema_with_decay_1_exports_the_model_as_kmeans_left_it(prepared, tmp_path):
     """The shadow starts from the k-means-initialised model and decay 1 never moves it, so the export equals the
     model of a run that cannot learn (lr 0): not the random init from before k-means, not the trained weights."""

@@ -75,6 +75,30 @@ def inverted_tokens(tiny_world, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["ar", "maskgit", "gan"])
+def test_the_run_log_is_the_last_file_the_stage_writes(tiny_world, tmp_path, monkeypatch, kind):
+    """The out guard reads a plots file no newer than the metrics' `.run.json` as this run's (a kill while DVC
+    records the results leaves both unrecorded): so `.run.json` must be written after every other output. Checked
+    on the order of the atomic renames, not on mtimes (two writes within one clock tick share an mtime). The
+    plots file came after it before, and a kill in DVC's bookkeeping made the next run refuse it."""
+    import os
+
+    from test_train_gan import gan_cfg
+    cfg = gan_cfg(tiny_world, tmp_path, "lada") if kind == "gan" else ar_cfg(tiny_world["base"], tmp_path, kind=kind)
+    renamed: list[str] = []
+    real_replace = os.replace
+
+    def replace(src, dst, *a, **kw):
+        renamed.append(str(dst))
+        return real_replace(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    tt.run(cfg)
+    run_log = str(Path(cfg.metrics).with_name(Path(cfg.metrics).stem + ".run.json"))
+    assert renamed[-1] == run_log, renamed[-4:]
+    assert {cfg.plots, cfg.metrics, cfg.out_dir} <= set(renamed)
+
+
+@pytest.mark.parametrize("kind", ["ar", "maskgit", "gan"])
 def test_a_checkpoint_of_other_tokens_under_the_same_vqgan_and_count_is_not_resumed(tiny_world, inverted_tokens,
                                                                                       tmp_path, monkeypatch, caplog,
                                                                                       kind):
