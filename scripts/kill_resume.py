@@ -197,7 +197,8 @@ def faulted(project: Path, refs: list[dict[str, str]], times: dict[str, float], 
                                 "resumed": "resuming from" in out,  # it had picked up an earlier kill's work
                                 "final_name_violations": bad, "temp_files": len(temps)})
                 print(f"  {stage}: kill {delivered} after {delay:.1f}s ({records[-1]['phase']}); {len(temps)} temp "
-                      f"file(s), {len(bad)} violation(s){' (resumed)' if records[-1]['resumed'] else ''}", flush=True)
+                      f"file(s), {len(bad)} violation(s){' (resumed)' if records[-1]['resumed'] else ''}"
+                      + "".join(f"\n    {b}" for b in bad), flush=True)
         run_stage(project, stage, False, None)
     return records
 
