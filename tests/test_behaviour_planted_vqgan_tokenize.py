@@ -144,17 +144,25 @@ def test_a_resume_between_two_log_rows_logs_what_the_uninterrupted_run_does(prep
     assert (tmp_path / "b" / "log.tsv").read_text() == log_a
 
 
-def test_the_run_log_is_the_last_file_train_vqgan_writes(prepared, tmp_path, monkeypatch):
-    """The out guard reads the plots file as this run's when no newer than the metrics' `.run.json` (see
-    test_train_transformer.py's test of the same name): the run log is the last atomic rename of the run."""
+def test_the_plots_file_of_train_vqgan_is_never_newer_than_its_run_log(prepared, tmp_path, monkeypatch):
+    """What the out guard reads (see test_train_transformer.py's test of the same contract): at every rename, a
+    plots file in place has its run log beside it, at least as new; a pause after the run log's rename makes a
+    later write strictly newer."""
     import os
-    renamed: list[str] = []
+    import time
+    plots, run_log = tmp_path / "log.tsv", tmp_path / "m.run.json"
     real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst, *a, **kw: (renamed.append(str(dst)),
-                                                                   real_replace(src, dst, *a, **kw))[1])
-    cfg = vq_cfg(prepared, tmp_path, steps=2)
-    train_vqgan.run(cfg)
-    assert renamed[-1] == str(tmp_path / "m.run.json") and {cfg.plots, cfg.metrics, cfg.out_dir} <= set(renamed)
+
+    def replace(src, dst, *a, **kw):
+        real_replace(src, dst, *a, **kw)
+        if Path(dst) == run_log:
+            time.sleep(0.05)
+        if plots.exists():
+            assert run_log.exists() and plots.stat().st_mtime_ns <= run_log.stat().st_mtime_ns
+
+    monkeypatch.setattr(os, "replace", replace)
+    train_vqgan.run(vq_cfg(prepared, tmp_path, steps=2))
+    assert plots.is_file()
 
 
 def test_ema_with_decay_1_exports_the_model_as_kmeans_left_it(prepared, tmp_path):

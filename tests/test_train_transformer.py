@@ -75,27 +75,34 @@ def inverted_tokens(tiny_world, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["ar", "maskgit", "gan"])
-def test_the_run_log_is_the_last_file_the_stage_writes(tiny_world, tmp_path, monkeypatch, kind):
-    """The out guard reads a plots file no newer than the metrics' `.run.json` as this run's (a kill while DVC
-    records the results leaves both unrecorded): so `.run.json` must be written after every other output. Checked
-    on the order of the atomic renames, not on mtimes (two writes within one clock tick share an mtime). The
-    plots file came after it before, and a kill in DVC's bookkeeping made the next run refuse it."""
+def test_the_plots_file_is_never_newer_than_the_run_log(tiny_world, tmp_path, monkeypatch, kind):
+    """The out guard reads a plots file no newer than its stage's `.run.json` as that run's (a kill before DVC
+    records the results leaves both unrecorded, and the next run must not refuse them). So at every rename of the
+    run, a plots file in place has a run log beside it at least as new. A pause after the run log's rename makes a
+    file written after it strictly newer (file times tick in milliseconds). Before: the plots file came after the
+    run log, then (a first fix) before it with other writes between: each left a moment a kill made the next run
+    refuse the file (scripts/kill_resume.py found both)."""
     import os
+    import time
 
+    from pipeline.runlog import run_log_path
     from test_train_gan import gan_cfg
     cfg = gan_cfg(tiny_world, tmp_path, "lada") if kind == "gan" else ar_cfg(tiny_world["base"], tmp_path, kind=kind)
+    plots, run_log = Path(cfg.plots), run_log_path(cfg.metrics)
     renamed: list[str] = []
     real_replace = os.replace
 
     def replace(src, dst, *a, **kw):
+        real_replace(src, dst, *a, **kw)
         renamed.append(str(dst))
-        return real_replace(src, dst, *a, **kw)
+        if Path(dst) == run_log:
+            time.sleep(0.05)
+        if plots.exists():
+            assert run_log.exists() and plots.stat().st_mtime_ns <= run_log.stat().st_mtime_ns, renamed[-3:]
 
     monkeypatch.setattr(os, "replace", replace)
     tt.run(cfg)
-    run_log = str(Path(cfg.metrics).with_name(Path(cfg.metrics).stem + ".run.json"))
-    assert renamed[-1] == run_log, renamed[-4:]
-    assert {cfg.plots, cfg.metrics, cfg.out_dir} <= set(renamed)
+    assert {cfg.plots, cfg.metrics, str(run_log), cfg.out_dir} <= set(renamed)
 
 
 @pytest.mark.parametrize("kind", ["ar", "maskgit", "gan"])

@@ -35,7 +35,7 @@ from pipeline import doctor
 from pipeline.atomic import atomic_path, new_partial_dir, read_json, replace_dir, write_json
 from pipeline.device import Dist, autocast
 from pipeline.errors import UserError
-from pipeline.runlog import headline, write_metrics
+from pipeline.runlog import headline, run_log_path, write_metrics
 from pipeline.tokens import TokenData
 from training.common import (EMA, StepBatches, check_batch_fits, check_finite, config_hash, cosine_lr, export_weights,
                              seed_everything, set_lr, token_data_id, unwrap, write_tsv)
@@ -270,14 +270,14 @@ def finish(cfg: Any, model: GPT | MaskGIT, gcfg: GPTConfig, history: list[dict],
     if cfg.kind == "maskgit":
         metrics["val_masked_accuracy"] = last_val.get("val_masked_accuracy")
     write_json(out / "metrics.json", metrics)
-    write_tsv(Path(cfg.plots), history, MASKGIT_LOG_KEYS if cfg.kind == "maskgit" else LOG_KEYS)
     plot_curves(out / "curves.png", history, unigram, cfg.kind)
     replace_dir(out, Path(cfg.out_dir), "train_transformer")
-    # last: its .run.json tells the out guard that the plots file before it is this run's (pipeline/out_guard.py)
     write_metrics(cfg.metrics, headline(metrics, columns), {
         "tokens_per_s": tokens_per_s, "achieved_tflops": flops / 1e12 if flops is not None else None,
         "mfu": flops / (peak * 1e12) if peak and flops is not None else None, "device": name,
         "attention_backend": backend})
+    write_tsv(Path(cfg.plots), history, MASKGIT_LOG_KEYS if cfg.kind == "maskgit" else LOG_KEYS,
+              stamp=run_log_path(cfg.metrics))
     what = "bits per masked token" if cfg.kind == "maskgit" else "bits/token"  # maskgit's loss is on masked ones
     log.info("val %.3f %s (unigram entropy %.3f); %.0f tokens/s", metrics["val_bits_per_token"] or float("nan"),
              what, unigram, tokens_per_s or 0)

@@ -71,7 +71,7 @@ from training.common import (EMA, StepBatches, check_batch_fits, check_finite, c
 from pipeline.device import Dist, autocast
 from pipeline.vqgan_io import load_vqgan, to_model_range, to_uint8
 from pipeline.fid_reference import NetworkParams, check_reference, load_network, load_reference
-from pipeline.runlog import write_metrics
+from pipeline.runlog import run_log_path, write_metrics
 from pipeline.tokens import TokenData
 
 if TYPE_CHECKING:
@@ -545,14 +545,13 @@ def finish_gan(cfg: Any, G_ema: nn.Module, gcfg: GANConfig, history: list[dict],
         "fid_curve": curve,
     }
     write_json(out / "metrics.json", metrics)
-    write_tsv(Path(cfg.plots), history, log_keys(gcfg))
     plot_gan_curves(out / "curves.png", history, gcfg.family)
     replace_dir(out, Path(cfg.out_dir), "train_transformer")
-    # last: its .run.json tells the out guard that the plots file before it is this run's (pipeline/out_guard.py)
     fid_columns = {"fid": curve[-1]["value"], "protocol": protocol_id(fid_protocol)} if curve else {}
     write_metrics(cfg.metrics, fid_columns, {
         "step_time_s": round(step_seconds, 5),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
+    write_tsv(Path(cfg.plots), history, log_keys(gcfg), stamp=run_log_path(cfg.metrics))
     log.info("GAN %s: D loss %.3f, G loss %.3f, D acc real %.2f fake %.2f, %.3f s/step%s", gcfg.family,
              last["d_loss"] or float("nan"), last["g_loss"] or float("nan"), last["d_acc_real"] or float("nan"),
              last["d_acc_fake"] or float("nan"), step_seconds,

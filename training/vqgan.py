@@ -34,7 +34,7 @@ from pipeline.device import autocast, init_distributed, pick_device
 from pipeline.errors import UserError
 from pipeline.prepared import PreparedImages
 from pipeline.report import save_rows_grid
-from pipeline.runlog import headline, write_metrics
+from pipeline.runlog import headline, run_log_path, write_metrics
 from pipeline.vqgan_io import save_vqgan, to_model_range, to_uint8
 from training.common import (EMA, StepBatches, check_batch_fits, check_finite, config_hash, cosine_lr, seed_everything,
                              set_lr, unwrap, write_tsv)
@@ -323,8 +323,8 @@ def finish(cfg: Any, model: VQGAN, ema: EMA | None, lpips: LPIPS | None, device:
     plot_curves(out / "curves.png", history)
     write_json(out / "metrics.json", metrics)
     replace_dir(out, Path(cfg.out_dir), "train_vqgan")
-    write_tsv(Path(cfg.plots), history, LOG_KEYS)
     write_metrics(cfg.metrics, headline(metrics, HEADLINE), {"train_images_per_s": images_per_s, "device": device.type})
+    write_tsv(Path(cfg.plots), history, LOG_KEYS, stamp=run_log_path(cfg.metrics))
     log.info("val: L1 %.4f  PSNR %.2f dB  usage %.1f%%  perplexity %.1f  dead %d", metrics["val_l1"],
              metrics["val_psnr"], metrics["code_usage_pct"], metrics["perplexity"], metrics["dead_codes"])
 
