@@ -51,6 +51,7 @@ LONG = ["train_vqgan", "tokenize@fashion_mnist", "train_transformer", "sample", 
 VOLATILE = re.compile(r"(per_s|_s_|seconds|_time|time_s|_s$|elapsed|tflops|mfu|this_run|resumed_records)")
 TIMING_LINE = re.compile(r"\d s\b|/s\b")  # report lines that state wall times or rates
 TEMP = re.compile(r"^\..+\.(tmp|old)-\d+$|^\..+\.partial$")
+LOCK = re.compile(r"^\..+\.lock$")  # a stage's work lock beside its output (pipeline/locks.py): not an output
 WORK_DIRS = ("data/checkpoints",)  # resume state: work folders, not DVC outs
 
 
@@ -97,7 +98,7 @@ def snapshot(project: Path) -> tuple[dict[str, str], list[str]]:
     files, temps = {}, []
     for path in sorted((project / "data").rglob("*")):
         rel = path.relative_to(project).as_posix()
-        if any(rel.startswith(w) for w in WORK_DIRS) or rel.endswith(".run.json"):
+        if any(rel.startswith(w) for w in WORK_DIRS) or rel.endswith(".run.json") or LOCK.match(path.name):
             continue  # resume state, and run logs (absent when DVC restored the stage from its run cache)
         if any(TEMP.match(part) for part in path.relative_to(project).parts):
             if TEMP.match(path.name):
