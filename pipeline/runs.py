@@ -53,6 +53,13 @@ def pipeline_stages(root: Path) -> list[str]:
 def dvc(args: list[str], root: Path) -> str:
     """Run a dvc command and return stdout; raise with its stderr on failure."""
     proc = subprocess.run(["dvc", *args], cwd=root, capture_output=True, text=True, env=os.environ.copy())
+    lock = Path(root) / "dvc.lock"
+    if proc.returncode != 0 and lock.is_file() and lock.stat().st_size == 0:
+        # DVC rewrites dvc.lock in place: a dvc killed between truncating and writing it leaves it empty, and every
+        # dvc command then fails on its schema. Nothing in it is lost; the user decides how to restore it.
+        raise UserError(f"{lock} is empty: a dvc command was killed while rewriting it (DVC writes it in place); "
+                        f"restore it (git checkout dvc.lock) or delete it: the stages it recorded are then restored "
+                        f"from DVC's run cache, not retrained")
     if proc.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout

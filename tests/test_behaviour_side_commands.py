@@ -207,3 +207,19 @@ def test_a_stage_reading_a_path_inside_its_own_output_is_refused(tmp_path):
     for reference, report_dir in (("rep/ref", "rep"), ("ref", "ref/rep")):  # the input inside, or holding, the output
         assert "would read" in one_line(lambda: out_guard.check_overlaps(
             tmp_path, {"ev": {"reference": reference, "report_dir": report_dir}}, "params.yaml"))
+
+
+def test_an_empty_dvc_lock_is_one_line_naming_it_and_the_remedy(tmp_path):
+    """A dvc killed while it rewrote dvc.lock (in place) leaves it empty; every dvc command then fails on its schema.
+    scripts/kill_resume.py hit it: `python -m pipeline stage` ended in a traceback. Now one line with the remedy;
+    a dvc.lock with content that fails is still the crash it was (not a user's doing)."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: echo a > a.txt\n    outs:\n      - a.txt\n")
+    (tmp_path / "dvc.lock").write_text("")
+    with pytest.raises(UserError, match=r"dvc\.lock is empty: a dvc command was killed while rewriting it") as err:
+        runs.dvc(["stage", "list", "--name-only"], tmp_path)
+    assert "\n" not in str(err.value) and str(tmp_path / "dvc.lock") in str(err.value)
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  a: {}\n")
+    with pytest.raises(RuntimeError, match="dvc stage list --name-only failed"):
+        runs.dvc(["stage", "list", "--name-only"], tmp_path)
