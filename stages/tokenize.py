@@ -49,7 +49,7 @@ from pipeline.config import check_dataset_name, from_dict, load_params, param
 from pipeline.errors import UserError
 from pipeline.images import decode_png
 from pipeline.stage_cli import run_stage_cli
-from pipeline.runlog import headline, write_metrics
+from pipeline.runlog import headline, run_log_path, write_metrics
 from pipeline.codegraph import code_fingerprint
 from pipeline.locks import exclusive
 from pipeline.prepared import PreparedImages, read_manifest
@@ -436,8 +436,10 @@ def usage_summary(counts: np.ndarray) -> dict:
             "perplexity": float(np.exp(-(probs * np.log(probs)).sum())) if total else 0.0}
 
 
-def plot_usage(path: Path, counts: np.ndarray, title: str) -> None:
-    """Tokens per code, by code index and sorted (rank-frequency): dead and dominant codes stand out."""
+def plot_usage(path: Path, counts: np.ndarray, title: str, stamp: Path | None = None) -> None:
+    """Tokens per code, by code index and sorted (rank-frequency): dead and dominant codes stand out. `stamp`: the
+    run log written just before; the plot takes its times before it appears (the out guard reads a plot no newer
+    than its stage's run log as that run's, at every instant of a kill)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -451,6 +453,9 @@ def plot_usage(path: Path, counts: np.ndarray, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
+        if stamp is not None:
+            st = os.stat(stamp)
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
     plt.close(fig)
 
 
@@ -568,13 +573,13 @@ def _run(cfg: TokenizeConfig) -> None:
                     "merge_and_shards": round(t_check - t_merge, 2),
                     "roundtrip_check": round(time.monotonic() - t_check, 2)},
     }
-    if cfg.plot is not None:
-        plot_usage(cfg.plot, counts, cfg.name)
     write_json(out / "metrics.json", metrics)
     replace_dir(out, cfg.out, "tokenize")
     if cfg.metrics is not None:
         write_metrics(cfg.metrics, {**headline(metrics, HEADLINE),
                                     "usage_pct": 100 * metrics["code_usage"]["usage_fraction"]}, run_facts)
+    if cfg.plot is not None:
+        plot_usage(cfg.plot, counts, cfg.name, run_log_path(cfg.metrics) if cfg.metrics is not None else None)
     shutil.rmtree(work)
     log.info("tokenized %s: %d records, grid %dx%d %s, %s images/s, code usage %.1f%%, round-trip %s -> %s",
              cfg.name, records, grid[0], grid[1], meta["dtype"], run_facts["images_per_s"],
