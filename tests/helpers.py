@@ -232,3 +232,25 @@ def reference_stack(model: torch.nn.Module, x: torch.Tensor, causal: bool) -> to
             h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
         x = x + linear(h, f"{p}.mlp.proj")
     return norm(x, "norm_f")
+
+
+def check_never_newer_than_run_log(monkeypatch, out: Path, run_log: Path) -> list[str]:
+    """Spy on os.replace: after every rename, `out` (a file out of a stage), when in place, must have `run_log`
+    beside it and be no newer (what pipeline/out_guard.py reads as "this run's"). A pause after the run log's own
+    rename makes a file written after it strictly newer (file times tick in milliseconds). Returns the renamed
+    destinations, filled as the run goes."""
+    import os
+    import time
+    renamed: list[str] = []
+    real_replace = os.replace
+
+    def replace(src, dst, *a, **kw):
+        real_replace(src, dst, *a, **kw)
+        renamed.append(str(dst))
+        if Path(dst) == run_log:
+            time.sleep(0.05)
+        if out.exists():
+            assert run_log.exists() and out.stat().st_mtime_ns <= run_log.stat().st_mtime_ns, renamed[-3:]
+
+    monkeypatch.setattr(os, "replace", replace)
+    return renamed

@@ -32,7 +32,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from helpers import crash_after_first_checkpoint, make_idx_dataset, write_idx
+from helpers import check_never_newer_than_run_log, crash_after_first_checkpoint, make_idx_dataset, write_idx
 from models.vqgan import VQGAN, VQGANConfig
 from pipeline import checkpoint as ckpt
 from pipeline.errors import UserError
@@ -148,19 +148,8 @@ def test_the_plots_file_of_train_vqgan_is_never_newer_than_its_run_log(prepared,
     """What the out guard reads (see test_train_transformer.py's test of the same contract): at every rename, a
     plots file in place has its run log beside it, at least as new; a pause after the run log's rename makes a
     later write strictly newer."""
-    import os
-    import time
-    plots, run_log = tmp_path / "log.tsv", tmp_path / "m.run.json"
-    real_replace = os.replace
-
-    def replace(src, dst, *a, **kw):
-        real_replace(src, dst, *a, **kw)
-        if Path(dst) == run_log:
-            time.sleep(0.05)
-        if plots.exists():
-            assert run_log.exists() and plots.stat().st_mtime_ns <= run_log.stat().st_mtime_ns
-
-    monkeypatch.setattr(os, "replace", replace)
+    plots = tmp_path / "log.tsv"
+    check_never_newer_than_run_log(monkeypatch, plots, tmp_path / "m.run.json")
     train_vqgan.run(vq_cfg(prepared, tmp_path, steps=2))
     assert plots.is_file()
 

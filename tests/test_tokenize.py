@@ -610,19 +610,8 @@ def test_the_usage_plot_is_never_newer_than_the_run_log(data, tmp_path, monkeypa
     metrics: at every rename a plot in place has its run log, at least as new (a pause after the run log's rename
     makes a later write strictly newer). scripts/kill_resume.py found a kill between the plot and the run log: the
     next run refused the plot."""
-    import os
-    import time
+    from helpers import check_never_newer_than_run_log
     metrics, plot = tmp_path / "m.json", tmp_path / "usage.png"
-    run_log = tmp_path / "m.run.json"
-    real_replace = os.replace
-
-    def replace(src, dst, *a, **kw):
-        real_replace(src, dst, *a, **kw)
-        if Path(dst) == run_log:
-            time.sleep(0.05)
-        if plot.exists():
-            assert run_log.exists() and plot.stat().st_mtime_ns <= run_log.stat().st_mtime_ns
-
-    monkeypatch.setattr(os, "replace", replace)
+    check_never_newer_than_run_log(monkeypatch, plot, tmp_path / "m.run.json")
     run(TokenizeConfig("a", data["prepared"], data["vqgan"], tmp_path / "o", metrics, plot, params()))
     assert plot.is_file()

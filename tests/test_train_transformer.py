@@ -82,25 +82,12 @@ def test_the_plots_file_is_never_newer_than_the_run_log(tiny_world, tmp_path, mo
     file written after it strictly newer (file times tick in milliseconds). Before: the plots file came after the
     run log, then (a first fix) before it with other writes between: each left a moment a kill made the next run
     refuse the file (scripts/kill_resume.py found both)."""
-    import os
-    import time
-
+    from helpers import check_never_newer_than_run_log
     from pipeline.runlog import run_log_path
     from test_train_gan import gan_cfg
     cfg = gan_cfg(tiny_world, tmp_path, "lada") if kind == "gan" else ar_cfg(tiny_world["base"], tmp_path, kind=kind)
-    plots, run_log = Path(cfg.plots), run_log_path(cfg.metrics)
-    renamed: list[str] = []
-    real_replace = os.replace
-
-    def replace(src, dst, *a, **kw):
-        real_replace(src, dst, *a, **kw)
-        renamed.append(str(dst))
-        if Path(dst) == run_log:
-            time.sleep(0.05)
-        if plots.exists():
-            assert run_log.exists() and plots.stat().st_mtime_ns <= run_log.stat().st_mtime_ns, renamed[-3:]
-
-    monkeypatch.setattr(os, "replace", replace)
+    run_log = run_log_path(cfg.metrics)
+    renamed = check_never_newer_than_run_log(monkeypatch, Path(cfg.plots), run_log)
     tt.run(cfg)
     assert {cfg.plots, cfg.metrics, str(run_log), cfg.out_dir} <= set(renamed)
 
