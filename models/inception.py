@@ -26,8 +26,6 @@ PINNED_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa3
 NETWORK_NAME = "inception-2015-12-05-pool3"
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
-# uint8 / 128 - 1: the range the TF graph fed its first convolution.
-INPUT_RANGE = (-1.0, 255 / 128 - 1)
 
 
 class FIDInception(nn.Module):

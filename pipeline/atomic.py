@@ -50,8 +50,12 @@ def remove_stale_temps(path: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path to write; on success it is renamed to `path`, on error removed."""
+def atomic_path(path: str | Path, stamp: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a temp path to write; on success it is renamed to `path`, on error removed.
+
+    `stamp`: a file whose access and modification times the temp takes before it appears under `path` (a stage's
+    plots file takes its run log's: the out guard reads a file no newer than the run log as that run's, so the rule
+    holds at every instant of a kill)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
@@ -60,6 +64,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp.is_file():
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+        if stamp is not None:
+            st = os.stat(stamp)
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.replace(tmp, path)
     except BaseException:
         if tmp.is_dir():

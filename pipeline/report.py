@@ -82,18 +82,26 @@ def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def embed_images(markdown: str, folder: str | Path) -> str:
-    """Replace `![alt](file.png)` links to files in `folder` by base64 data URIs (missing files stay links)."""
+    """Replace `![alt](file.png)` links to PNG files in `folder` by base64 data URIs. Only a plain file name of
+    `folder` is read (no sub-path, no `..`, no hidden file) and only a file that is a PNG: a report's own names
+    never need more, and a markdown file edited by hand cannot pull another file into the UI. Anything else stays a
+    link."""
     folder = Path(folder)
 
     def inline(m: re.Match) -> str:
         path = folder / m.group(2)
-        if not path.is_file():
+        if m.group(2).startswith(".") or not path.is_file():
             return m.group(0)
-        data = base64.b64encode(path.read_bytes()).decode()
-        return f"![{m.group(1)}](data:image/png;base64,{data})"
+        data = path.read_bytes()
+        if not data.startswith(PNG_SIGNATURE):
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(data).decode()})"
 
-    return re.sub(r"!\[([^\]]*)\]\(([^)\s:]+\.png)\)", inline, markdown)
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s:/\\]+\.png)\)", inline, markdown)
 
 
 def save_rows_grid(path: str | Path, rows: Sequence[torch.Tensor], scale: int = 2, pad: int = 2,

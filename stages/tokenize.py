@@ -438,8 +438,7 @@ def usage_summary(counts: np.ndarray) -> dict:
 
 def plot_usage(path: Path, counts: np.ndarray, title: str, stamp: Path | None = None) -> None:
     """Tokens per code, by code index and sorted (rank-frequency): dead and dominant codes stand out. `stamp`: the
-    run log written just before; the plot takes its times before it appears (the out guard reads a plot no newer
-    than its stage's run log as that run's, at every instant of a kill)."""
+    run log written just before, whose times the plot takes (see `atomic_path`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -451,11 +450,8 @@ def plot_usage(path: Path, counts: np.ndarray, title: str, stamp: Path | None = 
     b.set_title(f"{usage_summary(counts)['dead_codes']} dead of {len(counts)}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, stamp=stamp) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
-        if stamp is not None:
-            st = os.stat(stamp)
-            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
     plt.close(fig)
 
 

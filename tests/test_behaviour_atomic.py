@@ -233,3 +233,33 @@ def test_two_cleaners_racing_for_the_same_stale_temps(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "rmtree", other_cleaner_took_the_folder)
     atomic.remove_stale_temps(tmp_path / "store")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stamp_gives_the_file_its_times_before_it_appears(tmp_path, monkeypatch):
+    """The stamped file must hold the stamp's times from the instant its final name exists (a stamp applied after
+    the rename leaves a window in which a kill keeps a file newer than its run log)."""
+    stamp = tmp_path / "run.json"
+    stamp.write_text("{}")
+    os.utime(stamp, ns=(1_000_000_000_123, 2_000_000_000_456))  # far from "now" and from each other
+    final = tmp_path / "plots.tsv"
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst, *a, **kw):
+        st = os.stat(src)
+        seen.append((st.st_atime_ns, st.st_mtime_ns))
+        real_replace(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with atomic_path(final, stamp=stamp) as tmp:
+        tmp.write_text("step\tloss\n")
+    assert seen == [(1_000_000_000_123, 2_000_000_000_456)]
+    assert final.stat().st_mtime_ns == 2_000_000_000_456 and final.read_text() == "step\tloss\n"
+
+
+def test_a_missing_stamp_fails_the_write_and_leaves_nothing(tmp_path):
+    final = tmp_path / "plots.tsv"
+    with pytest.raises(FileNotFoundError):
+        with atomic_path(final, stamp=tmp_path / "absent.json") as tmp:
+            tmp.write_text("x")
+    assert siblings(final) == []

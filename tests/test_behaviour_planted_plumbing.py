@@ -584,6 +584,26 @@ def test_metric_names_keep_every_level():
     assert names == ["fid", "per_class.cat.fid", "per_class.cat.kid"]
 
 
+def test_only_the_folder_s_own_png_files_are_inlined(tmp_path):
+    """A report's links are inlined only for plain PNG names of its own folder: a link out of it (`..`, a
+    sub-path, a hidden name) or to a file that is not a PNG stays a link, so nothing else reaches the UI."""
+    import base64
+
+    from pipeline.report import PNG_SIGNATURE, embed_images
+
+    png = PNG_SIGNATURE + b"rest"
+    report = tmp_path / "report"
+    (report / "sub").mkdir(parents=True)
+    for name in ("grid.png", "sub/deep.png", ".hidden.png"):
+        (report / name).write_bytes(png)
+    (tmp_path / "outside.png").write_bytes(png)
+    (report / "fake.png").write_bytes(b"not a png")
+    links = ["grid.png", "../outside.png", "sub/deep.png", ".hidden.png", "fake.png", "absent.png"]
+    md = embed_images("\n".join(f"![{n}]({n})" for n in links), report).splitlines()
+    assert md[0] == f"![grid.png](data:image/png;base64,{base64.b64encode(png).decode()})"
+    assert md[1:] == [f"![{n}]({n})" for n in links[1:]]
+
+
 # ------------------------------------------------------------------ fid_reference: hashes and the reference's edges
 
 def test_an_expected_hash_in_upper_case_matches(tmp_path):

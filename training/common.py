@@ -173,18 +173,14 @@ def check_finite(step: int, ckpt_dir: str | os.PathLike | None = None, **losses:
 
 def write_tsv(path: str | os.PathLike, history: list[dict], keys: list[str],
               stamp: str | os.PathLike | None = None) -> None:
-    """The training log as a TSV for DVC plots (one row per logged step; empty cell = not measured). `stamp`: a file
-    whose times the TSV takes before it appears under its name (the run log written just before it: the out guard
-    reads a plots file no newer than its stage's run log as that run's, at every instant of a kill)."""
-    with atomic_path(path) as tmp:
+    """The training log as a TSV for DVC plots (one row per logged step; empty cell = not measured). `stamp`: the run
+    log written just before it, whose times the TSV takes (see `atomic_path`)."""
+    with atomic_path(path, stamp=stamp) as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh, delimiter="\t")
             w.writerow(keys)
             for h in history:
                 w.writerow(["" if h.get(k) is None else f"{h[k]:.6g}" for k in keys])
-        if stamp is not None:
-            st = os.stat(stamp)
-            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def export_weights(folder: str | os.PathLike, model: nn.Module) -> None:
