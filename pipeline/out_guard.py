@@ -251,6 +251,7 @@ def check_outputs(root: Path, params: dict[str, Any], source: str, work: list[Wo
     if not planned:
         return
     locked, tracked, cache = locked_outs(root), _git_tracked(root, [p for _, _, p, _ in planned]), None
+    metrics = planned_outputs(root, params, ("metrics",))  # by dvc.yaml's section: a key may be `metrics_dir`
     for stage, owner, path, keys in planned:
         if path in tracked:
             why = "tracked by git"
@@ -259,8 +260,8 @@ def check_outputs(root: Path, params: dict[str, Any], source: str, work: list[Wo
         else:
             if cache is None and (root / path).is_file() and not (root / path).is_symlink():
                 cache = _cache_dir(root)
-            run_logs = [(root / p).with_name(f"{Path(p).stem}.run.json") for s, _, p, k in planned
-                        if s == stage and p != path and any(key.endswith(".metrics") for key in k)]
+            run_logs = [(root / p).with_name(f"{Path(p).stem}.run.json") for s, _, p, _ in metrics
+                        if s == stage and p != path]
             why = _why_not_ours(root / path, owner, cache, run_logs)
             if why is None:
                 continue

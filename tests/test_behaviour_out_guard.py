@@ -360,3 +360,32 @@ def test_the_cache_is_where_dvc_keeps_a_files_bytes(tmp_path):
     cache = out_guard._cache_dir(tmp_path)
     assert cache.is_relative_to(tmp_path / ".dvc" / "cache")
     assert out_guard._in_cache(kept, cache) and not out_guard._in_cache(other, cache)
+
+
+def test_each_plots_file_of_the_real_pipeline_is_vouched_for_by_its_stage_s_run_log(tmp_path, cache):
+    """The project's own dvc.yaml and params.yaml: every plots file that no run recorded yet (a kill after the stage
+    wrote it, before DVC recorded it) is the run's when its stage's run log is as new, however the metrics path
+    is built (tokenize's comes from `tokenize.metrics_dir`, not a key named `metrics`: scripts/kill_resume.py
+    found its code-usage plot refused). Without the run log it is refused."""
+    import shutil
+
+    from helpers import ROOT
+    from pipeline.config import load_params
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = load_params(ROOT / "params.yaml")
+    metrics = {s: p for s, _, p, _ in out_guard.planned_outputs(tmp_path, params, ("metrics",))}
+    plots = [(s, p) for s, _, p, _ in out_guard.planned_outputs(tmp_path, params, ("plots",))]
+    assert {s.split("@")[0] for s, _ in plots} == {"train_vqgan", "tokenize", "train_transformer"}
+    for stage, plot in plots:
+        write(tmp_path / plot, "plot", T0 + 5)
+        run_log = (tmp_path / metrics[stage]).with_name(f"{Path(metrics[stage]).stem}.run.json")
+        write(tmp_path / metrics[stage], "{}", T0 + 5)
+        write(run_log, "{}", T0 + 5)
+        out_guard.check_outputs(tmp_path, params, "params.yaml")
+        (tmp_path / metrics[stage]).unlink()  # DVC removed the metrics file, then was killed: still the run's
+        out_guard.check_outputs(tmp_path, params, "params.yaml")
+        run_log.unlink()
+        assert f"{plot} " in refusal(tmp_path, params) and "a file DVC's cache does not hold" in refusal(
+            tmp_path, params)
+        write(run_log, "{}", T0 + 5)
