@@ -31,7 +31,8 @@ from pipeline.prefect_server import project_server, same_path, server_home, supe
 from pipeline.presets import resolve_overrides, unread_note
 from pipeline.retokenize import tokenize_command, workers_option
 from pipeline.runs import (check_dataset_paths, check_params, missing_dependency, project_lock, run_with_overrides,
-                           select, stage_names, stale_upstream_note, undo_killed_run, validate_overrides)
+                           select, selectable_stages, stage_names, stale_upstream_note, undo_killed_run,
+                           validate_overrides)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 4200
@@ -164,8 +165,8 @@ def _repro_undone_on_failure(cmd: list[str], overrides: list[str], started: str 
 def cmd_run(args: argparse.Namespace) -> None:
     preset = _preset_param(args.preset)
     overrides = resolve_overrides(ROOT, preset, args.set)
-    validate_overrides(ROOT, overrides)  # before anything is written or started
-    select(stage_names(ROOT), args.stage)  # a typo in --stage is one line, before anything runs
+    params = validate_overrides(ROOT, overrides)  # before anything is written or started
+    select(selectable_stages(ROOT, params), args.stage)  # a typo in --stage is one line, before anything runs
     if note := unread_note(ROOT, overrides, args.set):
         print(note, file=sys.stderr)
     if args.no_prefect:

@@ -86,6 +86,14 @@ def planned_outputs(root: Path, params: dict[str, Any],
     return out
 
 
+def planned_stage_names(root: Path, params: dict[str, Any]) -> list[str]:
+    """Every dvc.yaml stage as DVC will name it once `params` are written (foreach copies `name@key`), stages of the
+    user's own included: overrides or a preset that add a dataset (configs/openclipart.yaml) add its stages."""
+    stages = load_dvc_yaml(root / "dvc.yaml")["stages"] if (root / "dvc.yaml").is_file() else {}
+    return [name if key is None else f"{name}@{key}" for name, body in stages.items()
+            for key in (_resolve_foreach(body["foreach"], params) if "foreach" in body else [None])]
+
+
 def _resolve_foreach(expr: Any, params: dict[str, Any]) -> dict[str, Any]:
     """{key: item} as DVC names a foreach stage's copies: `${params.key}` or a literal dict or list; a list of
     plain values keys each by its value, a list holding dicts or lists by its index. Unresolvable: no copies."""

@@ -31,7 +31,8 @@ from pipeline.config import PROJECT_ROOT, apply_overrides, load_params, parse_ov
 from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError
 from pipeline.locks import exclusive
-from pipeline.out_guard import WorkDir, check_outputs, check_unrecorded_changes, locked_outs, planned_outputs
+from pipeline.out_guard import (WorkDir, check_outputs, check_unrecorded_changes, locked_outs, planned_outputs,
+                                planned_stage_names)
 
 _EDGE = re.compile(r'^"([^"]+)"\s*->\s*"([^"]+)"')  # an edge of `dvc dag --dot`
 log = logging.getLogger("tokenmill.runs")
@@ -134,6 +135,13 @@ def stale_upstream_note(root: Path, selected: list[str]) -> str | None:
     return (f"{', '.join(behind)} {'is' if len(behind) == 1 else 'are'} out of date and not selected: "
             f"{', '.join(selected)} will read {'its' if len(behind) == 1 else 'their'} outputs as they are (select "
             f"{'it' if len(behind) == 1 else 'them'} too, or run the whole pipeline)")
+
+
+def selectable_stages(root: Path, params: dict[str, Any], names: list[str] | None = None) -> list[str]:
+    """The stages a run with `params` may select: DVC's list now (`names`, if known) and those `params` add (a dataset
+    that the run's overrides or preset add has its prepare@ and tokenize@ only once params.yaml is written)."""
+    names = stage_names(root) if names is None else names
+    return names + [n for n in planned_stage_names(root, params) if n not in names]
 
 
 def select(names: list[str], wanted: list[str] | None) -> list[str]:
@@ -489,9 +497,12 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
         if undo_killed_run(root):  # params.yaml was the killed run's: validate against the user's own again
             params = validate_overrides(root, overrides)
         _refuse_while_a_stage_runs(root)
+        now = stage_names(root) if targets else []
         if targets:  # a misspelt stage is one line of its own, not a failed `dvc status` below
-            select(stage_names(root), targets)
-        check_unrecorded_changes(root, targets, with_deps)
+            select(selectable_stages(root, params, now), targets)
+        # a stage the overrides add is not DVC's yet, so `dvc status` cannot name it or what it needs: check them all
+        added = [t for t in targets or [] if not any(n == t or n.split("@")[0] == t for n in now)]
+        check_unrecorded_changes(root, None if added else targets, with_deps)
         saved = {name: (root / name).read_bytes() for name in ("params.yaml", "dvc.lock") if (root / name).is_file()}
         before = recorded_outputs(root)
         new = {path for _, _, path, _ in planned_outputs(root, params) if not (root / path).exists()}
