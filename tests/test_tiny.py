@@ -49,3 +49,29 @@ def test_tiny_commits_its_project_and_the_lock_with_a_relative_dataset(tmp_path,
     tiny.build(dest)
     assert git(dest, "log", "-1", "--format=%s").startswith("pipeline tiny: code refreshed from")
     assert git(dest, "status", "--porcelain") == ""
+
+
+def test_tiny_runs_on_its_copy_when_the_projects_stages_read_a_dataset_the_user_added(tmp_path, monkeypatch):
+    """The project's params.yaml after `add-dataset pets` with the stages pointed at pets: the tiny project keeps
+    only its Fashion-MNIST copy, so its stages must read that copy (they named pets, and its params failed with
+    `train_vqgan.dataset = 'pets' is not an entry of the datasets section ... add it with add-dataset`), and a
+    reference that was fid_ref's output must follow fid_ref."""
+    from pipeline.config import load_params
+    from pipeline.runs import check_params_dict
+
+    params = load_params(tiny.ROOT / "params.yaml")
+    params["datasets"]["pets"] = {**params["datasets"]["fashion_mnist"], "path": str(tmp_path)}
+    for section in ("train_vqgan", "fid_ref", "eval_vqgan", "train_transformer", "evaluate"):
+        params[section]["dataset"] = "pets"
+    pets_ref = "data/fid_ref/pets-val-tf_bilinear"
+    params["eval_vqgan"]["reference"] = params["evaluate"]["reference"] = pets_ref
+    params["train_transformer"]["gan"]["fid_reference"] = pets_ref
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.setattr(tiny, "ROOT", tmp_path)  # the user's params.yaml; the checkout's code and dvc.yaml
+
+    got = tiny.tiny_params(tiny.DATASET)
+    check_params_dict(got, "runs/tiny/params.yaml", tiny.PRESET.parents[1], outputs=False)
+    assert list(got["datasets"]) == ["fashion_mnist"] and got["train_vqgan"]["dataset"] == "fashion_mnist"
+    ref = "data/fid_ref/fashion_mnist-val-tf_bilinear"
+    assert got["eval_vqgan"]["reference"] == got["evaluate"]["reference"] == ref
+    assert got["train_transformer"]["gan"]["fid_reference"] == ref
