@@ -22,6 +22,7 @@ import yaml
 
 from pipeline.config import apply_overrides, load_params
 from pipeline.errors import UserError
+from pipeline.out_guard import planned_outputs
 from pipeline.runs import check_params_dict, preset_overrides
 from pipeline.sandbox import PROJECT_FILES, ROOT, fashion_mnist_subset, make_project
 
@@ -39,20 +40,23 @@ RESULTS = (("report of the samples (gFID, per class, grids)", "data/reports/eval
            ("training curves", "data/vqgan/curves.png, data/transformer/curves.png"))
 
 
+def _fid_ref_output(params: dict) -> str | None:
+    """The reference folder dvc.yaml's fid_ref stage writes under `params` (its path names the dataset)."""
+    return next((path for stage, _, path, _ in planned_outputs(ROOT, params, ("outs",)) if stage == "fid_ref"), None)
+
+
 def tiny_params(dataset: str) -> dict:
     params = apply_overrides(load_params(ROOT / "params.yaml"), preset_overrides(str(PRESET)))
     params["datasets"] = {"fashion_mnist": {**params["datasets"]["fashion_mnist"], "path": dataset}}
     # the user's stages may read a dataset of theirs (add-dataset, then train_vqgan.dataset=pets), which is not
     # here: every stage reads the small copy, and a reference that was fid_ref's output stays fid_ref's output
-    sections = {name: s for name, s in params.items() if isinstance(s, dict)}
-    ref = sections.get("fid_ref", {})
-    made = f"{ref.get('out_dir')}/{ref.get('dataset')}-{ref.get('split')}-{ref.get('resize')}"
-    for section in sections.values():
-        if "dataset" in section:
+    made = _fid_ref_output(params)
+    for section in params.values():
+        if isinstance(section, dict) and "dataset" in section:
             section["dataset"] = "fashion_mnist"
-    now = f"{ref.get('out_dir')}/fashion_mnist-{ref.get('split')}-{ref.get('resize')}"
-    gan = sections.get("train_transformer", {}).get("gan")
-    for holder, key in ((sections.get("eval_vqgan", {}), "reference"), (sections.get("evaluate", {}), "reference"),
+    now = _fid_ref_output(params)
+    gan = (params.get("train_transformer") or {}).get("gan")
+    for holder, key in ((params.get("eval_vqgan") or {}, "reference"), (params.get("evaluate") or {}, "reference"),
                         (gan if isinstance(gan, dict) else {}, "fid_reference")):
         if holder.get(key) == made:
             holder[key] = now

@@ -67,7 +67,8 @@ def test_tiny_runs_on_its_copy_when_the_projects_stages_read_a_dataset_the_user_
     params["eval_vqgan"]["reference"] = params["evaluate"]["reference"] = pets_ref
     params["train_transformer"]["gan"]["fid_reference"] = pets_ref
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    monkeypatch.setattr(tiny, "ROOT", tmp_path)  # the user's params.yaml; the checkout's code and dvc.yaml
+    (tmp_path / "dvc.yaml").write_text((tiny.ROOT / "dvc.yaml").read_text())
+    monkeypatch.setattr(tiny, "ROOT", tmp_path)  # the user's params.yaml and dvc.yaml; the checkout's code
 
     got = tiny.tiny_params(tiny.DATASET)
     check_params_dict(got, "runs/tiny/params.yaml", tiny.PRESET.parents[1], outputs=False)
