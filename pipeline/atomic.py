@@ -76,14 +76,14 @@ def atomic_path(path: str | Path, stamp: str | os.PathLike | None = None) -> Ite
         raise
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def write_bytes(path: str | Path, data: bytes, stamp: str | os.PathLike | None = None) -> None:
+    with atomic_path(path, stamp=stamp) as tmp:
         tmp.write_bytes(data)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_json(path: str | Path, obj: Any, stamp: str | os.PathLike | None = None) -> None:
     """Canonical JSON (sorted keys, 2-space indent, trailing newline) so reruns are byte-identical."""
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), stamp=stamp)
 
 
 def read_json(path: str | Path) -> Any:

@@ -158,8 +158,8 @@ def _git_tracked(root: Path, paths: list[str]) -> set[str]:
 
 def _why_not_ours(path: Path, owner: str, cache: Path | None, run_logs: list[Path] = ()) -> str | None:
     """None when removing `path` loses nothing; else why it may not be removed. `run_logs`: the `.run.json` of the
-    stage's metrics, written last by its run; a file out no newer than one was written by that run (its plots
-    file after `python -m stages.<name>` by hand, before DVC ever recorded the stage)."""
+    stage's metrics, whose times every file its run writes after it takes; a file out no newer than one was written
+    by that run (its plots file after `python -m stages.<name>` by hand, before DVC ever recorded the stage)."""
     if path.is_symlink():
         return "a symbolic link"
     if path.is_dir():
@@ -176,7 +176,8 @@ def _why_not_ours(path: Path, owner: str, cache: Path | None, run_logs: list[Pat
 
 
 def _not_newer_than_a_run_log(path: Path, run_logs: list[Path]) -> bool:
-    """The file is no newer than one of these `.run.json` files, which a stage's run writes last."""
+    """The file is no newer than one of these `.run.json` files, whose times a stage's run gives the files it writes
+    after them (`atomic_path(stamp=...)`)."""
     return any(log.is_file() and path.stat().st_mtime_ns <= log.stat().st_mtime_ns for log in run_logs)
 
 
@@ -295,7 +296,7 @@ def changed_after_written(path: Path) -> bool:
 
 def _written_by_stage(path: Path, stage: str, outs: list[Path]) -> bool:
     """`path` is as `stage` wrote it: a folder with the stage's marker and no file newer than it, or a file no
-    newer than the `.run.json` of one of the stage's metrics (`outs`), which its run writes last."""
+    newer than the `.run.json` of one of the stage's metrics (`outs`), whose times its later files take."""
     if path.is_dir():
         marker = path / OWNER_FILE
         return (marker.is_file() and marker.read_text(errors="replace").strip() == stage.split("@")[0]

@@ -32,9 +32,12 @@ def byte_facts() -> dict[str, Any]:
 
 
 def write_metrics(path: str | Path, metrics: dict[str, Any], run_facts: dict[str, Any]) -> None:
-    """The metrics (hashed by DVC) and this run's facts (not hashed) side by side."""
-    write_json(path, metrics)
+    """The metrics (hashed by DVC) and this run's facts (not hashed) side by side. The facts come first and the
+    metrics file takes their times before it appears: the out guard reads a metrics file as its run's when its
+    run log is beside it and no older, which then holds at every instant of a kill (the other order left a first
+    run's metrics file without its run log for a moment)."""
     write_json(run_log_path(path), {**run_facts, **byte_facts()})
+    write_json(path, metrics, stamp=run_log_path(path))
 
 
 def read_run_facts(metrics: str | Path) -> dict[str, Any]:

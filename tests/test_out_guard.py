@@ -486,3 +486,18 @@ def test_a_failed_first_run_leaves_the_project_as_it_found_it(tmp_path):
     (project / "params.yaml").write_text(text)
     proc = pipeline(project, "run", "--no-prefect")
     assert proc.returncode == 0 and "Stage 'prepare@a' is cached - skipping run" in proc.stdout, proc.stdout
+
+
+def test_a_metrics_file_never_exists_without_its_run_log_as_new(tmp_path, monkeypatch):
+    """write_metrics, watched at every rename: whenever the metrics file is in place, its run log is beside it and no
+    older (what the guard reads as "this run's"). Writing the metrics first left a first run, killed between the two
+    renames, with a metrics file the next run refused (no run log, not in DVC's cache)."""
+    from helpers import check_never_newer_than_run_log
+    from pipeline.runlog import run_log_path, write_metrics
+
+    metrics = tmp_path / "metrics" / "train.json"
+    renamed = check_never_newer_than_run_log(monkeypatch, metrics, run_log_path(metrics))
+    write_metrics(metrics, {"psnr": 24.5}, {"seconds": 3})
+    write_metrics(metrics, {"psnr": 25.0}, {"seconds": 4})  # a second run over the first
+    assert renamed == [str(run_log_path(metrics)), str(metrics)] * 2
+    assert metrics.stat().st_mtime_ns == run_log_path(metrics).stat().st_mtime_ns
