@@ -22,7 +22,7 @@ from pipeline.atomic import check_replaceable, read_json
 from pipeline.config import from_dict, load_params
 from pipeline.errors import UserError
 from pipeline.locks import exclusive
-from pipeline.out_guard import changed_after_written
+from pipeline.out_guard import changed_after_written, planned_outputs
 from pipeline.runlog import run_log_path
 
 NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -110,8 +110,9 @@ def check_writable_parent(path: Path, what: str) -> None:
 
 
 def pipeline_outputs(root: Path) -> dict[Path, str]:
-    """{output path: stage} of the project's DVC pipeline: what dvc.lock records, and the token stores and
-    metrics that dvc.yaml's tokenize@<dataset> will write for the datasets in params.yaml."""
+    """{output path: stage} of the project's DVC pipeline: what dvc.lock records, and what dvc.yaml's stages will
+    write under params.yaml (a stage not run yet, e.g. tokenize@<dataset> of a dataset just added), resolved from
+    dvc.yaml itself so the paths cannot drift from its templates."""
     import yaml
 
     outs: dict[Path, str] = {}
@@ -119,13 +120,9 @@ def pipeline_outputs(root: Path) -> dict[Path, str]:
         for stage, body in (yaml.safe_load((root / "dvc.lock").read_text())["stages"] or {}).items():
             for out in body.get("outs") or []:
                 outs[(root / out["path"]).resolve()] = stage
-    with contextlib.suppress(UserError, AttributeError, TypeError, KeyError):
-        params = load_params(root / "params.yaml")
-        tok = params.get("tokenize") or {}
-        for ds in params.get("datasets") or {}:
-            stage = f"tokenize@{ds}"
-            outs.setdefault((root / tok.get("out_dir", "data/tokens") / ds).resolve(), stage)
-            outs.setdefault((root / tok.get("metrics_dir", "data/metrics") / f"tokenize_{ds}.json").resolve(), stage)
+    with contextlib.suppress(UserError):  # a params.yaml DVC cannot run with: dvc.lock's outputs still count
+        for stage, _, path, _ in planned_outputs(root, load_params(root / "params.yaml")):
+            outs.setdefault((root / path).resolve(), stage)
     return outs
 
 

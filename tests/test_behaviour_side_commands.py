@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline import compare, retokenize, runs
 from pipeline.errors import UserError
@@ -46,12 +47,22 @@ def test_a_file_of_the_users_in_the_work_folder_is_refused_before_it_would_be_re
                                                                         "move it away")
 
 
-def test_the_pipelines_token_stores_follow_tokenize_out_dir(tmp_path):
-    (tmp_path / "params.yaml").write_text("datasets:\n  a:\n    path: x\ntokenize:\n  out_dir: store\n"
-                                          "  metrics_dir: m\n")
+def test_the_pipelines_outputs_are_dvc_yaml_s_under_the_project_s_params(tmp_path):
+    """The project's own dvc.yaml and params.yaml with a dataset added and tokenize's folders moved: every stage's
+    outputs count, tokenize@<new dataset>'s included, at the paths dvc.yaml's templates give (a copy of the
+    template in the code drifts from dvc.yaml)."""
+    from helpers import ROOT
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["datasets"]["a"] = {**params["datasets"]["fashion_mnist"], "path": str(tmp_path)}
+    params["tokenize"].update(out_dir="store", metrics_dir="m")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     outs = retokenize.pipeline_outputs(tmp_path)
     assert outs[(tmp_path / "store" / "a").resolve()] == "tokenize@a"
     assert outs[(tmp_path / "m" / "tokenize_a.json").resolve()] == "tokenize@a"
+    assert outs[(tmp_path / params["train_vqgan"]["metrics"]).resolve()] == "train_vqgan"
+    assert outs[(tmp_path / params["sample"]["out_dir"]).resolve()] == "sample"
 
 
 # ------------------------------------------------------------------ runs: lock, failure reporting

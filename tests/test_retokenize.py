@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import files_under, make_bad_corpus, tiny_vqgan
+from helpers import ROOT, files_under, make_bad_corpus, tiny_vqgan
 from pipeline.cli import build_parser, main
 from pipeline.retokenize import peek_images, tokenize_command
 from pipeline.tokens import read_meta
@@ -225,7 +225,10 @@ def test_a_dvc_tracked_store_is_never_replaced(vq, tmp_path, capsys):
     root = tmp_path / "project"
     src = grey_folder(tmp_path / "imgs")
     tokenize(src, "--vqgan", vq[3], "--out", root / "data" / "tokens" / "a", "--convert-channels", "--name", "a")
-    (root / "params.yaml").write_text(yaml.safe_dump({"datasets": {"a": {}}, "tokenize": {"out_dir": "data/tokens"}}))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())  # the project's own, with a dataset `a`
+    params["datasets"] = {"a": {**params["datasets"]["fashion_mnist"], "path": str(src)}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     (root / "dvc.lock").write_text(yaml.safe_dump({"stages": {"tokenize@a": {"outs": [{"path": "data/tokens/a"}]}}}))
     before = files_under(root)
     for extra in ([], ["--out", str(root / "data" / "tokens" / "a")],
