@@ -30,9 +30,9 @@ from pipeline.errors import UserError, main_guard
 from pipeline.prefect_server import project_server, same_path, server_home, supervise, temporary_server
 from pipeline.presets import resolve_overrides, unread_note
 from pipeline.retokenize import tokenize_command, workers_option
-from pipeline.runs import (check_dataset_paths, check_params, missing_dependency, project_lock, run_with_overrides,
-                           select, selectable_stages, stage_names, stale_upstream_note, undo_killed_run,
-                           validate_overrides)
+from pipeline.runs import (check_dataset_paths, check_params, check_selection, check_tokenizable, missing_dependency,
+                           project_lock, run_with_overrides, select, stage_names, stages_in_run, stale_upstream_note,
+                           undo_killed_run, validate_overrides)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 4200
@@ -166,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     preset = _preset_param(args.preset)
     overrides = resolve_overrides(ROOT, preset, args.set)
     params = validate_overrides(ROOT, overrides)  # before anything is written or started
-    select(selectable_stages(ROOT, params), args.stage)  # a typo in --stage is one line, before anything runs
+    check_selection(ROOT, params, overrides, args.stage)  # a typo in --stage is one line, before anything runs
     if note := unread_note(ROOT, overrides, args.set):
         print(note, file=sys.stderr)
     if args.no_prefect:
@@ -251,7 +251,9 @@ def cmd_check(args: argparse.Namespace) -> None:
             undo_killed_run(ROOT)
     names = check_params(Path(args.params), ROOT)
     # before a plain `dvc repro`, every dataset's folder must be there; relative paths are the params file's project's
-    check_dataset_paths(load_params(Path(args.params)), args.params, Path(args.params).resolve().parent)
+    params = load_params(Path(args.params))
+    check_dataset_paths(params, args.params, Path(args.params).resolve().parent)
+    check_tokenizable(ROOT, params, args.params, stages_in_run(ROOT, params))  # a full `dvc repro` runs every stage
     if Path(args.params).resolve() == (ROOT / "params.yaml").resolve() and (ROOT / "dvc.lock").is_file():
         from pipeline.dvc_repair import repair_rwlock
         from pipeline.out_guard import check_unrecorded_changes

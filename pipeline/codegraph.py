@@ -33,7 +33,7 @@ NOT_CODE = frozenset({"data", "runs"})
 
 # Modules of the pipeline package that orchestrate (may import stages); every other pipeline module is plumbing.
 ORCHESTRATION = frozenset({"pipeline.cli", "pipeline.flow", "pipeline.artifacts", "pipeline.__main__", "pipeline.tiny",
-                           "pipeline.retokenize"})
+                           "pipeline.retokenize", "pipeline.runs", "pipeline.compare", "pipeline.presets"})
 LAYERS = {"models": 0, "pipeline": 1, "training": 2, "stages": 3}
 
 
@@ -95,12 +95,31 @@ def _imports_cached(path: str, module: str, root: str) -> frozenset[str]:
             # `from pkg import name`: name is a submodule when a file for it exists, else an attribute of pkg
             names = [target] + [f"{target}.{a.name}" for a in node.names
                                 if module_file(f"{target}.{a.name}", rootp) is not None]
+        elif isinstance(node, ast.Call) and _called_name(node.func) == "import_module" and node.args:
+            names = _dynamic_targets(node.args[0], rootp)
         else:
             continue
         for name in names:
-            if name != module and module_file(name, rootp) is not None:
+            if name and name != module and module_file(name, rootp) is not None:
                 found.add(name)
     return frozenset(found)
+
+
+def _called_name(func: ast.expr) -> str | None:
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+
+
+def _dynamic_targets(arg: ast.expr, root: Path) -> list[str]:
+    """What importlib.import_module(arg) may import: a literal name is that module; f"stages.{name}" is any module of
+    the stages package; a name with no literal package part is not known (and not counted)."""
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return [arg.value]
+    if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+        package = str(arg.values[0].value).rpartition(".")[0]
+        folder = root.joinpath(*package.split(".")) if package else None
+        if folder is not None and folder.is_dir():
+            return [package] + [f"{package}.{p.stem}" for p in sorted(folder.glob("*.py")) if p.stem != "__init__"]
+    return []
 
 
 def imports_of(module: str, root: Path = ROOT) -> set[str]:

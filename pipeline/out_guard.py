@@ -94,6 +94,18 @@ def planned_stage_names(root: Path, params: dict[str, Any]) -> list[str]:
             for key in (_resolve_foreach(body["foreach"], params) if "foreach" in body else [None])]
 
 
+def planned_parents(root: Path, params: dict[str, Any]) -> dict[str, set[str]]:
+    """For each tokenmill stage under `params`, the stages whose outputs it reads (a dep at, inside or around their
+    outs, as DVC links them): `dvc dag` knows only the stages params.yaml has now, not those overrides add."""
+    outs = [(stage, os.path.normpath(path)) for stage, _, path, _ in planned_outputs(root, params)]
+    parents: dict[str, set[str]] = {}
+    for stage, _, dep, _ in planned_outputs(root, params, ("deps",)):
+        dep = os.path.normpath(dep)
+        parents.setdefault(stage, set()).update(
+            s for s, out in outs if s != stage and (_inside(dep, out) or _inside(out, dep)))
+    return parents
+
+
 def _resolve_foreach(expr: Any, params: dict[str, Any]) -> dict[str, Any]:
     """{key: item} as DVC names a foreach stage's copies: `${params.key}` or a literal dict or list; a list of
     plain values keys each by its value, a list holding dicts or lists by its index. Unresolvable: no copies."""

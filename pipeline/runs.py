@@ -32,7 +32,7 @@ from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError
 from pipeline.locks import exclusive
 from pipeline.out_guard import (WorkDir, check_outputs, check_unrecorded_changes, locked_outs, planned_outputs,
-                                planned_stage_names)
+                                planned_parents, planned_stage_names)
 
 _EDGE = re.compile(r'^"([^"]+)"\s*->\s*"([^"]+)"')  # an edge of `dvc dag --dot`
 log = logging.getLogger("tokenmill.runs")
@@ -154,6 +154,78 @@ def select(names: list[str], wanted: list[str] | None) -> list[str]:
     return [n for n in names if n in wanted or n.split("@")[0] in wanted]
 
 
+def stages_in_run(root: Path, params: dict[str, Any], targets: list[str] | None = None,
+                  with_deps: bool = True) -> set[str]:
+    """The stages a run with `params` may execute: every one, or those `targets` select and (`with_deps`) every stage
+    they read from, directly or not; from dvc.yaml under `params`, so the stages of a dataset the run adds count."""
+    names = planned_stage_names(root, params)
+    chosen = set(select(names, targets)) if targets else set(names)
+    if targets and with_deps:
+        parents, todo = planned_parents(root, params), list(chosen)
+        while todo:
+            for parent in parents.get(todo.pop(), ()):
+                if parent not in chosen:
+                    chosen.add(parent)
+                    todo.append(parent)
+    return chosen
+
+
+def check_selection(root: Path, params: dict[str, Any], overrides: list[str], targets: list[str] | None,
+                    with_deps: bool = True, names: list[str] | None = None) -> None:
+    """Before a run starts: a misspelt stage in `targets` is one line (`names`: DVC's stage list, if known), and so is
+    a run whose tokenize@<name> would refuse its dataset."""
+    if targets:
+        select(selectable_stages(root, params, names), targets)
+    check_tokenizable(root, params, where_overrides(root, overrides), stages_in_run(root, params, targets, with_deps))
+
+
+def check_tokenizable(root: Path, params: dict[str, Any], source: str, run: Collection[str]) -> None:
+    """Refuse a run whose tokenize@<name> would refuse its dataset (another resolution than the VQGAN's, channels it
+    cannot take, tokenize's own rule): before anything runs, not after the stages before it ran and were undone."""
+    from pipeline.config import from_dict
+    from stages import prepare, tokenize, train_vqgan
+
+    datasets = params.get("datasets") or {}
+    for stage in sorted(run):
+        base, _, name = stage.partition("@")
+        if base != "tokenize" or name not in datasets:
+            continue
+        spec = from_dict(prepare.DatasetSpec, datasets[name], f"datasets.{name}", source)
+        vqgan = _planned_vqgan(root, params, source, "train_vqgan" in run)
+        if vqgan is None:
+            continue  # unknown until it exists: the stage checks it
+        res, f, in_ch, said_by = vqgan
+        if why := tokenize.compat_problem(spec.resolution, spec.channels, res, f, in_ch, spec.convert_channels):
+            vqgan_dir = tokenize.check(params, source).vqgan_dir
+            raise UserError(f"{source}: {stage} would refuse datasets.{name} ({spec.resolution} px, {spec.channels} "
+                            f"channel(s)): {why} (the VQGAN in {vqgan_dir}: {said_by}); or run prepare@{name} alone "
+                            f"(pipeline run --stage prepare@{name})")
+
+
+def _planned_vqgan(root: Path, params: dict[str, Any], source: str,
+                   trains: bool) -> tuple[int | None, int, int, str] | None:
+    """(training resolution, downsampling, input channels, what says so) of the VQGAN tokenize will read: the one
+    train_vqgan makes under `params` when the run may train it (tokenize.vqgan_dir is its out_dir), else the one in
+    the folder; None when neither is known."""
+    from models.vqgan import VQGANConfig
+    from pipeline.config import from_dict
+    from stages import prepare, tokenize, train_vqgan
+
+    vqgan_dir = tokenize.check(params, source).vqgan_dir
+    cfg = train_vqgan.check(params, source)
+    if trains and os.path.normpath(vqgan_dir) == os.path.normpath(cfg.out_dir):
+        spec = from_dict(prepare.DatasetSpec, params["datasets"][cfg.dataset], f"datasets.{cfg.dataset}", source)
+        return spec.resolution, cfg.model.downsample, spec.channels, f"train_vqgan trains it on datasets.{cfg.dataset}"
+    config = Path(root) / vqgan_dir / "config.json"
+    try:
+        meta = json.loads(config.read_text())
+        model = VQGANConfig(ch_mult=tuple(meta["model"]["ch_mult"]), in_channels=int(meta["model"]["in_channels"]))
+        res = meta.get("resolution")
+        return (None if res is None else int(res)), model.downsample, model.in_channels, f"its {config.name}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # absent or not a tokenmill VQGAN: the stage says which
+
+
 def check_params_dict(params: dict[str, Any], source: str, root: Path, outputs: bool = True) -> list[str]:
     """Validate the sections of every stage dvc.yaml runs (unknown sections too); return the dataset names.
     Output paths must lie inside `root`, and with `outputs` an existing one must be the stage's own and none may
@@ -227,6 +299,15 @@ def preset_overrides(path: str | Path) -> list[str]:
     return flat(preset, "")
 
 
+def where_overrides(root: Path, overrides: list[str]) -> str:
+    """How an error names the params a run checks: params.yaml, and the overrides applied to it."""
+    if not overrides:
+        return str(root / "params.yaml")
+    # a preset flattens to dozens of overrides: past three, the error's key and value say enough
+    shown = ", ".join(overrides) if len(overrides) <= 3 else f"{len(overrides)} overrides"
+    return f"params.yaml with {shown}"
+
+
 def validate_overrides(root: Path, overrides: list[str]) -> dict[str, Any]:
     """Check the params that `overrides` would give, without writing anything; UserError names the key."""
     for text in overrides:
@@ -236,10 +317,7 @@ def validate_overrides(root: Path, overrides: list[str]) -> dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise UserError(f"override {text!r}: the key must look like section.key (got {key!r})")
     params = apply_overrides(load_params(root / "params.yaml"), overrides)
-    where = str(root / "params.yaml")
-    if overrides:  # a preset flattens to dozens of overrides: past three, the error's key and value say enough
-        shown = ", ".join(overrides) if len(overrides) <= 3 else f"{len(overrides)} overrides"
-        where = f"params.yaml with {shown}"
+    where = where_overrides(root, overrides)
     check_params_dict(params, where, root)
     # the dataset paths this run sets must exist (a whole `datasets` mapping: every one of them)
     keys = [parse_override(text)[0].split(".") for text in overrides]
@@ -498,8 +576,7 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
             params = validate_overrides(root, overrides)
         _refuse_while_a_stage_runs(root)
         now = stage_names(root) if targets else []
-        if targets:  # a misspelt stage is one line of its own, not a failed `dvc status` below
-            select(selectable_stages(root, params, now), targets)
+        check_selection(root, params, overrides, targets, with_deps, now)
         # a stage the overrides add is not DVC's yet, so `dvc status` cannot name it or what it needs: check them all
         added = [t for t in targets or [] if not any(n == t or n.split("@")[0] == t for n in now)]
         check_unrecorded_changes(root, None if added else targets, with_deps)

@@ -287,21 +287,29 @@ class BackgroundWriter:
             self.pool.shutdown(wait=True)
 
 
+def compat_problem(res: int, ch: int, want: int | None, f: int, in_ch: int, convert_channels: bool) -> str | None:
+    """Why images of `res` px and `ch` channels cannot become tokens of a VQGAN trained at `want` px (None: not
+    recorded) with downsampling `f` and `in_ch` input channels; None when they can. Read by this stage and, from
+    params before anything runs, by `pipeline run` and the flow (pipeline/runs.py)."""
+    if want is not None and res != want:
+        return (f"resolution {res} differs from the VQGAN's training resolution {want}; prepare this dataset at "
+                f"resolution {want} or train a VQGAN for it")
+    if res % f:
+        return f"resolution {res} is not divisible by the VQGAN's downsampling {f}"
+    if ch != in_ch and not convert_channels:
+        return (f"images have {ch} channel(s), the VQGAN takes {in_ch}; set convert_channels: true in its datasets "
+                f"entry (grey <-> RGB; `pipeline tokenize --convert-channels`) or prepare the dataset with "
+                f"channels: {in_ch}")
+    return None
+
+
 def check_compat(manifest: dict, model: VQGAN, vqgan_meta: dict, convert_channels: bool, prepared: Path,
                  vqgan_dir: Path) -> None:
     """Refuse datasets the VQGAN cannot tokenize into the grid it was trained for."""
-    res, ch = manifest["resolution"], manifest["channels"]
-    want, f, in_ch = vqgan_meta.get("resolution"), model.cfg.downsample, model.cfg.in_channels
-    if want is not None and res != want:
-        raise UserError(f"{prepared}: resolution {res} differs from the VQGAN's training resolution {want} "
-                        f"({vqgan_dir}); prepare this dataset at resolution {want} or train a VQGAN for it")
-    if res % f:
-        raise UserError(f"{prepared}: resolution {res} is not divisible by the VQGAN's downsampling {f}")
-    if ch != in_ch and not convert_channels:
-        raise UserError(f"{prepared}: images have {ch} channel(s), the VQGAN in {vqgan_dir} takes {in_ch}; set "
-                        f"convert_channels: true in its datasets entry (grey <-> RGB; `pipeline tokenize "
-                        f"--convert-channels`) "
-                        f"or prepare the dataset with channels: {in_ch}")
+    why = compat_problem(manifest["resolution"], manifest["channels"], vqgan_meta.get("resolution"),
+                         model.cfg.downsample, model.cfg.in_channels, convert_channels)
+    if why:
+        raise UserError(f"{prepared}: {why} (the VQGAN in {vqgan_dir})")
 
 
 def encode_pending(model: VQGAN, search: CodeSearch, splits: list[PreparedImages], keys: list[list[bytes]],

@@ -264,3 +264,59 @@ def test_a_stage_of_the_dataset_a_preset_adds_is_selected_by_its_full_name(tmp_p
     run("prepare@openclipart")
     assert ran == [["dvc", "repro", "--keep-going", "prepare@openclipart"]]
     assert "openclipart" in load_params(root / "params.yaml")["datasets"]
+
+
+def test_a_run_whose_tokenize_would_refuse_its_dataset_is_refused_before_any_stage(tmp_path, monkeypatch):
+    """configs/openclipart.yaml adds a 64 px RGB dataset; the default VQGAN is trained at 32 px on grey images. A run
+    that would tokenize it used to run prepare@openclipart first, fail in tokenize@openclipart and undo it all. Now
+    it is refused before anything runs, through whatever selects tokenize@openclipart (all stages, its name, a
+    stage that reads its tokens), while the preset's own `--stage prepare@openclipart` runs."""
+    import argparse
+    import shutil
+
+    from helpers import ROOT, make_project
+    from pipeline import cli
+
+    root = make_project(tmp_path / "p", (ROOT / "params.yaml").read_text())
+    (root / "configs").mkdir()
+    shutil.copy(ROOT / "configs" / "openclipart.yaml", root / "configs")
+    (tmp_path / "clipart").mkdir()
+    ran: list[list[str]] = []
+    monkeypatch.setattr(cli, "ROOT", root)
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(cli, "_repro_keep_going", lambda cmd: ran.append(cmd) or [])
+
+    def run(stages: list[str] | None, *sets: str) -> None:
+        cli.cmd_run(argparse.Namespace(preset="configs/openclipart.yaml", stage=stages, no_prefect=True, force=False,
+                                       set=[f"datasets.openclipart.path={tmp_path / 'clipart'}", *sets]))
+
+    for stages, sets in ((None, ()), (["tokenize@openclipart"], ()), (["tokenize"], ()),
+                         (["train_transformer"], ("train_transformer.dataset=openclipart",))):
+        said = one_line(lambda: run(stages, *sets))
+        assert "tokenize@openclipart would refuse datasets.openclipart (64 px, 3 channel(s)): resolution 64 " \
+               "differs from the VQGAN's training resolution 32" in said, (stages, said)
+        assert "train_vqgan trains it on datasets.fashion_mnist" in said and "--stage prepare@openclipart" in said
+    # at 32 px the channels are what is wrong, until the dataset converts them
+    said = one_line(lambda: run(None, "datasets.openclipart.resolution=32"))
+    assert "images have 3 channel(s), the VQGAN takes 1" in said
+    # a VQGAN trained on the new dataset (train_vqgan.dataset) makes it fit; Fashion-MNIST is then the misfit
+    said = one_line(lambda: run(None, "train_vqgan.dataset=openclipart"))
+    assert said.count("would refuse") == 1
+    assert "tokenize@fashion_mnist would refuse datasets.fashion_mnist (32 px" in said
+    assert ran == []
+    run(["prepare@openclipart"])
+    run(["train_transformer"])  # reads Fashion-MNIST's tokens: tokenize@openclipart is not in this run
+    run(None, "datasets.openclipart.resolution=32", "datasets.openclipart.convert_channels=true")
+    # a VQGAN already trained (its config.json) counts when the run does not train one (`pipeline stage`: no deps)
+    (root / "data" / "vqgan").mkdir(parents=True)
+    (root / "data" / "vqgan" / ".tokenmill-stage").write_text("train_vqgan\n")
+    (root / "data" / "vqgan" / "config.json").write_text(json.dumps(
+        {"resolution": 64, "model": {"ch_mult": [1, 2, 4], "in_channels": 3}}))
+    run(["prepare@openclipart"])
+    assert len(ran) == 4
+    from pipeline.config import load_params
+    from pipeline.runs import check_tokenizable, stages_in_run
+    params = load_params(root / "params.yaml")
+    check_tokenizable(root, params, "p", stages_in_run(root, params, ["tokenize@openclipart"], with_deps=False))
+    said = one_line(lambda: check_tokenizable(root, params, "p", {"tokenize@fashion_mnist"}))
+    assert "resolution 32 differs from the VQGAN's training resolution 64" in said and "its config.json" in said

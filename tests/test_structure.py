@@ -39,6 +39,21 @@ def test_layering_check_catches_an_upward_import(tmp_path):
                                               ["pipeline.io", "models.net", "pipeline.io"])
 
 
+def test_a_dynamic_import_of_a_stage_counts_as_an_import(tmp_path):
+    """pipeline/runs.py called every stage's `check` through importlib.import_module(f"stages.{name}") while the
+    graph called it plumbing: the layering test saw no import. A literal prefix of the name counts now."""
+    fake_tree(tmp_path, {"stages/a.py": "", "stages/b.py": "",
+                         "pipeline/plumb.py": "import importlib\n\ndef f(n):\n"
+                                              "    return importlib.import_module(f'stages.{n}')\n",
+                         "pipeline/named.py": "from importlib import import_module\nm = import_module('stages.a')\n",
+                         "pipeline/opaque.py": "import importlib\n\ndef f(p):\n"
+                                               "    return importlib.import_module(p)\n"})
+    assert codegraph.layering_violations(tmp_path) == [
+        "pipeline.named imports stages.a (a higher layer)",
+        "pipeline.plumb imports stages.a (a higher layer)", "pipeline.plumb imports stages.b (a higher layer)"]
+    assert codegraph.imports_of("pipeline.opaque", tmp_path) == set()
+
+
 def _section_classes() -> dict[str, type]:
     from stages.eval_vqgan import EvalVQGANParams
     from stages.evaluate import EvaluateParams

@@ -329,6 +329,20 @@ def test_load_vqgan_refuses_a_foreign_or_damaged_folder_in_one_line(tmp_path):
         load_vqgan(tmp_path / "bad0")
 
 
+def test_each_rule_of_compat_problem_decides_alone():
+    """One input per rule, each wrong in exactly one way; a VQGAN without a recorded resolution is judged by its
+    downsampling alone (the first rule needs a resolution, the second holds for any)."""
+    from stages.tokenize import compat_problem
+
+    assert compat_problem(32, 1, 32, 4, 1, False) is None
+    assert compat_problem(64, 1, 32, 4, 1, False).startswith("resolution 64 differs from the VQGAN's training "
+                                                            "resolution 32; prepare this dataset at resolution 32")
+    assert compat_problem(36, 1, None, 8, 1, False) == "resolution 36 is not divisible by the VQGAN's downsampling 8"
+    assert compat_problem(40, 1, None, 8, 1, False) is None
+    assert compat_problem(32, 3, 32, 4, 1, False).startswith("images have 3 channel(s), the VQGAN takes 1;")
+    assert compat_problem(32, 3, 32, 4, 1, True) is None and compat_problem(32, 1, 32, 4, 3, True) is None
+
+
 def test_refuses_other_resolution_and_channels(data, tmp_path):
     save_vqgan(tmp_path / "v32", tiny_vqgan(), {"resolution": 32})
     with pytest.raises(UserError, match="resolution 16 differs from the VQGAN's training resolution 32"):
