@@ -304,6 +304,13 @@ def test_a_run_whose_tokenize_would_refuse_its_dataset_is_refused_before_any_sta
     assert said.count("would refuse") == 1
     assert "tokenize@fashion_mnist would refuse datasets.fashion_mnist (32 px" in said
     assert ran == []
+    # the flow and the deployment start runs through run_with_overrides alone: it refuses them too
+    from pipeline.presets import resolve_overrides
+    overrides = resolve_overrides(root, "configs/openclipart.yaml", [f"datasets.openclipart.path={tmp_path / 'clipart'}"])
+    with pytest.raises(UserError, match="tokenize@openclipart would refuse"):
+        with runs.run_with_overrides(root, overrides):
+            ran.append(["the body"])
+    assert ran == [] and "openclipart" not in (root / "params.yaml").read_text()
     run(["prepare@openclipart"])
     run(["train_transformer"])  # reads Fashion-MNIST's tokens: tokenize@openclipart is not in this run
     run(None, "datasets.openclipart.resolution=32", "datasets.openclipart.convert_channels=true")
