@@ -306,7 +306,8 @@ def test_a_run_whose_tokenize_would_refuse_its_dataset_is_refused_before_any_sta
     assert ran == []
     # the flow and the deployment start runs through run_with_overrides alone: it refuses them too
     from pipeline.presets import resolve_overrides
-    overrides = resolve_overrides(root, "configs/openclipart.yaml", [f"datasets.openclipart.path={tmp_path / 'clipart'}"])
+    overrides = resolve_overrides(root, "configs/openclipart.yaml",
+                                  [f"datasets.openclipart.path={tmp_path / 'clipart'}"])
     with pytest.raises(UserError, match="tokenize@openclipart would refuse"):
         with runs.run_with_overrides(root, overrides):
             ran.append(["the body"])
