@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -236,41 +237,10 @@ def test_an_empty_dvc_lock_is_one_line_naming_it_and_the_remedy(tmp_path):
         runs.dvc(["stage", "list", "--name-only"], tmp_path)
 
 
-def test_a_stage_of_the_dataset_a_preset_adds_is_selected_by_its_full_name(tmp_path, monkeypatch):
-    """The project's dvc.yaml, params.yaml and configs/openclipart.yaml, which adds a dataset: `pipeline run --preset
-    configs/openclipart.yaml --stage prepare@openclipart` was refused as an unknown stage, since the stage list came
-    from params.yaml before the preset was applied (the tests' overrides never added a foreach item)."""
-    import argparse
-    import shutil
-
-    from helpers import ROOT, make_project
-    from pipeline import cli
-    from pipeline.config import load_params
-
-    root = make_project(tmp_path / "p", (ROOT / "params.yaml").read_text())
-    (root / "configs").mkdir()
-    shutil.copy(ROOT / "configs" / "openclipart.yaml", root / "configs")
-    (tmp_path / "clipart").mkdir()
-    ran: list[list[str]] = []
-    monkeypatch.setattr(cli, "ROOT", root)
-    monkeypatch.chdir(root)
-    monkeypatch.setattr(cli, "_repro_keep_going", lambda cmd: ran.append(cmd) or [])  # DVC's run itself: not here
-
-    def run(stage: str) -> None:
-        cli.cmd_run(argparse.Namespace(preset="configs/openclipart.yaml", stage=[stage], no_prefect=True, force=False,
-                                       set=[f"datasets.openclipart.path={tmp_path / 'clipart'}"]))
-
-    assert one_line(lambda: run("prepare@clipart")).startswith("unknown stage 'prepare@clipart'")  # a typo still is
-    run("prepare@openclipart")
-    assert ran == [["dvc", "repro", "--keep-going", "prepare@openclipart"]]
-    assert "openclipart" in load_params(root / "params.yaml")["datasets"]
-
-
-def test_a_run_whose_tokenize_would_refuse_its_dataset_is_refused_before_any_stage(tmp_path, monkeypatch):
-    """configs/openclipart.yaml adds a 64 px RGB dataset; the default VQGAN is trained at 32 px on grey images. A run
-    that would tokenize it used to run prepare@openclipart first, fail in tokenize@openclipart and undo it all. Now
-    it is refused before anything runs, through whatever selects tokenize@openclipart (all stages, its name, a
-    stage that reads its tokens), while the preset's own `--stage prepare@openclipart` runs."""
+def openclipart_run(tmp_path: Path, monkeypatch) -> tuple[Path, list[list[str]], Callable[..., None]]:
+    """A project with this checkout's dvc.yaml, params.yaml and configs/openclipart.yaml (which adds a 64 px RGB
+    dataset); returns it, the `dvc repro` commands run, and `run(stages, *sets)`: `pipeline run --no-prefect
+    --preset configs/openclipart.yaml` with those stages and overrides, DVC's run itself left out."""
     import argparse
     import shutil
 
@@ -290,6 +260,32 @@ def test_a_run_whose_tokenize_would_refuse_its_dataset_is_refused_before_any_sta
         cli.cmd_run(argparse.Namespace(preset="configs/openclipart.yaml", stage=stages, no_prefect=True, force=False,
                                        set=[f"datasets.openclipart.path={tmp_path / 'clipart'}", *sets]))
 
+    return root, ran, run
+
+
+def test_a_stage_of_the_dataset_a_preset_adds_is_selected_by_its_full_name(tmp_path, monkeypatch):
+    """The project's dvc.yaml, params.yaml and configs/openclipart.yaml, which adds a dataset: `pipeline run --preset
+    configs/openclipart.yaml --stage prepare@openclipart` was refused as an unknown stage, since the stage list came
+    from params.yaml before the preset was applied (the tests' overrides never added a foreach item)."""
+    from pipeline.config import load_params
+
+    root, ran, run_stages = openclipart_run(tmp_path, monkeypatch)
+
+    def run(stage: str) -> None:
+        run_stages([stage])
+
+    assert one_line(lambda: run("prepare@clipart")).startswith("unknown stage 'prepare@clipart'")  # a typo still is
+    run("prepare@openclipart")
+    assert ran == [["dvc", "repro", "--keep-going", "prepare@openclipart"]]
+    assert "openclipart" in load_params(root / "params.yaml")["datasets"]
+
+
+def test_a_run_whose_tokenize_would_refuse_its_dataset_is_refused_before_any_stage(tmp_path, monkeypatch):
+    """configs/openclipart.yaml adds a 64 px RGB dataset; the default VQGAN is trained at 32 px on grey images. A run
+    that would tokenize it used to run prepare@openclipart first, fail in tokenize@openclipart and undo it all. Now
+    it is refused before anything runs, through whatever selects tokenize@openclipart (all stages, its name, a
+    stage that reads its tokens), while the preset's own `--stage prepare@openclipart` runs."""
+    root, ran, run = openclipart_run(tmp_path, monkeypatch)
     for stages, sets in ((None, ()), (["tokenize@openclipart"], ()), (["tokenize"], ()),
                          (["train_transformer"], ("train_transformer.dataset=openclipart",))):
         said = one_line(lambda: run(stages, *sets))
