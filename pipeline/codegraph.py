@@ -116,8 +116,8 @@ def _dynamic_targets(arg: ast.expr, root: Path) -> list[str]:
         return [arg.value]
     if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
         package = str(arg.values[0].value).rpartition(".")[0]
-        folder = root.joinpath(*package.split(".")) if package else None
-        if folder is not None and folder.is_dir():
+        if package:  # (a folder that is not there globs to nothing)
+            folder = root.joinpath(*package.split("."))
             return [package] + [f"{package}.{p.stem}" for p in sorted(folder.glob("*.py")) if p.stem != "__init__"]
     return []
 

@@ -47,11 +47,17 @@ def test_a_dynamic_import_of_a_stage_counts_as_an_import(tmp_path):
                                               "    return importlib.import_module(f'stages.{n}')\n",
                          "pipeline/named.py": "from importlib import import_module\nm = import_module('stages.a')\n",
                          "pipeline/opaque.py": "import importlib\n\ndef f(p):\n"
-                                               "    return importlib.import_module(p)\n"})
+                                               "    return importlib.import_module(p)\n",
+                         "stages/sub/__init__.py": "", "stages/sub/c.py": "",
+                         "pipeline/nested.py": "import importlib\nm = importlib.import_module(f'stages.sub.{1}')\n",
+                         "pipeline/nodot.py": "import importlib\nm = importlib.import_module(f'stages{1}')\n"})
     assert codegraph.layering_violations(tmp_path) == [
-        "pipeline.named imports stages.a (a higher layer)",
+        "pipeline.named imports stages.a (a higher layer)", "pipeline.nested imports stages.sub (a higher layer)",
+        "pipeline.nested imports stages.sub.c (a higher layer)",
         "pipeline.plumb imports stages.a (a higher layer)", "pipeline.plumb imports stages.b (a higher layer)"]
     assert codegraph.imports_of("pipeline.opaque", tmp_path) == set()
+    assert codegraph.imports_of("pipeline.nested", tmp_path) == {"stages.sub", "stages.sub.c"}
+    assert codegraph.imports_of("pipeline.nodot", tmp_path) == set()
 
 
 def _section_classes() -> dict[str, type]:
