@@ -217,6 +217,8 @@ def _planned_vqgan(root: Path, params: dict[str, Any], source: str,
         spec = from_dict(prepare.DatasetSpec, params["datasets"][cfg.dataset], f"datasets.{cfg.dataset}", source)
         return spec.resolution, cfg.model.downsample, spec.channels, f"train_vqgan trains it on datasets.{cfg.dataset}"
     config = Path(root) / vqgan_dir / "config.json"
+    if not config.is_file():  # absent, or a FIFO or device that reading would block on
+        return None
     try:
         meta = json.loads(config.read_text())
         model = VQGANConfig(ch_mult=tuple(meta["model"]["ch_mult"]), in_channels=int(meta["model"]["in_channels"]))

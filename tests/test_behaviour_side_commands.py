@@ -324,3 +324,13 @@ def test_a_run_whose_tokenize_would_refuse_its_dataset_is_refused_before_any_sta
     check_tokenizable(root, params, "p", stages_in_run(root, params, ["tokenize@openclipart"], with_deps=False))
     said = one_line(lambda: check_tokenizable(root, params, "p", {"tokenize@fashion_mnist"}))
     assert "resolution 32 differs from the VQGAN's training resolution 64" in said and "its config.json" in said
+    # a config.json that is a FIFO (a hostile folder) is not read: reading it would block for ever
+    import os
+    import threading
+    (root / "data" / "vqgan" / "config.json").unlink()
+    os.mkfifo(root / "data" / "vqgan" / "config.json")
+    checked = threading.Thread(target=check_tokenizable, args=(root, params, "p", {"tokenize@fashion_mnist"}),
+                               daemon=True)
+    checked.start()
+    checked.join(30)
+    assert not checked.is_alive()
