@@ -501,3 +501,32 @@ def test_a_metrics_file_never_exists_without_its_run_log_as_new(tmp_path, monkey
     write_metrics(metrics, {"psnr": 25.0}, {"seconds": 4})  # a second run over the first
     assert renamed == [str(run_log_path(metrics)), str(metrics)] * 2
     assert metrics.stat().st_mtime_ns == run_log_path(metrics).stat().st_mtime_ns
+
+
+def test_the_planned_graph_is_dvcs_own_for_the_real_pipeline_and_a_second_dataset(tmp_path):
+    """A run selects a stage's upstream from dvc.yaml under its params before they are written (a preset's new dataset
+    is not DVC's yet): for the project's own dvc.yaml and params.yaml with a second dataset, the stages each stage
+    depends on, directly or not, are those `dvc dag` gives once the params are written."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (tmp_path / "pets").mkdir()
+    params["datasets"]["pets"] = {**params["datasets"]["fashion_mnist"], "path": str(tmp_path / "pets")}
+    root = make_project(tmp_path / "p", yaml.safe_dump(params))
+    direct = out_guard.planned_parents(root, params)
+
+    def ancestors(stage: str) -> set[str]:
+        found = set(direct.get(stage, ()))
+        for parent in direct.get(stage, ()):
+            found |= ancestors(parent)
+        return found
+
+    dvcs = runs.upstream_stages(root)
+    assert "tokenize@pets" in direct and direct["tokenize@pets"] == {"prepare@pets", "train_vqgan"}
+    assert {stage: ancestors(stage) for stage in direct if ancestors(stage)} == dvcs
+    # a dep that holds another stage's output (a folder around it) links them too, as in DVC's graph
+    (root / "dvc.yaml").write_text("stages:\n"
+                                   "  a:\n    cmd: python -m stages.prepare\n    outs: [data/x/a]\n"
+                                   "  b:\n    cmd: python -m stages.fid_ref\n    deps: [data/x]\n    outs: [data/y]\n")
+    assert out_guard.planned_parents(root, params) == {"b": {"a"}}
+    assert runs.upstream_stages(root) == {"b": {"a"}}
