@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import dvc_deps
-from pipeline.config import check_dataset_name, load_params
+from pipeline.config import check_dataset_name, load_params, printable
 from pipeline.errors import UserError, main_guard
 from pipeline.prefect_server import project_server, same_path, server_home, supervise, temporary_server
-from pipeline.presets import resolve_overrides, unread_note
+from pipeline.presets import did_you_mean, resolve_overrides, unread_note
 from pipeline.retokenize import tokenize_command, workers_option
 from pipeline.runs import (check_dataset_paths, check_params, check_selection, check_tokenizable, missing_dependency,
                            project_lock, run_with_overrides, select, stage_names, stages_in_run, stale_upstream_note,
@@ -70,12 +70,17 @@ def _prefect_env(port: int, temp_server: bool = False) -> None:
 
 
 def _preset_param(preset: str | None) -> str | None:
-    """The preset as the flow records it: its path relative to the project (it must lie under configs/)."""
-    if not preset:
+    """The preset as the flow records it: its path relative to the project (it must lie under configs/). An empty
+    --preset (an unset shell variable) is refused: taken as none, it would run params.yaml as it is."""
+    if preset is None:
         return None
+    if not preset.strip():
+        raise UserError("--preset is empty: name a file under configs/ (e.g. configs/tiny.yaml), or leave --preset "
+                        "out to run params.yaml as it is")
     path = Path(preset).resolve()
     if not path.is_relative_to(ROOT):
-        raise UserError(f"preset {preset}: must be a .yaml file under {ROOT / 'configs'}")
+        raise UserError(f"preset {printable(preset)}: must be a .yaml file under {ROOT / 'configs'}"
+                        f"{did_you_mean(ROOT, preset)}")
     return path.relative_to(ROOT).as_posix()
 
 

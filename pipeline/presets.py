@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import apply_overrides, load_params
+from pipeline.config import apply_overrides, load_params, printable
 from pipeline.errors import UserError
 from pipeline.runs import preset_overrides
 
@@ -19,12 +19,20 @@ def resolve_overrides(root: Path, preset: str | None, overrides: list[str] | Non
         return overrides
     configs = (root / "configs").resolve()
     path = (root / preset).resolve()
+    said = f"preset {printable(preset)}"
     if not path.is_relative_to(configs) or path.suffix not in (".yaml", ".yml"):
-        raise UserError(f"preset {preset}: must be a .yaml file under {configs}")
+        raise UserError(f"{said}: must be a .yaml file under {configs}{did_you_mean(root, preset)}")
     if not path.is_file():
         have = ", ".join(sorted(p.name for p in configs.glob("*.yaml"))) or "none here"
-        raise UserError(f"preset {preset}: file not found (presets live in configs/: {have})")
+        raise UserError(f"{said}: file not found (presets live in configs/: {have}){did_you_mean(root, preset)}")
     return preset_overrides(path) + overrides
+
+
+def did_you_mean(root: Path, preset: str) -> str:
+    """`--preset openclipart`, `openclipart.yml` or `openclipart.yaml` from another folder: the preset of that name
+    under the project's configs/, if there is one."""
+    guess = Path(root) / "configs" / f"{Path(preset).stem}.yaml"
+    return f"; did you mean configs/{guess.name}?" if guess.is_file() else ""
 
 
 def unread_note(root: Path, combined: list[str], explicit: list[str] | None) -> str | None:

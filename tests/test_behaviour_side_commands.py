@@ -334,3 +334,20 @@ def test_a_run_whose_tokenize_would_refuse_its_dataset_is_refused_before_any_sta
     checked.start()
     checked.join(30)
     assert not checked.is_alive()
+
+
+def test_an_empty_preset_is_refused_on_the_command_line_and_a_near_miss_is_named():
+    """`--preset "$PRESET"` with the variable unset ran params.yaml as it is (the whole pipeline): an empty --preset is
+    refused now. The flow takes a blank preset as none (the UI's cleared field). A preset given by name, or with
+    .yml, names the file under configs/ it may mean; a line break in the name stays escaped on the one line."""
+    from helpers import ROOT
+    from pipeline import cli
+    from pipeline.presets import resolve_overrides
+
+    for blank in ("", "  "):
+        assert one_line(lambda: cli._preset_param(blank)).startswith("--preset is empty: name a file under configs/")
+    assert cli._preset_param(None) is None and resolve_overrides(ROOT, "", ["a.b=1"]) == ["a.b=1"]
+    for near in ("openclipart", "openclipart.yaml", "configs/openclipart.yml"):
+        assert one_line(lambda: resolve_overrides(ROOT, near, [])).endswith("; did you mean configs/openclipart.yaml?")
+    assert "did you mean" not in one_line(lambda: resolve_overrides(ROOT, "configs/nope.yaml", []))
+    assert one_line(lambda: resolve_overrides(ROOT, "a\nb", [])).startswith("preset a\\nb: must be a .yaml file")
