@@ -320,6 +320,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_add_dataset(args: argparse.Namespace) -> None:
     check_dataset_name(args.name, "add-dataset")
+    if not args.path.strip():  # os.path.abspath("") is the working folder
+        raise UserError("add-dataset: the dataset path is empty")
     # absolute, but a symlink stays a symlink: re-pointing it later is a change of the data DVC sees
     path = Path(os.path.abspath(Path(args.path).expanduser()))
     if not path.exists():

@@ -279,6 +279,9 @@ def check_dataset_paths(params: dict[str, Any], source: str, base: Path,
         if path.startswith("~"):
             raise UserError(f"{source}: {key}: DVC does not expand '~'; write the full path "
                             f"({printable(str(Path(path).expanduser()))})")
+        if Path(base).resolve().is_relative_to((Path(base) / path).resolve()):  # DVC would hash the project itself
+            raise UserError(f"{source}: {key} is this project's folder or holds it; point it at the dataset's own "
+                            f"folder")
         if (exist is None or name in exist) and not (Path(base) / path).exists():
             raise UserError(f"{source}: {key} does not exist (install the dataset there, or point the path at it)")
 

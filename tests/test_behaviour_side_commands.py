@@ -351,3 +351,23 @@ def test_an_empty_preset_is_refused_on_the_command_line_and_a_near_miss_is_named
         assert one_line(lambda: resolve_overrides(ROOT, near, [])).endswith("; did you mean configs/openclipart.yaml?")
     assert "did you mean" not in one_line(lambda: resolve_overrides(ROOT, "configs/nope.yaml", []))
     assert one_line(lambda: resolve_overrides(ROOT, "a\nb", [])).startswith("preset a\\nb: must be a .yaml file")
+
+
+def test_a_dataset_path_that_is_or_holds_the_project_is_refused(tmp_path, monkeypatch):
+    """`add-dataset x ''` took the working folder (os.path.abspath("")), the project, as the dataset, and `-S
+    datasets.x.path=/` hashed the whole disk: both ended in a line about checkpoint folders, if at all. A path that is
+    the project or lies above it is refused by name now; one inside it (a tiny project's own copy) is not."""
+    import argparse
+
+    from pipeline import cli
+
+    project = tmp_path / "p"
+    (project / "data" / "own").mkdir(parents=True)
+    for path in (".", str(project), str(tmp_path), "/", "data/.."):
+        said = one_line(lambda: runs.check_dataset_paths({"datasets": {"x": {"path": path}}}, "params.yaml", project))
+        assert said == f"params.yaml: datasets.x.path = {path} is this project's folder or holds it; point it at the " \
+                       f"dataset's own folder"
+    runs.check_dataset_paths({"datasets": {"x": {"path": "data/own"}}}, "params.yaml", project, exist=None)
+    monkeypatch.chdir(project)
+    args = argparse.Namespace(name="x", path=" ", source=None)
+    assert one_line(lambda: cli.cmd_add_dataset(args)) == "add-dataset: the dataset path is empty"
