@@ -186,20 +186,19 @@ def check_tokenizable(root: Path, params: dict[str, Any], source: str, run: Coll
     from stages import prepare, tokenize, train_vqgan
 
     datasets = params.get("datasets") or {}
-    for stage in sorted(run):
-        base, _, name = stage.partition("@")
-        if base != "tokenize" or name not in datasets:
-            continue
+    names = [name for stage in sorted(run) for base, _, name in [stage.partition("@")]
+             if base == "tokenize" and name in datasets]
+    vqgan = _planned_vqgan(root, params, source, "train_vqgan" in run) if names else None
+    if vqgan is None:
+        return  # unknown until it exists: the stage checks it
+    res, f, in_ch, said_by = vqgan
+    for name in names:
         spec = from_dict(prepare.DatasetSpec, datasets[name], f"datasets.{name}", source)
-        vqgan = _planned_vqgan(root, params, source, "train_vqgan" in run)
-        if vqgan is None:
-            continue  # unknown until it exists: the stage checks it
-        res, f, in_ch, said_by = vqgan
         if why := tokenize.compat_problem(spec.resolution, spec.channels, res, f, in_ch, spec.convert_channels):
             vqgan_dir = tokenize.check(params, source).vqgan_dir
-            raise UserError(f"{source}: {stage} would refuse datasets.{name} ({spec.resolution} px, {spec.channels} "
-                            f"channel(s)): {why} (the VQGAN in {vqgan_dir}: {said_by}); or run prepare@{name} alone "
-                            f"(pipeline run --stage prepare@{name})")
+            raise UserError(f"{source}: tokenize@{name} would refuse datasets.{name} ({spec.resolution} px, "
+                            f"{spec.channels} channel(s)): {why} (the VQGAN in {vqgan_dir}: {said_by}); or run "
+                            f"prepare@{name} alone (pipeline run --stage prepare@{name})")
 
 
 def _planned_vqgan(root: Path, params: dict[str, Any], source: str,
@@ -212,8 +211,8 @@ def _planned_vqgan(root: Path, params: dict[str, Any], source: str,
     from stages import prepare, tokenize, train_vqgan
 
     vqgan_dir = tokenize.check(params, source).vqgan_dir
-    cfg = train_vqgan.check(params, source)
-    if trains and os.path.normpath(vqgan_dir) == os.path.normpath(cfg.out_dir):
+    cfg = train_vqgan.check(params, source) if trains else None  # (a project may run no train_vqgan)
+    if cfg is not None and os.path.normpath(vqgan_dir) == os.path.normpath(cfg.out_dir):
         spec = from_dict(prepare.DatasetSpec, params["datasets"][cfg.dataset], f"datasets.{cfg.dataset}", source)
         return spec.resolution, cfg.model.downsample, spec.channels, f"train_vqgan trains it on datasets.{cfg.dataset}"
     config = Path(root) / vqgan_dir / "config.json"
