@@ -419,13 +419,17 @@ def test_cli_refuses_an_out_path_dvc_would_delete_and_leaves_it(project):
     (project / "mine" / "a").mkdir(parents=True)
     (project / "mine" / "a" / "notes.txt").write_text("precious")
     params = (project / "params.yaml").read_bytes()
+    said = {}
     for args in (("run", "--no-prefect", "-S", "prepare.out_dir=mine"), ("run", "-S", "prepare.out_dir=mine"),
-                 ("add-dataset", "b", ".")):
+                 ("add-dataset", "b", "."), ("add-dataset", "b", "data")):
         proc = pipeline(project, *args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), (args, proc.stderr)
         assert "Traceback" not in proc.stderr, args
-    assert f"stage prepare@b would read {project} (datasets.<name>.path), which holds its own output" in proc.stderr
+        said[args[-1]] = proc.stderr
+    assert f"datasets.b.path = {project} is this project's folder or holds it" in said["."]
+    assert f"stage prepare@b would read {project / 'data'} (datasets.<name>.path), which holds its own output" \
+        in said["data"]
     assert pipeline(project, "run", "--no-prefect", "-S", "prepare.out_dir=mine").stderr.strip().endswith(
         "mine/a (prepare.out_dir) exists and is a folder without a .tokenmill-stage marker, not an output of stage "
         "prepare@a; DVC deletes a stage's outputs before running it, so nothing was run: move it away or choose "
