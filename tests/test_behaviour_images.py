@@ -229,3 +229,63 @@ def test_an_animated_gif_keeps_its_first_frame_and_says_so():
     im = decode_image(_gif([(0, 0, 255)]), max_pixels=1000)  # one frame: a palette image like any other
     arr, note = conform(im, resolution=16, channels=3, resize="pad", background=0, min_side=8)
     assert note == "converted palette image" and (arr == [0, 0, 255]).all()
+
+
+def test_is_colour_asks_whether_any_pixel_s_red_green_and_blue_differ():
+    """prepare's report of colour images made grey and `pipeline tokenize`'s refusal read this one rule (its mutants
+    all lived: no test of the selection called it)."""
+    from pipeline.images import is_colour
+
+    grey_rgb = np.array([[[7, 7, 7], [200, 200, 200]]], dtype=np.uint8)
+    tinted = np.array([[[7, 7, 7], [10, 11, 10]]], dtype=np.uint8)  # one pixel, green off by one
+    assert not is_colour(Image.fromarray(grey_rgb, "RGB")) and is_colour(Image.fromarray(tinted, "RGB"))
+    assert not is_colour(Image.new("L", (2, 2), 9)) and not is_colour(Image.new("I;16", (2, 2), 300))
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([5, 5, 5, 90, 90, 90] + [0, 0, 0] * 254)
+    palette.putpixel((1, 0), 1)
+    assert not is_colour(palette)  # a palette of greys: its indices (0, 1) are not its colours
+    palette.putpalette([5, 5, 5, 90, 0, 90] + [0, 0, 0] * 254)
+    assert is_colour(palette)
+
+    class Unconvertible:  # a mode Pillow cannot convert: conform skips the image, so it counts as not colour
+        mode = "XYZ"
+
+        def convert(self, mode: str) -> Image.Image:
+            raise ValueError(f"conversion from XYZ to {mode} not supported")
+
+    assert is_colour(Unconvertible()) is False
+
+
+@pytest.mark.parametrize("values, dtype, note, pixels", [
+    # mode I with values in 0..255 is 8-bit data, down to a top value of 1 (a 16-bit reading would be black)
+    ([0, 1], np.int32, "converted I with values in 0..255 (read as 8-bit)", [0, 1]),
+    # all zero: no 8-bit evidence and nothing dark to report
+    ([0, 0], np.int32, "converted I to 8-bit", [0, 0]),
+    # 256 is past 8 bits: the 16-bit reading, counted dark (as 8-bit data it would wrap to 0)
+    ([0, 256], np.int32, "converted I to 8-bit, dark: every value under 4096 of 65535 (max 256)", [0, 1]),
+    # negatives alone are clipped (not called dark), and so is 65536 alone
+    ([-5, 100], np.int32, "converted I to 8-bit, values outside 0..65535 clipped (-5..100)", [0, 0]),
+    ([0, 65536], np.int32, "converted I to 8-bit, values outside 0..65535 clipped (0..65536)", [0, 255]),
+    # a 16-bit image whose top value is 1 is dark
+    ([0, 1], np.uint16, "converted I;16 to 8-bit, dark: every value under 4096 of 65535 (max 1)", [0, 0]),
+])
+def test_integer_grey_boundaries(values, dtype, note, pixels):
+    out, said = to_mode(Image.fromarray(np.array([values], dtype=dtype)), 1, 0)
+    assert (said, np.asarray(out).tolist()) == (note, [pixels])
+
+
+def test_a_float_image_reaching_below_minus_1_keeps_the_0_to_255_reading():
+    out, note = to_mode(Image.fromarray(np.array([[-1.5, 1.0]], dtype=np.float32), "F"), 1, 0)
+    assert note == "converted float image" and np.asarray(out).tolist() == [[0, 1]]
+
+
+def test_a_decompression_bomb_warning_is_a_skip_that_says_so(monkeypatch):
+    """Pillow warns (DecompressionBombWarning) above its own pixel limit and raises above twice it; both are a
+    skip with Pillow's words, whatever max_pixels lets through."""
+    png = encode_png(np.zeros((10, 10, 1), dtype=np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60)  # 100 pixels: above 60, under 120
+    with pytest.raises(SkipImage, match=r"^decompression bomb refused \(Image size \(100 pixels\) exceeds limit"):
+        decode_image(png, max_pixels=1000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # above twice the limit: Pillow's error
+    with pytest.raises(SkipImage, match=r"^decompression bomb refused \(Image size \(100 pixels\) exceeds limit"):
+        decode_image(png, max_pixels=1000)
