@@ -251,6 +251,8 @@ def cmd_deps(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
+    if not args.params.strip():  # Path("") is the working folder
+        raise UserError("--params is empty: give a params file, or leave --params out to check params.yaml")
     if Path(args.params).resolve() == (ROOT / "params.yaml").resolve():
         with project_lock(ROOT):  # before a plain `dvc repro`: not with a killed run's overrides still applied
             undo_killed_run(ROOT)

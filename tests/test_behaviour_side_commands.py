@@ -338,14 +338,18 @@ def test_a_run_whose_tokenize_would_refuse_its_dataset_is_refused_before_any_sta
 
 def test_an_empty_preset_is_refused_on_the_command_line_and_a_near_miss_is_named():
     """`--preset "$PRESET"` with the variable unset ran params.yaml as it is (the whole pipeline): an empty --preset is
-    refused now. The flow takes a blank preset as none (the UI's cleared field). A preset given by name, or with
-    .yml, names the file under configs/ it may mean; a line break in the name stays escaped on the one line."""
+    refused now (and an empty `check --params`). The flow takes a blank preset as none (the UI's cleared field). A
+    preset given by name, or with .yml, names the file under configs/ it may mean; a line break in the name stays
+    escaped on the one line."""
     from helpers import ROOT
     from pipeline import cli
     from pipeline.presets import resolve_overrides
 
+    import argparse
+
     for blank in ("", "  "):
         assert one_line(lambda: cli._preset_param(blank)).startswith("--preset is empty: name a file under configs/")
+        assert one_line(lambda: cli.cmd_check(argparse.Namespace(params=blank))).startswith("--params is empty")
     assert cli._preset_param(None) is None and resolve_overrides(ROOT, "", ["a.b=1"]) == ["a.b=1"]
     for near in ("openclipart", "openclipart.yaml", "configs/openclipart.yml"):
         assert one_line(lambda: resolve_overrides(ROOT, near, [])).endswith("; did you mean configs/openclipart.yaml?")
