@@ -59,6 +59,11 @@ declare -A TESTS=(
   [training/ar.py]="tests/test_train_transformer.py tests/test_train_maskgit.py"
   [stages/sample.py]="tests/test_train_transformer.py tests/test_eval_stages.py tests/test_train_gan.py
     tests/test_train_maskgit.py"
+  [stages/prepare.py]="tests/test_prepare.py tests/test_behaviour_channels.py
+    tests/test_behaviour_planted_vqgan_tokenize.py::test_max_per_split_keeps_exactly_the_first_n_of_each_split
+    tests/test_behaviour_planted_vqgan_tokenize.py::test_the_fingerprint_covers_the_labels
+    tests/test_behaviour_planted_vqgan_tokenize.py::test_min_side_and_max_pixels_are_the_prepare_sections
+    tests/test_behaviour_planted_vqgan_tokenize.py::test_shards_of_files_carry_their_origin_and_idx_shards_do_not"
 )
 # extra pytest arguments, one per line (the FID network tests take a minute each call: left to the main suite)
 declare -A ARGS=(
@@ -69,7 +74,7 @@ declare -A ARGS=(
 ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py pipeline/tokens.py
        models/attention.py pipeline/config.py pipeline/codegraph.py pipeline/dvc_deps.py pipeline/checkpoint.py
        models/gpt.py models/maskgit.py training/vq_loss.py pipeline/shards.py pipeline/images.py models/vqgan.py
-       models/lpips.py pipeline/out_guard.py training/gan.py training/ar.py stages/sample.py)
+       models/lpips.py pipeline/out_guard.py training/gan.py training/ar.py stages/sample.py stages/prepare.py)
 
 [ -x .venv/bin/python ] || bash scripts/install.sh
 if [ ! -x "$VENV/bin/mutmut" ]; then
