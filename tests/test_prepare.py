@@ -419,3 +419,81 @@ def test_a_random_split_is_a_function_of_the_seed_and_the_key_alone():
     assert splits[1][7] == ("val" if h < 0.25 else "train")
     kept = RawSample("a", "a", "val", 0, b"")
     assert assign_split(kept, DatasetSpec(source="folder", path="x", split="keep"), 0) == "val"
+
+
+# --- prepare's helpers, each at the inputs where a wrong variant answers otherwise (session 25's mutation run of
+# stages/prepare.py left these alive: the end-to-end tests never reached their boundaries)
+
+def test_read_idx_checks_each_byte_of_the_magic_and_reads_plain_files(tmp_path):
+    good = bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + bytes([5, 6, 7])
+    (tmp_path / "plain").write_bytes(good)  # not gzip'd: read as it is
+    assert read_idx(tmp_path / "plain").tolist() == [5, 6, 7]
+    for i, magic in enumerate(([1, 0, 8, 1], [0, 1, 8, 1], [0, 0, 0x0D, 1], [0, 0, 8])):
+        (tmp_path / f"bad{i}").write_bytes(bytes(magic) + good[4:] if len(magic) == 4 else bytes(magic))
+        with pytest.raises(UserError) as err:
+            read_idx(tmp_path / f"bad{i}")
+        assert str(err.value) == f"{tmp_path / f'bad{i}'}: not a uint8 IDX file (bad magic {bytes(magic).hex()})"
+    (tmp_path / "header_only").write_bytes(bytes([0, 0, 8, 0]))  # 0 dims: a scalar, one byte of body missing
+    with pytest.raises(UserError, match=r"header_only: IDX body has 0 bytes, header says 1 \(truncated"):
+        read_idx(tmp_path / "header_only")
+    (tmp_path / "x.gz").write_bytes(b"not gzip")
+    with pytest.raises(UserError, match=r"x\.gz: cannot read IDX file \(Not a gzipped file"):
+        read_idx(tmp_path / "x.gz")
+
+
+def test_a_missing_idx_file_names_the_folder_and_the_file(tmp_path):
+    from stages.prepare import iter_idx
+    with pytest.raises(UserError) as err:
+        next(iter_idx(tmp_path))
+    assert str(err.value) == f"{tmp_path}: missing IDX file train-images-idx3-ubyte(.gz)"
+
+
+def test_webdataset_labels_at_their_boundaries():
+    from stages.prepare import MAX_CLASSES, _label_of
+    assert _label_of({"json": b'{"label": 0}'}, "s:k") == 0
+    assert _label_of({"json": b'{"label": %d}' % (MAX_CLASSES - 1)}, "s:k") == MAX_CLASSES - 1
+    assert _label_of({"json": b"[1, 2]"}, "s:k") is None  # JSON that is no object: no label, not a crash
+    with pytest.raises(UserError, match=rf"s:k\.json: label {MAX_CLASSES} refused"):
+        _label_of({"json": b'{"label": %d}' % MAX_CLASSES}, "s:k")
+    with pytest.raises(UserError) as err:  # bytes that are not UTF-8: refused by name, not a decode traceback
+        _label_of({"cls": b"\xff1"}, "s:k")
+    assert str(err.value).startswith("s:k.cls: label '\ufffd1' refused")
+
+
+def test_shard_names_say_their_split():
+    from stages.prepare import _shard_split
+    assert [_shard_split(n) for n in ("train-0.tar", "Valid-0.tar", "TEST-0.tar", "val-0.tar", "other.tar")] == \
+        ["train", "val", "val", "val", None]
+
+
+def test_split_keep_defaults_to_train_and_random_follows_the_hash_of_seed_and_key():
+    from stages.prepare import RawSample, assign_split
+    keep = DatasetSpec(source="folder", path="x", split="keep")
+    assert assign_split(RawSample("k", "o", None, 0, b""), keep, 0) == "train"
+    h = int(hashlib.sha256(b"3:k").hexdigest()[:8], 16) / 2**32  # seed 3, key k: the sample's place in [0, 1)
+    at = DatasetSpec(source="folder", path="x", split="random", val_fraction=h)
+    assert assign_split(RawSample("k", "o", None, 0, b""), at, 3) == "train"  # val below the fraction, not at it
+    above = DatasetSpec(source="folder", path="x", split="random", val_fraction=h + 1e-9)
+    assert assign_split(RawSample("k", "o", None, 0, b""), above, 3) == "val"
+
+
+def test_folder_keys_are_20_hex_digits_of_the_path_hash_and_hidden_folders_are_no_classes(tmp_path):
+    from stages.prepare import _hash_key, folder_classes
+    assert _hash_key("a/b.png") == hashlib.sha256(b"a/b.png").hexdigest()[:20]
+    for name in ("cat", "dog", ".cache", ".ipynb_checkpoints"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "notes.txt").write_text("")
+    assert folder_classes(tmp_path) == ["cat", "dog"]
+
+
+def test_mixed_scales_counts_each_reading_of_each_kind():
+    from collections import Counter
+
+    from stages.prepare import mixed_scales
+    notes = Counter({"converted I with values in 0..255 (read as 8-bit)": 2, "converted I to 8-bit": 3,
+                     "converted I to 8-bit, dark: every value under 4096 of 65535 (max 9)": 1,
+                     "converted float image in 0..1 (scaled to 0..255)": 4, "converted float image": 5,
+                     "converted I;16 to 8-bit": 7})
+    assert mixed_scales(notes) == {"32-bit integer": {"as 16-bit": 4, "as 8-bit": 2},
+                                   "float": {"in 0..1 (scaled to 0..255)": 4, "in 0..255": 5}}
+    assert mixed_scales(Counter({"converted I to 8-bit": 3, "converted float image": 1})) == {}
