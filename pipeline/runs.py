@@ -144,14 +144,19 @@ def selectable_stages(root: Path, params: dict[str, Any], names: list[str] | Non
     return names + [n for n in planned_stage_names(root, params) if n not in names]
 
 
+def names_stage(wanted: str, name: str) -> bool:
+    """`wanted` names stage `name` by its full name or its base name (`prepare` names every prepare@...)."""
+    return wanted in (name, name.split("@")[0])
+
+
 def select(names: list[str], wanted: list[str] | None) -> list[str]:
-    """Keep stages named in `wanted`, by full name or by base name (`prepare` selects every prepare@...)."""
+    """Keep stages named in `wanted` (`names_stage`)."""
     if not wanted:
         return names
-    unknown = [w for w in wanted if not any(n == w or n.split("@")[0] == w for n in names)]
+    unknown = [w for w in wanted if not any(names_stage(w, n) for n in names)]
     if unknown:
         raise UserError(f"unknown stage {unknown[0]!r} (dvc.yaml has: {', '.join(names)})")
-    return [n for n in names if n in wanted or n.split("@")[0] in wanted]
+    return [n for n in names if any(names_stage(w, n) for w in wanted)]
 
 
 def stages_in_run(root: Path, params: dict[str, Any], targets: list[str] | None = None,
@@ -183,34 +188,33 @@ def check_tokenizable(root: Path, params: dict[str, Any], source: str, run: Coll
     """Refuse a run whose tokenize@<name> would refuse its dataset (another resolution than the VQGAN's, channels it
     cannot take, tokenize's own rule): before anything runs, not after the stages before it ran and were undone."""
     from pipeline.config import from_dict
-    from stages import prepare, tokenize, train_vqgan
+    from stages import prepare, tokenize
 
     datasets = params.get("datasets") or {}
     names = [name for stage in sorted(run) for base, _, name in [stage.partition("@")]
              if base == "tokenize" and name in datasets]
-    vqgan = _planned_vqgan(root, params, source, "train_vqgan" in run) if names else None
+    vqgan_dir = tokenize.check(params, source).vqgan_dir if names else ""
+    vqgan = _planned_vqgan(root, params, source, vqgan_dir, "train_vqgan" in run) if names else None
     if vqgan is None:
         return  # unknown until it exists: the stage checks it
     res, f, in_ch, said_by = vqgan
     for name in names:
         spec = from_dict(prepare.DatasetSpec, datasets[name], f"datasets.{name}", source)
         if why := tokenize.compat_problem(spec.resolution, spec.channels, res, f, in_ch, spec.convert_channels):
-            vqgan_dir = tokenize.check(params, source).vqgan_dir
             raise UserError(f"{source}: tokenize@{name} would refuse datasets.{name} ({spec.resolution} px, "
                             f"{spec.channels} channel(s)): {why} (the VQGAN in {vqgan_dir}: {said_by}); or run "
                             f"prepare@{name} alone (pipeline run --stage prepare@{name})")
 
 
-def _planned_vqgan(root: Path, params: dict[str, Any], source: str,
+def _planned_vqgan(root: Path, params: dict[str, Any], source: str, vqgan_dir: str,
                    trains: bool) -> tuple[int | None, int, int, str] | None:
-    """(training resolution, downsampling, input channels, what says so) of the VQGAN tokenize will read: the one
-    train_vqgan makes under `params` when the run may train it (tokenize.vqgan_dir is its out_dir), else the one in
-    the folder; None when neither is known."""
+    """(training resolution, downsampling, input channels, what says so) of the VQGAN in `vqgan_dir` that tokenize
+    will read: the one train_vqgan makes under `params` when the run may train it (`vqgan_dir` is its out_dir), else
+    the one in the folder; None when neither is known."""
     from models.vqgan import VQGANConfig
     from pipeline.config import from_dict
-    from stages import prepare, tokenize, train_vqgan
+    from stages import prepare, train_vqgan
 
-    vqgan_dir = tokenize.check(params, source).vqgan_dir
     cfg = train_vqgan.check(params, source) if trains else None  # (a project may run no train_vqgan)
     if cfg is not None and os.path.normpath(vqgan_dir) == os.path.normpath(cfg.out_dir):
         spec = from_dict(prepare.DatasetSpec, params["datasets"][cfg.dataset], f"datasets.{cfg.dataset}", source)
@@ -582,7 +586,7 @@ def run_with_overrides(root: Path, overrides: list[str], targets: list[str] | No
         now = stage_names(root) if targets else []
         check_selection(root, params, overrides, targets, with_deps, now)
         # a stage the overrides add is not DVC's yet, so `dvc status` cannot name it or what it needs: check them all
-        added = [t for t in targets or [] if not any(n == t or n.split("@")[0] == t for n in now)]
+        added = [t for t in targets or [] if not any(names_stage(t, n) for n in now)]
         check_unrecorded_changes(root, None if added else targets, with_deps)
         saved = {name: (root / name).read_bytes() for name in ("params.yaml", "dvc.lock") if (root / name).is_file()}
         before = recorded_outputs(root)
