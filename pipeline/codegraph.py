@@ -4,8 +4,8 @@ One graph serves three purposes:
 - a stage's code deps in dvc.yaml are the import closure of `stages/<name>.py` (`python -m pipeline deps`);
 - a stage's code fingerprint (part of its cache identity: checkpoints resume only under the same one) hashes
   the same closure;
-- the layering test checks that imports point down only (models -> pipeline -> training -> stages ->
-  orchestration) and that there are no cycles.
+- the layering check (pipeline/layering.py, which no stage imports, so the list of orchestration modules can change
+  without changing any stage's identity) checks that imports point down only and that there are no cycles.
 
 Every `import` / `from ... import` counts, at module level or inside a function. Importing `a.b.c` also runs
 `a/__init__.py` and `a/b/__init__.py`, so package `__init__` files are part of a closure.
@@ -31,17 +31,6 @@ PACKAGES = ("models", "pipeline", "training", "stages")
 # Folders in the root that hold data and run outputs: never code, whatever .py files land in them.
 NOT_CODE = frozenset({"data", "runs"})
 
-# Modules of the pipeline package that orchestrate (may import stages); every other pipeline module is plumbing.
-ORCHESTRATION = frozenset({"pipeline.cli", "pipeline.flow", "pipeline.artifacts", "pipeline.__main__", "pipeline.tiny",
-                           "pipeline.retokenize", "pipeline.runs", "pipeline.compare", "pipeline.presets"})
-LAYERS = {"models": 0, "pipeline": 1, "training": 2, "stages": 3}
-
-
-def layer_of(module: str) -> int:
-    """models 0, plumbing 1, training 2, stages 3, orchestration 4."""
-    if module in ORCHESTRATION:
-        return 4
-    return LAYERS[module.split(".")[0]]
 
 
 def _preempted(top: str) -> bool:
@@ -160,45 +149,3 @@ def code_fingerprint(module: str, root: Path = ROOT) -> str:
     for rel in closure_files(module, root):
         h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
     return h.hexdigest()
-
-
-def find_cycle(root: Path = ROOT) -> list[str] | None:
-    """One import cycle between project modules (package __init__ edges excluded), or None."""
-    graph = {m: sorted(d for d in imports_of(m, root) if module_file(d, root).name != "__init__.py")
-             for m in project_modules(root)}
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(m: str) -> list[str] | None:
-        state[m] = 1
-        stack.append(m)
-        for dep in graph.get(m, ()):
-            if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
-            if dep not in state and (cycle := visit(dep)):
-                return cycle
-        stack.pop()
-        state[m] = 2
-        return None
-
-    for m in graph:
-        if m not in state and (cycle := visit(m)):
-            return cycle
-    return None
-
-
-def layering_violations(root: Path = ROOT) -> list[str]:
-    """Imports that point up a layer, a stage importing another stage, imports of modules that have no layer."""
-    out = []
-    for m in project_modules(root):
-        for dep in sorted(imports_of(m, root)):
-            if dep.split(".")[0] not in LAYERS:
-                out.append(f"{m} imports {dep} (outside {', '.join(PACKAGES)}: move it into one)")
-                continue
-            if dep in PACKAGES:  # a bare package import runs only its __init__
-                continue
-            if layer_of(dep) > layer_of(m):
-                out.append(f"{m} imports {dep} (a higher layer)")
-            elif m.startswith("stages.") and dep.startswith("stages.") and dep != m:
-                out.append(f"{m} imports {dep} (a stage never imports another stage)")
-    return out

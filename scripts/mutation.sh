@@ -12,8 +12,8 @@
 # own venv ($MUT_VENV, default .venv-mut): the project venv's packages are visible to it through a .pth file, and
 # only mutmut (and its own dependencies) are installed there. With one worker on 2 busy cores: atomic.py ~1 min,
 # fid.py ~5 min, training/common.py ~1 min, device.py 0.5 min, tokens.py ~8 min, config.py ~2 min,
-# attention.py ~11 min, codegraph.py, dvc_deps.py, checkpoint.py and vq_loss.py under 1 min each, maskgit.py ~1.5 min,
-# gpt.py ~3.5 min (docs/mutation.md has the scores and the triage).
+# attention.py ~11 min, codegraph.py, layering.py, dvc_deps.py, checkpoint.py and vq_loss.py under 1 min each,
+# maskgit.py ~1.5 min, gpt.py ~3.5 min (docs/mutation.md has the scores and the triage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -40,6 +40,7 @@ declare -A TESTS=(
   [pipeline/codegraph.py]="tests/test_structure.py tests/test_behaviour_codegraph.py
     tests/test_cache_identity.py::test_dvc_yaml_code_deps_equal_every_stage_import_closure
     tests/test_cache_identity.py::test_import_graph_sees_function_level_relative_and_submodule_imports"
+  [pipeline/layering.py]="tests/test_structure.py tests/test_behaviour_codegraph.py"
   [pipeline/dvc_deps.py]="tests/test_behaviour_codegraph.py
     tests/test_cache_identity.py::test_dvc_yaml_code_deps_equal_every_stage_import_closure
     tests/test_cache_identity.py::test_running_stage_check_reads_every_dvc_addressing"
@@ -72,9 +73,9 @@ declare -A ARGS=(
   [pipeline/out_guard.py]=$'-k\nnot (stops_before_dvc or cli_refuses or failed_first_run or sigterm_undoes)'
 )
 ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py pipeline/tokens.py
-       models/attention.py pipeline/config.py pipeline/codegraph.py pipeline/dvc_deps.py pipeline/checkpoint.py
-       models/gpt.py models/maskgit.py training/vq_loss.py pipeline/shards.py pipeline/images.py models/vqgan.py
-       models/lpips.py pipeline/out_guard.py training/gan.py training/ar.py stages/sample.py stages/prepare.py)
+       models/attention.py pipeline/config.py pipeline/codegraph.py pipeline/layering.py pipeline/dvc_deps.py
+       pipeline/checkpoint.py models/gpt.py models/maskgit.py training/vq_loss.py pipeline/shards.py pipeline/images.py
+       models/vqgan.py models/lpips.py pipeline/out_guard.py training/gan.py training/ar.py stages/sample.py stages/prepare.py)
 
 [ -x .venv/bin/python ] || bash scripts/install.sh
 if [ ! -x "$VENV/bin/mutmut" ]; then

@@ -203,7 +203,7 @@ def _shard_split(name: str) -> str | None:
     lower = name.lower()
     if lower.startswith("train"):
         return "train"
-    if lower.startswith(("val", "valid", "test")):
+    if lower.startswith(("val", "test")):  # "valid..." starts with "val"
         return "val"
     return None
 

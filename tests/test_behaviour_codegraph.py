@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import fake_tree
-from pipeline import codegraph, dvc_deps
+from pipeline import codegraph, dvc_deps, layering
 
 TREE = {
     "models/net.py": "import torch\nimport numpy as np\n",
@@ -93,24 +93,24 @@ def test_code_fingerprint_is_sha256_of_each_path_and_content(tmp_path):
 def test_find_cycle_returns_the_cycle_path(tmp_path):
     fake_tree(tmp_path, {"pipeline/a.py": "import pipeline.b\n", "pipeline/b.py": "import pipeline.c\n",
                          "pipeline/c.py": "import pipeline.a\n", "models/x.py": "", "models/y.py": "import models.x\n"})
-    assert codegraph.find_cycle(tmp_path) == ["pipeline.a", "pipeline.b", "pipeline.c", "pipeline.a"]
+    assert layering.find_cycle(tmp_path) == ["pipeline.a", "pipeline.b", "pipeline.c", "pipeline.a"]
     # a diamond is not a cycle
     diamond = tmp_path / "d"
     fake_tree(diamond, {"pipeline/a.py": "import pipeline.b\nimport pipeline.c\n",
                         "pipeline/b.py": "import pipeline.d\n", "pipeline/c.py": "import pipeline.d\n",
                         "pipeline/d.py": ""})
-    assert codegraph.find_cycle(diamond) is None
+    assert layering.find_cycle(diamond) is None
     # a cycle reached only through a module visited earlier
     late = tmp_path / "late"
     fake_tree(late, {"pipeline/a.py": "import pipeline.b\n", "pipeline/b.py": "import pipeline.c\n",
                      "pipeline/c.py": "import pipeline.b\n"})
-    assert codegraph.find_cycle(late) == ["pipeline.b", "pipeline.c", "pipeline.b"]
+    assert layering.find_cycle(late) == ["pipeline.b", "pipeline.c", "pipeline.b"]
 
 
 def test_layering_skips_bare_package_imports_only(tmp_path):
     fake_tree(tmp_path, {"pipeline/io.py": "import pipeline\nimport stages\nimport stages.s\n", "stages/s.py": "",
                          "pipeline/flow.py": "import stages.s\n"})  # orchestration may import stages
-    assert codegraph.layering_violations(tmp_path) == ["pipeline.io imports stages.s (a higher layer)"]
+    assert layering.layering_violations(tmp_path) == ["pipeline.io imports stages.s (a higher layer)"]
 
 
 DVC_YAML = """\
@@ -205,7 +205,7 @@ def test_a_subpackage_module_is_in_the_closure_and_the_project_modules(tmp_path)
     (tmp_path / "models" / "extra" / "util.py").write_text("import pipeline.io\n")
     (tmp_path / "pipeline" / "io.py").write_text("")
     codegraph._imports_cached.cache_clear()
-    assert codegraph.layering_violations(tmp_path) == ["models.extra.util imports pipeline.io (a higher layer)"]
+    assert layering.layering_violations(tmp_path) == ["models.extra.util imports pipeline.io (a higher layer)"]
 
 
 def test_write_lists_subpackage_files_once_and_then_checks_clean(tmp_path):
@@ -239,7 +239,7 @@ def test_a_top_level_project_module_is_in_the_closure_and_the_fingerprint(tmp_pa
     codegraph._imports_cached.cache_clear()
     assert codegraph.code_fingerprint("stages.s", tmp_path) != before
     # a stage's module outside the layered packages is flagged: it has no layer
-    assert codegraph.layering_violations(tmp_path) == [
+    assert layering.layering_violations(tmp_path) == [
         "training.vqgan imports extpkg (outside models, pipeline, training, stages: move it into one)",
         "training.vqgan imports extpkg.mod (outside models, pipeline, training, stages: move it into one)",
         "training.vqgan imports helpers (outside models, pipeline, training, stages: move it into one)",

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from helpers import fake_tree
-from pipeline import codegraph
+from pipeline import codegraph, layering
 from pipeline.codegraph import ROOT
 from pipeline.config import load_params
 
@@ -15,11 +15,18 @@ from pipeline.config import load_params
 def test_imports_point_down_only_and_stages_never_import_stages():
     """models -> pipeline (plumbing) -> training -> stages -> orchestration (pipeline.cli/flow/artifacts);
     function-level imports count."""
-    assert codegraph.layering_violations() == []
+    assert layering.layering_violations() == []
 
 
 def test_no_import_cycles():
-    assert codegraph.find_cycle() is None
+    assert layering.find_cycle() is None
+
+
+def test_the_layering_rules_are_in_no_stage_closure():
+    """Naming a new orchestration module must not change any stage's cache identity (a full re-run)."""
+    stages = [m for m in codegraph.project_modules() if m.startswith("stages.")]
+    assert stages and all("pipeline.layering" not in codegraph.closure(m) for m in stages)
+    assert all("pipeline.codegraph" in codegraph.closure(m) for m in ("stages.train_vqgan", "stages.tokenize"))
 
 
 def test_models_import_nothing_outside_models():
@@ -32,10 +39,10 @@ def test_layering_check_catches_an_upward_import(tmp_path):
     fake_tree(tmp_path, {"models/net.py": "def f():\n    from pipeline.io import x\n",
                          "pipeline/io.py": "from models.net import f\nx = 1\n",
                          "stages/a.py": "", "stages/b.py": "import stages.a\n"})
-    found = codegraph.layering_violations(tmp_path)
+    found = layering.layering_violations(tmp_path)
     assert "models.net imports pipeline.io (a higher layer)" in found
     assert "stages.b imports stages.a (a stage never imports another stage)" in found
-    assert codegraph.find_cycle(tmp_path) in (["models.net", "pipeline.io", "models.net"],
+    assert layering.find_cycle(tmp_path) in (["models.net", "pipeline.io", "models.net"],
                                               ["pipeline.io", "models.net", "pipeline.io"])
 
 
@@ -51,7 +58,7 @@ def test_a_dynamic_import_of_a_stage_counts_as_an_import(tmp_path):
                          "stages/sub/__init__.py": "", "stages/sub/c.py": "",
                          "pipeline/nested.py": "import importlib\nm = importlib.import_module(f'stages.sub.{1}')\n",
                          "pipeline/nodot.py": "import importlib\nm = importlib.import_module(f'stages{1}')\n"})
-    assert codegraph.layering_violations(tmp_path) == [
+    assert layering.layering_violations(tmp_path) == [
         "pipeline.named imports stages.a (a higher layer)", "pipeline.nested imports stages.sub (a higher layer)",
         "pipeline.nested imports stages.sub.c (a higher layer)",
         "pipeline.plumb imports stages.a (a higher layer)", "pipeline.plumb imports stages.b (a higher layer)"]
