@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import env  # noqa: E402,F401  (OMP_WAIT_POLICY etc. must be set before torch loads)
 import torch  # noqa: E402
 
-from pipeline.runs import preset_overrides  # noqa: E402
+from pipeline.run_checks import preset_overrides  # noqa: E402
 from pipeline.config import apply_overrides, load_params  # noqa: E402
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import apply_overrides, load_params  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.runlog import read_run_facts  # noqa: E402
-from pipeline.runs import validate_overrides  # noqa: E402
+from pipeline.run_checks import validate_overrides  # noqa: E402
 # bench/, the script's own folder, is on sys.path
 from stage_run import stage, tag_problem, with_earlier_runs  # noqa: E402
 

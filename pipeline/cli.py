@@ -26,13 +26,14 @@ from typing import Any
 
 from pipeline import dvc_deps
 from pipeline.config import check_dataset_name, load_params, printable
+from pipeline.dvc_graph import missing_dependency, select, stage_names, stages_in_run, stale_upstream_note
 from pipeline.errors import UserError, main_guard
 from pipeline.prefect_server import project_server, same_path, server_home, supervise, temporary_server
 from pipeline.presets import did_you_mean, resolve_overrides, unread_note
 from pipeline.retokenize import tokenize_command, workers_option
-from pipeline.runs import (check_dataset_paths, check_params, check_selection, check_tokenizable, missing_dependency,
-                           project_lock, run_with_overrides, select, stage_names, stages_in_run, stale_upstream_note,
-                           undo_killed_run, validate_overrides)
+from pipeline.run_checks import (check_dataset_paths, check_params, check_selection, check_tokenizable,
+                                 validate_overrides)
+from pipeline.runs import project_lock, run_with_overrides, undo_killed_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 4200

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.errors import UserError
-from pipeline.runs import changed_stages, upstream_stages
+from pipeline.dvc_graph import changed_stages, upstream_stages
 
 # (column, metrics file of params.yaml's section, key); the protocol of FID columns is checked
 COLUMNS = (("gFID", "evaluate", "fid"), ("rFID", "eval_vqgan", "fid"), ("PSNR", "train_vqgan", "psnr"),

@@ -23,11 +23,11 @@ from prefect import flow, get_run_logger, task
 from prefect.states import Failed, State
 
 from pipeline import artifacts
+from pipeline.dvc_graph import missing_dependency, select, stage_names, stale_upstream_note, upstream_stages
 from pipeline.dvc_repair import repair_rwlock
 from pipeline.errors import UserError
 from pipeline.presets import resolve_overrides, unread_note
-from pipeline.runs import (missing_dependency, run_with_overrides, select, stage_names, stale_upstream_note,
-                         upstream_stages)
+from pipeline.runs import run_with_overrides
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 USER_ERROR_EXIT = 2  # stages exit 2 on a user mistake: retrying cannot help

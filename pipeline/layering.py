@@ -11,7 +11,8 @@ from pipeline.codegraph import PACKAGES, ROOT, imports_of, module_file, project_
 
 # Modules of the pipeline package that orchestrate (may import stages); every other pipeline module is plumbing.
 ORCHESTRATION = frozenset({"pipeline.cli", "pipeline.flow", "pipeline.artifacts", "pipeline.__main__", "pipeline.tiny",
-                           "pipeline.retokenize", "pipeline.runs", "pipeline.compare", "pipeline.presets"})
+                           "pipeline.retokenize", "pipeline.runs", "pipeline.run_checks", "pipeline.compare",
+                           "pipeline.presets"})
 LAYERS = {"models": 0, "pipeline": 1, "training": 2, "stages": 3}
 
 

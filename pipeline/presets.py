@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.config import apply_overrides, load_params, printable
 from pipeline.errors import UserError
-from pipeline.runs import preset_overrides
+from pipeline.run_checks import preset_overrides
 
 
 def resolve_overrides(root: Path, preset: str | None, overrides: list[str] | None) -> list[str]:

@@ -23,7 +23,7 @@ import yaml
 from pipeline.config import apply_overrides, load_params
 from pipeline.errors import UserError
 from pipeline.out_guard import planned_outputs
-from pipeline.runs import check_params_dict, preset_overrides
+from pipeline.run_checks import check_params_dict, preset_overrides
 from pipeline.sandbox import PROJECT_FILES, ROOT, fashion_mnist_subset, make_project
 
 MARKER = ".tokenmill-tiny"

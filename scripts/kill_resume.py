@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from pipeline.runs import preset_overrides  # noqa: E402
+from pipeline.run_checks import preset_overrides  # noqa: E402
 from pipeline.config import apply_overrides, load_params  # noqa: E402
 from pipeline.sandbox import fashion_mnist_subset, make_project  # noqa: E402
 

@@ -181,7 +181,7 @@ def test_deps_given_with_options_count_by_their_path(tmp_path):
 
 
 def test_the_run_command_lists_our_stages_and_skips_a_user_stage(tmp_path):
-    from pipeline.runs import pipeline_stages
+    from pipeline.dvc_graph import pipeline_stages
 
     (tmp_path / "dvc.yaml").write_text("stages:\n  count:\n    cmd: ls data > count.txt\n  prepare:\n    foreach: [a]\n"
                                        "    do:\n      cmd: python -m stages.prepare --dataset ${item}\n"

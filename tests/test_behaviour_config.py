@@ -375,7 +375,7 @@ def test_a_source_that_is_not_a_file_means_the_working_directory(tmp_path, monke
 
 
 def test_override_errors_name_the_key_and_list_only_a_few_overrides():
-    from pipeline.runs import preset_overrides, validate_overrides
+    from pipeline.run_checks import preset_overrides, validate_overrides
     from pipeline.sandbox import ROOT
 
     with pytest.raises(UserError) as err:
@@ -392,7 +392,7 @@ def test_override_errors_name_the_key_and_list_only_a_few_overrides():
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_shipped_preset_validates_against_params_yaml(preset):
     # a preset whose key was renamed in params.yaml would otherwise fail only when a user applies it
-    from pipeline.runs import check_params_dict, preset_overrides
+    from pipeline.run_checks import check_params_dict, preset_overrides
 
     overrides = preset_overrides(ROOT / "configs" / preset)
     assert overrides and all("=" in o for o in overrides)
@@ -434,14 +434,14 @@ def test_every_seed_param_is_capped_where_all_its_consumers_take_it():
     torch.Generator().manual_seed(s * 1_000_003 + 10**9)  # sample's per-batch and maskgit's per-rank seeds
     faiss.Kmeans(2, 2, niter=1, seed=s)  # train_vqgan's k-means: an int32
     with pytest.raises(UserError) as err:
-        from pipeline.runs import validate_overrides
+        from pipeline.run_checks import validate_overrides
         validate_overrides(ROOT, ["train_vqgan.seed=9223372036854775808"])
     assert str(err.value) == ("params.yaml with train_vqgan.seed=9223372036854775808: train_vqgan.seed = "
                               f"9223372036854775808 is out of range (allowed: <= {C.SEED_MAX} and >= 0)")
 
 
 def test_a_params_file_that_is_not_utf8_is_one_line_naming_the_byte(tmp_path):
-    from pipeline.runs import preset_overrides
+    from pipeline.run_checks import preset_overrides
     p = tmp_path / "params.yaml"
     p.write_bytes("a:\n  b: 1\n  # caf\u00e9\n".encode("latin-1"))  # an editor's Latin-1 comment
     before = p.read_bytes()
@@ -459,7 +459,7 @@ def test_a_params_file_that_is_not_utf8_is_one_line_naming_the_byte(tmp_path):
 @pytest.mark.parametrize("text", ["train_vqgan.steps=5\nx", "a\n.b=1", "a.b=x\ty", "a.b=\x1b[31mred", "a.b=x\ry",
                                   "a.b=x\u2028y", "a.b=\x85", "a.b=\x00"])
 def test_an_override_with_a_control_character_is_refused_in_one_line(text):
-    from pipeline.runs import validate_overrides
+    from pipeline.run_checks import validate_overrides
     expected = f"override {text!r}: a key or value may not hold a control character or line break"
     for call in (lambda: parse_override(text), lambda: validate_overrides(ROOT, [text])):
         with pytest.raises(UserError) as err:
@@ -478,7 +478,7 @@ def test_keys_from_the_params_file_stay_on_one_line_in_messages():
     with pytest.raises(UserError) as err:
         from_dict(Section, {"name": "s", 1: 2, "z": 3}, "sec", SRC)
     assert str(err.value) == f"{SRC}: unknown key 'sec.1' (allowed: {ALLOWED})"
-    from pipeline.runs import check_params_dict
+    from pipeline.run_checks import check_params_dict
     params = load_params(ROOT / "params.yaml")
     with pytest.raises(UserError) as err:
         check_params_dict({**params, 1: {}, "x\ny": {}}, SRC, ROOT)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import compare, retokenize, runs
+from pipeline import compare, dvc_graph, retokenize, run_checks, runs
 from pipeline.errors import UserError
 
 
@@ -230,11 +230,11 @@ def test_an_empty_dvc_lock_is_one_line_naming_it_and_the_remedy(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: echo a > a.txt\n    outs:\n      - a.txt\n")
     (tmp_path / "dvc.lock").write_text("")
     with pytest.raises(UserError, match=r"dvc\.lock is empty: a dvc command was killed while rewriting it") as err:
-        runs.dvc(["stage", "list", "--name-only"], tmp_path)
+        dvc_graph.dvc(["stage", "list", "--name-only"], tmp_path)
     assert "\n" not in str(err.value) and str(tmp_path / "dvc.lock") in str(err.value)
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  a: {}\n")
     with pytest.raises(RuntimeError, match="dvc stage list --name-only failed"):
-        runs.dvc(["stage", "list", "--name-only"], tmp_path)
+        dvc_graph.dvc(["stage", "list", "--name-only"], tmp_path)
 
 
 def openclipart_run(tmp_path: Path, monkeypatch) -> tuple[Path, list[list[str]], Callable[..., None]]:
@@ -319,7 +319,8 @@ def test_a_run_whose_tokenize_would_refuse_its_dataset_is_refused_before_any_sta
     run(["prepare@openclipart"])
     assert len(ran) == 4
     from pipeline.config import load_params
-    from pipeline.runs import check_tokenizable, stages_in_run
+    from pipeline.dvc_graph import stages_in_run
+    from pipeline.run_checks import check_tokenizable
     params = load_params(root / "params.yaml")
     check_tokenizable(root, params, "p", stages_in_run(root, params, ["tokenize@openclipart"], with_deps=False))
     said = one_line(lambda: check_tokenizable(root, params, "p", {"tokenize@fashion_mnist"}))
@@ -368,10 +369,11 @@ def test_a_dataset_path_that_is_or_holds_the_project_is_refused(tmp_path, monkey
     project = tmp_path / "p"
     (project / "data" / "own").mkdir(parents=True)
     for path in (".", str(project), str(tmp_path), "/", "data/.."):
-        said = one_line(lambda: runs.check_dataset_paths({"datasets": {"x": {"path": path}}}, "params.yaml", project))
+        said = one_line(lambda: run_checks.check_dataset_paths({"datasets": {"x": {"path": path}}}, "params.yaml",
+                                                               project))
         assert said == f"params.yaml: datasets.x.path = {path} is this project's folder or holds it; point it at the " \
                        f"dataset's own folder"
-    runs.check_dataset_paths({"datasets": {"x": {"path": "data/own"}}}, "params.yaml", project, exist=None)
+    run_checks.check_dataset_paths({"datasets": {"x": {"path": "data/own"}}}, "params.yaml", project, exist=None)
     monkeypatch.chdir(project)
     args = argparse.Namespace(name="x", path=" ", source=None)
     assert one_line(lambda: cli.cmd_add_dataset(args)) == "add-dataset: the dataset path is empty"

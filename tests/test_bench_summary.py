@@ -3,7 +3,6 @@ docs/ are drawn from those files by bench/plot_fid_curves.py)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from helpers import load_bench
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.runs import check_params as _check_params
+from pipeline.run_checks import check_params as _check_params
 from pipeline.config import apply_overrides, load_params, set_params_file
 from pipeline.errors import UserError
 

@@ -441,21 +441,21 @@ def test_a_selected_stage_is_told_which_out_of_date_stages_it_reads(tmp_path, mo
     """`--stage evaluate` after `-S sample.n=40`: evaluate runs alone on the old samples; the note names sample,
     not the selected stage itself nor an out-of-date stage it does not read."""
     import json
-    from pipeline import runs
+    from pipeline import dvc_graph
 
     status = {"sample": ["changed params"], "evaluate": ["changed deps"], "eval_vqgan": ["changed params"]}
     answer = {"code": 0}
-    monkeypatch.setattr(runs.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+    monkeypatch.setattr(dvc_graph.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, answer["code"], json.dumps(status), ""))
-    monkeypatch.setattr(runs, "upstream_stages", lambda root: {"evaluate": {"sample", "train_transformer"},
-                                                               "sample": {"train_transformer"}})
-    assert runs.stale_upstream_note(tmp_path, ["evaluate"]) == (
+    monkeypatch.setattr(dvc_graph, "upstream_stages", lambda root: {"evaluate": {"sample", "train_transformer"},
+                                                                    "sample": {"train_transformer"}})
+    assert dvc_graph.stale_upstream_note(tmp_path, ["evaluate"]) == (
         "sample is out of date and not selected: evaluate will read its outputs as they are (select it too, or run "
         "the whole pipeline)")
     status["train_transformer"] = ["changed params"]
-    assert runs.stale_upstream_note(tmp_path, ["evaluate"]).startswith(
+    assert dvc_graph.stale_upstream_note(tmp_path, ["evaluate"]).startswith(
         "sample, train_transformer are out of date and not selected: evaluate will read their outputs")
-    assert runs.stale_upstream_note(tmp_path, ["sample", "evaluate", "train_transformer"]) is None
-    assert runs.stale_upstream_note(tmp_path, ["eval_vqgan"]) is None  # out of date itself: it runs
+    assert dvc_graph.stale_upstream_note(tmp_path, ["sample", "evaluate", "train_transformer"]) is None
+    assert dvc_graph.stale_upstream_note(tmp_path, ["eval_vqgan"]) is None  # out of date itself: it runs
     answer["code"] = 1  # dvc status failed: nothing to say here, the run reports DVC's trouble
-    assert runs.stale_upstream_note(tmp_path, ["evaluate"]) is None
+    assert dvc_graph.stale_upstream_note(tmp_path, ["evaluate"]) is None

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from helpers import ROOT, make_idx_dataset, make_project, tiny_params
-from pipeline import out_guard, runs
+from pipeline import dvc_graph, out_guard, run_checks, runs
 from pipeline.dvc_deps import load_dvc_yaml
 from pipeline.errors import UserError, main_guard
 
@@ -176,9 +176,9 @@ def test_the_real_stages_checkpoint_folders_are_found_from_their_params(tmp_path
     base = load_params(ROOT / "params.yaml")
     with pytest.raises(UserError, match=r"train_vqgan.ckpt_dir = data/vqgan, where stage train_vqgan keeps its "
                                         r"checkpoints, and data/vqgan \(train_vqgan.out_dir\) of stage train_vqgan"):
-        runs.check_params_dict(apply_overrides(base, ["train_vqgan.ckpt_dir=data/vqgan"]), "params.yaml", ROOT)
+        run_checks.check_params_dict(apply_overrides(base, ["train_vqgan.ckpt_dir=data/vqgan"]), "params.yaml", ROOT)
     with pytest.raises(UserError, match=r"train_vqgan.ckpt_dir and train_transformer.ckpt_dir are both data/ck;"):
-        runs.check_params_dict(apply_overrides(base, ["train_vqgan.ckpt_dir=data/ck",
+        run_checks.check_params_dict(apply_overrides(base, ["train_vqgan.ckpt_dir=data/ck",
                                                       "train_transformer.ckpt_dir=data/ck"]), "params.yaml", ROOT)
 
 
@@ -525,7 +525,7 @@ def test_the_planned_graph_is_dvcs_own_for_the_real_pipeline_and_a_second_datase
             found |= ancestors(parent)
         return found
 
-    dvcs = runs.upstream_stages(root)
+    dvcs = dvc_graph.upstream_stages(root)
     assert "tokenize@pets" in direct and direct["tokenize@pets"] == {"prepare@pets", "train_vqgan"}
     assert {stage: ancestors(stage) for stage in direct if ancestors(stage)} == dvcs
     # a dep that holds another stage's output (a folder around it) links them too, as in DVC's graph
@@ -533,4 +533,4 @@ def test_the_planned_graph_is_dvcs_own_for_the_real_pipeline_and_a_second_datase
                                    "  a:\n    cmd: python -m stages.prepare\n    outs: [data/x/a]\n"
                                    "  b:\n    cmd: python -m stages.fid_ref\n    deps: [data/x]\n    outs: [data/y]\n")
     assert out_guard.planned_parents(root, params) == {"b": {"a"}}
-    assert runs.upstream_stages(root) == {"b": {"a"}}
+    assert dvc_graph.upstream_stages(root) == {"b": {"a"}}

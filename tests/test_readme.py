@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser
-from pipeline.runs import STAGE_MODULES
+from pipeline.dvc_graph import STAGE_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -47,8 +47,9 @@ def test_layering_check_catches_an_upward_import(tmp_path):
 
 
 def test_a_dynamic_import_of_a_stage_counts_as_an_import(tmp_path):
-    """pipeline/runs.py called every stage's `check` through importlib.import_module(f"stages.{name}") while the
-    graph called it plumbing: the layering test saw no import. A literal prefix of the name counts now."""
+    """pipeline/runs.py (the pre-run checks, now in run_checks.py) called every stage's `check` through
+    importlib.import_module(f"stages.{name}") while the graph called it plumbing: the layering test saw no import.
+    A literal prefix of the name counts now."""
     fake_tree(tmp_path, {"stages/a.py": "", "stages/b.py": "",
                          "pipeline/plumb.py": "import importlib\n\ndef f(n):\n"
                                               "    return importlib.import_module(f'stages.{n}')\n",

@@ -57,7 +57,7 @@ def test_tiny_runs_on_its_copy_when_the_projects_stages_read_a_dataset_the_user_
     `train_vqgan.dataset = 'pets' is not an entry of the datasets section ... add it with add-dataset`), and a
     reference that was fid_ref's output must follow fid_ref."""
     from pipeline.config import load_params
-    from pipeline.runs import check_params_dict
+    from pipeline.run_checks import check_params_dict
 
     params = load_params(tiny.ROOT / "params.yaml")
     params["datasets"]["pets"] = {**params["datasets"]["fashion_mnist"], "path": str(tmp_path)}
