@@ -105,6 +105,14 @@ def test_find_cycle_returns_the_cycle_path(tmp_path):
     fake_tree(late, {"pipeline/a.py": "import pipeline.b\n", "pipeline/b.py": "import pipeline.c\n",
                      "pipeline/c.py": "import pipeline.b\n"})
     assert layering.find_cycle(late) == ["pipeline.b", "pipeline.c", "pipeline.b"]
+    # a package's __init__ that re-exports a submodule which imports the package back is no cycle (Python allows
+    # it: the package is in sys.modules before its __init__ runs), while the same through a plain module is
+    package = tmp_path / "package"
+    fake_tree(package, {"pipeline/__init__.py": "from pipeline.a import x\n",
+                        "pipeline/a.py": "import pipeline\nx = 1\n"})
+    assert layering.find_cycle(package) is None
+    fake_tree(package, {"pipeline/b.py": "import pipeline.c\n", "pipeline/c.py": "from pipeline import b\n"})
+    assert layering.find_cycle(package) == ["pipeline.b", "pipeline.c", "pipeline.b"]
 
 
 def test_layering_skips_bare_package_imports_only(tmp_path):
