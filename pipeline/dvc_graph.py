@@ -3,7 +3,6 @@ run selects. Plumbing: it asks `dvc` and reads dvc.yaml, and imports no stage.""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -29,7 +28,7 @@ def pipeline_stages(root: Path) -> list[str]:
 
 def dvc(args: list[str], root: Path) -> str:
     """Run a dvc command and return stdout; raise with its stderr on failure."""
-    proc = subprocess.run(["dvc", *args], cwd=root, capture_output=True, text=True, env=os.environ.copy())
+    proc = subprocess.run(["dvc", *args], cwd=root, capture_output=True, text=True)
     lock = Path(root) / "dvc.lock"
     if proc.returncode != 0 and lock.is_file() and lock.stat().st_size == 0:
         # DVC rewrites dvc.lock in place: a dvc killed between truncating and writing it leaves it empty, and every
@@ -50,7 +49,7 @@ def stage_names(root: Path) -> list[str]:
 def upstream_stages(root: Path) -> dict[str, set[str]]:
     """For each stage, every stage it depends on, directly or not (DVC's own graph: `dvc dag --dot`, whose edges
     run from a stage to the stages that read its outputs)."""
-    proc = subprocess.run(["dvc", "dag", "--dot"], cwd=root, capture_output=True, text=True, env=os.environ.copy())
+    proc = subprocess.run(["dvc", "dag", "--dot"], cwd=root, capture_output=True, text=True)
     parents: dict[str, set[str]] = {}
     for line in proc.stdout.splitlines():
         m = _EDGE.match(line.strip())
@@ -80,8 +79,7 @@ def missing_dependency(path: str, root: Path) -> str:
 def changed_stages(root: Path) -> set[str]:
     """The stages `dvc status` calls out of date (full names, e.g. tokenize@a). RuntimeError naming DVC's last
     line when it fails (a running `dvc repro` holds its lock)."""
-    proc = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True,
-                          env=os.environ.copy())
+    proc = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True)
     try:
         if proc.returncode != 0:
             raise ValueError

@@ -41,6 +41,9 @@ declare -A TESTS=(
     tests/test_cache_identity.py::test_dvc_yaml_code_deps_equal_every_stage_import_closure
     tests/test_cache_identity.py::test_import_graph_sees_function_level_relative_and_submodule_imports"
   [pipeline/layering.py]="tests/test_structure.py tests/test_behaviour_codegraph.py"
+  [pipeline/dvc_graph.py]="tests/test_dvc_graph.py
+    tests/test_orchestration.py::test_a_selected_stage_is_told_which_out_of_date_stages_it_reads
+    tests/test_behaviour_side_commands.py::test_an_empty_dvc_lock_is_one_line_naming_it_and_the_remedy"
   [pipeline/dvc_deps.py]="tests/test_behaviour_codegraph.py
     tests/test_cache_identity.py::test_dvc_yaml_code_deps_equal_every_stage_import_closure
     tests/test_cache_identity.py::test_running_stage_check_reads_every_dvc_addressing"
@@ -73,9 +76,10 @@ declare -A ARGS=(
   [pipeline/out_guard.py]=$'-k\nnot (stops_before_dvc or cli_refuses or failed_first_run or sigterm_undoes)'
 )
 ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py pipeline/tokens.py
-       models/attention.py pipeline/config.py pipeline/codegraph.py pipeline/layering.py pipeline/dvc_deps.py
-       pipeline/checkpoint.py models/gpt.py models/maskgit.py training/vq_loss.py pipeline/shards.py pipeline/images.py
-       models/vqgan.py models/lpips.py pipeline/out_guard.py training/gan.py training/ar.py stages/sample.py stages/prepare.py)
+       models/attention.py pipeline/config.py pipeline/codegraph.py pipeline/layering.py pipeline/dvc_graph.py
+       pipeline/dvc_deps.py pipeline/checkpoint.py models/gpt.py models/maskgit.py training/vq_loss.py pipeline/shards.py
+       pipeline/images.py models/vqgan.py models/lpips.py pipeline/out_guard.py training/gan.py training/ar.py
+       stages/sample.py stages/prepare.py)
 
 [ -x .venv/bin/python ] || bash scripts/install.sh
 if [ ! -x "$VENV/bin/mutmut" ]; then
