@@ -44,6 +44,9 @@ declare -A TESTS=(
   [pipeline/dvc_graph.py]="tests/test_dvc_graph.py
     tests/test_orchestration.py::test_a_selected_stage_is_told_which_out_of_date_stages_it_reads
     tests/test_behaviour_side_commands.py::test_an_empty_dvc_lock_is_one_line_naming_it_and_the_remedy"
+  # the checks before a run, in process; the CLI's tests (test_behaviour_side_commands.py) run dvc and the stages in
+  # subprocesses (up to 22 s each, paid again by every mutant) and are left to the main suite
+  [pipeline/run_checks.py]="tests/test_run_checks.py tests/test_config.py tests/test_behaviour_config.py"
   [pipeline/dvc_deps.py]="tests/test_behaviour_codegraph.py
     tests/test_cache_identity.py::test_dvc_yaml_code_deps_equal_every_stage_import_closure
     tests/test_cache_identity.py::test_running_stage_check_reads_every_dvc_addressing"
@@ -75,11 +78,11 @@ declare -A ARGS=(
   # the out_guard tests that run dvc and the CLI in subprocesses (5-20 s each) never see a mutant: main suite
   [pipeline/out_guard.py]=$'-k\nnot (stops_before_dvc or cli_refuses or failed_first_run or sigterm_undoes)'
 )
-ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py pipeline/tokens.py
-       models/attention.py pipeline/config.py pipeline/codegraph.py pipeline/layering.py pipeline/dvc_graph.py
-       pipeline/dvc_deps.py pipeline/checkpoint.py models/gpt.py models/maskgit.py training/vq_loss.py pipeline/shards.py
-       pipeline/images.py models/vqgan.py models/lpips.py pipeline/out_guard.py training/gan.py training/ar.py
-       stages/sample.py stages/prepare.py)
+ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py
+       pipeline/tokens.py models/attention.py pipeline/config.py pipeline/codegraph.py pipeline/layering.py
+       pipeline/dvc_graph.py pipeline/run_checks.py pipeline/dvc_deps.py pipeline/checkpoint.py models/gpt.py
+       models/maskgit.py training/vq_loss.py pipeline/shards.py pipeline/images.py models/vqgan.py models/lpips.py
+       pipeline/out_guard.py training/gan.py training/ar.py stages/sample.py stages/prepare.py)
 
 [ -x .venv/bin/python ] || bash scripts/install.sh
 if [ ! -x "$VENV/bin/mutmut" ]; then
