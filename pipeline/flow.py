@@ -55,7 +55,9 @@ class StageFailed(RuntimeError):
     def summary(self) -> str:
         """One line: `error: <stage>: <message>` for a user error, else the exit code and the output's tail."""
         if self.user_error:
-            return f"error: {self.stage}: {self.error_line[len('error: '):]}"
+            said = self.error_line[len("error: "):]
+            # the flow's own line (a missing dependency) names the stage already; a stage's names only itself
+            return f"error: {said}" if said.startswith(f"{self.stage}: ") else f"error: {self.stage}: {said}"
         return f"stage {self.stage} failed with exit code {self.returncode}: {self.tail}"
 
 

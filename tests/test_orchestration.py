@@ -306,12 +306,19 @@ def test_the_flow_tells_a_missing_stage_output_from_a_missing_path_of_the_user(t
     from pipeline.flow import _classify
 
     def line(path: str) -> str:
-        return _classify("s", 255, [f"ERROR: failed to reproduce 's': [Errno 2] No such file or directory: '{path}'"],
-                         None, str(tmp_path)).error_line
+        failed = _classify("s", 255, [f"ERROR: failed to reproduce 's': [Errno 2] No such file or directory: "
+                                      f"'{path}'"], None, str(tmp_path))
+        assert failed.summary == failed.error_line  # the flow run's message: the stage named once
+        return failed.error_line
 
     # the same line as `pipeline stage` prints (the CLI reads DVC's output with the same function)
     hint = "error: s: its dependency data/prepared/a does not exist (run the stage that makes it first)"
     assert line(str(tmp_path / "data/prepared/a")) == hint
+    # a stage's own error line gets its name in front
+    own = _classify("s", 255, ["error: params.yaml: s.n = 0 is out of range", "ERROR: failed to reproduce 's': "
+                               "failed to run: python -m stages.s, exited with 2"], "error: params.yaml: s.n = 0 is "
+                    "out of range", str(tmp_path))
+    assert own.summary == "error: s: params.yaml: s.n = 0 is out of range"
     assert line("data/prepared/a") == hint
     assert line("/nonexistent/fmnist") == ("error: s: its dependency /nonexistent/fmnist does not exist (a path "
                                            "params.yaml names: check it)")
