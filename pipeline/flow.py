@@ -55,9 +55,7 @@ class StageFailed(RuntimeError):
     def summary(self) -> str:
         """One line: `error: <stage>: <message>` for a user error, else the exit code and the output's tail."""
         if self.user_error:
-            said = self.error_line[len("error: "):]
-            # the flow's own line (a missing dependency) names the stage already; a stage's names only itself
-            return f"error: {said}" if said.startswith(f"{self.stage}: ") else f"error: {self.stage}: {said}"
+            return f"error: {self.stage}: {self.error_line[len('error: '):]}"
         return f"stage {self.stage} failed with exit code {self.returncode}: {self.tail}"
 
 
@@ -88,7 +86,8 @@ def _classify(name: str, code: int, lines: list[str], error_line: str | None, ro
         dvc_error = next((x for x in reversed(lines) if _DVC_ERROR.match(x)), None)
         missing = _MISSING.search(dvc_error or "")
         if missing:
-            error_line = f"error: {name}: {missing_dependency(missing.group(1) or missing.group(2), Path(root))}"
+            # worded like a stage's own line (the summary puts the stage's name in front)
+            error_line = f"error: {missing_dependency(missing.group(1) or missing.group(2), Path(root))}"
             returncode = USER_ERROR_EXIT
     return StageFailed(name, returncode, " | ".join(lines[-5:]), error_line)
 
