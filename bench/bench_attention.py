@@ -125,6 +125,7 @@ def ylg_report(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     paths = ("full", "ylg dense mask", "ylg sparse")
     setup_ms: dict[str, dict[int, float]] = {"ylg dense mask": {}, "ylg sparse": {}}
     peak: dict[str, dict[int, float]] = {path: {} for path in paths}
+
     def build_ms(build: Callable[[], object]) -> tuple[object, float]:
         """The built pattern and the fastest of 3 build times (a one-off cost, timed under the same noise)."""
         times = []
@@ -197,7 +198,6 @@ def flex_report(args: argparse.Namespace, device: torch.device, dtype: torch.dty
             return
         print(f"flex attention, ylg pattern, N={n}: block mask {build_s:.1f} s, first call (compile) "
               f"{first_s:.1f} s, then {ms:.2f} ms per forward")
-
 
 
 def main() -> None:

@@ -97,6 +97,7 @@ def bench_ar(args, device: torch.device) -> None:
     from models.gpt import GPT, GPTConfig
     from pipeline.device import autocast
     from stages.train_transformer import check
+    from training.ar import peak_bf16_tflops
 
     cfg = check(params_with(args.preset), "params.yaml")
     a = cfg.ar
@@ -119,7 +120,7 @@ def bench_ar(args, device: torch.device) -> None:
     tok_s = cfg.batch_size * T / s
     flops = model.flops_per_token() * tok_s
     name = device_name(device)
-    peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if k in name), None)
+    peak = (peak_bf16_tflops(name) or 0) * 1e12
     print(f"device {name}; GPT {model.num_params() / 1e6:.1f}M params, {T} tokens, batch {cfg.batch_size}, "
           f"attention {active_backend(device)}, bf16 {cfg.bf16 and device.type == 'cuda'}")
     print(f"  {tok_s:,.0f} tokens/s  ({s * 1000:.0f} ms/step), {flops / 1e12:.2f} TFLOP/s achieved"

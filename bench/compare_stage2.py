@@ -123,6 +123,7 @@ def main() -> None:
         r = row("ar (default pipeline)", train, json.loads(ar_eval.read_text()))
         r["step_time_s"] = token_step_time(train, base)
         rows.append(r)
+
     def folder(family: str) -> Path:
         return out / (f"{family}-{args.tag}" if args.tag else family)
 

@@ -39,6 +39,8 @@ def at_least_f32(x: Tensor) -> Tensor:
     """x in float32, or as it is when wider: the precision-sensitive steps (norms, rotations, the loss) never run in
     bf16 under autocast, and a float64 model (a gradient or reference check) stays float64 throughout."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 MLPS = ("swiglu", "gelu")
 POSITIONS = ("learned", "rope2d")
 

@@ -32,7 +32,6 @@ PACKAGES = ("models", "pipeline", "training", "stages")
 NOT_CODE = frozenset({"data", "runs"})
 
 
-
 def _preempted(top: str) -> bool:
     """Built-in and frozen modules are found before sys.path is searched: a root file of that name never runs."""
     return top in sys.builtin_module_names or FrozenImporter.find_spec(top) is not None

@@ -47,7 +47,6 @@ def test_closure_follows_package_submodule_relative_and_function_level_imports(t
         codegraph.imports_of("pipeline.missing", tmp_path)
 
 
-
 def test_relative_imports_climb_one_package_per_dot_beyond_the_first(tmp_path):
     """In a subpackage two and three levels deep (`..` from models/sub/deep.py is models), where dropping a level
     too many or too few lands on another module or none."""

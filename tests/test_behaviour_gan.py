@@ -128,7 +128,6 @@ def test_ema_applies_the_warm_up_decay_at_every_step(world, tmp_path, monkeypatc
         previous = shadow
 
 
-
 def test_the_ema_warm_up_counts_generator_updates_not_steps(world, tmp_path, monkeypatch):
     """n_critic 2 over 4 steps: G (and its EMA) update at steps 0 and 2, with the decays of the first and second G
     update, ema_decay_at(0) and ema_decay_at(1); counted by steps the second would be ema_decay_at(2)."""

@@ -206,7 +206,6 @@ def test_a_recorded_output_is_passed_and_the_next_path_still_judged(tmp_path, ca
     assert "data/model (train.root, train.name) exists and is a folder without" in refusal(tmp_path, literal_params())
 
 
-
 def test_a_foreach_copys_recorded_file_is_looked_up_under_the_copys_name(tmp_path, cache):
     """dvc.lock records a foreach copy's outputs under `tok@a`, not `tok`: a file it recorded passes even with no
     cache copy and no run log beside it (an uncached metrics file DVC made); one recorded for another copy does
@@ -220,6 +219,7 @@ def test_a_foreach_copys_recorded_file_is_looked_up_under_the_copys_name(tmp_pat
     out_guard.check_outputs(tmp_path, params, "params.yaml")
     write(tmp_path / "dvc.lock", json.dumps({"stages": {"tok@b": {"outs": [{"path": "m/a.json"}]}}}))
     assert "m/a.json exists and is a file DVC" in refusal(tmp_path, params)
+
 
 STALE_YAML = """stages:
   prep:

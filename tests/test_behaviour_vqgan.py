@@ -124,7 +124,6 @@ def test_the_loop_calls_lpips_from_lpips_start_on(prepared, tmp_path, monkeypatc
     assert len(made) == 1 and made[0].calls == 2 * 2  # steps 3 and 4, two micro-batches each
 
 
-
 def test_the_discriminator_follows_the_generators_schedule_scaled_to_its_own_rate(prepared, tmp_path, monkeypatch):
     """Warm-up and cosine decay apply to both optimisers: D's rate is the generator's times disc_lr / lr."""
     from training.common import cosine_lr
@@ -195,7 +194,6 @@ def test_generator_loss_adds_the_adaptively_weighted_gan_term(rec_kind, disc_los
     assert float(parts["q"].detach()) == 0.125 and float(parts["lpips"].detach()) == 0.0
     assert float(total.detach()) == pytest.approx(float(rec + 0.125 + w * g), rel=1e-9)
     assert not parts["d_weight"].requires_grad  # the weight is a constant of the step, as in Taming
-
 
 
 class QuadraticLPIPS(torch.nn.Module):

@@ -19,6 +19,7 @@ from pipeline.atomic import OWNER_FILE, check_replaceable, replace_dir
 from pipeline.errors import UserError
 from pipeline.locks import exclusive
 
+
 def run_cmd(project: Path, *cmd: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), cwd=project, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)

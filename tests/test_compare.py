@@ -52,7 +52,6 @@ def test_a_fid_under_another_protocol_is_not_comparable():
     assert text.splitlines()[0].split() == ["run", "when", "sample.n", "gFID", "rFID", "PSNR", "recall", "bits/token"]
 
 
-
 def test_dataset_settings_that_differ_are_shown_a_path_or_a_datasets_entries_are_not():
     """An experiment at another resolution shows it; a path differs per machine and is left out; a dataset added
     in one run (add-dataset) is one column saying which runs have it, not one per setting of its entry."""

@@ -11,6 +11,7 @@ def check_params(path: Path) -> list[str]:
     """Every stage of the project's dvc.yaml checks its sections; outputs must stay in the params file's folder."""
     return _check_params(path, ROOT if path == ROOT / "params.yaml" else path.parent)
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -347,7 +347,6 @@ def test_each_step_keeps_the_most_confident_predictions():
     assert len(picks) > 1
 
 
-
 def test_the_gumbel_noise_on_confidences_is_scaled_by_the_steps_left():
     """Step t adds choice_temperature * (1 - (t+1)/T) Gumbel noise: at T = 2 step 0 uses half the temperature (one
     step late it would be the whole). Greedy codes draw nothing, so the noise is the generator's first draw and

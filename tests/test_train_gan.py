@@ -277,7 +277,6 @@ def test_fid_over_training_is_logged_with_its_protocol(world, tmp_path, monkeypa
     one_line(err)
 
 
-
 def test_fid_tracker_noise_labels_and_protocol_follow_the_seed(world, tmp_path, monkeypatch):
     """The points of the FID curve differ only by the weights: the noise is drawn once from the run's seed (stream
     FID_NOISE of step 0), labels cycle through the classes, and the protocol names the seeds, the sampler and the
@@ -307,7 +306,6 @@ def test_fid_tracker_noise_labels_and_protocol_follow_the_seed(world, tmp_path, 
     monkeypatch.setattr(gan_training, "load_network", lambda p: (OtherNet(), torch.device("cpu")))
     with pytest.raises(UserError, match="this evaluation uses 'other';"):
         gan_training.FIDTracker(g, 11, 16, 3, fp, 1)
-
 
 
 def test_transgan_is_told_the_fraction_of_training_done_before_each_step(world, tmp_path, monkeypatch):

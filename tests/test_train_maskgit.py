@@ -45,6 +45,35 @@ def test_objective_is_the_masked_loss_of_a_mask_drawn_from_the_generator():
     assert acc is None and torch.equal(loss, gpt(x[:, :-1], None, targets=x)[1])
 
 
+def test_the_val_loss_is_unsmoothed_and_training_takes_label_smoothing_and_label_dropout_from_the_generator():
+    """val_loss calls objective without label_smoothing: the default must be the plain loss (bits per masked token
+    is the stage's metric). Training passes maskgit.label_smoothing through, and the class dropout draws from the
+    masks' generator after the mask, so the global RNG (reseeded or drawn from elsewhere) changes nothing."""
+    torch.manual_seed(0)
+    model = MaskGIT(MaskGITConfig(vocab_size=16, grid=(4, 4), n_layer=1, n_head=2, n_embd=16, n_classes=3,
+                                  class_dropout=0.5)).train()
+    x, y = torch.randint(0, 16, (8, 16)), torch.arange(8) % 3
+
+    def by_hand(seed: int, smoothing: float) -> torch.Tensor:
+        from models.maskgit import random_mask
+        again = torch.Generator().manual_seed(seed)
+        mask = random_mask(8, 16, generator=again)
+        return masked_loss(model(x.masked_fill(mask, model.mask_id), y, generator=again), x, mask, smoothing)[0]
+
+    plain = objective(model, model.mask_id, x, y, torch.Generator().manual_seed(3))[0]
+    assert torch.equal(plain, by_hand(3, 0.0))
+    smoothed = objective(model, model.mask_id, x, y, torch.Generator().manual_seed(3), 0.3)[0]
+    assert torch.equal(smoothed, by_hand(3, 0.3)) and not torch.allclose(smoothed, plain)
+    draws = []
+    for global_seed in range(4):
+        torch.manual_seed(global_seed)
+        draws.append(objective(model, model.mask_id, x, y, torch.Generator().manual_seed(3))[0])
+    assert all(torch.equal(d, plain) for d in draws)
+    # the generator decides the dropout: other seeds drop other labels (and mask other tokens)
+    losses = {objective(model, model.mask_id, x, y, torch.Generator().manual_seed(s))[0].item() for s in range(4)}
+    assert len(losses) > 1
+
+
 @pytest.fixture(scope="module")
 def trained(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("maskgit")

@@ -22,7 +22,7 @@ from pipeline.images import decode_png
 from stages import sample as sample_stage
 from stages import train_transformer as tt
 from pipeline.runlog import read_run_facts
-from training.ar import LOG_KEYS, unigram_bits
+from training.ar import LOG_KEYS, finish, peak_bf16_tflops, unigram_bits
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,43 @@ def test_metrics_and_outputs(world, tmp_path):
         model.flops_per_token() * run["tokens_per_s"] / 1e12, rel=1e-9)
     assert (tmp_path / "gpt" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "gpt" / ".tokenmill-stage").read_text().strip() == "train_transformer"
+
+
+def test_mfu_uses_the_dense_bf16_peak_of_the_board_torch_names():
+    """PCIe and NVL boards share the SXM part's name and have lower peaks: matched first, not as an H100 or H200."""
+    names = {"NVIDIA H100 80GB HBM3": 989.5, "NVIDIA H100 PCIe": 756.5, "NVIDIA H100 NVL": 835.5,
+             "NVIDIA H200": 989.5, "NVIDIA H200 NVL": 835.5, "NVIDIA A100-SXM4-80GB": 312.0,
+             "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA GeForce RTX 4090": None, "cpu": None}
+    assert {name: peak_bf16_tflops(name) for name in names} == names
+
+
+@pytest.mark.parametrize("kind", ["ar", "maskgit"])
+def test_finish_reports_throughput_only_where_it_was_timed(world, tmp_path, monkeypatch, caplog, kind):
+    """On a GPU with a known peak the run facts give achieved TFLOP/s and MFU (GPT only: flops_per_token); a resume
+    that found every step done timed nothing (tokens_per_s None) and reports no throughput, not 0 TFLOP/s. The last
+    log line names what maskgit's val loss is per."""
+    from models.maskgit import MaskGIT, MaskGITConfig
+    Model, Config = (MaskGIT, MaskGITConfig) if kind == "maskgit" else (GPT, GPTConfig)
+    gcfg = Config(vocab_size=16, grid=(4, 4), n_layer=1, n_head=2, n_embd=16)
+    model = Model(gcfg)
+    history = [{"step": 2, "train_loss": 2.5, "lr": 1e-3, "tokens_per_s": None, "val_loss": 2.0,
+                "val_bits_per_token": 2.0 / math.log(2), "val_masked_accuracy": 0.25}]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
+    for timed, run_dir in ((5e6, "timed"), (None, "resumed")):
+        cfg = ar_cfg(world, tmp_path / run_dir, kind=kind)
+        with caplog.at_level(logging.INFO, logger="tokenmill.train_transformer"):
+            finish(cfg, model, gcfg, history, {}, "f", 3.5, "sdpa", tokens_per_s=timed,
+                   device=torch.device("cuda"), class_names=[])
+        run = read_run_facts(Path(cfg.metrics))
+        assert run["device"] == "NVIDIA H100 PCIe" and run["tokens_per_s"] == timed
+        if timed and kind == "ar":
+            assert run["achieved_tflops"] == pytest.approx(model.flops_per_token() * 5e6 / 1e12, rel=1e-12)
+            assert run["mfu"] == pytest.approx(run["achieved_tflops"] / 756.5, rel=1e-12)
+        else:
+            assert run["achieved_tflops"] is None and run["mfu"] is None
+    what = "bits per masked token" if kind == "maskgit" else "bits/token"
+    assert caplog.messages[-1] == f"val {2.0 / math.log(2):.3f} {what} (unigram entropy 3.500); 0 tokens/s"
+    assert caplog.messages[-2].endswith("; 5000000 tokens/s")
 
 
 def test_unigram_entropy_by_hand():

@@ -18,7 +18,6 @@ from stages.prepare import run as prepare_run
 from stages.train_vqgan import LossParams, TrainVQGANParams
 
 
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     base = tmp_path_factory.mktemp("vq")

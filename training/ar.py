@@ -41,8 +41,11 @@ from training.common import (EMA, StepBatches, check_batch_fits, check_finite, c
                              seed_everything, set_lr, token_data_id, unwrap, write_tsv)
 
 log = logging.getLogger("tokenmill.train_transformer")
-# Dense bf16 peak of the GPUs we publish MFU for (TFLOP/s); other devices report achieved TFLOP/s only.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense bf16 tensor-core peaks (TFLOP/s) of the GPUs we report MFU for: NVIDIA's datasheets print the 2:4-sparse
+# figures, twice these. Matched in order against torch.cuda.get_device_name(), so the PCIe and NVL boards come before
+# the SXM parts that share their name; other devices report achieved TFLOP/s only.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.5), ("H100 NVL", 835.5), ("H200 NVL", 835.5), ("H100", 989.5), ("H200", 989.5),
+                    ("A100", 312.0))
 LOG_KEYS = ["step", "train_loss", "val_loss", "val_bits_per_token", "lr"]  # no timing: the TSV is a DVC out
 MASKGIT_LOG_KEYS = ["step", "train_loss", "val_loss", "val_bits_per_token", "val_masked_accuracy", "lr"]
 VAL_MASK_SEED = 12345  # maskgit's val masks: the same for every eval, so the curve compares like with like
@@ -53,6 +56,11 @@ def unigram_bits(tokens: torch.Tensor, n_codes: int) -> float:
     p = torch.bincount(tokens.flatten(), minlength=n_codes).double()
     p = p[p > 0] / p.sum()
     return float(-(p * p.log2()).sum())
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of the GPU `torch.cuda.get_device_name()` calls `device_name`, or None where unknown."""
+    return next((peak for part, peak in PEAK_BF16_TFLOPS if part in device_name), None)
 
 
 def objective(model: torch.nn.Module, mask_id: int | None, x: torch.Tensor, y: torch.Tensor | None,
@@ -254,9 +262,10 @@ def finish(cfg: Any, model: GPT | MaskGIT, gcfg: GPTConfig, history: list[dict],
                                      "dataset": cfg.dataset, "class_names": class_names, "steps": cfg.steps})
     last_val = next((h for h in reversed(history) if h.get("val_loss") is not None), {})
     first_val = next((h for h in history if h.get("val_loss") is not None), {})
-    flops = model.flops_per_token() * (tokens_per_s or 0) if isinstance(model, GPT) else None
+    # tokens_per_s is None when a resume found every step done: nothing was timed, so no throughput either
+    flops = model.flops_per_token() * tokens_per_s if isinstance(model, GPT) and tokens_per_s else None
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = peak_bf16_tflops(name)
     metrics = {
         "kind": cfg.kind, "params_m": round(model.num_params() / 1e6, 3), "steps": cfg.steps,
         "train_loss": history[-1]["train_loss"] if history else None,
