@@ -36,11 +36,14 @@ def ar_cfg(base, out, **kw) -> tt.TrainTransformerParams:
 
 @pytest.mark.parametrize("kind", ["ar", "maskgit"])
 @pytest.mark.parametrize("ema", [None, 0.5])
-def test_interrupted_and_resumed_equals_uninterrupted(world, tmp_path, monkeypatch, ema, kind):
+def test_interrupted_and_resumed_equals_uninterrupted(world, tmp_path, monkeypatch, caplog, ema, kind):
     tt.run(ar_cfg(world, tmp_path / "a", ema=ema, kind=kind))
     reference = load_file(str(tmp_path / "a" / "gpt" / "model.safetensors"))
     crash_after_first_checkpoint(lambda: tt.run(ar_cfg(world, tmp_path / "b", ema=ema, kind=kind)), monkeypatch)
+    caplog.set_level(logging.INFO)
     tt.run(ar_cfg(world, tmp_path / "b", ema=ema, kind=kind))
+    # it resumed: a run that retrained from step 0 would end with the same bytes (every draw is seeded)
+    assert f"resuming from {tmp_path / 'b' / 'ckpt'} at step 3" in caplog.messages
     resumed = load_file(str(tmp_path / "b" / "gpt" / "model.safetensors"))
     # label dropout (ar: the global RNG) and maskgit's masks (its generator) came from the restored states
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
@@ -223,8 +226,55 @@ def test_a_store_without_val_tokens_is_one_line_before_training(tiny_world, tmp_
 
 
 def test_foreign_codebook_is_refused_by_training(world, tmp_path):
-    with pytest.raises(UserError, match="codebook mismatch"):
+    store, vqgan = world / "tokens" / "a" / "tokens.lmdb", world / "other_vqgan" / "config.json"
+    with pytest.raises(UserError, match=rf"^codebook mismatch: tokens in {re.escape(str(store))} have fingerprint "
+                                        rf"\w+, the VQGAN in {re.escape(str(vqgan))} has \w+; re-tokenize"):
         tt.run(ar_cfg(world, tmp_path, vqgan_dir=str(world / "other_vqgan")))
+
+
+def test_a_missing_vqgan_is_one_line_naming_its_config(world, tmp_path):
+    config = tmp_path / "no_vqgan" / "config.json"
+    with pytest.raises(UserError, match=rf"^{re.escape(str(config))}: not found \(train the VQGAN first\)$"):
+        tt.run(ar_cfg(world, tmp_path, vqgan_dir=str(config.parent)))
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("split,field", [("train", "tokens"), ("train", "labels"), ("val", "tokens"),
+                                         ("val", "labels")])
+def test_a_checkpoint_is_not_resumed_when_any_split_holds_other_tokens_or_labels(world, tmp_path, monkeypatch, caplog,
+                                                                                 split, field):
+    """The run identity hashes all four tensors as loaded: one label of one split changed is another run."""
+    crash_after_first_checkpoint(lambda: tt.run(ar_cfg(world, tmp_path)), monkeypatch)
+    real_load = TokenData.load.__func__
+
+    def load_one_changed(cls, store, which, *args):
+        data = real_load(cls, store, which, *args)
+        if which == split:
+            t = getattr(data, field).clone()
+            t[0] = (t[0] + 1) % (10 if field == "labels" else 16)
+            data = dataclasses.replace(data, **{field: t})
+        return data
+
+    monkeypatch.setattr(TokenData, "load", classmethod(load_one_changed))
+    caplog.set_level(logging.INFO)
+    tt.run(ar_cfg(world, tmp_path))
+    assert "made by a run with other params or input data" in caplog.text and "resuming" not in caplog.text
+
+
+def test_maskgit_masks_come_from_their_own_seeded_generator(world, tmp_path, monkeypatch):
+    """Training masks (and label dropout) draw from a generator seeded seed * 1_000_003 + rank, the val masks from
+    VAL_MASK_SEED, so neither shares the global RNG that dropout and the batch order use."""
+    import training.ar as ar
+    seeds = []
+
+    def recording(batch, n_tokens, *, generator=None, device=None):
+        seeds.append(None if generator is None else generator.initial_seed())
+        return real(batch, n_tokens, generator=generator, device=device)
+
+    real = ar.random_mask
+    monkeypatch.setattr(ar, "random_mask", recording)
+    tt.run(ar_cfg(world, tmp_path, kind="maskgit", seed=7))
+    assert set(seeds) == {7 * 1_000_003, ar.VAL_MASK_SEED} and seeds[0] == 7 * 1_000_003
 
 
 @pytest.fixture(scope="module")
