@@ -50,6 +50,25 @@ def make_bad_corpus(root: Path) -> dict[str, str]:
     return json.loads((CORPUS / "expected.json").read_text())["images"]
 
 
+def resumed_step(run, monkeypatch) -> int | None:
+    """Call `run()` and return the step of the checkpoint its loop resumed from (None: it started fresh). A run
+    that retrains from step 0 ends with the same bytes as a resumed one (every draw is seeded), so a resume test
+    that compares only the results cannot tell whether anything was resumed."""
+    from pipeline import checkpoint as ckpt
+    real_load, loaded = ckpt.load_latest, []
+
+    def recording(*args, **kwargs):
+        state = real_load(*args, **kwargs)
+        loaded.append(None if state is None else int(state["step"]))
+        return state
+
+    monkeypatch.setattr(ckpt, "load_latest", recording)
+    run()
+    monkeypatch.setattr(ckpt, "load_latest", real_load)
+    assert len(loaded) == 1, loaded
+    return loaded[0]
+
+
 def crash_after_first_checkpoint(run, monkeypatch) -> None:
     """Call `run()` with a crash (KeyboardInterrupt) right after its first checkpoint is saved, like a kill between
     two steps, then restore checkpointing so the caller can resume."""

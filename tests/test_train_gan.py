@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import ROOT, crash_after_first_checkpoint
+from helpers import ROOT, crash_after_first_checkpoint, resumed_step
 from models.gan_common import FAMILIES
 from pipeline import checkpoint as ckpt
 from pipeline.fid import protocol_id
@@ -105,7 +105,7 @@ def run_interrupted_then_resumed(cfg: TrainTransformerParams, monkeypatch) -> No
     crash_after_first_checkpoint(lambda: train_transformer.run(cfg), monkeypatch)
     assert [p.name for p in ckpt.step_files(Path(cfg.ckpt_dir))] == ["step-00000003.pt"]
     assert not Path(cfg.out_dir).exists()
-    train_transformer.run(cfg)
+    assert resumed_step(lambda: train_transformer.run(cfg), monkeypatch) == 3
 
 
 def assert_runs_equal(a_dir: Path, b_dir: Path) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import TINY_VQGAN_MODEL as TINY_MODEL
-from helpers import crash_after_first_checkpoint, make_idx_dataset, make_project, tiny_vqgan_params
+from helpers import crash_after_first_checkpoint, make_idx_dataset, make_project, resumed_step, tiny_vqgan_params
 from models.vqgan import VQGANConfig
 from pipeline import checkpoint as ckpt
 from pipeline.errors import NonFiniteLoss, UserError, main_guard
@@ -48,7 +48,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(prepared, tmp_path, mo
     crash_after_first_checkpoint(lambda: train_vqgan.run(tiny_cfg(prepared, tmp_path / "b")), monkeypatch)
     assert [p.name for p in ckpt.step_files(tmp_path / "b" / "ckpt")] == ["step-00000003.pt"]
     assert not (tmp_path / "b" / "vqgan").exists()  # no final output from a broken run
-    train_vqgan.run(tiny_cfg(prepared, tmp_path / "b"))  # resumes at step 3 (GAN on since step 2)
+    assert resumed_step(lambda: train_vqgan.run(tiny_cfg(prepared, tmp_path / "b")), monkeypatch) == 3  # GAN on at 2
     resumed = weights(tmp_path / "b")
     assert reference.keys() == resumed.keys()
     for k in reference:
