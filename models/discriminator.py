@@ -10,6 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.ranks import mean_over_ranks
+
 
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
@@ -77,7 +79,8 @@ def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, delta:
                     max_weight: float = 1e4) -> Tensor:
     """Scale for the generator loss so its gradient at the decoder's last layer matches the reconstruction
     loss's gradient there (Taming): |grad rec| / (|grad g| + delta), clamped to [0, max_weight], detached."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    # under torchrun: the whole batch's gradients (each rank's alone gave each rank its own weight)
+    rec_grad = mean_over_ranks(torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0])
+    g_grad = mean_over_ranks(torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0])
     weight = rec_grad.norm() / (g_grad.norm() + delta)
     return weight.clamp(0.0, max_weight).detach()

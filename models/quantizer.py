@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.ranks import gather_items
+
 
 def nearest_codes(z_flat: Tensor, codebook: Tensor) -> Tensor:
     """Index of the nearest codebook row (squared L2) for each row of z_flat [N, D]; codebook [K, D] -> [N].
@@ -136,7 +138,11 @@ class VectorQuantizer(nn.Module):
 
         counts = torch.bincount(indices, minlength=self.n_codes)
         if self.training:
-            self._update_stats(z_flat.detach(), indices, counts)
+            # under torchrun: every rank's vectors, so usage, dead codes, the FIFO and the EMA codes are the same on
+            # every rank and as in one process at grad_accum 1 (models/ranks.py)
+            z_all, indices_all = gather_items(z_flat.detach(), h * w), gather_items(indices, h * w)
+            counts_all = counts if indices_all is indices else torch.bincount(indices_all, minlength=self.n_codes)
+            self._update_stats(z_all, indices_all, counts_all)
         # straight-through: forward value is z_q, gradient reaches z unchanged. Without a graph to feed (eval,
         # tokenizing) use z_q itself so decode_indices reproduces the reconstruction bit-exactly.
         if torch.is_grad_enabled() and z_flat.requires_grad:
@@ -172,7 +178,6 @@ class VectorQuantizer(nn.Module):
             self.z_buffer_filled.add_(z_flat.shape[0]).clamp_(max=size)
 
         if self.ema:
-            # (single process: under DDP counts and sums would need an all-reduce first)
             decay = self.ema_decay
             one_hot = F.one_hot(indices, self.n_codes).type(z_flat.dtype)
             self.ema_cluster_size.mul_(decay).add_(counts.type(z_flat.dtype), alpha=1 - decay)

@@ -47,6 +47,14 @@ class Dist:
             t /= self.world
         return t
 
+    def mean_floats(self, values: dict[str, float], device: torch.device) -> dict[str, float]:
+        """Each value's mean over the ranks (equal shares of the batch: the whole batch's mean), for the logs, which
+        would otherwise hold rank 0's share alone. The same dict in one process."""
+        if self.world == 1:
+            return values
+        mean = self.all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
+        return dict(zip(values, mean.tolist()))
+
 
 def init_distributed(device: torch.device) -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""

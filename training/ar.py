@@ -217,6 +217,7 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
             check_finite(step, cfg.ckpt_dir, loss=loss)
             (loss / cfg.grad_accum).backward()
             step_loss += float(loss.detach()) / cfg.grad_accum
+        step_loss = dist.mean_floats({"loss": step_loss}, device)["loss"]
         if o.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()

@@ -486,9 +486,10 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
         values: list[tuple[str, Tensor]] = [("d_loss", loss_d), ("r1", r1)] + ([("gp", gp)] if gp is not None else [])
         if g_step:
             values = [("g_loss", loss_g), *values] + ([("ms_ratio", ratio)] if gcfg.ms_weight > 0 else [])
-        for key, value in (*values, ("d_acc_real", (logits_real > 0).float().mean()),
-                           ("d_acc_fake", (logits_fake < 0).float().mean())):
-            window[key].append(float(value.detach()))
+        values += [("d_acc_real", (logits_real > 0).float().mean()), ("d_acc_fake", (logits_fake < 0).float().mean())]
+        step_values = {key: float(value.detach()) for key, value in values}
+        for key, value in dist.mean_floats(step_values, device).items():  # the whole batch's, not rank 0's share
+            window[key].append(value)
         done = step + 1
         row = None
         if done % cfg.log_every == 0 or done == cfg.steps:

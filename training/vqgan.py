@@ -255,6 +255,7 @@ def train_vqgan(cfg: Any, code: str) -> None:
                 check_finite(step, cfg.ckpt_dir, disc_loss=d)
                 (d / cfg.grad_accum).backward()
                 logs["d"] += d.item() / cfg.grad_accum
+        logs = dist.mean_floats(logs, device)
         if o.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt_g.step()

@@ -1,0 +1,82 @@
+"""Run under `torchrun --standalone --nproc_per_node 2` by tests/test_ddp.py: one rank of a real two-process gloo
+group (CPU). Modes:
+  stats OUT            the quantizer (plain and EMA) and the adaptive GAN weight on this rank's share of fixed
+                       batches; writes OUT/rank<r>.pt (tensors only) for the test to hold against one process
+  train_vqgan BASE OUT / train_transformer BASE OUT
+                       the stage's run on a test fixture (helpers' configs), both ranks in one run
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def stats_batches(steps: int = 6) -> list[torch.Tensor]:
+    """Encoder outputs of 4 images of 2x2 vectors per step: 16 vectors against 16 codes, so codes die and revive."""
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(4, 4, 2, 2, generator=g) for _ in range(steps)]
+
+
+def quantizer_run(ema: bool, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """This rank's share (items rank, rank + world, ...) of every batch through a fresh quantizer; its buffers after."""
+    from models.quantizer import VectorQuantizer
+    torch.manual_seed(0)
+    q = VectorQuantizer(16, 4, l2_norm=True, ema=ema, dead_code_steps=2, buffer_size=24).train()
+    for z in stats_batches():
+        q(z[rank::world])
+    return {k: v.detach().clone() for k, v in q.state_dict().items()}
+
+
+def adaptive_run(rank: int, world: int) -> torch.Tensor:
+    """Taming's adaptive weight for a linear 'decoder' on this rank's share of 6 items."""
+    from models.discriminator import adaptive_weight
+    g = torch.Generator().manual_seed(3)
+    x, target, w = torch.randn(6, 5, generator=g), torch.randn(6, 3, generator=g), torch.randn(5, 3, generator=g)
+    last = w.clone().requires_grad_(True)
+    out = x[rank::world] @ last
+    return adaptive_weight((out - target[rank::world]).abs().mean(), -(out * out).mean(), last)
+
+
+def ar_cfg(base: Path, out: Path):
+    """helpers.transformer_cfg without label dropout: each rank draws its own from the global RNG, so with it one
+    process and two ranks train on differently dropped labels (by design, like any per-rank dropout)."""
+    import dataclasses
+
+    from helpers import transformer_cfg
+    cfg = transformer_cfg(base, out)
+    return dataclasses.replace(cfg, ar=dataclasses.replace(cfg.ar, class_dropout=0.0))
+
+
+def main() -> None:
+    mode, *args = sys.argv[1:]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers
+    if mode == "stats":
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        out = {f"plain.{k}": v for k, v in quantizer_run(False, rank, world).items()}
+        out |= {f"ema.{k}": v for k, v in quantizer_run(True, rank, world).items()}
+        out["adaptive_weight"] = adaptive_run(rank, world)
+        torch.save(out, Path(args[0]) / f"rank{rank}.pt")
+        dist.destroy_process_group()
+        return
+    base, out = Path(args[0]), Path(args[1])
+    if mode == "train_transformer":
+        from stages import train_transformer
+        train_transformer.run(ar_cfg(base, out))
+    elif mode == "train_vqgan":
+        from stages import train_vqgan
+        from test_train_vqgan import tiny_cfg
+        train_vqgan.run(tiny_cfg(base, out))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    assert os.environ.get("WORLD_SIZE") == "2", "run me under torchrun --nproc_per_node 2"
+    main()

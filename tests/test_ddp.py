@@ -1,0 +1,88 @@
+"""Two real ranks (torchrun, gloo on the CPU) against one process. Each rank takes items r, r + 2, ... of every global
+batch and DDP averages the gradients, so a two-rank run is the one-process run up to float rounding, except where
+something is computed from a rank's own share: the quantizer's usage counts, dead codes, revival FIFO and EMA codes,
+Taming's adaptive GAN weight (gradients from a separate autograd.grad), and the logged losses. Those now see the
+whole batch; before, they were rank 0's share (DDP broadcast its buffers), which these tests tell apart."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddp_worker import adaptive_run, ar_cfg, quantizer_run
+from helpers import ROOT
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def torchrun(*args: str) -> None:
+    env = os.environ | {"PYTHONPATH": f"{ROOT}{os.pathsep}{WORKER.parent}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def log_rows(path: Path) -> list[dict[str, float | None]]:
+    rows = list(csv.DictReader(path.open(), delimiter="\t"))
+    return [{k: float(v) if v else None for k, v in r.items()} for r in rows]
+
+
+def assert_logs_close(one: Path, two: Path, rel: float) -> None:
+    a, b = log_rows(one), log_rows(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if ra[k] is None or k == "lr":
+                assert ra[k] == rb[k], k
+            else:
+                assert rb[k] == pytest.approx(ra[k], rel=rel, abs=1e-7), (ra["step"], k)
+
+
+def test_quantizer_statistics_and_the_adaptive_weight_see_the_whole_batch(tmp_path):
+    torchrun("stats", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for kind, ema in (("plain", False), ("ema", True)):
+        whole, share = quantizer_run(ema, 0, 1), quantizer_run(ema, 0, 2)  # one process: every item, rank 0's half
+        assert int(whole["train_steps"]) == 6 and not torch.equal(whole["code_counts"], share["code_counts"])
+        if not ema:  # plain codes move only by revival here (no optimiser): codes died and were revived
+            from models.quantizer import VectorQuantizer
+            torch.manual_seed(0)
+            assert not torch.equal(whole["codebook"], VectorQuantizer(16, 4, dead_code_steps=2).codebook.detach())
+        for rank in ranks:
+            for k, v in whole.items():
+                # bitwise: the gathered vectors are one process's, in its order, so every sum is the same
+                assert torch.equal(rank[f"{kind}.{k}"], v), (kind, k)
+    # the adaptive weight from the two halves' averaged gradients: float32 sums in another order
+    assert adaptive_run(0, 2) != pytest.approx(float(adaptive_run(0, 1)), rel=1e-3)
+    for rank in ranks:
+        assert float(rank["adaptive_weight"]) == pytest.approx(float(adaptive_run(0, 1)), rel=1e-5)
+
+
+def test_train_transformer_on_two_ranks_logs_and_ends_as_one_process(tiny_world, tmp_path):
+    from stages import train_transformer
+    base = tiny_world["base"]
+    train_transformer.run(ar_cfg(base, tmp_path / "one"))
+    torchrun("train_transformer", str(base), str(tmp_path / "two"))
+    # train loss: the mean over both ranks (rank 0's half alone differs in the second digit)
+    assert_logs_close(tmp_path / "one" / "log.tsv", tmp_path / "two" / "log.tsv", rel=1e-4)
+    from pipeline import checkpoint as ckpt
+    assert ckpt.read(tmp_path / "two" / "ckpt" / "last.pt")["step"] == 6
+
+
+def test_train_vqgan_on_two_ranks_logs_and_ends_as_one_process(tmp_path):
+    from stages import train_vqgan
+    from test_train_vqgan import make_idx_dataset, tiny_cfg
+    from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
+    from stages.prepare import run as prepare_run
+    src = make_idx_dataset(tmp_path / "idx", n_train=24, n_val=8)
+    prepare_run(PrepareConfig("tiny", DatasetSpec(source="idx", path=str(src), resolution=16),
+                              PrepareParams(out_dir=str(tmp_path / "prepared"))))
+    train_vqgan.run(tiny_cfg(tmp_path / "prepared", tmp_path / "one"))
+    torchrun("train_vqgan", str(tmp_path / "prepared"), str(tmp_path / "two"))
+    # rec, q, g, d, the adaptive weight, code usage and perplexity: each the whole batch's on both
+    assert_logs_close(tmp_path / "one" / "log.tsv", tmp_path / "two" / "log.tsv", rel=1e-3)
