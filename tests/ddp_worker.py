@@ -2,7 +2,7 @@
 group (CPU). Modes:
   stats OUT            the quantizer (plain and EMA) and the adaptive GAN weight on this rank's share of fixed
                        batches; writes OUT/rank<r>.pt (tensors only) for the test to hold against one process
-  train_vqgan BASE OUT / train_transformer BASE OUT
+  train_vqgan BASE OUT / train_transformer BASE OUT / train_gan BASE OUT
                        the stage's run on a test fixture (helpers' configs), both ranks in one run
 """
 from __future__ import annotations
@@ -51,6 +51,13 @@ def ar_cfg(base: Path, out: Path):
     return dataclasses.replace(cfg, ar=dataclasses.replace(cfg.ar, class_dropout=0.0))
 
 
+def gan_ddp_cfg(base: Path, out: Path):
+    """A TransGAN run whose two ranks compute what one process does: no augmentation (each rank draws its own) and
+    no mode-seeking term (each rank's ratio is of its own share, and 1 / ratio is not linear in it)."""
+    from test_train_gan import gan_cfg
+    return gan_cfg({"base": base}, out, "transgan", gan={"diffaug": "", "ms_weight": 0.0})
+
+
 def main() -> None:
     mode, *args = sys.argv[1:]
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers
@@ -71,6 +78,9 @@ def main() -> None:
         from stages import train_vqgan
         from test_train_vqgan import tiny_cfg
         train_vqgan.run(tiny_cfg(base, out))
+    elif mode == "train_gan":
+        from stages import train_transformer
+        train_transformer.run(gan_ddp_cfg(base, out))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     if dist.is_initialized():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp_worker import adaptive_run, ar_cfg, quantizer_run
+from ddp_worker import adaptive_run, ar_cfg, gan_ddp_cfg, quantizer_run
 from helpers import ROOT
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -86,3 +86,13 @@ def test_train_vqgan_on_two_ranks_logs_and_ends_as_one_process(tmp_path):
     torchrun("train_vqgan", str(tmp_path / "prepared"), str(tmp_path / "two"))
     # rec, q, g, d, the adaptive weight, code usage and perplexity: each the whole batch's on both
     assert_logs_close(tmp_path / "one" / "log.tsv", tmp_path / "two" / "log.tsv", rel=1e-3)
+
+
+def test_train_gan_on_two_ranks_logs_and_ends_as_one_process(tiny_world, tmp_path):
+    """G and D average their gradients over the ranks (training.gan.average_gradients) and the log's losses and D
+    accuracies are means over them: with no per-rank draws in the recipe, two ranks are one process."""
+    from stages import train_transformer
+    base = tiny_world["base"]
+    train_transformer.run(gan_ddp_cfg(base, tmp_path / "one"))
+    torchrun("train_gan", str(base), str(tmp_path / "two"))
+    assert_logs_close(tmp_path / "one" / "log.tsv", tmp_path / "two" / "log.tsv", rel=1e-4)
