@@ -21,7 +21,9 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def torchrun(*args: str) -> None:
-    env = os.environ | {"PYTHONPATH": f"{ROOT}{os.pathsep}{WORKER.parent}", "OMP_NUM_THREADS": "1"}
+    # gloo on the loopback interface: it would otherwise resolve the host name, which some containers cannot
+    env = os.environ | {"PYTHONPATH": f"{ROOT}{os.pathsep}{WORKER.parent}", "OMP_NUM_THREADS": "1",
+                        "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
