@@ -20,13 +20,16 @@ from helpers import ROOT
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def torchrun(*args: str) -> None:
+def torchrun(*args: str, ranks: int = 2, ok: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` with `ranks` processes: the worker script's mode, or `-m stages.X ...`."""
     # gloo on the loopback interface: it would otherwise resolve the host name, which some containers cannot
     env = os.environ | {"PYTHONPATH": f"{ROOT}{os.pathsep}{WORKER.parent}", "OMP_NUM_THREADS": "1",
                         "GLOO_SOCKET_IFNAME": "lo"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), *args]
+    script = list(args) if args[0] == "-m" else [str(WORKER), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *script]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
+    return proc
 
 
 def log_rows(path: Path) -> list[dict[str, float | None]]:
@@ -98,3 +101,36 @@ def test_train_gan_on_two_ranks_logs_and_ends_as_one_process(tiny_world, tmp_pat
     train_transformer.run(gan_ddp_cfg(base, tmp_path / "one"))
     torchrun("train_gan", str(base), str(tmp_path / "two"))
     assert_logs_close(tmp_path / "one" / "log.tsv", tmp_path / "two" / "log.tsv", rel=1e-4)
+
+
+def test_a_batch_the_ranks_cannot_split_is_one_line_per_rank_before_training(tiny_world, tmp_path):
+    """8 sequences over 3 ranks: each rank says so in one line naming the keys (it was a ValueError traceback per
+    rank from StepBatches), and nothing is written."""
+    import dataclasses
+    import json
+
+    import yaml
+    cfg = dataclasses.asdict(ar_cfg(tiny_world["base"], tmp_path / "out"))
+    params = {"datasets": {"a": {"source": "idx", "path": "unused"}},
+              "train_transformer": json.loads(json.dumps(cfg))}  # tuples as lists
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = torchrun("-m", "stages.train_transformer", "--params", str(tmp_path / "params.yaml"), ranks=3, ok=False)
+    line = ("error: train_transformer.batch_size = 8 is not divisible by 3 rank(s) x train_transformer.grad_accum = 1: "
+            "make it a multiple of 3 or run another number of ranks")
+    # a rank: that line and exit 2 (a user error); torchrun stops the others once one has failed (SIGTERM, -15)
+    # unless they failed first, and its own ChildFailedError is the only traceback
+    import re
+    codes = re.findall(r"exitcode\s*: (-?\d+)", proc.stderr)
+    assert proc.stderr.count(line) >= 1 and "2" in codes and set(codes) <= {"2", "-15"}
+    assert proc.stderr.count("Traceback") == 1 and "ValueError" not in proc.stderr
+    assert not (tmp_path / "out" / "ckpt").exists() and not (tmp_path / "out" / "gpt").exists()
+
+
+def test_batch_splits_are_checked_for_every_rank_count_and_accumulation():
+    from pipeline.errors import UserError
+    from training.common import check_batch_splits
+    check_batch_splits("s", 12, 3, 2) or check_batch_splits("s", 12, 1, 12)  # 12 = 3 x 2 x 2, 1 x 12
+    for world, accum in ((5, 1), (2, 5), (3, 3), (1, 5)):
+        with pytest.raises(UserError, match=rf"^s.batch_size = 12 is not divisible by {world} rank\(s\) x "
+                                            rf"s.grad_accum = {accum}: make it a multiple of {world * accum} "):
+            check_batch_splits("s", 12, world, accum)

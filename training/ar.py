@@ -37,8 +37,8 @@ from pipeline.device import Dist, autocast
 from pipeline.errors import UserError
 from pipeline.runlog import headline, run_log_path, write_metrics
 from pipeline.tokens import TokenData
-from training.common import (EMA, StepBatches, check_batch_fits, check_finite, config_hash, cosine_lr, export_weights,
-                             seed_everything, set_lr, token_data_id, unwrap, write_tsv)
+from training.common import (EMA, StepBatches, check_batch_fits, check_batch_splits, check_finite, config_hash,
+                             cosine_lr, export_weights, seed_everything, set_lr, token_data_id, unwrap, write_tsv)
 
 log = logging.getLogger("tokenmill.train_transformer")
 # Dense bf16 tensor-core peaks (TFLOP/s) of the GPUs we report MFU for: NVIDIA's datasheets print the 2:4-sparse
@@ -183,6 +183,7 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
 
     check_batch_fits("train_transformer.batch_size", cfg.batch_size, len(train.tokens),
                      f"the train split of the token store of {cfg.dataset} (records)")
+    check_batch_splits("train_transformer", cfg.batch_size, dist.world, cfg.grad_accum)
     batches = StepBatches(len(train.tokens), cfg.batch_size, cfg.seed, dist.rank, dist.world)
     micro = cfg.batch_size // dist.world // cfg.grad_accum
     tokens_per_step = cfg.batch_size * train.tokens.shape[1]

@@ -66,6 +66,15 @@ def check_batch_fits(key: str, batch_size: int, n: int, what: str) -> None:
         raise UserError(f"{key} = {batch_size} is larger than {what} ({n}); lower it or add data")
 
 
+def check_batch_splits(section: str, batch_size: int, world: int, grad_accum: int) -> None:
+    """Each of `world` ranks takes batch_size / world items in grad_accum equal micro-batches: one line before
+    training when they do not divide it (torchrun --nproc_per_node 3 with a batch of 64 gave a traceback per rank)."""
+    if batch_size % (world * grad_accum):
+        raise UserError(f"{section}.batch_size = {batch_size} is not divisible by {world} rank(s) x "
+                        f"{section}.grad_accum = {grad_accum}: make it a multiple of {world * grad_accum} or run "
+                        f"another number of ranks")
+
+
 class StepBatches:
     """The global batch for any step, as a function of (seed, step): a seeded permutation per epoch.
 

@@ -66,8 +66,8 @@ from pipeline.config import from_dict, param
 from pipeline.errors import UserError
 from pipeline.fid import Protocol, extract_features, frechet_distance_features, protocol_id
 from pipeline.prepared import PreparedImages, read_manifest
-from training.common import (EMA, StepBatches, check_batch_fits, check_finite, config_hash, export_weights,
-                             linear_decay_scale, seed_everything, set_lr, token_data_id, write_tsv)
+from training.common import (EMA, StepBatches, check_batch_fits, check_batch_splits, check_finite, config_hash,
+                             export_weights, linear_decay_scale, seed_everything, set_lr, token_data_id, write_tsv)
 from pipeline.device import Dist, autocast
 from pipeline.vqgan_io import load_vqgan, to_model_range, to_uint8
 from pipeline.fid_reference import NetworkParams, check_reference, load_network, load_reference
@@ -395,6 +395,7 @@ def train_gan(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
         fid = FIDTracker(g, cfg.seed, gcfg.z_dim, gcfg.n_classes, manifest["fingerprint"], vqgan.cfg.in_channels)
     check_batch_fits("train_transformer.batch_size", cfg.batch_size, len(train.tokens),
                      f"the train split of the token store of {cfg.dataset} (records)")
+    check_batch_splits("train_transformer", cfg.batch_size, dist.world, cfg.grad_accum)
     batches = StepBatches(len(train.tokens), cfg.batch_size, cfg.seed, dist.rank, dist.world)
     g_params, d_params = num_params(G), num_params(D)
     log.info("GAN %s (attention %s, %s recipe): G %.2fM, D %.2fM parameters (D on %s%s%s%s); %s loss%s, R1 %g, "

@@ -36,8 +36,8 @@ from pipeline.prepared import PreparedImages
 from pipeline.report import save_rows_grid
 from pipeline.runlog import headline, run_log_path, write_metrics
 from pipeline.vqgan_io import save_vqgan, to_model_range, to_uint8
-from training.common import (EMA, StepBatches, check_batch_fits, check_finite, config_hash, cosine_lr, seed_everything,
-                             set_lr, unwrap, write_tsv)
+from training.common import (EMA, StepBatches, check_batch_fits, check_batch_splits, check_finite, config_hash,
+                             cosine_lr, seed_everything, set_lr, unwrap, write_tsv)
 from training.vq_loss import discriminator_loss, generator_loss
 
 log = logging.getLogger("tokenmill.train_vqgan")
@@ -171,6 +171,7 @@ def train_vqgan(cfg: Any, code: str) -> None:
         raise UserError(f"train_vqgan.kmeans_init needs at least model.n_codes = {model.cfg.n_codes} encoder vectors; "
                         f"{min(cfg.kmeans_images, len(train))} images give {vectors}: raise kmeans_images, add images, "
                         f"or set kmeans_init: false")
+    check_batch_splits("train_vqgan", cfg.batch_size, dist.world, cfg.grad_accum)
     batches = Batches(train, cfg, dist.rank, dist.world)
 
     state = ckpt.load_latest(cfg.ckpt_dir, device, expect={"run_id": run_id, "code": code})
