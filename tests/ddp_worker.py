@@ -11,8 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+from pipeline import env  # noqa: F401  (before torch, as in every entry point: the same CPU kernels as the test)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 
 def stats_batches(steps: int = 6) -> list[torch.Tensor]:
