@@ -47,6 +47,15 @@ class Dist:
             t /= self.world
         return t
 
+    def gather(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Every rank's `t` (same shape on each), stacked in rank order on the CPU: `t` itself, unsqueezed, in one
+        process. Through `device`, since NCCL moves CUDA tensors only."""
+        if self.world == 1:
+            return t.unsqueeze(0)
+        parts = [torch.empty_like(t, device=device) for _ in range(self.world)]
+        dist.all_gather(parts, t.to(device))
+        return torch.stack([p.cpu() for p in parts])
+
     def mean_floats(self, values: dict[str, float], device: torch.device) -> dict[str, float]:
         """Each value's mean over the ranks (equal shares of the batch: the whole batch's mean), for the logs, which
         would otherwise hold rank 0's share alone. The same dict in one process."""

@@ -2,7 +2,7 @@
 group (CPU). Modes:
   stats OUT            the quantizer (plain and EMA) and the adaptive GAN weight on this rank's share of fixed
                        batches; writes OUT/rank<r>.pt (tensors only) for the test to hold against one process
-  train_vqgan BASE OUT / train_transformer BASE OUT / train_gan BASE OUT
+  train_vqgan BASE OUT / train_transformer BASE OUT / train_gan BASE OUT / train_maskgit[_crash] BASE OUT
                        the stage's run on a test fixture (helpers' configs), both ranks in one run
 """
 from __future__ import annotations
@@ -59,6 +59,27 @@ def gan_ddp_cfg(base: Path, out: Path):
     return gan_cfg({"base": base}, out, "transgan", gan={"diffaug": "", "ms_weight": 0.0})
 
 
+def crash_after_first_checkpoint_on_every_rank() -> None:
+    """Every rank stops (KeyboardInterrupt) right after the first checkpoint is saved, past the barrier that
+    follows it, like a kill of the whole job between two steps."""
+    from pipeline import checkpoint as ckpt
+    from pipeline.device import Dist
+    real_save, real_barrier, saved = ckpt.save, Dist.barrier, []
+
+    def save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        saved.append(True)
+
+    def barrier(self):
+        real_barrier(self)
+        flag = torch.tensor([1.0 if saved else 0.0])
+        dist.all_reduce(flag)  # rank 0 saved: every rank stops together
+        if flag.item():
+            raise KeyboardInterrupt("killed after the first checkpoint")
+
+    ckpt.save, Dist.barrier = save, barrier
+
+
 def main() -> None:
     mode, *args = sys.argv[1:]
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers
@@ -79,6 +100,23 @@ def main() -> None:
         from stages import train_vqgan
         from test_train_vqgan import tiny_cfg
         train_vqgan.run(tiny_cfg(base, out))
+    elif mode in ("train_maskgit", "train_maskgit_crash"):
+        import dataclasses
+
+        from pipeline import checkpoint as ckpt
+        from stages import train_transformer
+        if mode.endswith("_crash"):
+            crash_after_first_checkpoint_on_every_rank()
+        real_load = ckpt.load_latest
+
+        def load_latest(*args, **kwargs):  # rank r writes the step it resumed from, so the test can tell
+            state = real_load(*args, **kwargs)
+            (out / f"resumed_rank{dist.get_rank()}.txt").write_text("none" if state is None else str(state["step"]))
+            return state
+
+        ckpt.load_latest = load_latest
+        out.mkdir(parents=True, exist_ok=True)
+        train_transformer.run(dataclasses.replace(ar_cfg(base, out), kind="maskgit"))
     elif mode == "train_gan":
         from stages import train_transformer
         train_transformer.run(gan_ddp_cfg(base, out))

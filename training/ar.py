@@ -152,7 +152,8 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
                           "classes": class_names, "world": dist.world})
     seed_everything(cfg.seed)
     model = Model(gcfg).to(device)
-    # maskgit's masks and label dropout: one generator, its state checkpointed (other ranks draw other masks)
+    # maskgit's masks and label dropout: one generator per rank (other ranks draw other masks), every rank's state
+    # checkpointed (rank 0's alone put rank 0's draws on every rank after a resume)
     masks = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + dist.rank) if maskgit else None
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2))
@@ -168,7 +169,8 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
             ema.load_state_dict(state["ema"])
         ckpt.set_rng_state(state["rng"])
         if masks is not None:
-            masks.set_state(state["masks"].cpu())  # a generator state is a CPU byte tensor on any device
+            # a generator state is a CPU byte tensor on any device, and must own its memory (a row view crashed)
+            masks.set_state(state["masks"][dist.rank].clone())
         history, start = list(state["history"]), int(state["step"])
         window = list(state["window"])
         log.info("resuming from %s at step %d", cfg.ckpt_dir, start)
@@ -191,11 +193,12 @@ def train_ar(cfg: Any, device: torch.device, dist: Dist, code: str) -> None:
     conditional = gcfg.n_classes > 0
 
     def save_checkpoint(step: int) -> None:
+        mask_states = dist.gather(masks.get_state(), device) if masks is not None else None  # every rank calls it
         if dist.main:
             ckpt.save(cfg.ckpt_dir, {"step": step, "run_id": run_id, "code": code, "model": core.state_dict(),
                                      "opt": opt.state_dict(), "ema": ema.state_dict() if ema else {},
                                      "rng": ckpt.rng_state(), "history": history, "window": window,
-                                     **({"masks": masks.get_state()} if masks is not None else {})},
+                                     **({"masks": mask_states} if masks is not None else {})},
                       step, keep=cfg.ckpt_keep)
         dist.barrier()
 
