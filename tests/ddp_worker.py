@@ -2,8 +2,11 @@
 group (CPU). Modes:
   stats OUT            the quantizer (plain and EMA) and the adaptive GAN weight on this rank's share of fixed
                        batches; writes OUT/rank<r>.pt (tensors only) for the test to hold against one process
-  train_vqgan BASE OUT / train_transformer BASE OUT / train_gan BASE OUT / train_maskgit[_crash] BASE OUT
+  train_vqgan BASE OUT / train_transformer BASE OUT
                        the stage's run on a test fixture (helpers' configs), both ranks in one run
+  train_maskgit[_crash] BASE OUT / train_gan[_crash] BASE OUT
+                       the same, recording the step each rank resumed from; `_crash` stops every rank after the
+                       first checkpoint
 """
 from __future__ import annotations
 
@@ -59,6 +62,20 @@ def gan_ddp_cfg(base: Path, out: Path):
     return gan_cfg({"base": base}, out, "transgan", gan={"diffaug": "", "ms_weight": 0.0})
 
 
+def record_resumed_step(out: Path) -> None:
+    """Rank r writes OUT/resumed_rank<r>.txt: the step of the checkpoint it resumed from, or "none"."""
+    from pipeline import checkpoint as ckpt
+    real_load = ckpt.load_latest
+
+    def load_latest(*args, **kwargs):
+        state = real_load(*args, **kwargs)
+        (out / f"resumed_rank{dist.get_rank()}.txt").write_text("none" if state is None else str(state["step"]))
+        return state
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.load_latest = load_latest
+
+
 def crash_after_first_checkpoint_on_every_rank() -> None:
     """Every rank stops (KeyboardInterrupt) right after the first checkpoint is saved, past the barrier that
     follows it, like a kill of the whole job between two steps."""
@@ -100,26 +117,15 @@ def main() -> None:
         from stages import train_vqgan
         from test_train_vqgan import tiny_cfg
         train_vqgan.run(tiny_cfg(base, out))
-    elif mode in ("train_maskgit", "train_maskgit_crash"):
+    elif mode.removesuffix("_crash") in ("train_maskgit", "train_gan"):
         import dataclasses
 
-        from pipeline import checkpoint as ckpt
         from stages import train_transformer
         if mode.endswith("_crash"):
             crash_after_first_checkpoint_on_every_rank()
-        real_load = ckpt.load_latest
-
-        def load_latest(*args, **kwargs):  # rank r writes the step it resumed from, so the test can tell
-            state = real_load(*args, **kwargs)
-            (out / f"resumed_rank{dist.get_rank()}.txt").write_text("none" if state is None else str(state["step"]))
-            return state
-
-        ckpt.load_latest = load_latest
-        out.mkdir(parents=True, exist_ok=True)
-        train_transformer.run(dataclasses.replace(ar_cfg(base, out), kind="maskgit"))
-    elif mode == "train_gan":
-        from stages import train_transformer
-        train_transformer.run(gan_ddp_cfg(base, out))
+        record_resumed_step(out)
+        cfg = dataclasses.replace(ar_cfg(base, out), kind="maskgit") if "maskgit" in mode else gan_ddp_cfg(base, out)
+        train_transformer.run(cfg)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     if dist.is_initialized():

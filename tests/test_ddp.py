@@ -142,18 +142,21 @@ def test_batch_splits_are_checked_for_every_rank_count_and_accumulation():
             check_batch_splits("s", 12, world, accum)
 
 
-def test_maskgit_on_two_ranks_resumes_exactly(tiny_world, tmp_path):
+@pytest.mark.parametrize("loop", ["train_maskgit", "train_gan"])
+def test_two_ranks_resume_exactly(tiny_world, tmp_path, loop):
     """Each rank draws MaskGIT's masks from its own generator; the checkpoint held rank 0's state alone, so after a
     resume rank 1 drew rank 0's masks and the run left the uninterrupted one at the first step after the kill.
-    Now every rank's state is saved and each rank takes its own back."""
+    Now every rank's state is saved and each rank takes its own back. The GAN's draws are functions of (seed, step,
+    stream, rank): nothing to save."""
     from safetensors.torch import load_file
     base = str(tiny_world["base"])
-    torchrun("train_maskgit", base, str(tmp_path / "a"))
-    torchrun("train_maskgit_crash", base, str(tmp_path / "b"), ok=False)
-    torchrun("train_maskgit", base, str(tmp_path / "b"))
+    torchrun(loop, base, str(tmp_path / "a"))
+    torchrun(f"{loop}_crash", base, str(tmp_path / "b"), ok=False)
+    torchrun(loop, base, str(tmp_path / "b"))
     assert [(tmp_path / "b" / f"resumed_rank{r}.txt").read_text() for r in (0, 1)] == ["3", "3"]
     assert (tmp_path / "a" / "log.tsv").read_text() == (tmp_path / "b" / "log.tsv").read_text()
-    a, b = (load_file(str(tmp_path / run / "gpt" / "model.safetensors")) for run in "ab")
+    model = "gpt" if loop == "train_maskgit" else "model"
+    a, b = (load_file(str(tmp_path / run / model / "model.safetensors")) for run in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
