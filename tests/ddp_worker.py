@@ -2,11 +2,10 @@
 group (CPU). Modes:
   stats OUT            the quantizer (plain and EMA) and the adaptive GAN weight on this rank's share of fixed
                        batches; writes OUT/rank<r>.pt (tensors only) for the test to hold against one process
-  train_vqgan BASE OUT / train_transformer BASE OUT
-                       the stage's run on a test fixture (helpers' configs), both ranks in one run
-  train_maskgit[_crash] BASE OUT / train_gan[_crash] BASE OUT
-                       the same, recording the step each rank resumed from; `_crash` stops every rank after the
-                       first checkpoint
+  LOOP[_crash] BASE OUT
+                       LOOP (train_vqgan, train_transformer, train_maskgit, train_gan) run on a test fixture
+                       (helpers' configs), both ranks in one run, each recording the step it resumed from;
+                       `_crash` stops every rank after the first checkpoint
 """
 from __future__ import annotations
 
@@ -110,22 +109,20 @@ def main() -> None:
         dist.destroy_process_group()
         return
     base, out = Path(args[0]), Path(args[1])
-    if mode == "train_transformer":
-        from stages import train_transformer
-        train_transformer.run(ar_cfg(base, out))
-    elif mode == "train_vqgan":
+    loop = mode.removesuffix("_crash")
+    if mode.endswith("_crash"):
+        crash_after_first_checkpoint_on_every_rank()
+    record_resumed_step(out)
+    if loop == "train_vqgan":
         from stages import train_vqgan
         from test_train_vqgan import tiny_cfg
         train_vqgan.run(tiny_cfg(base, out))
-    elif mode.removesuffix("_crash") in ("train_maskgit", "train_gan"):
+    elif loop in ("train_transformer", "train_maskgit", "train_gan"):
         import dataclasses
 
         from stages import train_transformer
-        if mode.endswith("_crash"):
-            crash_after_first_checkpoint_on_every_rank()
-        record_resumed_step(out)
-        cfg = dataclasses.replace(ar_cfg(base, out), kind="maskgit") if "maskgit" in mode else gan_ddp_cfg(base, out)
-        train_transformer.run(cfg)
+        cfg = gan_ddp_cfg(base, out) if loop == "train_gan" else ar_cfg(base, out)
+        train_transformer.run(dataclasses.replace(cfg, kind="maskgit") if loop == "train_maskgit" else cfg)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     if dist.is_initialized():

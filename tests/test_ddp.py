@@ -48,6 +48,17 @@ def assert_logs_close(one: Path, two: Path, rel: float) -> None:
                 assert rb[k] == pytest.approx(ra[k], rel=rel, abs=1e-7), (ra["step"], k)
 
 
+def prepared_tiny(tmp_path: Path) -> Path:
+    """The prepared 16x16 dataset `tiny` that test_train_vqgan's tiny_cfg trains on."""
+    from helpers import make_idx_dataset
+    from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
+    from stages.prepare import run as prepare_run
+    src = make_idx_dataset(tmp_path / "idx", n_train=24, n_val=8)
+    prepare_run(PrepareConfig("tiny", DatasetSpec(source="idx", path=str(src), resolution=16),
+                              PrepareParams(out_dir=str(tmp_path / "prepared"))))
+    return tmp_path / "prepared"
+
+
 def test_quantizer_statistics_and_the_adaptive_weight_see_the_whole_batch(tmp_path):
     torchrun("stats", str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -87,14 +98,10 @@ def test_train_transformer_on_two_ranks_logs_and_ends_as_one_process(tiny_world,
 
 def test_train_vqgan_on_two_ranks_logs_and_ends_as_one_process(tmp_path):
     from stages import train_vqgan
-    from test_train_vqgan import make_idx_dataset, tiny_cfg
-    from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
-    from stages.prepare import run as prepare_run
-    src = make_idx_dataset(tmp_path / "idx", n_train=24, n_val=8)
-    prepare_run(PrepareConfig("tiny", DatasetSpec(source="idx", path=str(src), resolution=16),
-                              PrepareParams(out_dir=str(tmp_path / "prepared"))))
-    train_vqgan.run(tiny_cfg(tmp_path / "prepared", tmp_path / "one"))
-    torchrun("train_vqgan", str(tmp_path / "prepared"), str(tmp_path / "two"))
+    from test_train_vqgan import tiny_cfg
+    prepared = prepared_tiny(tmp_path)
+    train_vqgan.run(tiny_cfg(prepared, tmp_path / "one"))
+    torchrun("train_vqgan", str(prepared), str(tmp_path / "two"))
     # rec, q, g, d, the adaptive weight, code usage and perplexity: each the whole batch's on both
     assert_logs_close(tmp_path / "one" / "log.tsv", tmp_path / "two" / "log.tsv", rel=1e-3)
 
@@ -107,57 +114,6 @@ def test_train_gan_on_two_ranks_logs_and_ends_as_one_process(tiny_world, tmp_pat
     train_transformer.run(gan_ddp_cfg(base, tmp_path / "one"))
     torchrun("train_gan", str(base), str(tmp_path / "two"))
     assert_logs_close(tmp_path / "one" / "log.tsv", tmp_path / "two" / "log.tsv", rel=1e-4)
-
-
-def test_a_batch_the_ranks_cannot_split_is_one_line_per_rank_before_training(tiny_world, tmp_path):
-    """8 sequences over 3 ranks: each rank says so in one line naming the keys (it was a ValueError traceback per
-    rank from StepBatches), and nothing is written."""
-    import dataclasses
-    import json
-
-    import yaml
-    cfg = dataclasses.asdict(ar_cfg(tiny_world["base"], tmp_path / "out"))
-    params = {"datasets": {"a": {"source": "idx", "path": "unused"}},
-              "train_transformer": json.loads(json.dumps(cfg))}  # tuples as lists
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = torchrun("-m", "stages.train_transformer", "--params", str(tmp_path / "params.yaml"), ranks=3, ok=False)
-    line = ("error: train_transformer.batch_size = 8 is not divisible by 3 rank(s) x train_transformer.grad_accum = 1: "
-            "make it a multiple of 3 or run another number of ranks")
-    # a rank: that line and exit 2 (a user error); torchrun stops the others once one has failed (SIGTERM, -15)
-    # unless they failed first, and its own ChildFailedError is the only traceback
-    import re
-    codes = re.findall(r"exitcode\s*: (-?\d+)", proc.stderr)
-    assert proc.stderr.count(line) >= 1 and "2" in codes and set(codes) <= {"2", "-15"}
-    assert proc.stderr.count("Traceback") == 1 and "ValueError" not in proc.stderr
-    assert not (tmp_path / "out" / "ckpt").exists() and not (tmp_path / "out" / "gpt").exists()
-
-
-def test_batch_splits_are_checked_for_every_rank_count_and_accumulation():
-    from pipeline.errors import UserError
-    from training.common import check_batch_splits
-    check_batch_splits("s", 12, 3, 2) or check_batch_splits("s", 12, 1, 12)  # 12 = 3 x 2 x 2, 1 x 12
-    for world, accum in ((5, 1), (2, 5), (3, 3), (1, 5)):
-        with pytest.raises(UserError, match=rf"^s.batch_size = 12 is not divisible by {world} rank\(s\) x "
-                                            rf"s.grad_accum = {accum}: make it a multiple of {world * accum} "):
-            check_batch_splits("s", 12, world, accum)
-
-
-@pytest.mark.parametrize("loop", ["train_maskgit", "train_gan"])
-def test_two_ranks_resume_exactly(tiny_world, tmp_path, loop):
-    """Each rank draws MaskGIT's masks from its own generator; the checkpoint held rank 0's state alone, so after a
-    resume rank 1 drew rank 0's masks and the run left the uninterrupted one at the first step after the kill.
-    Now every rank's state is saved and each rank takes its own back. The GAN's draws are functions of (seed, step,
-    stream, rank): nothing to save."""
-    from safetensors.torch import load_file
-    base = str(tiny_world["base"])
-    torchrun(loop, base, str(tmp_path / "a"))
-    torchrun(f"{loop}_crash", base, str(tmp_path / "b"), ok=False)
-    torchrun(loop, base, str(tmp_path / "b"))
-    assert [(tmp_path / "b" / f"resumed_rank{r}.txt").read_text() for r in (0, 1)] == ["3", "3"]
-    assert (tmp_path / "a" / "log.tsv").read_text() == (tmp_path / "b" / "log.tsv").read_text()
-    model = "gpt" if loop == "train_maskgit" else "model"
-    a, b = (load_file(str(tmp_path / run / model / "model.safetensors")) for run in "ab")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_gather_stacks_every_ranks_tensor_and_is_an_unsqueeze_in_one_process():
