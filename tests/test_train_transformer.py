@@ -190,6 +190,16 @@ def test_finish_reports_throughput_only_where_it_was_timed(world, tmp_path, monk
     assert caplog.messages[-2].endswith("; 5000000 tokens/s")
 
 
+@pytest.mark.parametrize("kind", ["ar", "gan"])
+def test_the_stage_log_names_what_this_machine_runs(tiny_world, tmp_path, caplog, kind):
+    """The doctor's one-line summary (torch build, CUDA, attention backend, faiss, threads) is in the stage's log."""
+    from pipeline import doctor
+    from test_train_gan import gan_cfg
+    caplog.set_level(logging.INFO)
+    tt.run(gan_cfg(tiny_world, tmp_path, "lada") if kind == "gan" else ar_cfg(tiny_world["base"], tmp_path))
+    assert doctor.summary(torch.device("cpu")) in caplog.messages
+
+
 def test_unigram_entropy_by_hand():
     # codes 0, 0, 1, 3 of 4: probabilities 1/2, 1/4, 0, 1/4 -> 1.5 bits; unused codes add nothing
     assert unigram_bits(torch.tensor([[0, 0], [1, 3]]), 4) == pytest.approx(1.5, rel=1e-12)

@@ -57,6 +57,14 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(prepared, tmp_path, mo
     assert history["steps"] == 6
 
 
+def test_the_stage_log_names_what_this_machine_runs(prepared, tmp_path, caplog):
+    """The doctor's one-line summary (torch build, CUDA, attention backend, faiss, threads) is in the stage's log."""
+    from pipeline import doctor
+    caplog.set_level("INFO")
+    train_vqgan.run(tiny_cfg(prepared, tmp_path, steps=2, ckpt_every=2))
+    assert doctor.summary(torch.device("cpu")) in caplog.messages
+
+
 def test_checkpoint_for_other_settings_is_not_resumed(prepared, tmp_path, caplog):
     train_vqgan.run(tiny_cfg(prepared, tmp_path, steps=3))
     first = weights(tmp_path)
