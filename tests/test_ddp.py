@@ -48,17 +48,6 @@ def assert_logs_close(one: Path, two: Path, rel: float) -> None:
                 assert rb[k] == pytest.approx(ra[k], rel=rel, abs=1e-7), (ra["step"], k)
 
 
-def prepared_tiny(tmp_path: Path) -> Path:
-    """The prepared 16x16 dataset `tiny` that test_train_vqgan's tiny_cfg trains on."""
-    from helpers import make_idx_dataset
-    from stages.prepare import DatasetSpec, PrepareConfig, PrepareParams
-    from stages.prepare import run as prepare_run
-    src = make_idx_dataset(tmp_path / "idx", n_train=24, n_val=8)
-    prepare_run(PrepareConfig("tiny", DatasetSpec(source="idx", path=str(src), resolution=16),
-                              PrepareParams(out_dir=str(tmp_path / "prepared"))))
-    return tmp_path / "prepared"
-
-
 def test_quantizer_statistics_and_the_adaptive_weight_see_the_whole_batch(tmp_path):
     torchrun("stats", str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -98,8 +87,8 @@ def test_train_transformer_on_two_ranks_logs_and_ends_as_one_process(tiny_world,
 
 def test_train_vqgan_on_two_ranks_logs_and_ends_as_one_process(tmp_path):
     from stages import train_vqgan
-    from test_train_vqgan import tiny_cfg
-    prepared = prepared_tiny(tmp_path)
+    from test_train_vqgan import prepare_tiny, tiny_cfg
+    prepared = prepare_tiny(tmp_path)
     train_vqgan.run(tiny_cfg(prepared, tmp_path / "one"))
     torchrun("train_vqgan", str(prepared), str(tmp_path / "two"))
     # rec, q, g, d, the adaptive weight, code usage and perplexity: each the whole batch's on both

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ddp_worker import ar_cfg
-from test_ddp import prepared_tiny, torchrun
+from test_ddp import torchrun
+from test_train_vqgan import prepare_tiny
 
 
 @pytest.mark.parametrize("loop", ["train_vqgan", "train_maskgit"])
@@ -22,7 +23,7 @@ def test_two_ranks_resume_exactly(tiny_world, tmp_path, loop):
     its two-rank resume was bitwise too when checked by hand with the worker's train_gan_crash, left out here for
     the suite's time.)"""
     from safetensors.torch import load_file
-    base = str(prepared_tiny(tmp_path) if loop == "train_vqgan" else tiny_world["base"])
+    base = str(prepare_tiny(tmp_path) if loop == "train_vqgan" else tiny_world["base"])
     torchrun(loop, base, str(tmp_path / "a"))
     torchrun(f"{loop}_crash", base, str(tmp_path / "b"), ok=False)
     torchrun(loop, base, str(tmp_path / "b"))

@@ -20,7 +20,11 @@ from stages.train_vqgan import LossParams, TrainVQGANParams
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    base = tmp_path_factory.mktemp("vq")
+    return prepare_tiny(tmp_path_factory.mktemp("vq"))
+
+
+def prepare_tiny(base):
+    """The prepared 16x16 dataset `tiny` (24 train, 8 val images) that tiny_cfg trains on, under base/prepared."""
     src = make_idx_dataset(base / "idx", n_train=24, n_val=8)
     prepare_run(PrepareConfig("tiny", DatasetSpec(source="idx", path=str(src), resolution=16),
                               PrepareParams(out_dir=str(base / "prepared"))))
