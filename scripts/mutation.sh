@@ -63,9 +63,8 @@ declare -A TESTS=(
   [pipeline/out_guard.py]="tests/test_out_guard.py tests/test_behaviour_out_guard.py"
   [training/gan.py]="tests/test_behaviour_gan.py tests/test_gan_image_d.py tests/test_gan_recipes.py
     tests/test_train_gan.py"
-  # test_ddp*: two-rank runs under torchrun (the DDP wrap, the means over ranks, every rank's mask generator)
-  [training/ar.py]="tests/test_train_transformer.py tests/test_train_maskgit.py tests/test_ddp.py
-    tests/test_ddp_resume.py"
+  # test_ddp: two-rank runs under torchrun (the DDP wrap, the means over ranks, every rank's mask generator)
+  [training/ar.py]="tests/test_train_transformer.py tests/test_train_maskgit.py tests/test_ddp.py"
   [stages/sample.py]="tests/test_train_transformer.py tests/test_eval_stages.py tests/test_train_gan.py
     tests/test_train_maskgit.py"
   [stages/prepare.py]="tests/test_prepare.py tests/test_behaviour_channels.py

@@ -1,17 +1,23 @@
 """Run under `torchrun --standalone --nproc_per_node 2` by tests/test_ddp.py: one rank of a real two-process gloo
-group (CPU). Modes:
+group (CPU), which runs the steps of a plan (a JSON list of [mode, *args]) in order, in one process group: each
+launch costs ~10 s of CPU (the launcher and both ranks import torch), so one launch does many runs. Modes:
   stats OUT            the quantizer (plain and EMA) and the adaptive GAN weight on this rank's share of fixed
                        batches; writes OUT/rank<r>.pt (tensors only) for the test to hold against one process
   LOOP[_crash] BASE OUT
                        LOOP (train_vqgan, train_transformer, train_maskgit, train_gan) run on a test fixture
-                       (helpers' configs), both ranks in one run, each recording the step it resumed from;
-                       `_crash` stops every rank after the first checkpoint
+                       (helpers' configs, read back through the stage's params check as a params file would be),
+                       both ranks in one run, each recording the step it resumed from; `_crash` stops every rank
+                       after the first checkpoint, like a kill of the whole job (a resume belongs in a later launch:
+                       fresh processes)
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from pipeline import env  # noqa: F401  (before torch, as in every entry point: the same CPU kernels as the test)
 import torch  # noqa: E402
@@ -61,7 +67,8 @@ def gan_ddp_cfg(base: Path, out: Path):
     return gan_cfg({"base": base}, out, "transgan", gan={"diffaug": "", "ms_weight": 0.0})
 
 
-def record_resumed_step(out: Path) -> None:
+@contextlib.contextmanager
+def recording_resumed_step(out: Path) -> Iterator[None]:
     """Rank r writes OUT/resumed_rank<r>.txt: the step of the checkpoint it resumed from, or "none"."""
     from pipeline import checkpoint as ckpt
     real_load = ckpt.load_latest
@@ -73,9 +80,14 @@ def record_resumed_step(out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt.load_latest = load_latest
+    try:
+        yield
+    finally:
+        ckpt.load_latest = real_load
 
 
-def crash_after_first_checkpoint_on_every_rank() -> None:
+@contextlib.contextmanager
+def crashing_after_first_checkpoint_on_every_rank() -> Iterator[None]:
     """Every rank stops (KeyboardInterrupt) right after the first checkpoint is saved, past the barrier that
     follows it, like a kill of the whole job between two steps."""
     from pipeline import checkpoint as ckpt
@@ -94,39 +106,69 @@ def crash_after_first_checkpoint_on_every_rank() -> None:
             raise KeyboardInterrupt("killed after the first checkpoint")
 
     ckpt.save, Dist.barrier = save, barrier
+    try:
+        yield
+    except KeyboardInterrupt:
+        pass  # the kill this mode asked for
+    else:
+        raise AssertionError("the run ended without the kill: no checkpoint was saved")
+    finally:
+        ckpt.save, Dist.barrier = real_save, real_barrier
 
 
-def main() -> None:
-    mode, *args = sys.argv[1:]
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers
+def checked(section: str, cfg, datasets: dict, project: Path):
+    """`cfg` as a params file in `project` holds it (tuples as lists), read back by the stage's own check."""
+    import dataclasses
+    import importlib
+
+    from pipeline.config import PROJECT_ROOT
+    raw = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    token = PROJECT_ROOT.set(project)  # outputs must lie inside the project
+    try:
+        return importlib.import_module(f"stages.{section}").check({"datasets": datasets, section: raw},
+                                                                  str(project / "params.yaml"))
+    finally:
+        PROJECT_ROOT.reset(token)
+
+
+def run_mode(mode: str, args: list[str]) -> None:
     if mode == "stats":
-        dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         out = {f"plain.{k}": v for k, v in quantizer_run(False, rank, world).items()}
         out |= {f"ema.{k}": v for k, v in quantizer_run(True, rank, world).items()}
         out["adaptive_weight"] = adaptive_run(rank, world)
+        Path(args[0]).mkdir(parents=True, exist_ok=True)
         torch.save(out, Path(args[0]) / f"rank{rank}.pt")
-        dist.destroy_process_group()
         return
     base, out = Path(args[0]), Path(args[1])
     loop = mode.removesuffix("_crash")
-    if mode.endswith("_crash"):
-        crash_after_first_checkpoint_on_every_rank()
-    record_resumed_step(out)
-    if loop == "train_vqgan":
-        from stages import train_vqgan
-        from test_train_vqgan import tiny_cfg
-        train_vqgan.run(tiny_cfg(base, out))
-    elif loop in ("train_transformer", "train_maskgit", "train_gan"):
-        import dataclasses
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(recording_resumed_step(out))
+        if mode.endswith("_crash"):
+            stack.enter_context(crashing_after_first_checkpoint_on_every_rank())
+        if loop == "train_vqgan":
+            from stages import train_vqgan
+            from test_train_vqgan import tiny_cfg
+            cfg = tiny_cfg(base, out)
+            train_vqgan.run(checked("train_vqgan", cfg, {cfg.dataset: {}}, out.parent))
+        elif loop in ("train_transformer", "train_maskgit", "train_gan"):
+            import dataclasses
 
-        from stages import train_transformer
-        cfg = gan_ddp_cfg(base, out) if loop == "train_gan" else ar_cfg(base, out)
-        train_transformer.run(dataclasses.replace(cfg, kind="maskgit") if loop == "train_maskgit" else cfg)
-    else:
-        raise SystemExit(f"unknown mode {mode!r}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+            from stages import train_transformer
+            cfg = gan_ddp_cfg(base, out) if loop == "train_gan" else ar_cfg(base, out)
+            cfg = dataclasses.replace(cfg, kind="maskgit") if loop == "train_maskgit" else cfg
+            datasets = {"a": {"source": "idx", "path": "unused"}}
+            train_transformer.run(checked("train_transformer", cfg, datasets, out.parent))
+        else:
+            raise SystemExit(f"unknown mode {mode!r}")
+
+
+def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers
+    dist.init_process_group("gloo")
+    for mode, *args in json.loads(Path(sys.argv[1]).read_text()):
+        run_mode(mode, args)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
