@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from models.ranks import mean_over_ranks
+
 
 def pick_device(requested: str) -> torch.device:
     # Denormal floats make CPU kernels crawl late in training, when some activations and grads get tiny.
@@ -40,13 +42,6 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            t = t.clone()
-            dist.all_reduce(t)
-            t /= self.world
-        return t
-
     def gather(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Every rank's `t` (same shape on each), stacked in rank order on the CPU: `t` itself, unsqueezed, in one
         process. Through `device`, since NCCL moves CUDA tensors only."""
@@ -61,7 +56,7 @@ class Dist:
         would otherwise hold rank 0's share alone. The same dict in one process."""
         if self.world == 1:
             return values
-        mean = self.all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
+        mean = mean_over_ranks(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
         return dict(zip(values, mean.tolist()))
 
 

@@ -12,6 +12,7 @@ import torch
 from helpers import make_idx_dataset
 from models.vqgan import VQGAN, VQGANConfig
 from pipeline import checkpoint as ckpt
+from pipeline.device import Dist
 from training import gan as gan_training
 from training.gan import GANParams, ema_decay_at
 from training.common import EMA
@@ -172,22 +173,15 @@ def test_every_sampling_batch_draws_its_own_noise(world, tmp_path, monkeypatch):
     assert all(not torch.equal(a, b) for a, b in zip(first, other))
 
 
-class _TwoRanks:
-    """A Dist of world 2 whose all-reduce mean stands in for the other rank: (g + (g + 2)) / 2 = g + 1."""
-    world = 2
-
-    @staticmethod
-    def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-        return t + 1
-
-
-def test_gradients_are_averaged_over_ranks_in_place_of_every_trainable_parameter():
+def test_gradients_are_averaged_over_ranks_in_place_of_every_trainable_parameter(monkeypatch):
+    # the all-reduce mean stands in for the other rank of a world of 2: (g + (g + 2)) / 2 = g + 1
+    monkeypatch.setattr(gan_training, "mean_over_ranks", lambda t: t + 1)
     m = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
     m[1].bias.requires_grad_(False)  # frozen: not averaged, not given a gradient
     m(torch.ones(1, 3)).sum().backward()
     m[1].weight.grad = None  # a parameter this rank's loss did not reach counts as zero
     before = {name: None if p.grad is None else p.grad.clone() for name, p in m.named_parameters()}
-    gan_training.average_gradients(m, _TwoRanks())
+    gan_training.average_gradients(m, Dist(rank=0, world=2))
     for name, p in m.named_parameters():
         if name == "1.bias":
             assert p.grad is None
@@ -196,7 +190,7 @@ def test_gradients_are_averaged_over_ranks_in_place_of_every_trainable_parameter
         else:
             assert torch.equal(p.grad, before[name] + 1), name
     m[0].weight.grad = torch.zeros_like(m[0].weight)
-    gan_training.average_gradients(m, type("One", (), {"world": 1, "all_reduce_mean": _TwoRanks.all_reduce_mean}))
+    gan_training.average_gradients(m, Dist())
     assert torch.equal(m[0].weight.grad, torch.zeros_like(m[0].weight))  # one process: untouched
 
 

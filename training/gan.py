@@ -59,6 +59,7 @@ from models.gan_common import (FAMILIES, GANConfig, d_loss, diff_augment, g_loss
 from models.gan import build_discriminator, build_generator, embed_tokens, project_to_codes_space, snap_to_codes
 from models.gan_pixel_d import PixelDiscriminator, straight_through_snap
 from models.gan_transgan import sr_loss
+from models.ranks import mean_over_ranks
 from pipeline import checkpoint as ckpt
 from pipeline import doctor
 from pipeline.atomic import new_partial_dir, replace_dir, write_json
@@ -209,7 +210,7 @@ def average_gradients(module: nn.Module, dist: Dist) -> None:
         return
     params = [p for p in module.parameters() if p.requires_grad]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    flat = dist.all_reduce_mean(flat)
+    flat = mean_over_ranks(flat)
     offset = 0
     for p in params:
         n = p.numel()
