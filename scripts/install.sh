@@ -30,11 +30,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   if [ "$REQ" = requirements/cuda.txt ] && .venv/bin/python -m pip show -q faiss-cpu >/dev/null 2>&1; then
     pip_quiet uninstall -q -y faiss-cpu  # same `faiss` module as faiss-gpu-cu12: the two must not coexist
   fi
-  # --no-compile: byte-compiling every installed module took 40 of the 110 s (measured, 2 cores); Python compiles
-  # the few thousand modules a run imports on first use and keeps them in __pycache__
-  pip_quiet install -q --no-compile -c "$CONSTRAINTS" -r "$REQ"
-  pip_quiet install -q --no-compile --no-deps -r requirements/nodeps.txt
-  pip_quiet install -q --no-compile --no-deps --no-build-isolation -e .
+  # pip byte-compiles what it installs (40 of these 110 s on 2 cores); kept: where PYTHONDONTWRITEBYTECODE=1 (this
+  # machine, its CI) Python would otherwise recompile torch in every process (measured: suite 11.3 min, not 7.7)
+  pip_quiet install -q -c "$CONSTRAINTS" -r "$REQ"
+  pip_quiet install -q --no-deps -r requirements/nodeps.txt
+  pip_quiet install -q --no-deps --no-build-isolation -e .
   # xformers against torch: on CUDA a mismatch (or a CPU torch) stops here, before the stamp is written
   if ! .venv/bin/python -m pipeline.doctor --pair $PAIR_ARGS; then
     echo "install: FAILED: the installed torch and xformers do not match (see the error above);" \

@@ -16,4 +16,5 @@ try:
 except (OSError, ValueError):
     pass
 print(max(1, min(n, 8)))')
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "$workers" --dist loadscope "$@"
+# --no-loadscope-reorder: modules in collection order, longest first (tests/conftest.py), not by their test count
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "$workers" --dist loadscope --no-loadscope-reorder "$@"
