@@ -6,6 +6,8 @@ check, and `--write` rewrites the lists in place, keeping comments and the data 
 """
 from __future__ import annotations
 
+import copy
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -28,13 +30,14 @@ def _yaml() -> YAML:
 
 def load_dvc_yaml(dvc_yaml: Path, require_stages: bool = True) -> Any:
     """dvc.yaml, round-trip loaded (comments kept); a damaged file is one line naming it. Without
-    `require_stages`, a file with no stages (another DVC file of the user's) loads as {"stages": {}}."""
-    from ruamel.yaml import YAMLError
-
+    `require_stages`, a file with no stages (another DVC file of the user's) loads as {"stages": {}}.
+    One `check` or `run` reads it about ten times: the parse is cached by the file's text, so the document returned
+    is shared and must not be changed (`write` changes a copy)."""
     try:
-        doc = _yaml().load(dvc_yaml.read_text(encoding="utf-8"))
-    except (YAMLError, UnicodeDecodeError) as exc:
+        text = dvc_yaml.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
         raise UserError(f"{dvc_yaml}: not valid YAML ({first_line(exc)})") from None
+    doc = _parsed(text, str(dvc_yaml))
     if not require_stages and not (isinstance(doc, dict) and doc.get("stages")):
         return {"stages": {}}
     if not isinstance(doc, dict) or not isinstance(doc.get("stages"), dict) or not doc["stages"]:
@@ -42,6 +45,16 @@ def load_dvc_yaml(dvc_yaml: Path, require_stages: bool = True) -> Any:
     if bad := next((name for name, body in doc["stages"].items() if not isinstance(body, dict)), None):
         raise UserError(f"{dvc_yaml}: stage {bad!r} is not a mapping (cmd, deps, outs, ...)")
     return doc
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(text: str, name: str) -> Any:
+    from ruamel.yaml import YAMLError
+
+    try:
+        return _yaml().load(text)
+    except YAMLError as exc:
+        raise UserError(f"{name}: not valid YAML ({first_line(exc)})") from None
 
 
 def _dep_path(entry: Any) -> str:
@@ -105,7 +118,7 @@ def check_running_stage(addressing: str, dvc_root: Path, root: Path = ROOT) -> N
 
 def write(dvc_yaml: Path = ROOT / "dvc.yaml", root: Path = ROOT) -> list[str]:
     """Rewrite every stage's code deps as its import closure; return the names of the stages that changed."""
-    doc = load_dvc_yaml(dvc_yaml)
+    doc = copy.deepcopy(load_dvc_yaml(dvc_yaml))  # the cached parse stays what the file says
     changed = []
     for name, body in doc["stages"].items():
         if stage_module(body) is None:

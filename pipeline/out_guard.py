@@ -132,11 +132,15 @@ def _dvc_str(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+LOCK_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # (PyYAML built without libyaml: the same, slower)
+
+
 def locked_outs(root: Path) -> set[tuple[str, str]]:
     """(stage, out path) of every output dvc.lock records."""
     lock = root / "dvc.lock"
     try:
-        doc = yaml.safe_load(lock.read_text()) if lock.is_file() else None
+        # DVC writes it, a few thousand lines: libyaml's parser reads it ten times faster than PyYAML's own
+        doc = yaml.load(lock.read_text(), Loader=LOCK_LOADER) if lock.is_file() else None  # noqa: S506 (safe)
     except (yaml.YAMLError, UnicodeDecodeError):
         doc = None  # DVC reports a damaged dvc.lock itself; without it nothing counts as recorded
     stages = doc.get("stages") if isinstance(doc, dict) else None

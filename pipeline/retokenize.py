@@ -22,7 +22,7 @@ from pipeline.atomic import check_replaceable, read_json
 from pipeline.config import from_dict, load_params
 from pipeline.errors import UserError
 from pipeline.locks import exclusive
-from pipeline.out_guard import changed_after_written, planned_outputs
+from pipeline.out_guard import LOCK_LOADER, changed_after_written, planned_outputs
 from pipeline.runlog import run_log_path
 
 NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -117,7 +117,8 @@ def pipeline_outputs(root: Path) -> dict[Path, str]:
 
     outs: dict[Path, str] = {}
     with contextlib.suppress(OSError, yaml.YAMLError, AttributeError, TypeError):
-        for stage, body in (yaml.safe_load((root / "dvc.lock").read_text())["stages"] or {}).items():
+        lock = yaml.load((root / "dvc.lock").read_text(), Loader=LOCK_LOADER)  # noqa: S506 (a safe loader)
+        for stage, body in (lock["stages"] or {}).items():
             for out in body.get("outs") or []:
                 outs[(root / out["path"]).resolve()] = stage
     with contextlib.suppress(UserError):  # a params.yaml DVC cannot run with: dvc.lock's outputs still count

@@ -155,6 +155,9 @@ def test_write_replaces_only_the_code_deps_and_keeps_the_rest(tmp_path):
     stamp = (tmp_path / "dvc.yaml").stat().st_mtime_ns
     assert dvc_deps.write(tmp_path / "dvc.yaml", tmp_path) == []
     assert (tmp_path / "dvc.yaml").stat().st_mtime_ns == stamp  # nothing to change: not rewritten
+    # the parse is cached by the file's text: the old text again (an undo) is the old drift, not what write changed
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
+    assert list(dvc_deps.drift(tmp_path / "dvc.yaml", tmp_path)) == ["s"]
 
 
 def test_write_gives_a_new_stage_its_code_deps(tmp_path):
