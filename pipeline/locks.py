@@ -20,7 +20,8 @@ def _open_locked(path: Path, what: str) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            # what the holder wrote ("pid N"), on one line whatever the file holds
+            holder = " ".join(os.pread(fd, 200, 0).decode(errors="replace").split()) or "another process"
             os.close(fd)
             raise UserError(f"{what} is in use by {holder} (lock {path}); wait for it to finish") from None
         try:  # a holder that removes the file when done may have removed the one we opened: lock the current one

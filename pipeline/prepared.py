@@ -6,7 +6,6 @@ File handles are opened lazily per process, so DataLoader workers never share on
 """
 from __future__ import annotations
 
-import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.errors import UserError
+from pipeline.atomic import read_json
+from pipeline.errors import UserError, first_line
 from pipeline.images import decode_png
 from pipeline.shards import safe_member
 
@@ -31,7 +31,18 @@ def read_manifest(root: str | Path) -> dict:
     path = Path(root) / "manifest.json"
     if not path.is_file():
         raise UserError(f"{path}: not found; run the prepare stage for this dataset first")
-    return json.loads(path.read_text())
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise UserError(f"{path}: no `splits` mapping, so not a manifest the prepare stage wrote; run it again")
+    return manifest
+
+
+def _label(raw: bytes, shard: Path, member: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"{shard}: {member} holds {raw[:20]!r}, not a class index; the prepared dataset is damaged: "
+                        f"run its prepare stage again") from None
 
 
 class PreparedImages(Dataset):
@@ -51,16 +62,20 @@ class PreparedImages(Dataset):
         entries = []
         for si, shard in enumerate(self.shards):
             pending: dict[str, dict] = {}
-            with tarfile.open(shard, "r:") as tar:
-                for m in tar:
-                    if not safe_member(m) or "." not in m.name:
-                        continue
-                    key, ext = m.name.split(".", 1)
-                    rec = pending.setdefault(key, {})
-                    if ext == "png":
-                        rec["png"] = (m.offset_data, m.size)
-                    elif ext == "cls":
-                        rec["cls"] = int(tar.extractfile(m).read())
+            try:  # "r:", not "r:*": the PNGs are read by offset, so a compressed shard must be refused, not inflated
+                with tarfile.open(shard, "r:") as tar:
+                    for m in tar:
+                        if not safe_member(m) or "." not in m.name:
+                            continue
+                        key, ext = m.name.split(".", 1)  # WebDataset's rule: the key ends at the first dot
+                        rec = pending.setdefault(key, {})
+                        if ext == "png":
+                            rec["png"] = (m.offset_data, m.size)
+                        elif ext == "cls":
+                            rec["cls"] = _label(tar.extractfile(m).read(), shard, m.name)
+            except tarfile.TarError as exc:
+                raise UserError(f"{shard}: not a readable uncompressed tar ({first_line(exc)}); the prepared dataset "
+                                f"is damaged: run its prepare stage again") from None
             entries += [Entry(si, k, r["png"], r.get("cls", 0)) for k, r in pending.items() if "png" in r]
         return entries
 

@@ -35,7 +35,7 @@ def model_config_dict(cfg: VQGANConfig) -> dict[str, Any]:
 
 
 def fingerprint(model: VQGAN) -> str:
-    return model.quantizer.codebook_fingerprint(model_config_dict(model.cfg))
+    return model.codebook_fingerprint()  # the config as JSON: a tuple and a list hash alike
 
 
 def save_vqgan(out_dir: str | Path, model: VQGAN, meta: dict[str, Any]) -> str:

@@ -72,18 +72,38 @@ declare -A TESTS=(
     tests/test_behaviour_planted_vqgan_tokenize.py::test_the_fingerprint_covers_the_labels
     tests/test_behaviour_planted_vqgan_tokenize.py::test_min_side_and_max_pixels_are_the_prepare_sections
     tests/test_behaviour_planted_vqgan_tokenize.py::test_shards_of_files_carry_their_origin_and_idx_shards_do_not"
+  # the small plumbing modules (session 29): their in-process tests
+  [pipeline/locks.py]="tests/test_behaviour_planted_plumbing.py"
+  [pipeline/runlog.py]="tests/test_behaviour_planted_plumbing.py tests/test_behaviour_atomic.py
+    tests/test_doctor.py::test_run_facts_name_what_decides_the_bytes
+    tests/test_behaviour_side_commands.py::test_run_facts_sit_beside_the_metrics_under_its_stem
+    tests/test_behaviour_side_commands.py::test_the_metrics_file_takes_its_run_logs_times_and_a_restored_one_has_no_facts"
+  [pipeline/presets.py]="tests/test_behaviour_config.py tests/test_config.py
+    tests/test_behaviour_side_commands.py::test_an_empty_preset_is_refused_on_the_command_line_and_a_near_miss_is_named
+    tests/test_behaviour_side_commands.py::test_a_stage_of_the_dataset_a_preset_adds_is_selected_by_its_full_name"
+  [pipeline/compare.py]="tests/test_compare.py"
+  [pipeline/prepared.py]="tests/test_behaviour_planted_plumbing.py tests/test_behaviour_channels.py"
+  [pipeline/vqgan_io.py]="tests/test_behaviour_planted_plumbing.py tests/test_behaviour_channels.py
+    tests/test_behaviour_tokens.py tests/test_tokenize.py::test_load_vqgan_refuses_a_foreign_or_damaged_folder_in_one_line
+    tests/test_behaviour_side_commands.py::test_pixels_survive_the_model_range_round_trip_exactly"
 )
 # extra pytest arguments, one per line (the FID network tests take a minute each call: left to the main suite)
 declare -A ARGS=(
   [pipeline/fid.py]=$'-k\nnot real_network'
   # the out_guard tests that run dvc and the CLI in subprocesses (5-20 s each) never see a mutant: main suite
   [pipeline/out_guard.py]=$'-k\nnot (stops_before_dvc or cli_refuses or failed_first_run or sigterm_undoes)'
+  # the install tests run scripts/install.sh on requirements/, which the scratch copy has not
+  [pipeline/locks.py]=$'-k\nnot test_install_'
+  [pipeline/runlog.py]=$'-k\nnot test_install_'
+  [pipeline/prepared.py]=$'-k\nnot test_install_'
+  [pipeline/vqgan_io.py]=$'-k\nnot test_install_'
 )
 ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py
        pipeline/tokens.py models/attention.py pipeline/config.py pipeline/codegraph.py pipeline/layering.py
        pipeline/dvc_graph.py pipeline/run_checks.py pipeline/dvc_deps.py pipeline/checkpoint.py models/gpt.py
        models/maskgit.py training/vq_loss.py pipeline/shards.py pipeline/images.py models/vqgan.py models/lpips.py
-       pipeline/out_guard.py training/gan.py training/ar.py stages/sample.py stages/prepare.py)
+       pipeline/out_guard.py training/gan.py training/ar.py stages/sample.py stages/prepare.py pipeline/locks.py
+       pipeline/runlog.py pipeline/presets.py pipeline/compare.py pipeline/prepared.py pipeline/vqgan_io.py)
 
 [ -x .venv/bin/python ] || bash scripts/install.sh
 if [ ! -x "$VENV/bin/mutmut" ]; then

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.errors import UserError
 
@@ -331,6 +332,39 @@ def test_a_lock_file_removed_by_its_last_holder_is_not_the_one_kept(tmp_path, mo
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("holder, named", [(b"pid 4242", "pid 4242"), (b"", "another process"),
+                                           (b"pid \xff7\n" + b"x" * 300, "pid \ufffd7 " + "x" * 193)])
+def test_a_lock_held_elsewhere_is_one_line_naming_its_holder(tmp_path, holder, named):
+    """flock conflicts between open files, so a second descriptor here stands for another process. The holder
+    writes `pid N` into the file; an empty file (a holder between truncating and writing) or bytes that are not
+    UTF-8 or a line break (a file of someone else's at the path) still give one line; the first 200 bytes are read."""
+    from pipeline.locks import exclusive
+
+    lock = tmp_path / "store.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, holder)
+        with pytest.raises(UserError) as err:
+            with exclusive(lock, "token store"):
+                pass
+    finally:
+        os.close(fd)
+    assert str(err.value) == f"token store is in use by {named} (lock {lock}); wait for it to finish"
+
+
+def test_a_lock_file_is_made_readable_by_all_and_left_empty(tmp_path):
+    from pipeline.locks import exclusive
+
+    lock, umask = tmp_path / "run.lock", os.umask(0o022)
+    try:
+        with exclusive(lock, "the pipeline"):
+            assert lock.read_text() == f"pid {os.getpid()}"
+    finally:
+        os.umask(umask)
+    assert (lock.stat().st_mode & 0o777, lock.read_bytes()) == (0o644, b"")
+
+
 # ------------------------------------------------------------------ runlog: headline columns
 
 def test_headline_gives_none_for_a_missing_key_and_unwraps_protocol_entries():
@@ -373,6 +407,21 @@ def test_missing_weights_are_named_before_anything_is_loaded(saved_vqgan):
                                                    f"first: dvc repro train_vqgan)")
 
 
+def test_weights_of_another_vqgan_beside_the_config_are_named_with_both_fingerprints(saved_vqgan, tmp_path):
+    from helpers import tiny_vqgan
+
+    from pipeline.vqgan_io import fingerprint, load_vqgan, save_vqgan
+    folder, fp = saved_vqgan
+    other = tiny_vqgan(seed=7)
+    assert fp == fingerprint(tiny_vqgan()) == tiny_vqgan().codebook_fingerprint() != fingerprint(other)
+    save_vqgan(tmp_path / "other", other, {"source": "test"})
+    shutil.copy(tmp_path / "other" / "model.safetensors", folder / "model.safetensors")
+    weights = folder / "model.safetensors"
+    assert message(lambda: load_vqgan(folder)) == (
+        f"{weights}: codebook fingerprint {fingerprint(other)[:16]} does not match {folder / 'config.json'} "
+        f"({fp[:16]}); the folder is corrupt or mixed")
+
+
 def test_a_codebook_mismatch_names_each_fingerprint_with_its_owner():
     from pipeline.vqgan_io import check_fingerprint
 
@@ -409,6 +458,77 @@ def test_a_worker_process_opens_its_own_shard_handles(tmp_path):
     image, _ = ds[1]
     assert ds._files[0] is not parents and int(image.max()) == 50
     parents.close()
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes = b"", link: str | None = None) -> None:
+    info = tarfile.TarInfo(name)
+    if link is None:
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    else:
+        info.type, info.linkname = tarfile.SYMTYPE, link
+        tar.addfile(info)
+
+
+def test_the_index_keys_samples_as_webdataset_does_across_every_shard(tmp_path):
+    """Keys end at the first dot (`a.seg.png` is sample a's `seg.png`, not an image), a member without a dot or a
+    link is passed over, not the end of the shard, a sample without `.cls` is class 0, and every shard counts."""
+    from pipeline.images import encode_png
+    from pipeline.prepared import PreparedImages
+
+    root = tmp_path / "prep"
+    root.mkdir()
+    pngs = {k: encode_png(np.full((4, 4, 1), v, np.uint8)) for k, v in (("a", 10), ("b", 20), ("c", 30))}
+    with tarfile.open(root / "train-000000.tar", "w") as tar:
+        add_member(tar, "README")
+        add_member(tar, "evil.png", link="a.png")
+        for name, data in (("a.png", pngs["a"]), ("a.seg.png", pngs["c"]), ("a.cls", b"3"), ("b.png", pngs["b"])):
+            add_member(tar, name, data)
+    with tarfile.open(root / "train-000001.tar", "w") as tar:
+        add_member(tar, "c.png", pngs["c"]), add_member(tar, "c.cls", b"7")
+    (root / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": [
+        "train-000000.tar", "train-000001.tar"]}}, "channels": 1, "resolution": 4}))
+    ds = PreparedImages(root, "train")
+    assert ds.keys() == ["a", "b", "c"] and [e.label for e in ds.entries] == [3, 0, 7]
+    assert [ds.read_png(i) for i in range(3)] == [pngs["a"], pngs["b"], pngs["c"]]  # the member's bytes, no more
+    images, labels = ds.load_all()
+    assert images[:, 0, 0, 0].tolist() == [10, 20, 30] and labels.tolist() == [3, 0, 7]
+    assert images.shape == (3, 1, 4, 4) and images.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("truncated", "not a readable uncompressed tar (bad checksum)"),
+    ("gzip", "not a readable uncompressed tar ("),  # offsets into a compressed stream would be wrong: refused
+    ("label", "s0.cls holds b'seven-seven-seven-se', not a class index")])
+def test_a_damaged_prepared_shard_is_one_line_naming_it(tmp_path, damage, said):
+    import gzip
+    from pipeline.prepared import PreparedImages
+
+    root = write_prepared(tmp_path / "prep")
+    shard = root / "train-000000.tar"
+    raw = shard.read_bytes()
+    if damage == "truncated":
+        shard.write_bytes(raw[100:])
+    elif damage == "gzip":
+        shard.write_bytes(gzip.compress(raw))
+    else:
+        with tarfile.open(shard, "w") as tar:
+            add_member(tar, "s0.png", raw[512:1024]), add_member(tar, "s0.cls", b"seven-" * 9)
+    text = message(lambda: PreparedImages(root, "train"))
+    assert text.startswith(f"{shard}: {said}") and "\n" not in text
+    assert text.endswith("; the prepared dataset is damaged: run its prepare stage again")
+
+
+def test_a_missing_manifest_split_or_splits_mapping_is_one_line(tmp_path):
+    from pipeline.prepared import PreparedImages, read_manifest
+
+    assert message(lambda: read_manifest(tmp_path)) == (f"{tmp_path / 'manifest.json'}: not found; run the prepare "
+                                                       f"stage for this dataset first")
+    root = write_prepared(tmp_path / "prep")
+    assert message(lambda: PreparedImages(root, "val")) == f"{root}: no split 'val' (have ['train'])"
+    (root / "manifest.json").write_text(json.dumps({"train": {}}))
+    assert message(lambda: read_manifest(root)) == (f"{root / 'manifest.json'}: no `splits` mapping, so not a "
+                                                    f"manifest the prepare stage wrote; run it again")
 
 
 # ------------------------------------------------------------------ env: the user's values, the venv's tools first

@@ -5,6 +5,7 @@ and params range checks at their boundaries."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,8 @@ def test_pixels_survive_the_model_range_round_trip_exactly():
     levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
     assert torch.equal(to_uint8(to_model_range(levels)), levels)
     assert to_uint8(torch.tensor([0.0, -1.0, 1.0, 0.999])).tolist() == [128, 0, 255, 255]  # rounded, not cut
+    out = to_uint8(torch.tensor([-1.5, 1.5, -3.0, 3.0]))  # a decoder overshoots: clamped, never wrapped around
+    assert out.dtype == torch.uint8 and out.tolist() == [0, 255, 0, 255]
 
 
 def test_run_facts_sit_beside_the_metrics_under_its_stem(tmp_path):
@@ -151,6 +154,25 @@ def test_run_facts_sit_beside_the_metrics_under_its_stem(tmp_path):
     write_metrics(tmp_path / "x.json", {"fid": 1.0}, {"seconds": 2.0})
     assert (tmp_path / "x.run.json").is_file()
     assert _why_not_ours(tmp_path / "x.json", "evaluate", None) is None  # the out guard finds the run's file
+
+
+def test_the_metrics_file_takes_its_run_logs_times_and_a_restored_one_has_no_facts(tmp_path, monkeypatch):
+    """A kill between the two writes must never leave a metrics file newer than its run log (the out guard would
+    call the stage's own output foreign), however long the first write took: here it took until 2001."""
+    from pipeline import runlog
+
+    real, then = runlog.write_json, 1_000_000_000 * 10**9  # 2001-09-09, in ns
+
+    def slow_write(path, obj, stamp=None):
+        real(path, obj, stamp=stamp)
+        if str(path).endswith(".run.json"):
+            os.utime(path, ns=(then, then))
+
+    monkeypatch.setattr(runlog, "write_json", slow_write)
+    runlog.write_metrics(tmp_path / "x.json", {"fid": 1.0}, {"seconds": 2.0})
+    assert (tmp_path / "x.json").stat().st_mtime_ns == then
+    (tmp_path / "x.run.json").unlink()  # DVC restored the metrics from its cache: no run here measured anything
+    assert runlog.read_run_facts(tmp_path / "x.json") == {}
 
 
 # ------------------------------------------------------------------ params at their boundaries

@@ -123,3 +123,63 @@ def test_gan_settings_of_a_run_of_another_kind_show_as_unread():
     _, rows, _ = C.rows_of([run("workspace", p("ar", "ylg"), {}, when=None), run("abc", p("gan", "native"), {})])
     assert [(r["train_transformer.kind"], r["train_transformer.gan.attention_kind"]) for r in rows] == [
         ("ar", "-"), ("gan", "native")]
+
+
+def test_runs_with_params_or_metrics_are_rows_and_experiments_take_their_groups_name():
+    """DVC lists queued or failed experiments with neither params nor metrics: no row. A run with either is one; an
+    experiment's revision carries no name of its own, so it is named by its group."""
+    only_params = {"rev": "p1", "name": None, "data": {"params": {"params.yaml": {"data": params()}}}}
+    only_metrics = {"rev": "m1", "name": "mm", "data": {"metrics": {}},
+                    "experiments": [{"name": "exp-group", "revs": [run("e1", params(), {})]}]}
+    shown = [only_params, {"rev": "q1", "data": {"params": None, "metrics": None}}, only_metrics,
+             {"data": {"metrics": {}}}]
+    assert [(r["name"], r["rev"]) for r in C._runs(shown)] == [("p1", "p1"), ("mm", "m1"), ("exp-group", "e1"),
+                                                                ("?", "")]
+    with pytest.raises(UserError) as err:
+        C.rows_of(shown[1:2])
+    assert str(err.value) == "dvc exp show: no runs to compare (run the pipeline or `dvc exp run` first)"
+
+
+def test_the_table_is_left_aligned_two_spaces_apart_with_no_trailing_blanks():
+    text = C.table(["run", "gFID", "x"], [{"run": "ws", "gFID": "40.6"}, {"run": "main-long", "x": "1"}])
+    assert text == "run        gFID  x\nws         40.6\nmain-long        1"
+
+
+def test_compare_asks_dvc_for_the_given_revisions_in_the_project_and_lists_every_note(tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    shown = [run("workspace", params(), {"data/metrics/evaluate.json": {"fid": 40.6, "protocol": "p"}}, when=None),
+             run("abc", params(n=500), {"data/metrics/evaluate.json": {"fid": 52.0, "protocol": "q"}}, name="main")]
+    calls, answer = [], subprocess.CompletedProcess([], 0, json.dumps(shown), "")
+
+    def fake(cmd, **kw):
+        calls.append((cmd, kw))
+        return answer
+
+    monkeypatch.setattr(C.subprocess, "run", fake)
+    monkeypatch.setattr(C, "stale_stages", lambda root: {"evaluate"} if root == tmp_path else set())
+    columns, rows, notes = C.rows_of(shown, {"evaluate"})
+    assert len(notes) == 2  # another protocol, and the workspace's out-of-date gFID
+    assert C.compare(tmp_path, ["main", "v1"]) == C.table(columns, rows) + "".join(f"\nnote: {n}" for n in notes)
+    assert calls == [(["dvc", "exp", "show", "--json", "--rev", "main", "--rev", "v1"],
+                      {"cwd": tmp_path, "capture_output": True, "text": True})]
+    for code, out, err, said in [(1, "", "WARNING: a\nWARNING: b\nERROR: c\n", "dvc exp show failed: ERROR: c"),
+                                 (1, "", "", "dvc exp show failed: (no message)"),
+                                 (0, "Traceback", "", "dvc exp show --json printed no JSON; is this a DVC project "
+                                                      "with a git commit?")]:
+        answer = subprocess.CompletedProcess([], code, out, err)
+        with pytest.raises(UserError) as caught:
+            C.compare(tmp_path)
+        assert str(caught.value) == said
+
+
+def test_stale_stages_are_the_changed_ones_and_every_stage_below_them_by_base_name(tmp_path, monkeypatch):
+    seen = []
+    upstream = {"train_transformer": {"tokenize@fm"}, "sample": {"train_transformer", "tokenize@fm"},
+                "prepare@fm": set(), "eval_vqgan": {"train_vqgan"}}
+    monkeypatch.setattr(C, "changed_stages", lambda root: seen.append(root) or {"tokenize@fm"})
+    monkeypatch.setattr(C, "upstream_stages", lambda root: seen.append(root) or upstream)
+    assert C.stale_stages(tmp_path) == {"tokenize", "train_transformer", "sample"} and seen == [tmp_path, tmp_path]
+    monkeypatch.setattr(C, "changed_stages", lambda root: set())
+    assert C.stale_stages(tmp_path) == set()
