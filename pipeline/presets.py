@@ -11,6 +11,8 @@ from pipeline.config import apply_overrides, load_params, printable
 from pipeline.errors import UserError
 from pipeline.run_checks import preset_overrides
 
+SUFFIXES = (".yaml", ".yml")
+
 
 def resolve_overrides(root: Path, preset: str | None, overrides: list[str] | None) -> list[str]:
     """The preset's settings (a file under the project's configs/), then the explicit overrides: the second win."""
@@ -20,10 +22,10 @@ def resolve_overrides(root: Path, preset: str | None, overrides: list[str] | Non
     configs = (root / "configs").resolve()
     path = (root / preset).resolve()
     said = f"preset {printable(preset)}"
-    if not path.is_relative_to(configs) or path.suffix not in (".yaml", ".yml"):
+    if not path.is_relative_to(configs) or path.suffix not in SUFFIXES:
         raise UserError(f"{said}: must be a .yaml file under {configs}{did_you_mean(root, preset)}")
     if not path.is_file():
-        have = ", ".join(sorted(p.name for p in configs.glob("*.yaml"))) or "none here"
+        have = ", ".join(sorted(p.name for p in configs.glob("*") if p.suffix in SUFFIXES)) or "none here"
         raise UserError(f"{said}: file not found (presets live in configs/: {have}){did_you_mean(root, preset)}")
     return preset_overrides(path) + overrides
 

@@ -13,7 +13,8 @@
 # only mutmut (and its own dependencies) are installed there. With one worker on 2 busy cores: atomic.py ~1 min,
 # fid.py ~5 min, training/common.py ~1 min, device.py 0.5 min, tokens.py ~8 min, config.py ~2 min,
 # attention.py ~11 min, codegraph.py, layering.py, dvc_deps.py, checkpoint.py and vq_loss.py under 1 min each,
-# maskgit.py ~1.5 min, gpt.py ~3.5 min (docs/mutation.md has the scores and the triage).
+# maskgit.py ~1.5 min, gpt.py ~3.5 min, locks.py, runlog.py, compare.py, prepared.py and vqgan_io.py about a minute
+# each, presets.py ~3 min (docs/mutation.md has the scores and the triage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -80,7 +81,8 @@ declare -A TESTS=(
     tests/test_behaviour_side_commands.py::test_the_metrics_file_takes_its_run_logs_times_and_a_restored_one_has_no_facts"
   [pipeline/presets.py]="tests/test_behaviour_config.py tests/test_config.py
     tests/test_behaviour_side_commands.py::test_an_empty_preset_is_refused_on_the_command_line_and_a_near_miss_is_named
-    tests/test_behaviour_side_commands.py::test_a_stage_of_the_dataset_a_preset_adds_is_selected_by_its_full_name"
+    tests/test_behaviour_side_commands.py::test_a_stage_of_the_dataset_a_preset_adds_is_selected_by_its_full_name
+    tests/test_behaviour_side_commands.py::test_a_preset_is_a_yaml_or_yml_file_under_configs_and_a_missing_one_lists_those_there"
   [pipeline/compare.py]="tests/test_compare.py"
   [pipeline/prepared.py]="tests/test_behaviour_planted_plumbing.py tests/test_behaviour_channels.py"
   [pipeline/vqgan_io.py]="tests/test_behaviour_planted_plumbing.py tests/test_behaviour_channels.py

@@ -380,6 +380,24 @@ def test_an_empty_preset_is_refused_on_the_command_line_and_a_near_miss_is_named
     assert one_line(lambda: resolve_overrides(ROOT, "a\nb", [])).startswith("preset a\\nb: must be a .yaml file")
 
 
+def test_a_preset_is_a_yaml_or_yml_file_under_configs_and_a_missing_one_lists_those_there(tmp_path):
+    from pipeline.presets import resolve_overrides
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    assert one_line(lambda: resolve_overrides(tmp_path, "configs/x.yaml", [])) == (
+        "preset configs/x.yaml: file not found (presets live in configs/: none here)")
+    for name, n in (("small.yml", 8), ("big.yaml", 80), ("notes.txt", 1)):
+        (configs / name).write_text(f"sample:\n  n: {n}\n")
+    (tmp_path / "params.yaml").write_text("sample:\n  n: 2\n")
+    assert resolve_overrides(tmp_path, "configs/small.yml", ["sample.seed=1"]) == ["sample.n=8", "sample.seed=1"]
+    for outside in ("configs/notes.txt", "params.yaml"):
+        assert one_line(lambda: resolve_overrides(tmp_path, outside, [])) == (
+            f"preset {outside}: must be a .yaml file under {configs.resolve()}")
+    assert one_line(lambda: resolve_overrides(tmp_path, "configs/x.yaml", [])) == (
+        "preset configs/x.yaml: file not found (presets live in configs/: big.yaml, small.yml)")
+
+
 def test_a_dataset_path_that_is_or_holds_the_project_is_refused(tmp_path, monkeypatch):
     """`add-dataset x ''` took the working folder (os.path.abspath("")), the project, as the dataset, and `-S
     datasets.x.path=/` hashed the whole disk: both ended in a line about checkpoint folders, if at all. A path that is
