@@ -96,5 +96,6 @@ def main_guard(fn: Callable[[], None]) -> None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(UserError.exit_code)
     except KeyboardInterrupt:
+        _close_progress_bars()  # Ctrl-C during a stage: "interrupted" on its own line, not after the bar
         print("interrupted", file=sys.stderr)
         sys.exit(130)

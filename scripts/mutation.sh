@@ -14,7 +14,7 @@
 # fid.py ~5 min, training/common.py ~1 min, device.py 0.5 min, tokens.py ~8 min, config.py ~2 min,
 # attention.py ~11 min, codegraph.py, layering.py, dvc_deps.py, checkpoint.py and vq_loss.py under 1 min each,
 # maskgit.py ~1.5 min, gpt.py ~3.5 min, locks.py, runlog.py, compare.py, prepared.py and vqgan_io.py about a minute
-# each, presets.py ~3 min (docs/mutation.md has the scores and the triage).
+# each, presets.py ~3 min, errors.py and report.py under 1 min (docs/mutation.md has the scores and the triage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -85,6 +85,8 @@ declare -A TESTS=(
     tests/test_behaviour_side_commands.py::test_a_preset_is_a_yaml_or_yml_file_under_configs_and_a_missing_one_lists_those_there"
   [pipeline/compare.py]="tests/test_compare.py"
   [pipeline/prepared.py]="tests/test_behaviour_planted_plumbing.py tests/test_behaviour_channels.py"
+  [pipeline/errors.py]="tests/test_behaviour_planted_plumbing.py tests/test_disk_full.py tests/test_behaviour_config.py"
+  [pipeline/report.py]="tests/test_behaviour_planted_plumbing.py tests/test_behaviour_planted_models.py"
   [pipeline/vqgan_io.py]="tests/test_behaviour_planted_plumbing.py tests/test_behaviour_channels.py
     tests/test_behaviour_tokens.py tests/test_tokenize.py::test_load_vqgan_refuses_a_foreign_or_damaged_folder_in_one_line
     tests/test_behaviour_side_commands.py::test_pixels_survive_the_model_range_round_trip_exactly"
@@ -99,13 +101,16 @@ declare -A ARGS=(
   [pipeline/runlog.py]=$'-k\nnot test_install_'
   [pipeline/prepared.py]=$'-k\nnot test_install_'
   [pipeline/vqgan_io.py]=$'-k\nnot test_install_'
+  [pipeline/errors.py]=$'-k\nnot test_install_'
+  [pipeline/report.py]=$'-k\nnot test_install_'
 )
 ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py
        pipeline/tokens.py models/attention.py pipeline/config.py pipeline/codegraph.py pipeline/layering.py
        pipeline/dvc_graph.py pipeline/run_checks.py pipeline/dvc_deps.py pipeline/checkpoint.py models/gpt.py
        models/maskgit.py training/vq_loss.py pipeline/shards.py pipeline/images.py models/vqgan.py models/lpips.py
        pipeline/out_guard.py training/gan.py training/ar.py stages/sample.py stages/prepare.py pipeline/locks.py
-       pipeline/runlog.py pipeline/presets.py pipeline/compare.py pipeline/prepared.py pipeline/vqgan_io.py)
+       pipeline/runlog.py pipeline/presets.py pipeline/compare.py pipeline/prepared.py pipeline/vqgan_io.py
+       pipeline/errors.py pipeline/report.py)
 
 [ -x .venv/bin/python ] || bash scripts/install.sh
 if [ ! -x "$VENV/bin/mutmut" ]; then

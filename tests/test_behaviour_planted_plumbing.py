@@ -15,6 +15,7 @@ import errno
 import fcntl
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -569,6 +570,9 @@ def test_an_allocation_of_exactly_one_tib_is_named_in_tib():
 
     exc = RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {2**40} bytes.")
     assert out_of_memory_message(exc).startswith("out of memory: could not allocate 1.0 TiB (lower")
+    for n_bytes, size in ((1997 * 2**30, "2.0 TiB"), (3 * 2**50, "3.0 PiB"), (5 * 2**60, "5.0 EiB")):
+        exc = RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {n_bytes} bytes.")
+        assert out_of_memory_message(exc).startswith(f"out of memory: could not allocate {size} (lower"), size
 
 
 def test_a_full_quota_is_told_to_free_space():
@@ -583,6 +587,73 @@ def test_first_line_skips_leading_blank_lines():
 
     assert first_line(ValueError("\n  the real reason\nmore")) == "the real reason"
     assert first_line(EOFError()) == "EOFError"
+
+
+HINT = "(lower the model sizes, batch_size or the images held in memory in params.yaml)"
+
+
+@pytest.mark.parametrize("raised, said, code", [
+    (UserError("datasets.x.path: not found"), "error: datasets.x.path: not found", 2),
+    ("non-finite", "error: loss is nan at step 7", 3),
+    (OSError(errno.ENOSPC, "No space left on device", "/d/x"), "error: /d/x: No space left on device (free some "
+                                                               "space)", 2),
+    (OSError(errno.EROFS, "Read-only file system", None), "error: a file: Read-only file system (check the folder's "
+                                                          "permissions)", 2),
+    (OSError(errno.ENOTDIR, "Not a directory", "a\nb"), "error: 'a\\nb': Not a directory (check the path)", 2),
+    (OSError(errno.EISDIR, "", "/d/y"), "error: /d/y: [Errno 21] : '/d/y' (check the path)", 2),
+    (RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {3 * 2**29} bytes."),
+     f"error: out of memory: could not allocate 1.5 GiB {HINT}", 2),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)"),
+     f"error: out of GPU memory: could not allocate 2.00 GiB {HINT}", 2),
+    (MemoryError(), f"error: out of memory: MemoryError {HINT}", 2),
+    (KeyboardInterrupt(), "interrupted", 130)])
+def test_main_guard_ends_a_failure_in_one_line_after_the_progress_bar_and_exits_with_its_code(raised, said, code,
+                                                                                              capsys):
+    from tqdm import tqdm
+
+    from pipeline.errors import NonFiniteLoss, main_guard
+
+    raised = NonFiniteLoss("loss is nan at step 7") if raised == "non-finite" else raised
+    bar = tqdm(total=3, file=sys.stderr, desc="train")  # the stage's bar, open when it failed
+    bar.update(1)
+
+    def fail():
+        raise raised
+
+    with pytest.raises(SystemExit) as ended:
+        main_guard(fail)
+    assert ended.value.code == code and bar not in tqdm._instances
+    assert capsys.readouterr().err.endswith(f"\n{said}\n")  # on its own line (Ctrl-C's came after the bar)
+
+
+def test_a_failure_before_any_progress_bar_existed_is_one_line_too(monkeypatch, capsys):
+    from tqdm import tqdm
+
+    from pipeline.errors import main_guard
+
+    monkeypatch.delattr(tqdm, "_instances", raising=False)  # tqdm makes the set with its first bar
+
+    def fail():
+        raise UserError("x: bad")
+
+    with pytest.raises(SystemExit):
+        main_guard(fail)
+    assert capsys.readouterr().err == "error: x: bad\n"
+
+
+@pytest.mark.parametrize("raised", [OSError(errno.EIO, "Input/output error", "/d/x"),
+                                    FileNotFoundError(errno.ENOENT, "No such file or directory"),
+                                    RuntimeError("mat1 and mat2 shapes cannot be multiplied"), ValueError("a bug")])
+def test_main_guard_leaves_what_may_be_a_bug_a_traceback(raised, capsys):
+    from pipeline.errors import main_guard
+
+    def fail():
+        raise raised
+
+    with pytest.raises(type(raised)) as caught:
+        main_guard(fail)
+    assert caught.value is raised and capsys.readouterr().err == ""
+    assert main_guard(lambda: None) is None
 
 
 # ------------------------------------------------------------------ stage_cli: the named params file and DVC_ROOT
@@ -722,6 +793,97 @@ def test_only_the_folder_s_own_png_files_are_inlined(tmp_path):
     md = embed_images("\n".join(f"![{n}]({n})" for n in links), report).splitlines()
     assert md[0] == f"![grid.png](data:image/png;base64,{base64.b64encode(png).decode()})"
     assert md[1:] == [f"![{n}]({n})" for n in links[1:]]
+
+
+def test_metric_rows_and_their_table_as_the_report_prints_them():
+    """Only {"value", "protocol"} entries are metrics (a value without a protocol is not), a plain entry before them
+    is passed over, the network hash is cut to 12 characters, a missing cell is blank and nothing is `None`."""
+    from pipeline.report import markdown_table, metric_rows
+
+    protocol = {"n_gen": 1000, "n_ref": 2000, "ref_split": "train", "resize_mode": "tf_bilinear",
+                "feature_network_hash": "abcdef0123456789", "seed": 0, "other": 5}
+    metrics = {"source": "data/samples", "fid": {"value": 12.3456, "protocol": protocol},
+               "kid": {"value": float("nan"), "protocol": protocol, "unreliable": True},
+               "half": {"value": 3}, "per_class": {"cat": {"fid": {"value": 0.0005, "protocol": protocol}}}}
+    fields = "1000 | 2000 | train | tf_bilinear | abcdef012345 | 0"
+    assert markdown_table(metric_rows(metrics)) == (
+        "| metric | value | n_gen | n_ref | ref_split | resize_mode | feature_network_hash | seed | note |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+        f"| fid | 12.35 | {fields} |  |\n| kid | n/a | {fields} | few samples |\n"
+        f"| per_class.cat.fid | 5.000e-04 | {fields} |  |\n")
+    assert markdown_table([]) == "(none)\n"
+
+
+def test_numbers_are_four_digits_down_to_a_thousandth_then_exponents_and_non_finite_is_n_a():
+    from pipeline.report import _fmt
+
+    assert [_fmt(v) for v in (None, float("inf"), float("nan"), 0, 0.0, 1, 0.001, 0.000999, 123456.0)] == [
+        "n/a", "n/a", "n/a", "0", "0", "1", "0.001", "9.990e-04", "1.235e+05"]
+
+
+def test_code_usage_is_the_share_of_codes_used_and_the_perplexity_of_their_counts():
+    from pipeline.report import code_usage
+
+    skewed = code_usage(np.array([0, 3, 1, 0]))
+    assert skewed["code_usage_pct"] == 50.0
+    assert skewed["code_perplexity"] == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    assert code_usage(np.array([2, 2, 2, 2])) == {"code_usage_pct": 100.0, "code_perplexity": pytest.approx(4.0)}
+    assert code_usage(np.zeros(5)) == {"code_usage_pct": 0.0, "code_perplexity": 0.0}
+
+
+def test_a_rows_grid_pads_short_rows_and_scales_without_smoothing(tmp_path):
+    from PIL import Image
+
+    from pipeline.report import save_rows_grid
+
+    def images(*values):
+        return torch.tensor(values, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+
+    save_rows_grid(tmp_path / "g.png", [images(10, 20), images(), images(30)], scale=2, pad=1, background=128)
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    cells = np.full((7, 7), 128, np.uint8)  # pad 1 around 2x2 cells, the empty row dropped
+    cells[1:3, 1:3], cells[1:3, 4:6], cells[4:6, 1:3] = 10, 20, 30
+    assert np.array_equal(grid, cells.repeat(2, 0).repeat(2, 1))
+    rgb = torch.arange(12, dtype=torch.uint8).view(1, 3, 2, 2)
+    save_rows_grid(tmp_path / "c.png", [rgb], scale=1, pad=0)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), rgb[0].permute(1, 2, 0).numpy())
+    with pytest.raises(ValueError, match="^no images for the grid$"):
+        save_rows_grid(tmp_path / "e.png", [images()])
+    assert not (tmp_path / "e.png").exists()
+    save_rows_grid(tmp_path / "d.png", [images(0)])  # the reports' defaults: 2 px of grey 128 around, twice the size
+    default = np.asarray(Image.open(tmp_path / "d.png"))
+    assert default.shape == (12, 12) and default[0, 0] == 128 and default[4:8, 4:8].max() == 0
+
+
+def test_a_figure_is_saved_as_png_and_closed_and_text_as_utf8(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from pipeline.report import PNG_SIGNATURE, new_figure, protocol_lines, save_figure, write_text
+
+    fig, ax = new_figure(1, 2, figsize=(3, 2))
+    assert len(ax) == 2 and plt.get_backend().lower() == "agg"
+    save_figure(fig, tmp_path / "f.png", dpi=50)
+    assert (tmp_path / "f.png").read_bytes().startswith(PNG_SIGNATURE) and fig.number not in plt.get_fignums()
+    assert png_size(tmp_path / "f.png") == (150, 100)
+    save_figure(new_figure(figsize=(3, 2))[0], tmp_path / "default.png")
+    assert png_size(tmp_path / "default.png") == (270, 180)  # 90 dpi
+    write_text(tmp_path / "r.md", "caf\u00e9")
+    assert (tmp_path / "r.md").read_bytes() == "caf\u00e9".encode()
+    assert protocol_lines({"n_gen": 10, "resize_mode": "clean"}) == "- n_gen: `10`\n- resize_mode: `clean`\n"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_an_inlined_image_keeps_its_alt_text(tmp_path):
+    from pipeline.report import PNG_SIGNATURE, embed_images
+
+    (tmp_path / "grid.png").write_bytes(PNG_SIGNATURE)
+    assert embed_images("![the samples](grid.png)", tmp_path).startswith("![the samples](data:image/png;base64,")
 
 
 # ------------------------------------------------------------------ fid_reference: hashes and the reference's edges
