@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 import yaml
+from yaml.constructor import FullConstructor, SafeConstructor
 
 from helpers import ROOT, files_under, make_idx_dataset
 from pipeline import checkpoint
@@ -59,14 +60,17 @@ def test_no_code_path_unpickles_data_or_checkpoints():
             imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
             imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
             assert not imported & {"pickle", "dill", "cloudpickle", "joblib"}, path
-    # yaml.load without a safe loader would build arbitrary objects: only a SafeLoader subclass, named as Loader=
-    # (pipeline/config.py's adds YAML 1.2 floats), may appear
+    # yaml.load without a safe loader would build arbitrary objects: only a loader built on the safe constructor and
+    # none of the fuller ones, named as Loader= (SafeLoader, libyaml's CSafeLoader, pipeline/config.py's subclass that
+    # adds YAML 1.2 floats), may appear
     yaml_loads = [(w, c) for w, c in calls("load") if isinstance(c.func.value, ast.Name) and c.func.value.id == "yaml"]
     for where, call in yaml_loads:
         loader = next((k.value for k in call.keywords if k.arg == "Loader"), None)
         assert isinstance(loader, ast.Name) and len(call.args) == 1, where
         module = importlib.import_module(where.split(":")[0].removesuffix(".py").replace("/", "."))
-        assert issubclass(getattr(module, loader.id), yaml.SafeLoader), where
+        chosen = getattr(module, loader.id)
+        assert issubclass(chosen, SafeConstructor) and not issubclass(chosen, FullConstructor), where
+    assert issubclass(yaml.CLoader, FullConstructor) and issubclass(yaml.UnsafeLoader, FullConstructor)  # refused
 
 
 class Boom:
