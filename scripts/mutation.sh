@@ -87,6 +87,9 @@ declare -A TESTS=(
   [pipeline/prepared.py]="tests/test_behaviour_planted_plumbing.py tests/test_behaviour_channels.py"
   [pipeline/errors.py]="tests/test_behaviour_planted_plumbing.py tests/test_disk_full.py tests/test_behaviour_config.py"
   [pipeline/report.py]="tests/test_behaviour_planted_plumbing.py tests/test_behaviour_planted_models.py"
+  [pipeline/fid_reference.py]="tests/test_fid.py tests/test_behaviour_planted_plumbing.py
+    tests/test_behaviour_planted_models.py
+    tests/test_behaviour_side_commands.py::test_a_reference_whose_meta_lacks_a_key_is_refused"
   [pipeline/vqgan_io.py]="tests/test_behaviour_planted_plumbing.py tests/test_behaviour_channels.py
     tests/test_behaviour_tokens.py tests/test_tokenize.py::test_load_vqgan_refuses_a_foreign_or_damaged_folder_in_one_line
     tests/test_behaviour_side_commands.py::test_pixels_survive_the_model_range_round_trip_exactly"
@@ -103,6 +106,7 @@ declare -A ARGS=(
   [pipeline/vqgan_io.py]=$'-k\nnot test_install_'
   [pipeline/errors.py]=$'-k\nnot test_install_'
   [pipeline/report.py]=$'-k\nnot test_install_'
+  [pipeline/fid_reference.py]=$'-k\nnot test_install_ and not real_network'
 )
 ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py
        pipeline/tokens.py models/attention.py pipeline/config.py pipeline/codegraph.py pipeline/layering.py
@@ -110,7 +114,7 @@ ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py
        models/maskgit.py training/vq_loss.py pipeline/shards.py pipeline/images.py models/vqgan.py models/lpips.py
        pipeline/out_guard.py training/gan.py training/ar.py stages/sample.py stages/prepare.py pipeline/locks.py
        pipeline/runlog.py pipeline/presets.py pipeline/compare.py pipeline/prepared.py pipeline/vqgan_io.py
-       pipeline/errors.py pipeline/report.py)
+       pipeline/errors.py pipeline/report.py pipeline/fid_reference.py)
 
 [ -x .venv/bin/python ] || bash scripts/install.sh
 if [ ! -x "$VENV/bin/mutmut" ]; then

