@@ -694,11 +694,60 @@ def test_the_running_stage_check_looks_in_dvc_root(tmp_path, monkeypatch):
     assert seen == [("train_vqgan", tmp_path)] and ran == [{"x": 1}]
 
 
-def test_stage_logs_go_to_stderr():
-    code = ("import logging\nfrom pipeline.stage_cli import setup_logging\nsetup_logging()\n"
-            "logging.getLogger('tokenmill.x').info('hello')\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stdout == "" and "tokenmill.x INFO hello" in r.stderr
+def test_stage_logs_go_to_stderr_with_time_name_and_level(monkeypatch):
+    import logging
+    import re
+
+    from pipeline.stage_cli import setup_logging
+
+    root, faiss = logging.getLogger(), logging.getLogger("faiss")
+    monkeypatch.setattr(root, "handlers", [])  # as in a fresh process (pytest's own handlers are put back after)
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    monkeypatch.setattr(faiss, "level", logging.NOTSET)
+    setup_logging()
+    (handler,) = root.handlers
+    assert handler.stream is sys.stderr and root.level == logging.INFO and faiss.level == logging.WARNING
+    record = logging.LogRecord("tokenmill.x", logging.INFO, __file__, 1, "hello", None, None)
+    assert re.fullmatch(r"\d\d:\d\d:\d\d tokenmill\.x INFO hello", handler.format(record))
+
+
+def test_a_stage_runs_what_its_params_give_and_reads_params_yaml_here_by_default(tmp_path, monkeypatch):
+    from pipeline import dvc_deps, stage_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("x: 2\n")
+    monkeypatch.setattr(stage_cli, "setup_logging", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["stage"])
+    monkeypatch.setenv("DVC_STAGE", "sample")  # DVC without DVC_ROOT: the working folder is the project
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    seen, ran = [], []
+    monkeypatch.setattr(dvc_deps, "check_running_stage", lambda stage, root: seen.append((stage, root)))
+    stage_cli.run_stage_cli("a stage\n", ran.append, check=lambda raw, source: ("cfg", raw, source))
+    assert seen == [("sample", Path("."))] and ran == [("cfg", {"x": 2}, "params.yaml")]
+
+
+def test_a_per_dataset_stage_needs_dataset_and_its_help_is_the_docs_first_line(monkeypatch, capsys):
+    from pipeline import stage_cli
+
+    monkeypatch.setattr(stage_cli, "setup_logging", lambda: None)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    loaded, ran = [], []
+
+    def cli(*argv: str) -> None:
+        monkeypatch.setattr(sys, "argv", ["prepare", *argv])
+        stage_cli.run_stage_cli("Stage `prepare`: images to shards.\nThe rest of the docstring.", ran.append,
+                                load_config=lambda path, name: loaded.append((path, name)) or f"cfg of {name}")
+
+    cli("--dataset", "fm")
+    assert loaded == [("params.yaml", "fm")] and ran == ["cfg of fm"]
+    with pytest.raises(SystemExit) as stop:
+        cli()
+    assert stop.value.code == 2 and "the following arguments are required: --dataset" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        cli("--help")
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "Stage `prepare`: images to shards." in out and "The rest" not in out
+    assert "name of an entry under `datasets:` in params.yaml" in " ".join(out.split())
 
 
 # ------------------------------------------------------------------ artifacts: which publisher, and its key
