@@ -14,7 +14,8 @@
 # fid.py ~5 min, training/common.py ~1 min, device.py 0.5 min, tokens.py ~8 min, config.py ~2 min,
 # attention.py ~11 min, codegraph.py, layering.py, dvc_deps.py, checkpoint.py and vq_loss.py under 1 min each,
 # maskgit.py ~1.5 min, gpt.py ~3.5 min, locks.py, runlog.py, compare.py, prepared.py and vqgan_io.py about a minute
-# each, presets.py ~3 min, errors.py and report.py under 1 min (docs/mutation.md has the scores and the triage).
+# each, presets.py ~3 min, errors.py, report.py, fid_reference.py and stage_cli.py about a minute, env.py ~2.5 min
+# with two workers (docs/mutation.md has the scores and the triage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -87,6 +88,8 @@ declare -A TESTS=(
   [pipeline/prepared.py]="tests/test_behaviour_planted_plumbing.py tests/test_behaviour_channels.py"
   [pipeline/errors.py]="tests/test_behaviour_planted_plumbing.py tests/test_disk_full.py tests/test_behaviour_config.py"
   [pipeline/report.py]="tests/test_behaviour_planted_plumbing.py tests/test_behaviour_planted_models.py"
+  [pipeline/stage_cli.py]="tests/test_behaviour_planted_plumbing.py"
+  [pipeline/env.py]="tests/test_behaviour_planted_plumbing.py tests/test_doctor.py"
   [pipeline/fid_reference.py]="tests/test_fid.py tests/test_behaviour_planted_plumbing.py
     tests/test_behaviour_planted_models.py
     tests/test_behaviour_side_commands.py::test_a_reference_whose_meta_lacks_a_key_is_refused"
@@ -107,6 +110,8 @@ declare -A ARGS=(
   [pipeline/errors.py]=$'-k\nnot test_install_'
   [pipeline/report.py]=$'-k\nnot test_install_'
   [pipeline/fid_reference.py]=$'-k\nnot test_install_ and not real_network'
+  [pipeline/stage_cli.py]=$'-k\nnot test_install_'
+  [pipeline/env.py]=$'-k\nnot test_install_ and not gpu_check and not cuda_constraints'
 )
 ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py pipeline/device.py
        pipeline/tokens.py models/attention.py pipeline/config.py pipeline/codegraph.py pipeline/layering.py
@@ -114,7 +119,7 @@ ORDER=(pipeline/atomic.py pipeline/fid.py models/quantizer.py training/common.py
        models/maskgit.py training/vq_loss.py pipeline/shards.py pipeline/images.py models/vqgan.py models/lpips.py
        pipeline/out_guard.py training/gan.py training/ar.py stages/sample.py stages/prepare.py pipeline/locks.py
        pipeline/runlog.py pipeline/presets.py pipeline/compare.py pipeline/prepared.py pipeline/vqgan_io.py
-       pipeline/errors.py pipeline/report.py pipeline/fid_reference.py)
+       pipeline/errors.py pipeline/report.py pipeline/fid_reference.py pipeline/stage_cli.py pipeline/env.py)
 
 [ -x .venv/bin/python ] || bash scripts/install.sh
 if [ ! -x "$VENV/bin/mutmut" ]; then

@@ -556,6 +556,43 @@ def test_cpu_isa_mode_takes_any_case_and_spacing():
     assert r.returncode == 0 and r.stdout.split() == ["native", "None"], r.stderr
 
 
+def test_cpu_isa_mode_in_process_defaults_to_avx2_and_refuses_anything_else_in_one_line(monkeypatch, capsys):
+    from pipeline import env
+
+    monkeypatch.delenv("TOKENMILL_CPU_ISA", raising=False)
+    assert env.cpu_isa_mode() == "avx2"
+    for given, mode in ((" AVX2", "avx2"), ("Native ", "native")):
+        monkeypatch.setenv("TOKENMILL_CPU_ISA", given)
+        assert env.cpu_isa_mode() == mode
+    monkeypatch.setenv("TOKENMILL_CPU_ISA", "avx-512")
+    with pytest.raises(SystemExit) as stop:
+        env.cpu_isa_mode()
+    assert stop.value.code == 2 and capsys.readouterr().err == (
+        "error: TOKENMILL_CPU_ISA='avx-512': use avx2 (the default: the same bytes on any x86-64 machine) or native "
+        "(the CPU's widest kernels)\n")
+
+
+@pytest.mark.parametrize("machine, cpuinfo, widest", [
+    ("x86_64", "processor : 0\nflags : fpu sse avx2 avx512f\nflags : fpu\n", "AVX512"),
+    ("AMD64", "flags\t\t: fpu sse4_2 avx avx2 fma\n", "AVX2"),
+    ("x86_64", "flags : fpu sse4_2 avx\n", "below AVX2"),
+    ("x86_64", "processor : 0\n", "unknown"),  # no flags line
+    ("x86_64", None, "unknown"),  # /proc/cpuinfo unreadable
+    ("aarch64", "flags : avx2\n", "aarch64"), ("", "flags : avx2\n", "unknown")])
+def test_the_widest_instructions_come_from_the_first_flags_line_on_x86_only(monkeypatch, machine, cpuinfo, widest):
+    from pipeline import env
+
+    def fake_open(path, *args, **kwargs):
+        assert path == "/proc/cpuinfo"
+        if cpuinfo is None:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return io.StringIO(cpuinfo)
+
+    monkeypatch.setattr(env.platform, "machine", lambda: machine)
+    monkeypatch.setattr(env, "open", fake_open, raising=False)  # the module's own name first, then the builtin
+    assert env.native_cpu_isa() == widest
+
+
 def test_the_interpreters_own_bin_comes_first_on_path(tmp_path):
     r = env_after_import({"PATH": "/usr/bin:/bin"},
                          "print(os.environ['PATH'].split(os.pathsep)[0] == os.path.dirname(os.path.abspath("
@@ -747,7 +784,7 @@ def test_a_per_dataset_stage_needs_dataset_and_its_help_is_the_docs_first_line(m
         cli("--help")
     out = capsys.readouterr().out
     assert stop.value.code == 0 and "Stage `prepare`: images to shards." in out and "The rest" not in out
-    assert "name of an entry under `datasets:` in params.yaml" in " ".join(out.split())
+    assert "--dataset DATASET name of an entry under `datasets:` in params.yaml" in " ".join(out.split())
 
 
 # ------------------------------------------------------------------ artifacts: which publisher, and its key
