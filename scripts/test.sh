@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command: set up (if needed) and run the test suite (CPU; 6-7.5 min on 2 cores; the last two fresh-clone runs). Extra args go to pytest.
+# One command: set up (if needed) and run the test suite (CPU; 6-7.5 min on 2 cores in the last two fresh-clone
+# runs). Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
