@@ -54,11 +54,14 @@ class PreparedImages(Dataset):
         if split not in self.manifest["splits"]:
             raise UserError(f"{self.root}: no split {split!r} (have {sorted(self.manifest['splits'])})")
         self.shards = [self.root / s for s in self.manifest["splits"][split]["shards"]]
-        self.entries = self._index()
+        self.entries = self._index(self.manifest["splits"][split].get("shard_sizes"))
         self._files: dict[int, object] = {}
         self._pid = None
 
-    def _index(self) -> list[Entry]:
+    def _index(self, sizes: list[int] | None) -> list[Entry]:
+        """Every sample with a PNG, shard by shard; with `sizes` (the manifest's images per shard) a shard holding
+        another number is refused: tarfile ends an archive quietly at a damaged header after the first, so a
+        damaged shard would otherwise lose its remaining images without a word."""
         entries = []
         for si, shard in enumerate(self.shards):
             pending: dict[str, dict] = {}
@@ -76,7 +79,12 @@ class PreparedImages(Dataset):
             except tarfile.TarError as exc:
                 raise UserError(f"{shard}: not a readable uncompressed tar ({first_line(exc)}); the prepared dataset "
                                 f"is damaged: run its prepare stage again") from None
-            entries += [Entry(si, k, r["png"], r.get("cls", 0)) for k, r in pending.items() if "png" in r]
+            found = [Entry(si, k, r["png"], r.get("cls", 0)) for k, r in pending.items() if "png" in r]
+            if sizes is not None and (si >= len(sizes) or len(found) != sizes[si]):
+                said = sizes[si] if si < len(sizes) else "nothing about it"
+                raise UserError(f"{shard}: {len(found)} image(s), but {self.root / 'manifest.json'} says {said}; the "
+                                f"prepared dataset is damaged: run its prepare stage again")
+            entries += found
         return entries
 
     def __len__(self) -> int:

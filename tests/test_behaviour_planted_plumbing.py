@@ -520,6 +520,29 @@ def test_a_damaged_prepared_shard_is_one_line_naming_it(tmp_path, damage, said):
     assert text.endswith("; the prepared dataset is damaged: run its prepare stage again")
 
 
+def test_a_shard_that_ends_early_at_a_damaged_header_is_refused_not_read_short(tmp_path):
+    """tarfile stops at a damaged header after the first member as if the archive ended there: without the
+    manifest's per-shard count the dataset would quietly lose the rest of the shard."""
+    from pipeline.prepared import PreparedImages
+
+    root = write_prepared(tmp_path / "prep")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["splits"]["train"]["shard_sizes"] = [2]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert len(PreparedImages(root, "train")) == 2
+    shard = root / "train-000000.tar"
+    raw = bytearray(shard.read_bytes())
+    second = raw.index(b"s1.png")  # the second sample's header: its checksum no longer matches
+    raw[second:second + 6] = b"xx.png"
+    shard.write_bytes(bytes(raw))
+    assert message(lambda: PreparedImages(root, "train")) == (
+        f"{shard}: 1 image(s), but {root / 'manifest.json'} says 2; the prepared dataset is damaged: run its prepare "
+        f"stage again")
+    manifest["splits"]["train"]["shard_sizes"] = []
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert "says nothing about it" in message(lambda: PreparedImages(root, "train"))
+
+
 def test_a_missing_manifest_split_or_splits_mapping_is_one_line(tmp_path):
     from pipeline.prepared import PreparedImages, read_manifest
 
