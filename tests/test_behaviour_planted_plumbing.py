@@ -433,6 +433,16 @@ def test_a_codebook_mismatch_names_each_fingerprint_with_its_owner():
 
 # ------------------------------------------------------------------ prepared: per-process file handles
 
+def add_member(tar: tarfile.TarFile, name: str, data: bytes = b"", link: str | None = None) -> None:
+    info = tarfile.TarInfo(name)
+    if link is None:
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    else:
+        info.type, info.linkname = tarfile.SYMTYPE, link
+        tar.addfile(info)
+
+
 def write_prepared(root: Path) -> Path:
     from pipeline.images import encode_png
 
@@ -441,9 +451,7 @@ def write_prepared(root: Path) -> Path:
         for i in range(2):
             for name, data in ((f"s{i}.png", encode_png(np.full((4, 4, 1), 50 * i, np.uint8))),
                                (f"s{i}.cls", str(7 - i).encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+                add_member(tar, name, data)
     (root / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": ["train-000000.tar"]}},
                                                     "channels": 1, "resolution": 4}))
     return root
@@ -461,16 +469,6 @@ def test_a_worker_process_opens_its_own_shard_handles(tmp_path):
     parents.close()
 
 
-def add_member(tar: tarfile.TarFile, name: str, data: bytes = b"", link: str | None = None) -> None:
-    info = tarfile.TarInfo(name)
-    if link is None:
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    else:
-        info.type, info.linkname = tarfile.SYMTYPE, link
-        tar.addfile(info)
-
-
 def test_the_index_keys_samples_as_webdataset_does_across_every_shard(tmp_path):
     """Keys end at the first dot (`a.seg.png` is sample a's `seg.png`, not an image), a member without a dot or a
     link is passed over, not the end of the shard, a sample without `.cls` is class 0, and every shard counts."""
@@ -486,7 +484,8 @@ def test_the_index_keys_samples_as_webdataset_does_across_every_shard(tmp_path):
         for name, data in (("a.png", pngs["a"]), ("a.seg.png", pngs["c"]), ("a.cls", b"3"), ("b.png", pngs["b"])):
             add_member(tar, name, data)
     with tarfile.open(root / "train-000001.tar", "w") as tar:
-        add_member(tar, "c.png", pngs["c"]), add_member(tar, "c.cls", b"7")
+        add_member(tar, "c.png", pngs["c"])
+        add_member(tar, "c.cls", b"7")
     (root / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": [
         "train-000000.tar", "train-000001.tar"]}}, "channels": 1, "resolution": 4}))
     ds = PreparedImages(root, "train")
@@ -514,7 +513,8 @@ def test_a_damaged_prepared_shard_is_one_line_naming_it(tmp_path, damage, said):
         shard.write_bytes(gzip.compress(raw))
     else:
         with tarfile.open(shard, "w") as tar:
-            add_member(tar, "s0.png", raw[512:1024]), add_member(tar, "s0.cls", b"seven-" * 9)
+            add_member(tar, "s0.png", raw[512:1024])
+            add_member(tar, "s0.cls", b"seven-" * 9)
     text = message(lambda: PreparedImages(root, "train"))
     assert text.startswith(f"{shard}: {said}") and "\n" not in text
     assert text.endswith("; the prepared dataset is damaged: run its prepare stage again")
